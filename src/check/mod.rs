@@ -1,0 +1,626 @@
+//! Syntax tree → checked [`Recipe`]: resolves names across imports, types
+//! and range-checks every value, and reports every problem it finds (not
+//! just the first) as a [`Diagnostic`]. Merges are checked in `merge.rs`;
+//! data sources and outputs in `decls.rs`.
+
+mod decls;
+mod merge;
+
+use crate::codes::Code;
+use crate::diagnostic::{self, closest, Diagnostic};
+use crate::load::Program;
+use crate::recipe::{DataId, InputRef, MergeId, ModelId, Recipe};
+use crate::source::Span;
+use crate::syntax::ast::{self, Expr, ExprKind, ItemKind};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+/// Checks a loaded program. The recipe is complete only when the returned
+/// diagnostics hold no error.
+pub fn check(program: &Program) -> (Recipe, Vec<Diagnostic>) {
+    let mut checker = Checker::new(program);
+    checker.run();
+    let mut diagnostics = checker.diagnostics;
+    diagnostic::sort(&mut diagnostics);
+    (checker.recipe, diagnostics)
+}
+
+/// What a name is defined as.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DefKind {
+    Model(ModelId),
+    Data(DataId),
+    Merge(MergeId),
+    Let,
+    Stage,
+}
+
+impl DefKind {
+    fn describe(self) -> &'static str {
+        match self {
+            DefKind::Model(_) => "a model",
+            DefKind::Data(_) => "a data source",
+            DefKind::Merge(_) => "a merge",
+            DefKind::Let => "a `let` value",
+            DefKind::Stage => "a stage",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Def {
+    module: usize,
+    item: usize,
+    kind: DefKind,
+    name: ast::Ident,
+}
+
+#[derive(Debug, Default)]
+struct ModuleScope {
+    locals: HashMap<String, usize>,
+    /// `import "x"` without alias: (import item, module).
+    globs: Vec<(usize, usize)>,
+    /// `import "x" as m`.
+    aliases: HashMap<String, (usize, usize)>,
+}
+
+/// Where names resolve: a module, and inside a stage body, its arguments.
+#[derive(Debug, Clone)]
+struct Scope {
+    module: usize,
+    args: Option<Rc<StageArgs>>,
+}
+
+#[derive(Debug)]
+struct StageArgs {
+    values: HashMap<String, Expr>,
+    caller: Scope,
+}
+
+/// A value after name resolution.
+#[derive(Debug, Clone, PartialEq)]
+enum Val {
+    Num(f64),
+    Str(String),
+    Bool(bool),
+    List(Vec<(Val, Span)>),
+    Input(InputRef),
+    Data(DataId),
+    Stage(usize),
+    /// An unqualified name that is not defined: an enum word (`obd`, `bf16`)
+    /// where one is expected, an unknown name anywhere else.
+    Word(String),
+}
+
+impl Val {
+    fn describe(&self) -> &'static str {
+        match self {
+            Val::Num(_) => "a number",
+            Val::Str(_) => "a string",
+            Val::Bool(_) => "a boolean",
+            Val::List(_) => "a list",
+            Val::Input(InputRef::Model(_)) => "a model",
+            Val::Input(InputRef::Merge(_)) => "a merge",
+            Val::Data(_) => "a data source",
+            Val::Stage(_) => "a stage",
+            Val::Word(_) => "a name",
+        }
+    }
+}
+
+struct Checker<'p> {
+    program: &'p Program,
+    defs: Vec<Def>,
+    scopes: Vec<ModuleScope>,
+    used_defs: HashSet<usize>,
+    used_imports: HashSet<(usize, usize)>,
+    /// `let`s being evaluated, for cycle detection.
+    evaluating: Vec<usize>,
+    let_values: HashMap<usize, Option<(Val, Span)>>,
+    recipe: Recipe,
+    diagnostics: Vec<Diagnostic>,
+    /// Stage instantiations in progress (recursion guard).
+    instantiating: Vec<usize>,
+}
+
+impl<'p> Checker<'p> {
+    fn new(program: &'p Program) -> Self {
+        Checker {
+            program,
+            defs: Vec::new(),
+            scopes: Vec::new(),
+            used_defs: HashSet::new(),
+            used_imports: HashSet::new(),
+            evaluating: Vec::new(),
+            let_values: HashMap::new(),
+            recipe: Recipe { root: program.modules.first().map(|m| m.file).unwrap_or_default(), ..Recipe::default() },
+            diagnostics: Vec::new(),
+            instantiating: Vec::new(),
+        }
+    }
+
+    fn item(&self, def: &Def) -> &'p ast::Item {
+        &self.program.modules[def.module].ast.items[def.item]
+    }
+
+    fn error(&mut self, d: Diagnostic) {
+        self.diagnostics.push(d);
+    }
+
+    fn run(&mut self) {
+        self.collect_definitions();
+        for index in 0..self.defs.len() {
+            let def = self.defs[index].clone();
+            match (def.kind, &self.item(&def).kind) {
+                (DefKind::Model(id), ItemKind::Model(decl)) => self.recipe.models[id.0] = self.model(&def, decl),
+                (DefKind::Data(id), ItemKind::Data(decl)) => {
+                    let data = self.data(&def, decl);
+                    self.recipe.data[id.0] = data;
+                }
+                _ => {}
+            }
+        }
+        for index in 0..self.defs.len() {
+            let def = self.defs[index].clone();
+            match (def.kind, &self.item(&def).kind) {
+                (DefKind::Merge(id), ItemKind::Merge(decl)) => {
+                    let scope = Scope { module: def.module, args: None };
+                    if let Some(merge) = self.merge_decl(&scope, decl) {
+                        self.recipe.merges[id.0] = merge;
+                    }
+                }
+                (DefKind::Let, _) => {
+                    self.let_value(index);
+                }
+                _ => {}
+            }
+        }
+        self.outputs();
+        self.merge_cycles();
+        self.unused();
+    }
+
+    /// Pass 1: every definition of every module, ids for models, data and
+    /// merges (so merges can refer to later merges), scopes with imports.
+    fn collect_definitions(&mut self) {
+        let program = self.program;
+        for (m, module) in program.modules.iter().enumerate() {
+            let mut scope = ModuleScope::default();
+            for (i, item) in module.ast.items.iter().enumerate() {
+                let (name, kind) = match &item.kind {
+                    ItemKind::Model(d) => {
+                        self.recipe.models.push(placeholder_model(d));
+                        (&d.name, DefKind::Model(ModelId(self.recipe.models.len() - 1)))
+                    }
+                    ItemKind::Data(d) => {
+                        self.recipe.data.push(placeholder_data(d));
+                        (&d.name, DefKind::Data(DataId(self.recipe.data.len() - 1)))
+                    }
+                    ItemKind::Merge(d) => {
+                        self.recipe.merges.push(placeholder_merge(d));
+                        (&d.name, DefKind::Merge(MergeId(self.recipe.merges.len() - 1)))
+                    }
+                    ItemKind::Let(d) => (&d.name, DefKind::Let),
+                    ItemKind::Stage(d) => (&d.name, DefKind::Stage),
+                    ItemKind::Import(_) | ItemKind::Output(_) => continue,
+                };
+                if let Some(&previous) = scope.locals.get(&name.name) {
+                    let prev = &self.defs[previous];
+                    let d = Diagnostic::new(Code::E0003, name.span, format!("`{}` is defined twice", name.name))
+                        .label(format!("defined again here, as {}", kind.describe()))
+                        .with(prev.name.span, format!("first defined here, as {}", prev.kind.describe()))
+                        .help("every model, data source, merge, stage and `let` needs its own name");
+                    self.diagnostics.push(d);
+                    continue;
+                }
+                self.defs.push(Def { module: m, item: i, kind, name: name.clone() });
+                scope.locals.insert(name.name.clone(), self.defs.len() - 1);
+            }
+            for &(item, target) in &module.imports {
+                let Some(target) = target else { continue };
+                let ItemKind::Import(import) = &module.ast.items[item].kind else { continue };
+                match &import.alias {
+                    Some(alias) => {
+                        if let Some(&def) = scope.locals.get(&alias.name) {
+                            let d = Diagnostic::new(Code::E0003, alias.span, format!("`{}` is defined twice", alias.name))
+                                .label("used as an import alias here")
+                                .with(self.defs[def].name.span, "also defined here");
+                            self.diagnostics.push(d);
+                        }
+                        scope.aliases.insert(alias.name.clone(), (item, target));
+                    }
+                    None => scope.globs.push((item, target)),
+                }
+            }
+            self.scopes.push(scope);
+        }
+        // Qualified names in imported modules keep their alias: `m.math`.
+        let root_aliases: Vec<(String, usize)> = self.scopes.first().map_or_else(Vec::new, |s| s.aliases.iter().map(|(a, (_, t))| (a.clone(), *t)).collect());
+        for (alias, target) in root_aliases {
+            for def in self.defs.iter().filter(|d| d.module == target) {
+                let qualified = format!("{alias}.{}", def.name.name);
+                match def.kind {
+                    DefKind::Model(id) => self.recipe.models[id.0].name = qualified,
+                    DefKind::Data(id) => self.recipe.data[id.0].name = qualified,
+                    DefKind::Merge(id) => self.recipe.merges[id.0].name = qualified,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Finds what a path names. Stage arguments come first, then the
+    /// module's own definitions, then its unaliased imports.
+    fn lookup(&mut self, scope: &Scope, path: &ast::Path) -> Option<Found> {
+        if let Some(q) = &path.qualifier {
+            let Some(&(import, target)) = self.scopes[scope.module].aliases.get(&q.name) else {
+                let aliases: Vec<String> = self.scopes[scope.module].aliases.keys().cloned().collect();
+                let mut d = Diagnostic::new(Code::E0002, q.span, format!("no import named `{}`", q.name)).label("not an import alias");
+                d = match closest(&q.name, aliases.iter().map(String::as_str)) {
+                    Some(c) => d.help(format!("did you mean `{c}`?")),
+                    None => d.help(format!("import the recipe first: `import \"./{}.obim\" as {}`", q.name, q.name)),
+                };
+                self.error(d);
+                return None;
+            };
+            self.used_imports.insert((scope.module, import));
+            let found = self.scopes[target].locals.get(&path.name.name).copied();
+            if found.is_none() {
+                let names: Vec<String> = self.scopes[target].locals.keys().cloned().collect();
+                let file = &self.program.sources.get(self.program.modules[target].file).name;
+                let mut d = Diagnostic::new(Code::E0002, path.name.span, format!("`{}` is not defined in `{file}`", path.name.name)).label("unknown name");
+                if let Some(c) = closest(&path.name.name, names.iter().map(String::as_str)) {
+                    d = d.help(format!("did you mean `{}.{c}`?", q.name));
+                }
+                self.error(d);
+                return None;
+            }
+            return found.map(|d| self.use_def(d));
+        }
+        let name = &path.name.name;
+        if let Some(args) = &scope.args {
+            if let Some(expr) = args.values.get(name) {
+                return Some(Found::Arg(expr.clone(), args.caller.clone()));
+            }
+        }
+        if let Some(&def) = self.scopes[scope.module].locals.get(name) {
+            return Some(self.use_def(def));
+        }
+        let globs = self.scopes[scope.module].globs.clone();
+        for (import, target) in globs {
+            if let Some(&def) = self.scopes[target].locals.get(name) {
+                self.used_imports.insert((scope.module, import));
+                return Some(self.use_def(def));
+            }
+        }
+        None
+    }
+
+    fn use_def(&mut self, def: usize) -> Found {
+        self.used_defs.insert(def);
+        Found::Def(def)
+    }
+
+    /// Every name visible from a scope, for "did you mean".
+    fn visible_names(&self, scope: &Scope) -> Vec<String> {
+        let s = &self.scopes[scope.module];
+        let mut names: Vec<String> = s.locals.keys().cloned().collect();
+        for (_, target) in &s.globs {
+            names.extend(self.scopes[*target].locals.keys().cloned());
+        }
+        for (alias, (_, target)) in &s.aliases {
+            names.extend(self.scopes[*target].locals.keys().map(|n| format!("{alias}.{n}")));
+        }
+        if let Some(args) = &scope.args {
+            names.extend(args.values.keys().cloned());
+        }
+        names.sort();
+        names
+    }
+
+    /// Resolves an expression to a value. Unknown unqualified names come back
+    /// as [`Val::Word`]; typed accessors below decide whether that is an error.
+    fn eval(&mut self, scope: &Scope, expr: &Expr) -> Option<Val> {
+        Some(match &expr.kind {
+            ExprKind::Number(n) => Val::Num(*n),
+            ExprKind::String(s) => Val::Str(s.clone()),
+            ExprKind::Bool(b) => Val::Bool(*b),
+            ExprKind::List(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    out.push((self.eval(scope, item)?, item.span));
+                }
+                Val::List(out)
+            }
+            ExprKind::Path(path) => match self.lookup(scope, path) {
+                None if path.qualifier.is_none() => Val::Word(path.name.name.clone()),
+                None => return None,
+                Some(Found::Arg(expr, caller)) => return self.eval(&caller, &expr),
+                Some(Found::Def(def)) => match self.defs[def].kind {
+                    DefKind::Model(id) => Val::Input(InputRef::Model(id)),
+                    DefKind::Merge(id) => Val::Input(InputRef::Merge(id)),
+                    DefKind::Data(id) => Val::Data(id),
+                    DefKind::Stage => Val::Stage(def),
+                    DefKind::Let => return self.let_value(def).map(|(v, _)| v),
+                },
+            },
+        })
+    }
+
+    /// The value of a `let`, evaluated once; a cycle is reported with its path.
+    fn let_value(&mut self, def: usize) -> Option<(Val, Span)> {
+        if let Some(v) = self.let_values.get(&def) {
+            return v.clone();
+        }
+        if let Some(pos) = self.evaluating.iter().position(|d| *d == def) {
+            let names: Vec<String> = self.evaluating[pos..].iter().chain([&def]).map(|d| self.defs[*d].name.name.clone()).collect();
+            let d = Diagnostic::new(Code::E0014, self.defs[def].name.span, format!("`let` values refer to each other: {}", names.join(" → ")))
+                .label("this value depends on itself")
+                .help("give one of the values a literal");
+            self.error(d);
+            for d in &self.evaluating[pos..] {
+                self.let_values.insert(*d, None);
+            }
+            return None;
+        }
+        let d = self.defs[def].clone();
+        let ItemKind::Let(decl) = &self.item(&d).kind else { return None };
+        self.evaluating.push(def);
+        let scope = Scope { module: d.module, args: None };
+        let value = self.eval(&scope, &decl.value);
+        self.evaluating.pop();
+        let value = match value {
+            Some(Val::Word(w)) => {
+                self.unknown_name(&scope, &w, decl.value.span);
+                None
+            }
+            other => other.map(|v| (v, decl.value.span)),
+        };
+        self.let_values.entry(def).or_insert(value).clone()
+    }
+
+    fn unknown_name(&mut self, scope: &Scope, name: &str, span: Span) {
+        let names = self.visible_names(scope);
+        let mut d = Diagnostic::new(Code::E0002, span, format!("unknown name `{name}`")).label("not defined");
+        if let Some(c) = closest(name, names.iter().map(String::as_str)) {
+            d = d.help(format!("did you mean `{c}`?"));
+        } else {
+            d = d.help("define it with `model`, `data`, `merge` or `let`, or import a module that does");
+        }
+        self.error(d);
+    }
+
+    fn type_error(&mut self, span: Span, expected: &str, got: &Val) {
+        let d = Diagnostic::new(Code::E0008, span, format!("expected {expected}, found {}", got.describe()))
+            .label(format!("this is {}", got.describe()));
+        self.error(d);
+    }
+
+    /// A number (literal or `let`), or an error.
+    fn number(&mut self, scope: &Scope, expr: &Expr, expected: &str) -> Option<f64> {
+        match self.eval(scope, expr)? {
+            Val::Num(n) => Some(n),
+            Val::Word(w) => {
+                self.unknown_name(scope, &w, expr.span);
+                None
+            }
+            other => {
+                self.type_error(expr.span, expected, &other);
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, scope: &Scope, expr: &Expr) -> Option<bool> {
+        match self.eval(scope, expr)? {
+            Val::Bool(b) => Some(b),
+            Val::Word(w) => {
+                self.unknown_name(scope, &w, expr.span);
+                None
+            }
+            other => {
+                self.type_error(expr.span, "`true` or `false`", &other);
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, scope: &Scope, expr: &Expr) -> Option<String> {
+        match self.eval(scope, expr)? {
+            Val::Str(s) => Some(s),
+            Val::Word(w) => {
+                self.unknown_name(scope, &w, expr.span);
+                None
+            }
+            other => {
+                self.type_error(expr.span, "a string", &other);
+                None
+            }
+        }
+    }
+
+    /// A model or merge.
+    fn input_ref(&mut self, scope: &Scope, expr: &Expr) -> Option<InputRef> {
+        match self.eval(scope, expr)? {
+            Val::Input(i) => Some(i),
+            Val::Word(w) => {
+                self.unknown_name(scope, &w, expr.span);
+                None
+            }
+            other => {
+                let d = Diagnostic::new(Code::E0004, expr.span, format!("expected a model or merge, found {}", other.describe()))
+                    .label(format!("this is {}", other.describe()))
+                    .help("merge inputs, `base:`, `order` and `take` name models or merges");
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    fn data_ref(&mut self, scope: &Scope, expr: &Expr) -> Option<DataId> {
+        match self.eval(scope, expr)? {
+            Val::Data(d) => Some(d),
+            Val::Word(w) => {
+                self.unknown_name(scope, &w, expr.span);
+                None
+            }
+            other => {
+                let d = Diagnostic::new(Code::E0004, expr.span, format!("expected a data source, found {}", other.describe()))
+                    .label(format!("this is {}", other.describe()))
+                    .help("`using` names a `data` source: `data gsm8k = jsonl(\"gsm8k.jsonl\")`");
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    /// One of a fixed set of words (`obd`, `bf16`, `jsonl`).
+    fn word(&mut self, scope: &Scope, expr: &Expr, allowed: &[&str], what: &str) -> Option<String> {
+        let word = match &expr.kind {
+            ExprKind::Path(p) if p.qualifier.is_none() => Some(p.name.name.clone()),
+            _ => None,
+        };
+        let _ = scope;
+        match word {
+            Some(w) if allowed.contains(&w.as_str()) => Some(w),
+            Some(w) => {
+                let mut d = Diagnostic::new(Code::E0008, expr.span, format!("`{w}` is not {what}"))
+                    .label(format!("expected {}", or_list(allowed)));
+                if let Some(c) = closest(&w, allowed.iter().copied()) {
+                    d = d.help(format!("did you mean `{c}`?"));
+                }
+                self.error(d);
+                None
+            }
+            None => {
+                let d = Diagnostic::new(Code::E0008, expr.span, format!("expected {what}")).label(format!("expected {}", or_list(allowed)));
+                self.error(d);
+                None
+            }
+        }
+    }
+
+    fn unused(&mut self) {
+        let Some(root) = self.program.modules.first() else { return };
+        for (index, def) in self.defs.iter().enumerate() {
+            if def.module != 0 || self.used_defs.contains(&index) || def.name.name.starts_with('_') {
+                continue;
+            }
+            let d = Diagnostic::new(Code::W0001, def.name.span, format!("{} `{}` is never used", def.kind.describe(), def.name.name))
+                .label("defined here")
+                .help(match def.kind {
+                    DefKind::Merge(_) => "add an `output`, use it in another merge, or remove it (prefix `_` to keep it silently)",
+                    _ => "remove it, or prefix the name with `_` to keep it silently",
+                });
+            self.diagnostics.push(d);
+        }
+        for &(item, target) in &root.imports {
+            if target.is_none() || self.used_imports.contains(&(0, item)) {
+                continue;
+            }
+            let span = root.ast.items[item].span;
+            let d = Diagnostic::new(Code::W0001, span, "nothing from this import is used").label("unused import").help("remove the import");
+            self.diagnostics.push(d);
+        }
+    }
+
+    /// Merges that depend on each other, each cycle once with its whole path.
+    fn merge_cycles(&mut self) {
+        let mut graph = petgraph::graph::DiGraph::<usize, ()>::new();
+        let nodes: Vec<_> = (0..self.recipe.merges.len()).map(|i| graph.add_node(i)).collect();
+        for (i, merge) in self.recipe.merges.iter().enumerate() {
+            for dep in merge.dependencies() {
+                if let InputRef::Merge(m) = dep {
+                    graph.add_edge(nodes[i], nodes[m.0], ());
+                }
+            }
+        }
+        for scc in petgraph::algo::tarjan_scc(&graph) {
+            let first = scc[0];
+            let cyclic = scc.len() > 1 || graph.contains_edge(first, first);
+            if !cyclic {
+                continue;
+            }
+            let mut members: Vec<usize> = scc.iter().map(|n| graph[*n]).collect();
+            members.sort();
+            // Walk the cycle from the first-declared merge.
+            let mut path = vec![members[0]];
+            let mut current = members[0];
+            for _ in 0..members.len() {
+                let Some(next) = self.recipe.merges[current]
+                    .dependencies()
+                    .filter_map(|d| match d {
+                        InputRef::Merge(m) if members.contains(&m.0) => Some(m.0),
+                        _ => None,
+                    })
+                    .find(|m| !path[1..].contains(m))
+                else {
+                    break;
+                };
+                path.push(next);
+                if next == members[0] {
+                    break;
+                }
+                current = next;
+            }
+            let names: Vec<&str> = path.iter().map(|m| self.recipe.merges[*m].name.as_str()).collect();
+            let mut d = Diagnostic::new(Code::E0014, self.recipe.merges[members[0]].span, format!("merges depend on each other: {}", names.join(" → ")))
+                .label("this merge depends on itself")
+                .help("a merge can only use merges that do not use it");
+            for m in &path[1..path.len().saturating_sub(1)] {
+                d = d.with(self.recipe.merges[*m].span, "part of the cycle");
+            }
+            self.diagnostics.push(d);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Found {
+    Def(usize),
+    Arg(Expr, Scope),
+}
+
+fn or_list(words: &[&str]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("`{w}`")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+fn placeholder_model(d: &ast::ModelDecl) -> crate::recipe::Model {
+    crate::recipe::Model {
+        name: d.name.name.clone(),
+        is_base: d.is_base,
+        source: crate::recipe::ModelSource::Local { path: Default::default() },
+        span: d.name.span,
+    }
+}
+
+fn placeholder_data(d: &ast::DataDecl) -> crate::recipe::Data {
+    crate::recipe::Data {
+        name: d.name.name.clone(),
+        kind: crate::recipe::DataKind::Jsonl,
+        pattern: d.arg.value.clone(),
+        path: Default::default(),
+        field: "text".into(),
+        samples: None,
+        seq_len: decls::DEFAULT_SEQ_LEN,
+        seed: 0,
+        span: d.name.span,
+    }
+}
+
+fn placeholder_merge(d: &ast::MergeDecl) -> crate::recipe::Merge {
+    crate::recipe::Merge {
+        name: d.name.name.clone(),
+        method: crate::methods::Method::Linear,
+        span: d.name.span,
+        base: None,
+        inputs: Vec::new(),
+        settings: Default::default(),
+        rules: Vec::new(),
+    }
+}

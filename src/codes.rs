@@ -1,0 +1,278 @@
+//! Every diagnostic code obim emits, with its one-line title and the long
+//! explanation `obim explain CODE` prints. Severity follows the letter:
+//! `E` errors, `W` warnings, `N` notes.
+
+macro_rules! codes {
+    ($($code:ident => $title:literal, $explanation:literal;)*) => {
+        /// A diagnostic code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Code { $($code,)* }
+
+        impl Code {
+            pub const ALL: &'static [Code] = &[$(Code::$code,)*];
+            pub fn as_str(self) -> &'static str {
+                match self { $(Code::$code => stringify!($code),)* }
+            }
+            pub fn title(self) -> &'static str {
+                match self { $(Code::$code => $title,)* }
+            }
+            pub fn explanation(self) -> &'static str {
+                match self { $(Code::$code => $explanation,)* }
+            }
+        }
+    };
+}
+
+impl Code {
+    pub fn parse(text: &str) -> Option<Code> {
+        let text = text.trim().to_ascii_uppercase();
+        Code::ALL.iter().copied().find(|c| c.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+codes! {
+E0001 => "syntax error", r#"The recipe does not follow the grammar of `.obim` files.
+
+The message lists what the parser expected at the point where it stopped.
+Each top-level item (`import`, `let`, `base`, `model`, `data`, `merge`,
+`stage`, `output`) is parsed on its own, so one run shows the syntax errors of
+every item; names are only checked once the file parses.
+
+    merge m = obim(base: llama {        # error: expected `,` or `)`
+        math retain 0.4 using gsm8k
+    }
+
+Fix: close the parameter list: `obim(base: llama) {`."#;
+
+E0002 => "unknown name", r#"A name is used that no definition, `let`, import or stage argument provides.
+
+Names are defined by `base`, `model`, `data`, `merge`, `stage` and `let`, by
+`import "std/..."` (all its names) and by `import "./file.obim" as m` (its
+names as `m.NAME`). The help line suggests the closest defined name.
+
+    model math = "./math"
+    merge m = task_arithmetic(base: llama) { mth weight 1.0 }   # error: `mth`
+
+Fix: correct the spelling, or define the name."#;
+
+E0003 => "duplicate definition", r#"Two definitions in one file have the same name.
+
+Every `base`, `model`, `data`, `merge`, `stage` and `let` shares one namespace,
+so a model and a data source may not have the same name either.
+
+    model math = "./a"
+    data  math = jsonl("math.jsonl")    # error: `math` is already a model
+
+Fix: rename one of them."#;
+
+E0004 => "wrong kind of name", r#"A name refers to the wrong kind of thing.
+
+Merge inputs, `base:`, `order`, `take` and an output's merge name models or
+merges; `using` names a `data` source; numbers and strings may come from a
+`let`.
+
+    data gsm8k = jsonl("gsm8k.jsonl")
+    merge m = obim(base: llama) { gsm8k retain 0.4 }   # error: data, not a model
+
+Fix: use a name of the kind the position needs."#;
+
+E0005 => "unknown merge method", r#"The method of a `merge` is neither a built-in method nor a `stage`.
+
+Built-in methods: `obim`, `task_arithmetic`, `ties`, `dare_ties`,
+`dare_linear`, `linear`, `slerp`. A `stage` defined in the recipe or an
+imported module can be used as a method too.
+
+    merge m = tie(base: llama) { a weight 1.0 }    # error: did you mean `ties`?
+"#;
+
+E0006 => "unknown parameter, setting or option", r#"A parameter, per-model setting or option that the method or declaration does
+not know.
+
+Method parameters follow mergekit's names (`normalize`, `rescale`, `lambda`,
+`int8_mask`, `t`, `density`, `weight`); obim adds `retain`, `using`, `seed`.
+`data` options are `field`, `samples`, `seq_len`, `seed`; `output` options are
+`dtype`, `shard_size`, `tokenizer`.
+
+    merge m = ties(base: llama, denisty: 0.5) { ... }   # error: did you mean `density`?
+"#;
+
+E0007 => "missing parameter", r#"A parameter the method needs is not given, neither in the merge's parameter
+list (which sets a default for every input) nor on the input itself.
+
+`obim` needs `base:` and a `retain` for every input; `task_arithmetic`, `ties`,
+`dare_*` and `linear` need a `weight` for every input; `slerp` needs `base:`
+and `t:`.
+
+    merge m = ties(base: llama) { math  code weight 1.0 }   # error: `math` has no weight
+
+Fix: `math weight 1.0`, or `ties(base: llama, weight: 1.0)` for all inputs."#;
+
+E0008 => "wrong type", r#"A value has the wrong type: a string where a number is needed, a number
+where a model is needed, a word that is not one of the allowed ones.
+
+    data d = jsonl("x.jsonl") { samples "128" }     # error: expected a number
+    output m -> "out" { dtype float8 }              # error: expected bf16, f16 or f32
+"#;
+
+E0009 => "value out of range", r#"A number is outside the range the parameter accepts.
+
+`retain` and `density` are fractions in (0, 1]; `t` is in [0, 1]; `samples`,
+`seq_len` are positive integers; `seed` a non-negative integer.
+
+    math retain 1.4     # error: retain must be in (0, 1]
+"#;
+
+E0010 => "model used twice in one merge", r#"The same model (or merge) appears twice among the inputs of one merge, or
+is both the merge's base and one of its inputs. Each input contributes one
+task vector; listing it twice would double-count it silently.
+
+    merge m = ties(base: llama) { math weight 1  math weight 0.5 }   # error
+
+Fix: list each input once, with the combined weight."#;
+
+E0011 => "`obd` saliency needs calibration data", r#"An `obim` input uses `obd` saliency (the default) on some tensors but has no
+`using DATA`. OBD saliency weighs each delta by the input activations of the
+expert on its own calibration data, so every input needs a data source.
+
+    merge m = obim(base: llama) { math retain 0.45 }    # error: no `using`
+
+Fix: `math retain 0.45 using gsm8k`, or `saliency magnitude`."#;
+
+E0012 => "invalid order", r#"An `order` names a model that is not an input of the merge, names one twice,
+or leaves some input out. An order must be a permutation of the merge's
+inputs (or `rotate`, or `X first`).
+
+    merge m = obim(base: b) { x retain 0.3 using d  y retain 0.3 using d
+        order [x, z] }       # error: `z` is not an input, `y` is missing
+"#;
+
+E0013 => "retention ratios sum to more than 1", r#"In an `obim` merge the retention ratios of the inputs sum to more than 1.
+
+OBIM gives every position of a tensor to at most one input, in order: the
+first input takes round(n₁·N) positions, the second round(n₂·N) of those left,
+and so on. With Σ nₖ > 1 the last inputs in the order get fewer positions than
+asked, or none; the OBIM paper (arXiv 2502.12217) reports a catastrophic drop
+in exactly this setting. With `order rotate` the input cut short changes from
+layer to layer.
+
+    chat retain 0.6 using a
+    math retain 0.5 using b      # error: 0.6 + 0.5 = 1.1 > 1
+
+Fix: lower the ratios so that their sum is at most 1 (the paper uses 0.40,
+0.45 and 0.10 for chat, math and code)."#;
+
+E0014 => "cycle", r#"Merges (or `let` values) depend on each other in a cycle, so none of them
+can be computed first. The message names the whole cycle.
+
+    merge a = linear { b weight 1.0  m weight 1.0 }
+    merge b = linear { a weight 1.0  m weight 1.0 }    # error: a → b → a
+"#;
+
+E0015 => "import cycle", r#"Recipe files import each other in a cycle. The message names every file of
+the cycle, in import order.
+
+    # a.obim
+    import "./b.obim" as b
+    # b.obim
+    import "./a.obim" as a     # error: a.obim → b.obim → a.obim
+"#;
+
+E0016 => "import not found", r#"An import names a stdlib module that does not exist, or a file that cannot
+be read. `std/...` names a module shipped inside obim (`obim explain E0016`
+lists them below); anything else is a path relative to the importing file.
+
+Stdlib modules: std/paper, std/llama, std/mistral, std/qwen2, std/stages."#;
+
+E0017 => "outputs collide", r#"Two outputs write to the same directory, or one output directory lies inside
+another. The second would overwrite the first.
+
+    output a -> "out/m"
+    output b -> "out/m"     # error
+"#;
+
+E0018 => "invalid layer pattern", r#"A `layers` pattern is not a valid glob. Patterns match whole tensor names:
+`*` matches any run of characters (dots included), `?` one character,
+`{a..b}` an integer from a to b inclusive, `{x,y}` one of the alternatives.
+
+    layers "model.layers.{5..2}.*" { take base }    # error: empty range
+"#;
+
+E0019 => "setting not used by this method", r#"A setting is given to a method that has no use for it: `retain` or `using`
+outside `obim`, `weight` in `obim`, `order`, `saliency` or `take` outside
+`obim` (`take` also works in other methods), and so on. It would be ignored, so
+it is an error.
+
+    merge m = ties(base: llama) { math retain 0.4 }   # error: ties has no `retain`
+"#;
+
+E0020 => "wrong number of inputs", r#"A merge has no inputs, or a method that needs a fixed number of inputs gets
+another number: `slerp` interpolates between its base and exactly one other
+model.
+
+    merge s = slerp(base: a, t: 0.5) { b  c }    # error: slerp takes one input
+"#;
+
+E0021 => "model not found", r#"A local model directory does not exist, or has no safetensors weights.
+
+A model source that starts with `./`, `../`, `/` or `~`, or that names an
+existing directory, is a local directory resolved relative to the recipe. Any
+other `org/name` is a Hugging Face id, looked up in the local Hugging Face
+cache (`HF_HUB_CACHE`, `HF_HOME/hub`, or `~/.cache/huggingface/hub`)."#;
+
+E0022 => "unreadable checkpoint", r#"A model's `config.json`, `model.safetensors.index.json` or a safetensors
+header could not be read: bad JSON, a header longer than the file, offsets out
+of range or overlapping, a byte length that does not match dtype × shape, an
+unsupported dtype, or a shard named in the index that does not exist. The
+message names the file and, where there is one, the tensor."#;
+
+E0023 => "architecture mismatch", r#"An input model's architecture (`architectures` in config.json) differs from
+the base's. Task vectors between different architectures are meaningless.
+
+Fix: merge only fine-tunes of the same base."#;
+
+E0024 => "missing tensor", r#"An input model lacks tensors the base has. Every tensor of the output is
+computed from the base and every input, so all of them must be present."#;
+
+E0025 => "shape mismatch", r#"A tensor of an input model has another shape than the base's. A different
+vocabulary size (an added token) shows up here on `embed_tokens` and
+`lm_head`: obim does not yet resize vocabularies (mergekit's
+`tokenizer_source` is out of scope for now)."#;
+
+E0026 => "data source not found", r#"A `data` source's file does not exist, or its glob matches no file. Paths
+and globs resolve relative to the recipe.
+
+    data code = text("data/code/*.py")    # error when no file matches
+"#;
+
+E0027 => "`take` names a model outside the merge", r#"`take MODEL` copies tensors from MODEL unchanged; MODEL must be the merge's
+base (`take base`) or one of its inputs."#;
+
+E0028 => "output would overwrite an input", r#"An output directory is the directory of one of the recipe's models (or lies
+inside it, or contains it). Writing it would destroy an input."#;
+
+W0001 => "unused definition", r#"A definition is never used: a model or data source no merge uses, a merge no
+output or later merge uses, a `let` or an import nobody reads. Unused models
+are still opened by `obim plan`, so it is worth removing them.
+
+Prefix the name with `_` to silence the warning."#;
+
+W0002 => "pattern matches no tensor", r#"A `layers` pattern matches no tensor of the base (checked when the base's
+safetensors headers are readable). Such a rule does nothing, often because of
+a typo (`model.layer.*` for `model.layers.*`) or another architecture's names."#;
+
+W0003 => "setting has no effect", r#"A setting is accepted but changes nothing here: `using` data on an input
+whose saliency is `magnitude` everywhere, `density` in `task_arithmetic` (it
+has no sparsification step), an `order` or `saliency` in a rule that only
+matches `take` tensors."#;
+
+N0001 => "model not available locally", r#"A model given by Hugging Face id is not in the local Hugging Face cache, so
+`obim check` cannot read its config and headers; architecture, tensor and
+shape checks against the base are skipped for it. `obim run` downloads it
+where the network allows, or run `huggingface-cli download ORG/NAME` first."#;
+}

@@ -1,0 +1,165 @@
+//! The CLI's commands as library functions: each takes its arguments and
+//! the writers to print to, and returns the process exit code. `main.rs`
+//! only parses arguments and calls these.
+
+use crate::codes::Code;
+use crate::diagnostic::{self, Diagnostic};
+use crate::plan::PlanView;
+use crate::source::SourceMap;
+use crate::{compile_file, fmt, Compilation};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Documented exit codes (README, `obim --help`).
+pub mod exit {
+    /// Success; warnings allowed.
+    pub const OK: i32 = 0;
+    /// The recipe has errors (or `fmt --check` found unformatted files).
+    pub const RECIPE: i32 = 1;
+    /// Usage error: bad arguments, unknown code, unreadable recipe path.
+    pub const USAGE: i32 = 2;
+    /// Failure while running: I/O, a bad checkpoint.
+    pub const FAILURE: i32 = 3;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    Dot,
+}
+
+/// Where output goes, and whether diagnostics are colored.
+pub struct Io<'a> {
+    pub out: &'a mut dyn Write,
+    pub err: &'a mut dyn Write,
+    pub color: bool,
+}
+
+fn print_diagnostics(io: &mut Io, diagnostics: &[Diagnostic], sources: &SourceMap) {
+    let _ = write!(io.err, "{}", diagnostic::render(diagnostics, sources, io.color));
+}
+
+fn compile(io: &mut Io, path: &Path) -> Option<Compilation> {
+    match compile_file(path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let _ = writeln!(io.err, "error: failed to read `{}`: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// `obim check RECIPE...`
+pub fn check(io: &mut Io, paths: &[PathBuf], format: Format) -> i32 {
+    let mut code = exit::OK;
+    let mut json = Vec::new();
+    let mut all = Vec::new();
+    for path in paths {
+        let Some(c) = compile(io, path) else {
+            code = exit::USAGE;
+            continue;
+        };
+        if c.has_errors() && code == exit::OK {
+            code = exit::RECIPE;
+        }
+        match format {
+            Format::Json => json.extend(diagnostic::to_json(&c.diagnostics, &c.sources).into_iter().map(|d| serde_json::to_value(d).unwrap_or_default())),
+            _ => print_diagnostics(io, &c.diagnostics, &c.sources),
+        }
+        all.extend(c.diagnostics);
+    }
+    if format == Format::Json {
+        let errors = all.iter().filter(|d| d.is_error()).count();
+        let value = serde_json::json!({"diagnostics": json, "errors": errors, "warnings": all.iter().filter(|d| d.severity() == diagnostic::Severity::Warning).count()});
+        let _ = writeln!(io.out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+    } else {
+        match diagnostic::summary(&all) {
+            Some(s) if code == exit::RECIPE => {
+                let _ = writeln!(io.err, "error: {s}");
+            }
+            Some(s) => {
+                let _ = writeln!(io.err, "ok: {} checked, {s}", plural(paths.len(), "recipe"));
+            }
+            None if code == exit::OK => {
+                let _ = writeln!(io.err, "ok: {} checked", plural(paths.len(), "recipe"));
+            }
+            None => {}
+        }
+    }
+    code
+}
+
+/// `obim plan RECIPE`
+pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
+    let Some(c) = compile(io, path) else { return exit::USAGE };
+    print_diagnostics(io, &c.diagnostics, &c.sources);
+    let Some(plan) = c.plan() else {
+        if let Some(s) = diagnostic::summary(&c.diagnostics) {
+            let _ = writeln!(io.err, "error: {s}; no plan");
+        }
+        return exit::RECIPE;
+    };
+    let view = PlanView { plan: &plan, recipe: &c.recipe, inventory: &c.inventory, sources: &c.sources };
+    let text = match format {
+        Format::Text => view.to_text(),
+        Format::Json => serde_json::to_string_pretty(&view.to_json()).unwrap_or_default() + "\n",
+        Format::Dot => view.to_dot(),
+    };
+    match io.out.write_all(text.as_bytes()) {
+        Ok(()) => exit::OK,
+        Err(_) => exit::FAILURE,
+    }
+}
+
+/// `obim fmt [--check] RECIPE...`
+pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
+    let mut code = exit::OK;
+    for path in paths {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = writeln!(io.err, "error: failed to read `{}`: {e}", path.display());
+                code = code.max(exit::USAGE);
+                continue;
+            }
+        };
+        let Some(formatted) = fmt::format(&text) else {
+            let (program, diagnostics) = crate::load::load_source(&path.display().to_string(), Some(path.clone()), text);
+            let syntax: Vec<Diagnostic> = diagnostics.into_iter().filter(|d| d.code == Code::E0001 && d.primary.span.file.0 == 0).collect();
+            print_diagnostics(io, &syntax, &program.sources);
+            let _ = writeln!(io.err, "error: `{}` has syntax errors; not formatted", path.display());
+            code = code.max(exit::RECIPE);
+            continue;
+        };
+        if formatted == text {
+            continue;
+        }
+        if check_only {
+            let line = text.lines().zip(formatted.lines()).position(|(a, b)| a != b).map_or_else(|| text.lines().count().min(formatted.lines().count()) + 1, |i| i + 1);
+            let _ = writeln!(io.out, "{}: not formatted (first difference on line {line})", path.display());
+            code = code.max(exit::RECIPE);
+        } else if let Err(e) = std::fs::write(path, &formatted) {
+            let _ = writeln!(io.err, "error: failed to write `{}`: {e}", path.display());
+            code = exit::FAILURE;
+        } else {
+            let _ = writeln!(io.err, "formatted {}", path.display());
+        }
+    }
+    code
+}
+
+/// `obim explain CODE`
+pub fn explain(io: &mut Io, code: &str) -> i32 {
+    let Some(c) = Code::parse(code) else {
+        let all: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
+        let _ = writeln!(io.err, "error: no diagnostic code `{code}`\nknown codes: {}", all.join(", "));
+        return exit::USAGE;
+    };
+    let _ = writeln!(io.out, "{c}: {}\n\n{}", c.title(), c.explanation());
+    exit::OK
+}
+
+fn plural(n: usize, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+}

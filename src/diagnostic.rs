@@ -1,0 +1,199 @@
+//! Diagnostics as data: a code, a message, a primary span with its label,
+//! secondary labels, notes and a help line. Every stage returns them; this
+//! module alone turns them into text (ariadne) or JSON.
+
+use crate::codes::Code;
+use crate::source::{SourceMap, Span};
+use ariadne::{Color, Config, IndexType, Label as ALabel, Report, ReportKind};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+    Note,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Label {
+    pub span: Span,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostic {
+    pub code: Code,
+    pub message: String,
+    pub primary: Label,
+    pub secondary: Vec<Label>,
+    pub notes: Vec<String>,
+    pub help: Option<String>,
+}
+
+impl Diagnostic {
+    pub fn new(code: Code, span: Span, message: impl Into<String>) -> Self {
+        Diagnostic {
+            code,
+            message: message.into(),
+            primary: Label { span, message: String::new() },
+            secondary: Vec::new(),
+            notes: Vec::new(),
+            help: None,
+        }
+    }
+    pub fn label(mut self, message: impl Into<String>) -> Self {
+        self.primary.message = message.into();
+        self
+    }
+    pub fn with(mut self, span: Span, message: impl Into<String>) -> Self {
+        self.secondary.push(Label { span, message: message.into() });
+        self
+    }
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.notes.push(note.into());
+        self
+    }
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+    pub fn severity(&self) -> Severity {
+        match self.code.as_str().as_bytes()[0] {
+            b'E' => Severity::Error,
+            b'W' => Severity::Warning,
+            _ => Severity::Note,
+        }
+    }
+    pub fn is_error(&self) -> bool {
+        self.severity() == Severity::Error
+    }
+}
+
+/// Sorts by file, then position, then code; drops exact duplicates.
+pub fn sort(diagnostics: &mut Vec<Diagnostic>) {
+    diagnostics.sort_by(|a, b| {
+        (a.primary.span.file, a.primary.span.start, a.code).cmp(&(b.primary.span.file, b.primary.span.start, b.code))
+    });
+    diagnostics.dedup();
+}
+
+pub fn has_errors(diagnostics: &[Diagnostic]) -> bool {
+    diagnostics.iter().any(Diagnostic::is_error)
+}
+
+/// "did you mean `x`?" for the closest of `candidates`, if any is close.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    closest(word, candidates).map(|c| format!("did you mean `{c}`?"))
+}
+
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .filter(|c| *c != word)
+        .map(|c| (strsim::damerau_levenshtein(&word.to_lowercase(), &c.to_lowercase()), c))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1) && *d < word.len())
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// Renders diagnostics as a person reads them (ariadne), colored or not.
+pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
+    let mut out = Vec::new();
+    let cache = ariadne::sources(sources.files().map(|(_, f)| (f.name.clone(), f.text.clone())));
+    let mut cache = cache;
+    for d in diagnostics {
+        let kind = match d.severity() {
+            Severity::Error => ReportKind::Error,
+            Severity::Warning => ReportKind::Warning,
+            Severity::Note => ReportKind::Advice,
+        };
+        let name = |s: Span| sources.get(s.file).name.clone();
+        let primary_color = match d.severity() {
+            Severity::Error => Color::Red,
+            Severity::Warning => Color::Yellow,
+            Severity::Note => Color::Cyan,
+        };
+        let mut report = Report::build(kind, (name(d.primary.span), d.primary.span.range()))
+            .with_config(Config::default().with_color(color).with_index_type(IndexType::Byte))
+            .with_code(d.code)
+            .with_message(&d.message);
+        let mut primary = ALabel::new((name(d.primary.span), d.primary.span.range())).with_color(primary_color).with_order(0);
+        if !d.primary.message.is_empty() {
+            primary = primary.with_message(&d.primary.message);
+        }
+        report.add_label(primary);
+        for (i, l) in d.secondary.iter().enumerate() {
+            report.add_label(
+                ALabel::new((name(l.span), l.span.range())).with_message(&l.message).with_color(Color::Blue).with_order(i as i32 + 1),
+            );
+        }
+        for n in &d.notes {
+            report.add_note(n);
+        }
+        if let Some(h) = &d.help {
+            report.set_help(h);
+        }
+        // Writing to a Vec cannot fail; a failure to find a source would be our bug.
+        let _ = report.finish().write(&mut cache, &mut out);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One line per count, e.g. "error: 2 errors, 1 warning emitted".
+pub fn summary(diagnostics: &[Diagnostic]) -> Option<String> {
+    let errors = diagnostics.iter().filter(|d| d.severity() == Severity::Error).count();
+    let warnings = diagnostics.iter().filter(|d| d.severity() == Severity::Warning).count();
+    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
+    match (errors, warnings) {
+        (0, 0) => None,
+        (0, w) => Some(format!("{} emitted", plural(w, "warning"))),
+        (e, 0) => Some(format!("{} emitted", plural(e, "error"))),
+        (e, w) => Some(format!("{} and {} emitted", plural(e, "error"), plural(w, "warning"))),
+    }
+}
+
+#[derive(Serialize)]
+struct JsonPos<'a> {
+    file: &'a str,
+    line: usize,
+    column: usize,
+    end_line: usize,
+    end_column: usize,
+    start: u32,
+    end: u32,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+pub struct JsonDiagnostic<'a> {
+    code: &'static str,
+    severity: Severity,
+    message: &'a str,
+    primary: JsonPos<'a>,
+    secondary: Vec<JsonPos<'a>>,
+    notes: &'a [String],
+    help: Option<&'a str>,
+}
+
+/// The JSON form for editors and CI (`obim check --format json`).
+pub fn to_json<'a>(diagnostics: &'a [Diagnostic], sources: &'a SourceMap) -> Vec<JsonDiagnostic<'a>> {
+    let pos = |l: &'a Label| {
+        let file = sources.get(l.span.file);
+        let (line, column) = file.line_col(l.span.start as usize);
+        let (end_line, end_column) = file.line_col(l.span.end as usize);
+        JsonPos { file: &file.name, line, column, end_line, end_column, start: l.span.start, end: l.span.end, message: &l.message }
+    };
+    diagnostics
+        .iter()
+        .map(|d| JsonDiagnostic {
+            code: d.code.as_str(),
+            severity: d.severity(),
+            message: &d.message,
+            primary: pos(&d.primary),
+            secondary: d.secondary.iter().map(pos).collect(),
+            notes: &d.notes,
+            help: d.help.as_deref(),
+        })
+        .collect()
+}

@@ -1,0 +1,65 @@
+#![doc = include_str!("../ARCHITECTURE.md")]
+
+pub mod check;
+pub mod checkpoint;
+pub mod codes;
+pub mod commands;
+pub mod diagnostic;
+pub mod fmt;
+pub mod load;
+pub mod methods;
+pub mod open;
+pub mod pattern;
+pub mod plan;
+pub mod recipe;
+pub mod source;
+pub mod stdlib;
+pub mod syntax;
+
+use diagnostic::Diagnostic;
+use std::path::{Path, PathBuf};
+
+/// Everything the front end produced for one root recipe: the sources (for
+/// rendering diagnostics), the checked recipe, what `open` found, and every
+/// diagnostic of every stage, sorted.
+#[derive(Debug, Clone)]
+pub struct Compilation {
+    pub sources: source::SourceMap,
+    pub recipe: recipe::Recipe,
+    pub inventory: open::Inventory,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Compilation {
+    pub fn has_errors(&self) -> bool {
+        diagnostic::has_errors(&self.diagnostics)
+    }
+
+    /// The plan, when the recipe has no errors.
+    pub fn plan(&self) -> Option<plan::Plan> {
+        (!self.has_errors()).then(|| plan::Plan::lower(&self.recipe, &self.inventory, &self.sources))
+    }
+}
+
+/// Parses, loads imports, checks and opens a recipe file.
+pub fn compile_file(path: &Path) -> std::io::Result<Compilation> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(compile_source(&path.display().to_string(), Some(path.to_path_buf()), text))
+}
+
+/// The same for a recipe held in memory; `path` anchors relative paths.
+pub fn compile_source(name: &str, path: Option<PathBuf>, text: String) -> Compilation {
+    let (program, mut diagnostics) = load::load_source(name, path, text);
+    let syntax_ok = !diagnostic::has_errors(&diagnostics);
+    let (recipe, inventory) = if syntax_ok {
+        let (recipe, checked) = check::check(&program);
+        diagnostics.extend(checked);
+        let (inventory, opened) = open::open(&recipe);
+        diagnostics.extend(opened);
+        (recipe, inventory)
+    } else {
+        Default::default()
+    };
+    diagnostic::sort(&mut diagnostics);
+    Compilation { sources: program.sources, recipe, inventory, diagnostics }
+}

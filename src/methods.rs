@@ -1,0 +1,167 @@
+//! The merge methods and their parameters: names, types, defaults and ranges
+//! follow mergekit 0.1.5 (`merge_methods/registry.py`,
+//! `generalized_task_arithmetic.py`, `linear.py`, `slerp.py`), plus obim's own
+//! `obim` method and DARE's `seed`.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Obim,
+    TaskArithmetic,
+    Ties,
+    DareTies,
+    DareLinear,
+    Linear,
+    Slerp,
+}
+
+/// The type and domain of a parameter value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// A model or merge.
+    Model,
+    /// A `data` source.
+    Data,
+    Bool,
+    /// Any finite number.
+    Number,
+    /// A fraction in (0, 1].
+    Fraction,
+    /// A number in [0, 1].
+    Unit,
+    /// A non-negative integer.
+    Seed,
+}
+
+impl Kind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Model => "a model or merge",
+            Kind::Data => "a data source",
+            Kind::Bool => "`true` or `false`",
+            Kind::Number => "a number",
+            Kind::Fraction => "a number in (0, 1]",
+            Kind::Unit => "a number in [0, 1]",
+            Kind::Seed => "a non-negative integer",
+        }
+    }
+}
+
+/// Where a parameter may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Only in the merge's parameter list (or a rule): `ties(normalize: false)`.
+    Merge,
+    /// Per input (`math weight 0.5`), or in the parameter list as the default
+    /// for every input (`ties(density: 0.5)`), like mergekit's `parameters`.
+    Input,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub scope: Scope,
+    /// `None`: required.
+    pub default: Option<Default>,
+    pub doc: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Default {
+    Bool(bool),
+    Number(f64),
+    /// Optional with no value (e.g. `using` when saliency is `magnitude`).
+    Unset,
+}
+
+const fn p(name: &'static str, kind: Kind, scope: Scope, default: Option<Default>, doc: &'static str) -> Param {
+    Param { name, kind, scope, default, doc }
+}
+
+const BASE: Param = p("base", Kind::Model, Scope::Merge, None, "the model task vectors are taken against");
+const WEIGHT: Param = p("weight", Kind::Number, Scope::Input, None, "the input's weight");
+const DENSITY: Param = p("density", Kind::Fraction, Scope::Input, Some(Default::Number(1.0)), "fraction of the task vector kept");
+const INT8_MASK: Param = p("int8_mask", Kind::Bool, Scope::Merge, Some(Default::Bool(false)), "accepted for mergekit compatibility; masks are always exact");
+const LAMBDA: Param = p("lambda", Kind::Number, Scope::Merge, Some(Default::Number(1.0)), "scales the merged task vector");
+const SEED: Param = p("seed", Kind::Seed, Scope::Merge, Some(Default::Number(0.0)), "seed of DARE's random keep mask (obim extension)");
+
+const fn normalize(default: bool) -> Param {
+    p("normalize", Kind::Bool, Scope::Merge, Some(Default::Bool(default)), "divide by the sum of the weights")
+}
+const fn rescale(default: bool) -> Param {
+    p("rescale", Kind::Bool, Scope::Merge, Some(Default::Bool(default)), "rescale kept values by 1/density")
+}
+
+impl Method {
+    pub const ALL: &'static [Method] =
+        &[Method::Obim, Method::TaskArithmetic, Method::Ties, Method::DareTies, Method::DareLinear, Method::Linear, Method::Slerp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Obim => "obim",
+            Method::TaskArithmetic => "task_arithmetic",
+            Method::Ties => "ties",
+            Method::DareTies => "dare_ties",
+            Method::DareLinear => "dare_linear",
+            Method::Linear => "linear",
+            Method::Slerp => "slerp",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Method> {
+        Method::ALL.iter().copied().find(|m| m.name() == name)
+    }
+
+    /// Every parameter the method accepts, with mergekit's defaults.
+    pub fn params(self) -> &'static [Param] {
+        const OBIM: &[Param] = &[
+            BASE,
+            p("retain", Kind::Fraction, Scope::Input, None, "fraction of positions the input keeps (nₖ)"),
+            p("using", Kind::Data, Scope::Input, Some(Default::Unset), "calibration data for `obd` saliency"),
+        ];
+        const TASK_ARITHMETIC: &[Param] = &[BASE, WEIGHT, DENSITY, normalize(false), rescale(false), LAMBDA, INT8_MASK];
+        const TIES: &[Param] = &[BASE, WEIGHT, DENSITY, normalize(true), rescale(false), LAMBDA, INT8_MASK];
+        const DARE: &[Param] = &[BASE, WEIGHT, DENSITY, normalize(false), rescale(true), LAMBDA, INT8_MASK, SEED];
+        const LINEAR: &[Param] = &[WEIGHT, normalize(true)];
+        const SLERP: &[Param] = &[BASE, p("t", Kind::Unit, Scope::Merge, None, "interpolation factor from base (0) to the other model (1)")];
+        match self {
+            Method::Obim => OBIM,
+            Method::TaskArithmetic => TASK_ARITHMETIC,
+            Method::Ties => TIES,
+            Method::DareTies | Method::DareLinear => DARE,
+            Method::Linear => LINEAR,
+            Method::Slerp => SLERP,
+        }
+    }
+
+    pub fn param(self, name: &str) -> Option<&'static Param> {
+        self.params().iter().find(|p| p.name == name)
+    }
+
+    /// `order` and `saliency` statements belong to OBIM alone.
+    pub fn has_order(self) -> bool {
+        self == Method::Obim
+    }
+
+    /// Inputs besides the base: (min, max).
+    pub fn input_count(self) -> (usize, Option<usize>) {
+        match self {
+            Method::Slerp => (1, Some(1)),
+            _ => (1, None),
+        }
+    }
+
+    /// mergekit's `density` has no effect without a sparsification step.
+    pub fn sparsifies(self) -> bool {
+        matches!(self, Method::Ties | Method::DareTies | Method::DareLinear)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

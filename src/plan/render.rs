@@ -1,0 +1,304 @@
+//! The three printed forms of a plan: text for a person reviewing a recipe,
+//! JSON for scripts (keys documented in the README and kept stable), dot for
+//! graphviz.
+
+use super::{effective_params, Plan, PlannedTensor, Step, StepKind};
+use crate::methods::Method;
+use crate::open::Inventory;
+use crate::recipe::{Merge, MergeId, ModelSource, Recipe, TakeFrom};
+use crate::source::SourceMap;
+use serde_json::{json, Map, Value};
+use std::fmt::Write;
+
+/// What every renderer needs.
+pub struct PlanView<'a> {
+    pub plan: &'a Plan,
+    pub recipe: &'a Recipe,
+    pub inventory: &'a Inventory,
+    pub sources: &'a SourceMap,
+}
+
+impl PlanView<'_> {
+    fn line(&self, step: &Step) -> usize {
+        self.sources.line(step.span)
+    }
+
+    fn take_name(&self, merge: &Merge, take: Option<TakeFrom>) -> Option<String> {
+        match take? {
+            TakeFrom::Base => merge.base.map(|b| self.recipe.input_name(b).to_string()),
+            TakeFrom::Input(i) => Some(self.recipe.input_name(merge.inputs[i].model).to_string()),
+        }
+    }
+
+    fn source(&self, source: &ModelSource) -> String {
+        match source {
+            ModelSource::Local { path } => path.display().to_string(),
+            ModelSource::Hub { id, revision: Some(r) } => format!("{id} @ {r}"),
+            ModelSource::Hub { id, revision: None } => id.clone(),
+        }
+    }
+
+    fn merges(&self) -> Vec<MergeId> {
+        self.plan
+            .steps()
+            .iter()
+            .filter_map(|s| match s.kind {
+                StepKind::Merge(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn to_json(&self) -> Value {
+        let steps: Vec<Value> = self
+            .plan
+            .steps()
+            .iter()
+            .map(|s| json!({"id": s.id, "kind": s.kind.name(), "deps": self.plan.deps(s), "hash": s.hash, "line": self.line(s)}))
+            .collect();
+        let models: Vec<Value> = self
+            .plan
+            .steps()
+            .iter()
+            .filter_map(|s| match s.kind {
+                StepKind::Open(id) => Some(id),
+                _ => None,
+            })
+            .map(|id| {
+                let m = &self.recipe.models[id.0];
+                let info = self.inventory.get(id);
+                json!({
+                    "name": m.name,
+                    "base": m.is_base,
+                    "source": self.source(&m.source),
+                    "available": info.is_some(),
+                    "architecture": info.and_then(|i| i.architecture.clone()),
+                    "tensors": info.map(|i| i.tensors.len()),
+                    "params": info.map(|i| i.params()),
+                    "dtype": info.and_then(|i| i.dtype().map(String::from)),
+                })
+            })
+            .collect();
+        let merges: Vec<Value> = self.merges().into_iter().map(|id| self.merge_json(id)).collect();
+        let outputs: Vec<Value> = self
+            .recipe
+            .outputs
+            .iter()
+            .map(|o| {
+                json!({
+                    "merge": self.recipe.merges[o.merge.0].name,
+                    "path": o.written,
+                    "dtype": o.dtype.map(|d| d.name()),
+                    "shard_size": o.shard_size,
+                    "tokenizer": o.tokenizer.map(|t| self.recipe.input_name(t)),
+                })
+            })
+            .collect();
+        json!({"steps": steps, "models": models, "merges": merges, "outputs": outputs})
+    }
+
+    fn merge_json(&self, id: MergeId) -> Value {
+        let merge = &self.recipe.merges[id.0];
+        let names: Vec<&str> = merge.inputs.iter().map(|i| self.recipe.input_name(i.model)).collect();
+        let tensors: Vec<Value> = self.plan.tensors.get(&id).map_or_else(Vec::new, |ts| ts.iter().map(|t| self.tensor_json(merge, &names, t)).collect());
+        json!({
+            "name": merge.name,
+            "method": merge.method.name(),
+            "base": merge.base.map(|b| self.recipe.input_name(b)),
+            "inputs": names,
+            "tensors": tensors,
+        })
+    }
+
+    fn tensor_json(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> Value {
+        let s = &t.settings;
+        let per_input = |f: &dyn Fn(usize) -> Option<Value>| -> Map<String, Value> {
+            names.iter().enumerate().filter_map(|(i, n)| f(i).map(|v| (n.to_string(), v))).collect()
+        };
+        let obim = merge.method == Method::Obim;
+        let (saliency, _) = t.saliency();
+        json!({
+            "name": t.name,
+            "shape": t.info.shape,
+            "dtype": t.info.dtype,
+            "take": self.take_name(merge, s.take),
+            "order": s.order.iter().map(|i| names[*i]).collect::<Vec<_>>(),
+            "retain": per_input(&|i| if obim { s.inputs[i].retain.map(Value::from) } else { None }),
+            "saliency": per_input(&|i| obim.then(|| Value::from(saliency.name())).filter(|_| i < names.len())),
+            "weight": per_input(&|i| if obim { None } else { s.inputs[i].weight.map(Value::from) }),
+            "density": per_input(&|i| if merge.method.param("density").is_some() { Some(Value::from(s.inputs[i].density.unwrap_or(1.0))) } else { None }),
+            "params": effective_params(merge.method, s).into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<String, Value>>(),
+            "rule_lines": s.rule_lines,
+        })
+    }
+
+    pub fn to_dot(&self) -> String {
+        let mut out = String::from("digraph plan {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+        let steps = self.plan.steps();
+        for (i, s) in steps.iter().enumerate() {
+            let shape = match s.kind {
+                StepKind::Open(_) => "box",
+                StepKind::Calibrate(..) => "ellipse",
+                StepKind::Merge(_) => "box3d",
+                StepKind::Write(_) => "folder",
+            };
+            let _ = writeln!(out, "  n{i} [label={:?}, shape={shape}];", s.id);
+        }
+        for (i, s) in steps.iter().enumerate() {
+            for dep in self.plan.deps(s) {
+                if let Some(j) = steps.iter().position(|t| t.id == dep) {
+                    let _ = writeln!(out, "  n{j} -> n{i};");
+                }
+            }
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let steps = self.plan.steps();
+        let count = |k: &str| steps.iter().filter(|s| s.kind.name() == k).count();
+        let _ = writeln!(
+            out,
+            "plan: {} steps ({} open, {} calibrate, {} merge, {} write)\n",
+            steps.len(),
+            count("open"),
+            count("calibrate"),
+            count("merge"),
+            count("write")
+        );
+        let width = steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
+        for (i, s) in steps.iter().enumerate() {
+            let deps: Vec<String> = self.plan.deps(s).iter().filter_map(|d| steps.iter().position(|t| t.id == *d)).map(|j| (j + 1).to_string()).collect();
+            let deps = if deps.is_empty() { String::new() } else { format!("  ← {}", deps.join(", ")) };
+            let _ = writeln!(out, "{:>3}. {:<width$}  {}  line {:<4}{}  {}", i + 1, s.id, &s.hash[..12], self.line(s), deps, self.describe(s));
+        }
+        for id in self.merges() {
+            out.push('\n');
+            self.merge_text(&mut out, id);
+        }
+        out
+    }
+
+    fn describe(&self, step: &Step) -> String {
+        match step.kind {
+            StepKind::Open(id) => {
+                let m = &self.recipe.models[id.0];
+                match self.inventory.get(id) {
+                    Some(i) => format!(
+                        "{}: {}, {} tensors, {} params, {}",
+                        self.source(&m.source),
+                        i.architecture.as_deref().unwrap_or("unknown architecture"),
+                        i.tensors.len(),
+                        thousands(i.params()),
+                        i.dtype().unwrap_or("?")
+                    ),
+                    None => format!("{}: not available locally", self.source(&m.source)),
+                }
+            }
+            StepKind::Calibrate(_, d) => {
+                let d = &self.recipe.data[d.0];
+                let samples = d.samples.map_or("all".to_string(), |n| n.to_string());
+                format!("{:?}(\"{}\") field {}, {samples} samples, seq_len {}, seed {}", d.kind, d.pattern, d.field, d.seq_len, d.seed).to_lowercase()
+            }
+            StepKind::Merge(id) => {
+                let m = &self.recipe.merges[id.0];
+                let inputs: Vec<&str> = m.inputs.iter().map(|i| self.recipe.input_name(i.model)).collect();
+                let base = m.base.map_or(String::new(), |b| format!("(base: {})", self.recipe.input_name(b)));
+                format!("{}{base} of {}", m.method, inputs.join(", "))
+            }
+            StepKind::Write(i) => {
+                let o = &self.recipe.outputs[i];
+                format!("→ \"{}\", dtype {}, shards ≤ {} bytes", o.written, o.dtype.map_or("of the base", |d| d.name()), thousands(o.shard_size as usize))
+            }
+        }
+    }
+
+    fn merge_text(&self, out: &mut String, id: MergeId) {
+        let merge = &self.recipe.merges[id.0];
+        let names: Vec<&str> = merge.inputs.iter().map(|i| self.recipe.input_name(i.model)).collect();
+        let _ = writeln!(out, "merge {} = {}", merge.name, merge.method);
+        if let Some(b) = merge.base {
+            let _ = writeln!(out, "  base     {}", self.recipe.input_name(b));
+        }
+        for (i, n) in names.iter().enumerate() {
+            let s = merge.input_settings(i);
+            let mut parts = Vec::new();
+            if let Some(w) = s.weight {
+                parts.push(format!("weight {w}"));
+            }
+            if let Some(d) = s.density {
+                parts.push(format!("density {d}"));
+            }
+            if let Some(r) = s.retain {
+                parts.push(format!("retain {r}"));
+            }
+            if let Some(d) = s.using {
+                parts.push(format!("using {}", self.recipe.data[d.0].name));
+            }
+            let _ = writeln!(out, "  input    {n} {}", parts.join(", "));
+        }
+        for rule in &merge.rules {
+            let patterns: Vec<String> = rule.patterns.iter().map(|p| format!("\"{}\"", p.as_str())).collect();
+            let _ = writeln!(out, "  rule     line {}: {}", rule.line, patterns.join(", "));
+        }
+        let Some(tensors) = self.plan.tensors.get(&id) else {
+            let _ = writeln!(out, "  tensors  unknown: the base's headers are not available locally");
+            return;
+        };
+        let _ = writeln!(out, "  tensors  {}", tensors.len());
+        let rows: Vec<[String; 4]> = tensors.iter().map(|t| self.tensor_row(merge, &names, t)).collect();
+        let widths: Vec<usize> = (0..3).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        for r in rows {
+            let line = format!("    {:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+    }
+
+    /// name, shape, what happens, rules.
+    fn tensor_row(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> [String; 4] {
+        let s = &t.settings;
+        let shape = format!("{:?}", t.info.shape);
+        let rules = if s.rule_lines.is_empty() { String::new() } else { format!("rules {}", s.rule_lines.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")) };
+        let what = if let Some(from) = self.take_name(merge, s.take) {
+            format!("take {from}")
+        } else if merge.method == Method::Obim {
+            let order: Vec<String> = s.order.iter().map(|i| format!("{} {}", names[*i], s.inputs[*i].retain.map_or("?".into(), |r| r.to_string()))).collect();
+            let (saliency, why) = t.saliency();
+            let why = why.map_or(String::new(), |w| format!(" ({w})"));
+            format!("{} | {}{why}", order.join(" → "), saliency.name())
+        } else {
+            let parts: Vec<String> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let x = &s.inputs[i];
+                    let mut p = n.to_string();
+                    if let Some(w) = x.weight {
+                        p.push_str(&format!(" w{w}"));
+                    }
+                    if merge.method.sparsifies() {
+                        p.push_str(&format!(" d{}", x.density.unwrap_or(1.0)));
+                    }
+                    p
+                })
+                .collect();
+            let params: Vec<String> = effective_params(merge.method, s).into_iter().map(|(k, v)| format!("{k} {v}")).collect();
+            format!("{} | {}", parts.join(", "), params.join(", "))
+        };
+        [t.name.clone(), shape, what, rules]
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,347 @@
+//! The checked recipe: every name resolved, every value typed and in range.
+//! This is what lowering and the executor read; nothing after the checker
+//! looks at the syntax tree. [`Merge::tensor_settings`] is the one place that
+//! decides which settings govern a tensor after all `layers` rules.
+
+use crate::methods::Method;
+use crate::pattern::{layer_index, Pattern};
+use crate::source::{FileId, Span};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelId(pub usize);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DataId(pub usize);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MergeId(pub usize);
+
+#[derive(Debug, Clone, Default)]
+pub struct Recipe {
+    /// The file that was checked (its outputs are the recipe's outputs).
+    pub root: FileId,
+    pub models: Vec<Model>,
+    pub data: Vec<Data>,
+    pub merges: Vec<Merge>,
+    pub outputs: Vec<Output>,
+}
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSource {
+    /// A directory, resolved against the recipe's directory.
+    Local { path: PathBuf },
+    /// A Hugging Face id, with an optional revision (branch, tag or commit).
+    Hub { id: String, revision: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// As written where it is defined, qualified when imported (`m.math`).
+    pub name: String,
+    pub is_base: bool,
+    pub source: ModelSource,
+    /// The declaration's name.
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    Jsonl,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct Data {
+    pub name: String,
+    pub kind: DataKind,
+    /// The path or glob as written.
+    pub pattern: String,
+    /// Resolved against the recipe's directory.
+    pub path: PathBuf,
+    /// The jsonl field holding the text (default `text`).
+    pub field: String,
+    /// How many samples to draw (`None`: all).
+    pub samples: Option<u64>,
+    /// Longer sequences are truncated to this many tokens.
+    pub seq_len: u64,
+    pub seed: u64,
+    pub span: Span,
+}
+
+/// A model or a merge: anything a merge can take as input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InputRef {
+    Model(ModelId),
+    Merge(MergeId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Saliency {
+    Obd,
+    Magnitude,
+}
+
+impl Saliency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Saliency::Obd => "obd",
+            Saliency::Magnitude => "magnitude",
+        }
+    }
+}
+
+/// The order in which OBIM inputs pick positions. Indices are input indices.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrderSpec {
+    Rotate,
+    Fixed(Vec<usize>),
+    First(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TakeFrom {
+    Base,
+    Input(usize),
+}
+
+/// Per-input settings; `None` where not given at this level.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InputSettings {
+    pub weight: Option<f64>,
+    pub density: Option<f64>,
+    pub retain: Option<f64>,
+    pub using: Option<DataId>,
+}
+
+impl InputSettings {
+    /// Fields set in `over` replace those of `self`.
+    pub fn overlay(&mut self, over: &InputSettings) {
+        self.weight = over.weight.or(self.weight);
+        self.density = over.density.or(self.density);
+        self.retain = over.retain.or(self.retain);
+        self.using = over.using.or(self.using);
+    }
+}
+
+/// Merge-level parameters; `None` where not given at this level.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergeParams {
+    pub normalize: Option<bool>,
+    pub rescale: Option<bool>,
+    pub int8_mask: Option<bool>,
+    pub lambda: Option<f64>,
+    pub t: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+impl MergeParams {
+    pub fn overlay(&mut self, over: &MergeParams) {
+        self.normalize = over.normalize.or(self.normalize);
+        self.rescale = over.rescale.or(self.rescale);
+        self.int8_mask = over.int8_mask.or(self.int8_mask);
+        self.lambda = over.lambda.or(self.lambda);
+        self.t = over.t.or(self.t);
+        self.seed = over.seed.or(self.seed);
+    }
+}
+
+/// Everything one level (the merge itself, or one `layers` rule) sets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings {
+    pub order: Option<OrderSpec>,
+    pub saliency: Option<Saliency>,
+    pub take: Option<TakeFrom>,
+    pub params: MergeParams,
+    /// `name: value` in a parameter list: the default for every input.
+    pub defaults: InputSettings,
+    /// `MODEL setting value`: per input index.
+    pub inputs: BTreeMap<usize, InputSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub model: InputRef,
+    /// The entry in the merge body.
+    pub span: Span,
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerRule {
+    pub patterns: Vec<Pattern>,
+    /// 1-based line of the `layers` keyword in its file.
+    pub line: usize,
+    /// The whole rule, and its pattern.
+    pub span: Span,
+    pub pattern_span: Span,
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Merge {
+    pub name: String,
+    pub method: Method,
+    /// The merge's name in its declaration.
+    pub span: Span,
+    pub base: Option<InputRef>,
+    pub inputs: Vec<Input>,
+    /// Merge-level settings (parameter list and body statements).
+    pub settings: Settings,
+    pub rules: Vec<LayerRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::F32 => "f32",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub merge: MergeId,
+    /// Resolved against the recipe's directory.
+    pub path: PathBuf,
+    /// As written.
+    pub written: String,
+    /// `None`: the base's dtype.
+    pub dtype: Option<Dtype>,
+    /// Largest shard in bytes.
+    pub shard_size: u64,
+    /// Where the tokenizer files come from (`None`: the base).
+    pub tokenizer: Option<InputRef>,
+    pub span: Span,
+}
+
+/// The settings that govern one tensor of a merge, after every rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSettings {
+    pub take: Option<TakeFrom>,
+    /// Input indices in the order they pick (OBIM); empty for other methods.
+    pub order: Vec<usize>,
+    pub saliency: Saliency,
+    /// Per input, in declaration order.
+    pub inputs: Vec<InputSettings>,
+    pub params: MergeParams,
+    /// Lines of the rules that matched, in the order applied.
+    pub rule_lines: Vec<usize>,
+}
+
+impl Merge {
+    /// The settings of tensor `name`: the merge's own, then every matching
+    /// `layers` rule in order (later rules win). Within one level an input's
+    /// own setting beats the level's default for all inputs.
+    pub fn tensor_settings(&self, name: &str) -> TensorSettings {
+        let mut order = self.settings.order.clone().unwrap_or(OrderSpec::Rotate);
+        let mut saliency = self.settings.saliency.unwrap_or(Saliency::Obd);
+        let mut take = self.settings.take;
+        let mut params = self.settings.params.clone();
+        let mut inputs: Vec<InputSettings> = (0..self.inputs.len())
+            .map(|i| {
+                let mut s = self.settings.defaults.clone();
+                if let Some(own) = self.settings.inputs.get(&i) {
+                    s.overlay(own);
+                }
+                s
+            })
+            .collect();
+        let mut rule_lines = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.patterns.iter().any(|p| p.matches(name))) {
+            let s = &rule.settings;
+            order = s.order.clone().unwrap_or(order);
+            saliency = s.saliency.unwrap_or(saliency);
+            take = s.take.or(take);
+            params.overlay(&s.params);
+            for (i, input) in inputs.iter_mut().enumerate() {
+                input.overlay(&s.defaults);
+                if let Some(own) = s.inputs.get(&i) {
+                    input.overlay(own);
+                }
+            }
+            rule_lines.push(rule.line);
+        }
+        let order = if self.method == Method::Obim { resolve_order(&order, self.inputs.len(), layer_index(name)) } else { Vec::new() };
+        TensorSettings { take, order, saliency, inputs, params, rule_lines }
+    }
+
+    /// Every input and the base.
+    pub fn dependencies(&self) -> impl Iterator<Item = InputRef> + '_ {
+        self.base.into_iter().chain(self.inputs.iter().map(|i| i.model))
+    }
+}
+
+/// DESIGN §3: `rotate` turns the declared order by the layer index;
+/// `X first` puts X first and rotates the rest.
+pub fn resolve_order(spec: &OrderSpec, n: usize, layer: Option<usize>) -> Vec<usize> {
+    let rotate = |items: Vec<usize>| -> Vec<usize> {
+        if items.is_empty() {
+            return items;
+        }
+        let k = layer.unwrap_or(0) % items.len();
+        items[k..].iter().chain(&items[..k]).copied().collect()
+    };
+    match spec {
+        OrderSpec::Rotate => rotate((0..n).collect()),
+        OrderSpec::Fixed(order) => order.clone(),
+        OrderSpec::First(first) => {
+            let rest = rotate((0..n).filter(|i| i != first).collect());
+            std::iter::once(*first).chain(rest).collect()
+        }
+    }
+}
+
+impl Recipe {
+    pub fn input_name(&self, input: InputRef) -> &str {
+        match input {
+            InputRef::Model(m) => &self.models[m.0].name,
+            InputRef::Merge(m) => &self.merges[m.0].name,
+        }
+    }
+
+    /// The model whose tensor names and shapes an input has: a model itself,
+    /// or for a merge, its base (or first input when it has no base).
+    pub fn shape_source(&self, input: InputRef) -> Option<ModelId> {
+        let mut current = input;
+        for _ in 0..=self.merges.len() {
+            match current {
+                InputRef::Model(m) => return Some(m),
+                InputRef::Merge(m) => {
+                    let merge = &self.merges[m.0];
+                    current = merge.base.or_else(|| merge.inputs.first().map(|i| i.model))?;
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotate_follows_the_layer_index() {
+        assert_eq!(resolve_order(&OrderSpec::Rotate, 3, Some(0)), vec![0, 1, 2]);
+        assert_eq!(resolve_order(&OrderSpec::Rotate, 3, Some(1)), vec![1, 2, 0]);
+        assert_eq!(resolve_order(&OrderSpec::Rotate, 3, Some(5)), vec![2, 0, 1]);
+        assert_eq!(resolve_order(&OrderSpec::Rotate, 3, None), vec![0, 1, 2]);
+        assert_eq!(resolve_order(&OrderSpec::First(1), 3, Some(1)), vec![1, 2, 0]);
+        assert_eq!(resolve_order(&OrderSpec::First(1), 3, Some(2)), vec![1, 0, 2]);
+        assert_eq!(resolve_order(&OrderSpec::Fixed(vec![2, 0, 1]), 3, Some(1)), vec![2, 0, 1]);
+    }
+}
