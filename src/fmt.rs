@@ -10,6 +10,8 @@ use crate::syntax::ast::*;
 use crate::syntax::{self};
 
 const INDENT: &str = "    ";
+/// Longer merge headers get one parameter per line.
+const MAX_WIDTH: usize = 100;
 
 /// Formats a recipe; `None` when it has syntax errors (nothing to format safely).
 pub fn format(text: &str) -> Option<String> {
@@ -123,9 +125,12 @@ impl Formatter<'_> {
         let mut previous_block = false;
         for item in &module.items {
             let start = item.span.start as usize;
-            self.leading(start, "");
             let is_block = matches!(&item.kind, ItemKind::Merge(MergeDecl { body: Some(b), .. }) | ItemKind::Stage(StageDecl { body: Some(b), .. }) if !b.items.is_empty());
-            self.newline_gap(start, is_block || previous_block);
+            // Blocks get a blank line before them (and their leading comments).
+            let first = self.comments.get(self.next).filter(|(s, _)| *s < start).map_or(start, |(s, _)| *s);
+            self.newline_gap(first, is_block || previous_block);
+            self.leading(start, "");
+            self.newline_gap(start, false);
             self.item(item);
             self.trailing(item.span.end as usize);
             previous_block = is_block;
@@ -172,10 +177,14 @@ impl Formatter<'_> {
                 format!("{} {} = {}{rev}", if m.is_base { "base" } else { "model" }, m.name.name, self.slice(m.source.span))
             }
             ItemKind::Data(d) => format!("data {} = {}({}){}", d.name.name, d.kind.name, self.slice(d.arg.span), self.options(d.options.as_ref())),
-            ItemKind::Merge(m) => format!("merge {} = {}{}", m.name.name, m.method, self.params(m.params.as_ref())),
+            ItemKind::Merge(m) => {
+                let head = format!("merge {} = {}", m.name.name, m.method);
+                self.with_params(head, m.params.as_ref())
+            }
             ItemKind::Stage(s) => {
                 let params: Vec<&str> = s.params.iter().map(|p| p.name.as_str()).collect();
-                format!("stage {}({}) = {}{}", s.name.name, params.join(", "), s.method, self.params(s.method_params.as_ref()))
+                let head = format!("stage {}({}) = {}", s.name.name, params.join(", "), s.method);
+                self.with_params(head, s.method_params.as_ref())
             }
             ItemKind::Output(o) => format!("output {} -> {}{}", o.merge, self.slice(o.path.span), self.options(o.options.as_ref())),
         }
@@ -188,6 +197,18 @@ impl Formatter<'_> {
                 format!(" {{ {} }}", items.join(", "))
             }
             _ => String::new(),
+        }
+    }
+
+    /// `head(params)`, one parameter per line when the line would be too long.
+    fn with_params(&self, head: String, block: Option<&Block<KeyValue>>) -> String {
+        let one_line = format!("{head}{}", self.params(block));
+        match block {
+            Some(b) if one_line.len() > MAX_WIDTH && b.items.len() > 1 => {
+                let lines: Vec<String> = b.items.iter().map(|kv| format!("{INDENT}{},\n", self.param(kv))).collect();
+                format!("{head}(\n{})", lines.concat())
+            }
+            _ => one_line,
         }
     }
 

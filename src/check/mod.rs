@@ -500,8 +500,13 @@ impl<'p> Checker<'p> {
         }
     }
 
+    /// Unused definitions of the root file. A file without outputs is a
+    /// library whose names are there for importers: it gets no warnings.
     fn unused(&mut self) {
         let Some(root) = self.program.modules.first() else { return };
+        if !root.ast.items.iter().any(|i| matches!(i.kind, ItemKind::Output(_))) {
+            return;
+        }
         for (index, def) in self.defs.iter().enumerate() {
             if def.module != 0 || self.used_defs.contains(&index) || def.name.name.starts_with('_') {
                 continue;

@@ -37,7 +37,7 @@ pub fn parse(file: FileId, text: &str) -> (Module, Vec<Diagnostic>) {
             Ok(mut pairs) => {
                 let Some(top) = pairs.next() else { break };
                 let end = pos + top.as_span().end();
-                let b = Builder { file, offset: pos };
+                let b = Builder { file, offset: pos, text };
                 if let Some(item) = top.into_inner().next() {
                     items.push(b.item(item));
                 }
@@ -196,15 +196,19 @@ fn previous_word(text: &str, at: usize) -> Option<(String, (usize, usize))> {
 }
 
 /// Turns pairs into AST nodes; spans are shifted by the item's offset.
-struct Builder {
+struct Builder<'t> {
     file: FileId,
     offset: usize,
+    text: &'t str,
 }
 
-impl Builder {
+impl Builder<'_> {
+    /// A pair's span without the whitespace and comments pest's implicit
+    /// skipping may leave at its end (before an optional part that was absent).
     fn span(&self, pair: &Pair<Rule>) -> Span {
         let s = pair.as_span();
-        Span::new(self.file, self.offset + s.start(), self.offset + s.end())
+        let (start, end) = (self.offset + s.start(), self.offset + s.end());
+        Span::new(self.file, start, trim_trivia_end(self.text, start, end))
     }
 
     fn ident(&self, pair: Pair<Rule>) -> Ident {
@@ -373,6 +377,34 @@ impl<'a> ExpectPair<'a> for Option<Pair<'a, Rule>> {
     #[expect(clippy::expect_used, reason = "the grammar guarantees this child; a miss is a bug in obim")]
     fn expect_pair(self) -> Pair<'a, Rule> {
         self.expect("grammar and AST builder disagree")
+    }
+}
+
+/// Moves `end` back over trailing whitespace and `#` comments.
+fn trim_trivia_end(text: &str, start: usize, mut end: usize) -> usize {
+    loop {
+        let trimmed = start + text[start..end].trim_end().len();
+        let line_start = text[start..trimmed].rfind('\n').map_or(start, |i| start + i + 1);
+        let mut in_string = false;
+        let mut cut = None;
+        let mut chars = text[line_start..trimmed].char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' if in_string => {
+                    chars.next();
+                }
+                '"' => in_string = !in_string,
+                '#' if !in_string => {
+                    cut = Some(line_start + i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match cut {
+            Some(c) => end = c,
+            None => return trimmed,
+        }
     }
 }
 
