@@ -19,11 +19,18 @@ pub enum CheckpointError {
     #[error("`{0}` has no `model.safetensors` and no `model.safetensors.index.json`")]
     NoWeights(PathBuf),
     #[error("failed to read `{path}`: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{path}`: {reason}")]
     Header { path: PathBuf, reason: String },
     #[error("`{path}`: tensor `{tensor}`: {reason}")]
-    Tensor { path: PathBuf, tensor: String, reason: String },
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
     #[error("`{index}` names shard `{shard}`, which does not exist")]
     MissingShard { index: PathBuf, shard: String },
 }
@@ -91,40 +98,70 @@ pub fn open_dir(dir: &Path) -> Result<ModelInfo, CheckpointError> {
     let mut hasher = blake3::Hasher::new();
     let config_path = dir.join("config.json");
     let config = if config_path.is_file() {
-        let bytes = std::fs::read(&config_path).map_err(|source| CheckpointError::Io { path: config_path.clone(), source })?;
+        let bytes = std::fs::read(&config_path).map_err(|source| CheckpointError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
         hasher.update(&bytes);
-        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Header { path: config_path.clone(), reason: format!("invalid JSON: {e}") })?
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Header {
+            path: config_path.clone(),
+            reason: format!("invalid JSON: {e}"),
+        })?
     } else {
         Value::Null
     };
-    let architecture = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).map(String::from);
+    let architecture = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .map(String::from);
     let index_path = dir.join("model.safetensors.index.json");
     let single = dir.join("model.safetensors");
     let mut tensors = BTreeMap::new();
     if index_path.is_file() {
-        let bytes = std::fs::read(&index_path).map_err(|source| CheckpointError::Io { path: index_path.clone(), source })?;
-        let index: Value = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Header { path: index_path.clone(), reason: format!("invalid JSON: {e}") })?;
+        let bytes = std::fs::read(&index_path).map_err(|source| CheckpointError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        let index: Value = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Header {
+            path: index_path.clone(),
+            reason: format!("invalid JSON: {e}"),
+        })?;
         let Some(map) = index.get("weight_map").and_then(Value::as_object) else {
-            return Err(CheckpointError::Header { path: index_path, reason: "no `weight_map` object".into() });
+            return Err(CheckpointError::Header {
+                path: index_path,
+                reason: "no `weight_map` object".into(),
+            });
         };
         let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (tensor, shard) in map {
             let Some(shard) = shard.as_str() else {
-                return Err(CheckpointError::Tensor { path: index_path, tensor: tensor.clone(), reason: "shard name is not a string".into() });
+                return Err(CheckpointError::Tensor {
+                    path: index_path,
+                    tensor: tensor.clone(),
+                    reason: "shard name is not a string".into(),
+                });
             };
             shards.entry(shard).or_default().push(tensor);
         }
         for (shard, names) in shards {
             let path = dir.join(shard);
             if shard.contains('/') || shard.contains('\\') || !path.is_file() {
-                return Err(CheckpointError::MissingShard { index: index_path, shard: shard.to_string() });
+                return Err(CheckpointError::MissingShard {
+                    index: index_path,
+                    shard: shard.to_string(),
+                });
             }
             let (header, shard_tensors) = read_header(&path)?;
             hasher.update(&header);
             hasher.update(file_identity(&path).as_bytes());
             for name in names {
                 let Some(info) = shard_tensors.get(name) else {
-                    return Err(CheckpointError::Tensor { path, tensor: name.to_string(), reason: "named in the index but not in this shard".into() });
+                    return Err(CheckpointError::Tensor {
+                        path,
+                        tensor: name.to_string(),
+                        reason: "named in the index but not in this shard".into(),
+                    });
                 };
                 tensors.insert(name.to_string(), info.clone());
             }
@@ -137,49 +174,84 @@ pub fn open_dir(dir: &Path) -> Result<ModelInfo, CheckpointError> {
     } else {
         return Err(CheckpointError::NoWeights(dir.to_path_buf()));
     }
-    Ok(ModelInfo { dir: dir.to_path_buf(), architecture, config, tensors, hash: hasher.finalize().to_hex().to_string() })
+    Ok(ModelInfo {
+        dir: dir.to_path_buf(),
+        architecture,
+        config,
+        tensors,
+        hash: hasher.finalize().to_hex().to_string(),
+    })
 }
 
 /// Canonical path and modification time: two copies of one checkpoint with
 /// identical headers (every fine-tune of a base) must not share a cache key.
 fn file_identity(path: &Path) -> String {
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
     format!("{}|{modified}", canonical.display())
 }
 
 /// Reads and validates one safetensors header. Returns the raw header
 /// (length prefix, JSON, file length, for hashing) and its tensors.
-pub fn read_header(path: &Path) -> Result<(Vec<u8>, BTreeMap<String, TensorInfo>), CheckpointError> {
-    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
-    let bad = |reason: String| CheckpointError::Header { path: path.to_path_buf(), reason };
+pub fn read_header(
+    path: &Path,
+) -> Result<(Vec<u8>, BTreeMap<String, TensorInfo>), CheckpointError> {
+    let io = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |reason: String| CheckpointError::Header {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     if file_len < 8 {
-        return Err(bad(format!("file is {file_len} bytes, shorter than the 8-byte header length")));
+        return Err(bad(format!(
+            "file is {file_len} bytes, shorter than the 8-byte header length"
+        )));
     }
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes).map_err(io)?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER {
-        return Err(bad(format!("header length {header_len} exceeds the limit of {MAX_HEADER} bytes")));
+        return Err(bad(format!(
+            "header length {header_len} exceeds the limit of {MAX_HEADER} bytes"
+        )));
     }
     if header_len > file_len - 8 {
-        return Err(bad(format!("header length {header_len} is larger than the file ({file_len} bytes): truncated file?")));
+        return Err(bad(format!(
+            "header length {header_len} is larger than the file ({file_len} bytes): truncated file?"
+        )));
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(io)?;
     let data_len = file_len - 8 - header_len;
-    let json: Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-    let Some(object) = json.as_object() else { return Err(bad("header is not a JSON object".into())) };
+    let json: Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let Some(object) = json.as_object() else {
+        return Err(bad("header is not a JSON object".into()));
+    };
     let mut tensors = BTreeMap::new();
     for (name, entry) in object {
         if name == "__metadata__" {
             continue;
         }
-        let tensor_err = |reason: String| CheckpointError::Tensor { path: path.to_path_buf(), tensor: name.clone(), reason };
-        let dtype = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| tensor_err("no `dtype`".into()))?;
-        let size = dtype_size(dtype).ok_or_else(|| tensor_err(format!("unsupported dtype `{dtype}`")))?;
+        let tensor_err = |reason: String| CheckpointError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            reason,
+        };
+        let dtype = entry
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| tensor_err("no `dtype`".into()))?;
+        let size =
+            dtype_size(dtype).ok_or_else(|| tensor_err(format!("unsupported dtype `{dtype}`")))?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(Value::as_array)
@@ -193,19 +265,38 @@ pub fn read_header(path: &Path) -> Result<(Vec<u8>, BTreeMap<String, TensorInfo>
             .ok_or_else(|| tensor_err("`data_offsets` is not [begin, end]".into()))?;
         let (begin, end) = (offsets[0], offsets[1]);
         if begin > end || end > data_len {
-            return Err(tensor_err(format!("data offsets [{begin}, {end}] are outside the data section ({data_len} bytes)")));
+            return Err(tensor_err(format!(
+                "data offsets [{begin}, {end}] are outside the data section ({data_len} bytes)"
+            )));
         }
-        let numel = shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d as u64));
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64));
         let expected = numel.and_then(|n| n.checked_mul(size));
         if expected != Some(end - begin) {
-            return Err(tensor_err(format!("{} bytes do not hold a {dtype} tensor of shape {shape:?}", end - begin)));
+            return Err(tensor_err(format!(
+                "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
+                end - begin
+            )));
         }
-        tensors.insert(name.clone(), TensorInfo { dtype: dtype.to_string(), shape, file: path.to_path_buf(), offsets: (begin, end) });
+        tensors.insert(
+            name.clone(),
+            TensorInfo {
+                dtype: dtype.to_string(),
+                shape,
+                file: path.to_path_buf(),
+                offsets: (begin, end),
+            },
+        );
     }
-    let mut ranges: Vec<(&String, (u64, u64))> = tensors.iter().map(|(n, t)| (n, t.offsets)).filter(|(_, (b, e))| e > b).collect();
+    let mut ranges: Vec<(&String, (u64, u64))> = tensors
+        .iter()
+        .map(|(n, t)| (n, t.offsets))
+        .filter(|(_, (b, e))| e > b)
+        .collect();
     ranges.sort_by_key(|(_, r)| *r);
     for pair in ranges.windows(2) {
-        if pair[1].1 .0 < pair[0].1 .1 {
+        if pair[1].1.0 < pair[0].1.1 {
             return Err(CheckpointError::Tensor {
                 path: path.to_path_buf(),
                 tensor: pair[1].0.clone(),
@@ -222,7 +313,11 @@ pub fn read_header(path: &Path) -> Result<(Vec<u8>, BTreeMap<String, TensorInfo>
 /// The Hugging Face hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
 pub fn hub_cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("HF_HUB_CACHE")
         .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
         .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface").join("hub")))
@@ -237,7 +332,10 @@ pub fn find_cached(id: &str, revision: Option<&str>) -> Option<PathBuf> {
     let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         revision.to_string()
     } else {
-        std::fs::read_to_string(repo.join("refs").join(revision)).ok()?.trim().to_string()
+        std::fs::read_to_string(repo.join("refs").join(revision))
+            .ok()?
+            .trim()
+            .to_string()
     };
     let snapshot = repo.join("snapshots").join(commit);
     snapshot.is_dir().then_some(snapshot)
@@ -260,13 +358,34 @@ mod tests {
     fn validates_headers() {
         let dir = std::env::temp_dir().join(format!("obim-header-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ok = write(&dir, "ok.safetensors", r#"{"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]}}"#, 8);
+        let ok = write(
+            &dir,
+            "ok.safetensors",
+            r#"{"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]}}"#,
+            8,
+        );
         assert_eq!(read_header(&ok).unwrap().1["a"].shape, vec![2, 2]);
         let cases = [
-            (r#"{"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]}}"#, 4, "outside the data section"),
-            (r#"{"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,8]}}"#, 8, "do not hold"),
-            (r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,1]}}"#, 1, "unsupported dtype"),
-            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#, 6, "overlaps"),
+            (
+                r#"{"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]}}"#,
+                4,
+                "outside the data section",
+            ),
+            (
+                r#"{"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,8]}}"#,
+                8,
+                "do not hold",
+            ),
+            (
+                r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,1]}}"#,
+                1,
+                "unsupported dtype",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                6,
+                "overlaps",
+            ),
             ("not json", 0, "not valid JSON"),
         ];
         for (header, data, expected) in cases {
@@ -276,7 +395,12 @@ mod tests {
         }
         let p = dir.join("short.safetensors");
         std::fs::write(&p, 1000u64.to_le_bytes()).unwrap();
-        assert!(read_header(&p).unwrap_err().to_string().contains("larger than the file"));
+        assert!(
+            read_header(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("larger than the file")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,7 +6,7 @@ use crate::codes::Code;
 use crate::diagnostic::{self, Diagnostic};
 use crate::plan::PlanView;
 use crate::source::SourceMap;
-use crate::{compile_file, fmt, Compilation};
+use crate::{Compilation, compile_file, fmt};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -37,7 +37,11 @@ pub struct Io<'a> {
 }
 
 fn print_diagnostics(io: &mut Io, diagnostics: &[Diagnostic], sources: &SourceMap) {
-    let _ = write!(io.err, "{}", diagnostic::render(diagnostics, sources, io.color));
+    let _ = write!(
+        io.err,
+        "{}",
+        diagnostic::render(diagnostics, sources, io.color)
+    );
 }
 
 fn compile(io: &mut Io, path: &Path) -> Option<Compilation> {
@@ -64,7 +68,11 @@ pub fn check(io: &mut Io, paths: &[PathBuf], format: Format) -> i32 {
             code = exit::RECIPE;
         }
         match format {
-            Format::Json => json.extend(diagnostic::to_json(&c.diagnostics, &c.sources).into_iter().map(|d| serde_json::to_value(d).unwrap_or_default())),
+            Format::Json => json.extend(
+                diagnostic::to_json(&c.diagnostics, &c.sources)
+                    .into_iter()
+                    .map(|d| serde_json::to_value(d).unwrap_or_default()),
+            ),
             _ => print_diagnostics(io, &c.diagnostics, &c.sources),
         }
         all.extend(c.diagnostics);
@@ -72,7 +80,11 @@ pub fn check(io: &mut Io, paths: &[PathBuf], format: Format) -> i32 {
     if format == Format::Json {
         let errors = all.iter().filter(|d| d.is_error()).count();
         let value = serde_json::json!({"diagnostics": json, "errors": errors, "warnings": all.iter().filter(|d| d.severity() == diagnostic::Severity::Warning).count()});
-        let _ = writeln!(io.out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        let _ = writeln!(
+            io.out,
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     } else {
         match diagnostic::summary(&all) {
             Some(s) if code == exit::RECIPE => {
@@ -92,7 +104,9 @@ pub fn check(io: &mut Io, paths: &[PathBuf], format: Format) -> i32 {
 
 /// `obim plan RECIPE`
 pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
-    let Some(c) = compile(io, path) else { return exit::USAGE };
+    let Some(c) = compile(io, path) else {
+        return exit::USAGE;
+    };
     print_diagnostics(io, &c.diagnostics, &c.sources);
     let Some(plan) = c.plan() else {
         if let Some(s) = diagnostic::summary(&c.diagnostics) {
@@ -100,7 +114,12 @@ pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
         }
         return exit::RECIPE;
     };
-    let view = PlanView { plan: &plan, recipe: &c.recipe, inventory: &c.inventory, sources: &c.sources };
+    let view = PlanView {
+        plan: &plan,
+        recipe: &c.recipe,
+        inventory: &c.inventory,
+        sources: &c.sources,
+    };
     let text = match format {
         Format::Text => view.to_text(),
         Format::Json => serde_json::to_string_pretty(&view.to_json()).unwrap_or_default() + "\n",
@@ -125,10 +144,18 @@ pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
             }
         };
         let Some(formatted) = fmt::format(&text) else {
-            let (program, diagnostics) = crate::load::load_source(&path.display().to_string(), Some(path.clone()), text);
-            let syntax: Vec<Diagnostic> = diagnostics.into_iter().filter(|d| d.code == Code::E0001 && d.primary.span.file.0 == 0).collect();
+            let (program, diagnostics) =
+                crate::load::load_source(&path.display().to_string(), Some(path.clone()), text);
+            let syntax: Vec<Diagnostic> = diagnostics
+                .into_iter()
+                .filter(|d| d.code == Code::E0001 && d.primary.span.file.0 == 0)
+                .collect();
             print_diagnostics(io, &syntax, &program.sources);
-            let _ = writeln!(io.err, "error: `{}` has syntax errors; not formatted", path.display());
+            let _ = writeln!(
+                io.err,
+                "error: `{}` has syntax errors; not formatted",
+                path.display()
+            );
             code = code.max(exit::RECIPE);
             continue;
         };
@@ -136,8 +163,19 @@ pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
             continue;
         }
         if check_only {
-            let line = text.lines().zip(formatted.lines()).position(|(a, b)| a != b).map_or_else(|| text.lines().count().min(formatted.lines().count()) + 1, |i| i + 1);
-            let _ = writeln!(io.out, "{}: not formatted (first difference on line {line})", path.display());
+            let line = text
+                .lines()
+                .zip(formatted.lines())
+                .position(|(a, b)| a != b)
+                .map_or_else(
+                    || text.lines().count().min(formatted.lines().count()) + 1,
+                    |i| i + 1,
+                );
+            let _ = writeln!(
+                io.out,
+                "{}: not formatted (first difference on line {line})",
+                path.display()
+            );
             code = code.max(exit::RECIPE);
         } else if let Err(e) = std::fs::write(path, &formatted) {
             let _ = writeln!(io.err, "error: failed to write `{}`: {e}", path.display());
@@ -153,7 +191,11 @@ pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
 pub fn explain(io: &mut Io, code: &str) -> i32 {
     let Some(c) = Code::parse(code) else {
         let all: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
-        let _ = writeln!(io.err, "error: no diagnostic code `{code}`\nknown codes: {}", all.join(", "));
+        let _ = writeln!(
+            io.err,
+            "error: no diagnostic code `{code}`\nknown codes: {}",
+            all.join(", ")
+        );
         return exit::USAGE;
     };
     let _ = writeln!(io.out, "{c}: {}\n\n{}", c.title(), c.explanation());

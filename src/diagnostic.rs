@@ -36,7 +36,10 @@ impl Diagnostic {
         Diagnostic {
             code,
             message: message.into(),
-            primary: Label { span, message: String::new() },
+            primary: Label {
+                span,
+                message: String::new(),
+            },
             secondary: Vec::new(),
             notes: Vec::new(),
             help: None,
@@ -47,7 +50,10 @@ impl Diagnostic {
         self
     }
     pub fn with(mut self, span: Span, message: impl Into<String>) -> Self {
-        self.secondary.push(Label { span, message: message.into() });
+        self.secondary.push(Label {
+            span,
+            message: message.into(),
+        });
         self
     }
     pub fn note(mut self, note: impl Into<String>) -> Self {
@@ -73,7 +79,11 @@ impl Diagnostic {
 /// Sorts by file, then position, then code; drops exact duplicates.
 pub fn sort(diagnostics: &mut Vec<Diagnostic>) {
     diagnostics.sort_by(|a, b| {
-        (a.primary.span.file, a.primary.span.start, a.code).cmp(&(b.primary.span.file, b.primary.span.start, b.code))
+        (a.primary.span.file, a.primary.span.start, a.code).cmp(&(
+            b.primary.span.file,
+            b.primary.span.start,
+            b.code,
+        ))
     });
     diagnostics.dedup();
 }
@@ -83,7 +93,10 @@ pub fn has_errors(diagnostics: &[Diagnostic]) -> bool {
 }
 
 /// "did you mean `x`?" for the closest of `candidates`, if any is close.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     closest(word, candidates).map(|c| format!("did you mean `{c}`?"))
 }
 
@@ -91,7 +104,12 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     candidates
         .into_iter()
         .filter(|c| *c != word)
-        .map(|c| (strsim::damerau_levenshtein(&word.to_lowercase(), &c.to_lowercase()), c))
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&word.to_lowercase(), &c.to_lowercase()),
+                c,
+            )
+        })
         .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1) && *d < word.len())
         .min()
         .map(|(_, c)| c)
@@ -100,7 +118,11 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// Renders diagnostics as a person reads them (ariadne), colored or not.
 pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
     let mut out = Vec::new();
-    let cache = ariadne::sources(sources.files().map(|(_, f)| (f.name.clone(), f.text.clone())));
+    let cache = ariadne::sources(
+        sources
+            .files()
+            .map(|(_, f)| (f.name.clone(), f.text.clone())),
+    );
     let mut cache = cache;
     for d in diagnostics {
         let kind = match d.severity() {
@@ -115,17 +137,26 @@ pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> S
             Severity::Note => Color::Cyan,
         };
         let mut report = Report::build(kind, (name(d.primary.span), d.primary.span.range()))
-            .with_config(Config::default().with_color(color).with_index_type(IndexType::Byte))
+            .with_config(
+                Config::default()
+                    .with_color(color)
+                    .with_index_type(IndexType::Byte),
+            )
             .with_code(d.code)
             .with_message(&d.message);
-        let mut primary = ALabel::new((name(d.primary.span), d.primary.span.range())).with_color(primary_color).with_order(0);
+        let mut primary = ALabel::new((name(d.primary.span), d.primary.span.range()))
+            .with_color(primary_color)
+            .with_order(0);
         if !d.primary.message.is_empty() {
             primary = primary.with_message(&d.primary.message);
         }
         report.add_label(primary);
         for (i, l) in d.secondary.iter().enumerate() {
             report.add_label(
-                ALabel::new((name(l.span), l.span.range())).with_message(&l.message).with_color(Color::Blue).with_order(i as i32 + 1),
+                ALabel::new((name(l.span), l.span.range()))
+                    .with_message(&l.message)
+                    .with_color(Color::Blue)
+                    .with_order(i as i32 + 1),
             );
         }
         for n in &d.notes {
@@ -142,14 +173,24 @@ pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> S
 
 /// One line per count, e.g. "error: 2 errors, 1 warning emitted".
 pub fn summary(diagnostics: &[Diagnostic]) -> Option<String> {
-    let errors = diagnostics.iter().filter(|d| d.severity() == Severity::Error).count();
-    let warnings = diagnostics.iter().filter(|d| d.severity() == Severity::Warning).count();
+    let errors = diagnostics
+        .iter()
+        .filter(|d| d.severity() == Severity::Error)
+        .count();
+    let warnings = diagnostics
+        .iter()
+        .filter(|d| d.severity() == Severity::Warning)
+        .count();
     let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
     match (errors, warnings) {
         (0, 0) => None,
         (0, w) => Some(format!("{} emitted", plural(w, "warning"))),
         (e, 0) => Some(format!("{} emitted", plural(e, "error"))),
-        (e, w) => Some(format!("{} and {} emitted", plural(e, "error"), plural(w, "warning"))),
+        (e, w) => Some(format!(
+            "{} and {} emitted",
+            plural(e, "error"),
+            plural(w, "warning")
+        )),
     }
 }
 
@@ -177,12 +218,24 @@ pub struct JsonDiagnostic<'a> {
 }
 
 /// The JSON form for editors and CI (`obim check --format json`).
-pub fn to_json<'a>(diagnostics: &'a [Diagnostic], sources: &'a SourceMap) -> Vec<JsonDiagnostic<'a>> {
+pub fn to_json<'a>(
+    diagnostics: &'a [Diagnostic],
+    sources: &'a SourceMap,
+) -> Vec<JsonDiagnostic<'a>> {
     let pos = |l: &'a Label| {
         let file = sources.get(l.span.file);
         let (line, column) = file.line_col(l.span.start as usize);
         let (end_line, end_column) = file.line_col(l.span.end as usize);
-        JsonPos { file: &file.name, line, column, end_line, end_column, start: l.span.start, end: l.span.end, message: &l.message }
+        JsonPos {
+            file: &file.name,
+            line,
+            column,
+            end_line,
+            end_column,
+            start: l.span.start,
+            end: l.span.end,
+            message: &l.message,
+        }
     };
     diagnostics
         .iter()

@@ -19,7 +19,13 @@ pub fn format(text: &str) -> Option<String> {
     if !errors.is_empty() {
         return None;
     }
-    let mut f = Formatter { text, comments: comments(text), next: 0, out: String::new(), last_end: 0 };
+    let mut f = Formatter {
+        text,
+        comments: comments(text),
+        next: 0,
+        out: String::new(),
+        last_end: 0,
+    };
     f.module(&module);
     Some(f.out)
 }
@@ -77,7 +83,10 @@ impl Formatter<'_> {
     }
 
     fn newline_gap(&mut self, start: usize, force: bool) {
-        if !self.at_block_start() && !self.out.ends_with("\n\n") && (force || self.blank_before(start)) {
+        if !self.at_block_start()
+            && !self.out.ends_with("\n\n")
+            && (force || self.blank_before(start))
+        {
             self.out.push('\n');
         }
     }
@@ -100,17 +109,18 @@ impl Formatter<'_> {
     /// A comment on the same line after `after`, appended to the line just printed.
     fn trailing(&mut self, after: usize) {
         self.last_end = self.last_end.max(after);
-        if let Some(&(s, e)) = self.comments.get(self.next) {
-            if s >= after && !self.text[after..s].contains('\n') {
-                if self.out.ends_with('\n') {
-                    self.out.pop();
-                }
-                self.out.push_str("  ");
-                self.out.push_str(self.text[s..e].trim_end());
-                self.out.push('\n');
-                self.next += 1;
-                self.last_end = e;
+        if let Some(&(s, e)) = self.comments.get(self.next)
+            && s >= after
+            && !self.text[after..s].contains('\n')
+        {
+            if self.out.ends_with('\n') {
+                self.out.pop();
             }
+            self.out.push_str("  ");
+            self.out.push_str(self.text[s..e].trim_end());
+            self.out.push('\n');
+            self.next += 1;
+            self.last_end = e;
         }
     }
 
@@ -127,7 +137,11 @@ impl Formatter<'_> {
             let start = item.span.start as usize;
             let is_block = matches!(&item.kind, ItemKind::Merge(MergeDecl { body: Some(b), .. }) | ItemKind::Stage(StageDecl { body: Some(b), .. }) if !b.items.is_empty());
             // Blocks get a blank line before them (and their leading comments).
-            let first = self.comments.get(self.next).filter(|(s, _)| *s < start).map_or(start, |(s, _)| *s);
+            let first = self
+                .comments
+                .get(self.next)
+                .filter(|(s, _)| *s < start)
+                .map_or(start, |(s, _)| *s);
             self.newline_gap(first, is_block || previous_block);
             self.leading(start, "");
             self.newline_gap(start, false);
@@ -141,7 +155,8 @@ impl Formatter<'_> {
     fn item(&mut self, item: &Item) {
         let (start, end) = (item.span.start as usize, item.span.end as usize);
         let header_end = match &item.kind {
-            ItemKind::Merge(MergeDecl { body: Some(b), .. }) | ItemKind::Stage(StageDecl { body: Some(b), .. }) => b.span.start as usize,
+            ItemKind::Merge(MergeDecl { body: Some(b), .. })
+            | ItemKind::Stage(StageDecl { body: Some(b), .. }) => b.span.start as usize,
             _ => end,
         };
         if self.has_comment(start, header_end) {
@@ -153,7 +168,8 @@ impl Formatter<'_> {
             self.out.push_str(&header);
         }
         match &item.kind {
-            ItemKind::Merge(MergeDecl { body: Some(b), .. }) | ItemKind::Stage(StageDecl { body: Some(b), .. }) => {
+            ItemKind::Merge(MergeDecl { body: Some(b), .. })
+            | ItemKind::Stage(StageDecl { body: Some(b), .. }) => {
                 if header_end != end || self.has_comment(start, header_end) {
                     self.out.push(' ');
                 }
@@ -173,27 +189,55 @@ impl Formatter<'_> {
             },
             ItemKind::Let(l) => format!("let {} = {}", l.name.name, self.expr(&l.value)),
             ItemKind::Model(m) => {
-                let rev = m.revision.as_ref().map_or(String::new(), |r| format!(" @ {}", self.slice(r.span)));
-                format!("{} {} = {}{rev}", if m.is_base { "base" } else { "model" }, m.name.name, self.slice(m.source.span))
+                let rev = m
+                    .revision
+                    .as_ref()
+                    .map_or(String::new(), |r| format!(" @ {}", self.slice(r.span)));
+                format!(
+                    "{} {} = {}{rev}",
+                    if m.is_base { "base" } else { "model" },
+                    m.name.name,
+                    self.slice(m.source.span)
+                )
             }
-            ItemKind::Data(d) => format!("data {} = {}({}){}", d.name.name, d.kind.name, self.slice(d.arg.span), self.options(d.options.as_ref())),
+            ItemKind::Data(d) => format!(
+                "data {} = {}({}){}",
+                d.name.name,
+                d.kind.name,
+                self.slice(d.arg.span),
+                self.options(d.options.as_ref())
+            ),
             ItemKind::Merge(m) => {
                 let head = format!("merge {} = {}", m.name.name, m.method);
                 self.with_params(head, m.params.as_ref())
             }
             ItemKind::Stage(s) => {
                 let params: Vec<&str> = s.params.iter().map(|p| p.name.as_str()).collect();
-                let head = format!("stage {}({}) = {}", s.name.name, params.join(", "), s.method);
+                let head = format!(
+                    "stage {}({}) = {}",
+                    s.name.name,
+                    params.join(", "),
+                    s.method
+                );
                 self.with_params(head, s.method_params.as_ref())
             }
-            ItemKind::Output(o) => format!("output {} -> {}{}", o.merge, self.slice(o.path.span), self.options(o.options.as_ref())),
+            ItemKind::Output(o) => format!(
+                "output {} -> {}{}",
+                o.merge,
+                self.slice(o.path.span),
+                self.options(o.options.as_ref())
+            ),
         }
     }
 
     fn options(&self, block: Option<&Block<KeyValue>>) -> String {
         match block {
             Some(b) if !b.items.is_empty() => {
-                let items: Vec<String> = b.items.iter().map(|kv| format!("{} {}", kv.key.name, self.expr(&kv.value))).collect();
+                let items: Vec<String> = b
+                    .items
+                    .iter()
+                    .map(|kv| format!("{} {}", kv.key.name, self.expr(&kv.value)))
+                    .collect();
                 format!(" {{ {} }}", items.join(", "))
             }
             _ => String::new(),
@@ -205,7 +249,11 @@ impl Formatter<'_> {
         let one_line = format!("{head}{}", self.params(block));
         match block {
             Some(b) if one_line.len() > MAX_WIDTH && b.items.len() > 1 => {
-                let lines: Vec<String> = b.items.iter().map(|kv| format!("{INDENT}{},\n", self.param(kv))).collect();
+                let lines: Vec<String> = b
+                    .items
+                    .iter()
+                    .map(|kv| format!("{INDENT}{},\n", self.param(kv)))
+                    .collect();
                 format!("{head}(\n{})", lines.concat())
             }
             _ => one_line,
@@ -231,7 +279,14 @@ impl Formatter<'_> {
             ExprKind::Number(_) | ExprKind::String(_) => self.slice(e.span).to_string(),
             ExprKind::Bool(b) => b.to_string(),
             ExprKind::Path(p) => p.to_string(),
-            ExprKind::List(items) => format!("[{}]", items.iter().map(|i| self.expr(i)).collect::<Vec<_>>().join(", ")),
+            ExprKind::List(items) => format!(
+                "[{}]",
+                items
+                    .iter()
+                    .map(|i| self.expr(i))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     }
 
@@ -268,9 +323,11 @@ impl Formatter<'_> {
                 && !self.has_comment(start, end);
             if inline {
                 let inner = self.simple_stmt(&body.items[0]);
-                self.out.push_str(&format!("layers {} {{ {inner} }}\n", self.expr(pattern)));
+                self.out
+                    .push_str(&format!("layers {} {{ {inner} }}\n", self.expr(pattern)));
             } else {
-                self.out.push_str(&format!("layers {} ", self.expr(pattern)));
+                self.out
+                    .push_str(&format!("layers {} ", self.expr(pattern)));
                 self.body(body, indent);
             }
         } else if self.has_comment(start, end) {
@@ -297,7 +354,14 @@ impl Formatter<'_> {
             }
             StmtKind::Param(kv) => self.param(kv),
             StmtKind::Order(Order::Rotate(_)) => "order rotate".into(),
-            StmtKind::Order(Order::List(items, _)) => format!("order [{}]", items.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")),
+            StmtKind::Order(Order::List(items, _)) => format!(
+                "order [{}]",
+                items
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             StmtKind::Order(Order::First(p)) => format!("order {p} first"),
             StmtKind::Saliency(s) => format!("saliency {}", s.name),
             StmtKind::Take(Take::Base(_)) => "take base".into(),

@@ -37,14 +37,19 @@ impl Compilation {
 
     /// The plan, when the recipe has no errors.
     pub fn plan(&self) -> Option<plan::Plan> {
-        (!self.has_errors()).then(|| plan::Plan::lower(&self.recipe, &self.inventory, &self.sources))
+        (!self.has_errors())
+            .then(|| plan::Plan::lower(&self.recipe, &self.inventory, &self.sources))
     }
 }
 
 /// Parses, loads imports, checks and opens a recipe file.
 pub fn compile_file(path: &Path) -> std::io::Result<Compilation> {
     let text = std::fs::read_to_string(path)?;
-    Ok(compile_source(&path.display().to_string(), Some(path.to_path_buf()), text))
+    Ok(compile_source(
+        &path.display().to_string(),
+        Some(path.to_path_buf()),
+        text,
+    ))
 }
 
 /// The same for a recipe held in memory; `path` anchors relative paths.
@@ -61,5 +66,10 @@ pub fn compile_source(name: &str, path: Option<PathBuf>, text: String) -> Compil
         Default::default()
     };
     diagnostic::sort(&mut diagnostics);
-    Compilation { sources: program.sources, recipe, inventory, diagnostics }
+    Compilation {
+        sources: program.sources,
+        recipe,
+        inventory,
+        diagnostics,
+    }
 }

@@ -3,7 +3,7 @@
 //! Import cycles are reported with the whole path.
 
 use crate::codes::Code;
-use crate::diagnostic::{did_you_mean, Diagnostic};
+use crate::diagnostic::{Diagnostic, did_you_mean};
 use crate::source::{FileId, SourceMap, Span};
 use crate::stdlib;
 use crate::syntax::{self, ast};
@@ -29,13 +29,27 @@ pub struct Program {
 /// Loads a recipe file from disk.
 pub fn load_file(path: &Path) -> std::io::Result<(Program, Vec<Diagnostic>)> {
     let text = std::fs::read_to_string(path)?;
-    Ok(load_source(&path.display().to_string(), Some(path.to_path_buf()), text))
+    Ok(load_source(
+        &path.display().to_string(),
+        Some(path.to_path_buf()),
+        text,
+    ))
 }
 
 /// Loads a recipe given as text; `path` (if any) anchors relative imports.
 pub fn load_source(name: &str, path: Option<PathBuf>, text: String) -> (Program, Vec<Diagnostic>) {
-    let mut loader = Loader { program: Program { sources: SourceMap::default(), modules: Vec::new() }, by_key: HashMap::new(), diagnostics: Vec::new(), stack: Vec::new() };
-    let key = path.as_deref().map_or_else(|| name.to_string(), canonical_key);
+    let mut loader = Loader {
+        program: Program {
+            sources: SourceMap::default(),
+            modules: Vec::new(),
+        },
+        by_key: HashMap::new(),
+        diagnostics: Vec::new(),
+        stack: Vec::new(),
+    };
+    let key = path
+        .as_deref()
+        .map_or_else(|| name.to_string(), canonical_key);
     loader.load(key, name.to_string(), path, text);
     (loader.program, loader.diagnostics)
 }
@@ -54,7 +68,11 @@ impl Loader {
         let index = self.program.modules.len();
         let (ast, diags) = syntax::parse(file, &self.program.sources.get(file).text);
         self.diagnostics.extend(diags);
-        self.program.modules.push(LoadedModule { file, ast: ast.clone(), imports: Vec::new() });
+        self.program.modules.push(LoadedModule {
+            file,
+            ast: ast.clone(),
+            imports: Vec::new(),
+        });
         self.by_key.insert(key.clone(), index);
         self.stack.push((key, None));
         let mut imports = Vec::new();
@@ -77,9 +95,10 @@ impl Loader {
         let (key, name, path, text) = if target.starts_with("std/") {
             let Some(text) = stdlib::get(target) else {
                 let names: Vec<String> = stdlib::names().collect();
-                let mut d = Diagnostic::new(Code::E0016, span, format!("no stdlib module `{target}`"))
-                    .label("not a stdlib module")
-                    .note(format!("stdlib modules: {}", names.join(", ")));
+                let mut d =
+                    Diagnostic::new(Code::E0016, span, format!("no stdlib module `{target}`"))
+                        .label("not a stdlib module")
+                        .note(format!("stdlib modules: {}", names.join(", ")));
                 if let Some(h) = did_you_mean(target, names.iter().map(String::as_str)) {
                     d = d.help(h);
                 }
@@ -87,9 +106,20 @@ impl Loader {
                 return None;
             };
             let module = target.trim_end_matches(".obim");
-            (module.to_string(), format!("<{module}.obim>"), None, text.to_string())
+            (
+                module.to_string(),
+                format!("<{module}.obim>"),
+                None,
+                text.to_string(),
+            )
         } else {
-            let base = self.program.sources.get(from).dir().map(Path::to_path_buf).unwrap_or_default();
+            let base = self
+                .program
+                .sources
+                .get(from)
+                .dir()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
             let path = base.join(target);
             let key = canonical_key(&path);
             if self.by_key.contains_key(&key) || self.stack.iter().any(|(k, _)| *k == key) {
@@ -99,9 +129,13 @@ impl Loader {
                     Ok(text) => (key, path.display().to_string(), Some(path), text),
                     Err(e) => {
                         self.diagnostics.push(
-                            Diagnostic::new(Code::E0016, span, format!("cannot read `{}`", path.display()))
-                                .label(e.to_string())
-                                .help("imported files are resolved relative to the importing file"),
+                            Diagnostic::new(
+                                Code::E0016,
+                                span,
+                                format!("cannot read `{}`", path.display()),
+                            )
+                            .label(e.to_string())
+                            .help("imported files are resolved relative to the importing file"),
                         );
                         return None;
                     }
@@ -119,12 +153,22 @@ impl Loader {
     }
 
     fn report_cycle(&mut self, pos: usize, key: &str) {
-        let names: Vec<String> = self.stack[pos..].iter().map(|(k, _)| short(k)).chain([short(key)]).collect();
+        let names: Vec<String> = self.stack[pos..]
+            .iter()
+            .map(|(k, _)| short(k))
+            .chain([short(key)])
+            .collect();
         let spans: Vec<Span> = self.stack[pos..].iter().filter_map(|(_, s)| *s).collect();
-        let Some((&last, rest)) = spans.split_last() else { return };
-        let mut d = Diagnostic::new(Code::E0015, last, format!("import cycle: {}", names.join(" → ")))
-            .label("this import closes the cycle")
-            .help("move the shared definitions into a third file that both import");
+        let Some((&last, rest)) = spans.split_last() else {
+            return;
+        };
+        let mut d = Diagnostic::new(
+            Code::E0015,
+            last,
+            format!("import cycle: {}", names.join(" → ")),
+        )
+        .label("this import closes the cycle")
+        .help("move the shared definitions into a third file that both import");
         for s in rest {
             d = d.with(*s, "imported here");
         }
@@ -133,10 +177,15 @@ impl Loader {
 }
 
 fn canonical_key(path: &Path) -> String {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// The file name of a module key, for cycle messages.
 fn short(key: &str) -> String {
-    Path::new(key).file_name().map_or_else(|| key.to_string(), |n| n.to_string_lossy().into_owned())
+    Path::new(key)
+        .file_name()
+        .map_or_else(|| key.to_string(), |n| n.to_string_lossy().into_owned())
 }

@@ -78,9 +78,21 @@ fn main() {
         Color::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
     };
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-    let mut io = Io { out: &mut out, err: &mut err, color };
+    let mut io = Io {
+        out: &mut out,
+        err: &mut err,
+        color,
+    };
     let code = match cli.command {
-        Command::Check { recipes, format } => commands::check(&mut io, &recipes, if matches!(format, CheckFormat::Json) { Format::Json } else { Format::Text }),
+        Command::Check { recipes, format } => commands::check(
+            &mut io,
+            &recipes,
+            if matches!(format, CheckFormat::Json) {
+                Format::Json
+            } else {
+                Format::Text
+            },
+        ),
         Command::Plan { recipe, format } => {
             let format = match format {
                 PlanFormat::Text => Format::Text,

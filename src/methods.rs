@@ -77,27 +77,94 @@ pub enum Default {
     Unset,
 }
 
-const fn p(name: &'static str, kind: Kind, scope: Scope, default: Option<Default>, doc: &'static str) -> Param {
-    Param { name, kind, scope, default, doc }
+const fn p(
+    name: &'static str,
+    kind: Kind,
+    scope: Scope,
+    default: Option<Default>,
+    doc: &'static str,
+) -> Param {
+    Param {
+        name,
+        kind,
+        scope,
+        default,
+        doc,
+    }
 }
 
-const BASE: Param = p("base", Kind::Model, Scope::Merge, None, "the model task vectors are taken against");
-const WEIGHT: Param = p("weight", Kind::Number, Scope::Input, None, "the input's weight");
-const DENSITY: Param = p("density", Kind::Fraction, Scope::Input, Some(Default::Number(1.0)), "fraction of the task vector kept");
-const INT8_MASK: Param = p("int8_mask", Kind::Bool, Scope::Merge, Some(Default::Bool(false)), "accepted for mergekit compatibility; masks are always exact");
-const LAMBDA: Param = p("lambda", Kind::Number, Scope::Merge, Some(Default::Number(1.0)), "scales the merged task vector");
-const SEED: Param = p("seed", Kind::Seed, Scope::Merge, Some(Default::Number(0.0)), "seed of DARE's random keep mask (obim extension)");
+const BASE: Param = p(
+    "base",
+    Kind::Model,
+    Scope::Merge,
+    None,
+    "the model task vectors are taken against",
+);
+const WEIGHT: Param = p(
+    "weight",
+    Kind::Number,
+    Scope::Input,
+    None,
+    "the input's weight",
+);
+const DENSITY: Param = p(
+    "density",
+    Kind::Fraction,
+    Scope::Input,
+    Some(Default::Number(1.0)),
+    "fraction of the task vector kept",
+);
+const INT8_MASK: Param = p(
+    "int8_mask",
+    Kind::Bool,
+    Scope::Merge,
+    Some(Default::Bool(false)),
+    "accepted for mergekit compatibility; masks are always exact",
+);
+const LAMBDA: Param = p(
+    "lambda",
+    Kind::Number,
+    Scope::Merge,
+    Some(Default::Number(1.0)),
+    "scales the merged task vector",
+);
+const SEED: Param = p(
+    "seed",
+    Kind::Seed,
+    Scope::Merge,
+    Some(Default::Number(0.0)),
+    "seed of DARE's random keep mask (obim extension)",
+);
 
 const fn normalize(default: bool) -> Param {
-    p("normalize", Kind::Bool, Scope::Merge, Some(Default::Bool(default)), "divide by the sum of the weights")
+    p(
+        "normalize",
+        Kind::Bool,
+        Scope::Merge,
+        Some(Default::Bool(default)),
+        "divide by the sum of the weights",
+    )
 }
 const fn rescale(default: bool) -> Param {
-    p("rescale", Kind::Bool, Scope::Merge, Some(Default::Bool(default)), "rescale kept values by 1/density")
+    p(
+        "rescale",
+        Kind::Bool,
+        Scope::Merge,
+        Some(Default::Bool(default)),
+        "rescale kept values by 1/density",
+    )
 }
 
 impl Method {
-    pub const ALL: &'static [Method] =
-        &[Method::Obim, Method::TaskArithmetic, Method::Ties, Method::DareTies, Method::DareLinear, Method::Linear, Method::Slerp];
+    pub const ALL: &'static [Method] = &[
+        Method::Obim,
+        Method::TaskArithmetic,
+        Method::Ties,
+        Method::DareTies,
+        Method::DareLinear,
+        Method::Linear,
+        Method::Slerp,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -119,14 +186,60 @@ impl Method {
     pub fn params(self) -> &'static [Param] {
         const OBIM: &[Param] = &[
             BASE,
-            p("retain", Kind::Fraction, Scope::Input, None, "fraction of positions the input keeps (nₖ)"),
-            p("using", Kind::Data, Scope::Input, Some(Default::Unset), "calibration data for `obd` saliency"),
+            p(
+                "retain",
+                Kind::Fraction,
+                Scope::Input,
+                None,
+                "fraction of positions the input keeps (nₖ)",
+            ),
+            p(
+                "using",
+                Kind::Data,
+                Scope::Input,
+                Some(Default::Unset),
+                "calibration data for `obd` saliency",
+            ),
         ];
-        const TASK_ARITHMETIC: &[Param] = &[BASE, WEIGHT, DENSITY, normalize(false), rescale(false), LAMBDA, INT8_MASK];
-        const TIES: &[Param] = &[BASE, WEIGHT, DENSITY, normalize(true), rescale(false), LAMBDA, INT8_MASK];
-        const DARE: &[Param] = &[BASE, WEIGHT, DENSITY, normalize(false), rescale(true), LAMBDA, INT8_MASK, SEED];
+        const TASK_ARITHMETIC: &[Param] = &[
+            BASE,
+            WEIGHT,
+            DENSITY,
+            normalize(false),
+            rescale(false),
+            LAMBDA,
+            INT8_MASK,
+        ];
+        const TIES: &[Param] = &[
+            BASE,
+            WEIGHT,
+            DENSITY,
+            normalize(true),
+            rescale(false),
+            LAMBDA,
+            INT8_MASK,
+        ];
+        const DARE: &[Param] = &[
+            BASE,
+            WEIGHT,
+            DENSITY,
+            normalize(false),
+            rescale(true),
+            LAMBDA,
+            INT8_MASK,
+            SEED,
+        ];
         const LINEAR: &[Param] = &[WEIGHT, normalize(true)];
-        const SLERP: &[Param] = &[BASE, p("t", Kind::Unit, Scope::Merge, None, "interpolation factor from base (0) to the other model (1)")];
+        const SLERP: &[Param] = &[
+            BASE,
+            p(
+                "t",
+                Kind::Unit,
+                Scope::Merge,
+                None,
+                "interpolation factor from base (0) to the other model (1)",
+            ),
+        ];
         match self {
             Method::Obim => OBIM,
             Method::TaskArithmetic => TASK_ARITHMETIC,

@@ -66,13 +66,20 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
         let mut d = Diagnostic::new(
             Code::N0001,
             first.span,
-            format!("not available locally: {}; header checks against the base are skipped for {}", names.join(", "), if names.len() == 1 { "it" } else { "them" }),
+            format!(
+                "not available locally: {}; header checks against the base are skipped for {}",
+                names.join(", "),
+                if names.len() == 1 { "it" } else { "them" }
+            ),
         )
         .label("not in the local Hugging Face cache");
         for m in rest {
             d = d.with(m.span, "not in the cache either");
         }
-        let cache = checkpoint::hub_cache_dir().map_or_else(|| "the Hugging Face cache".to_string(), |_| "the Hugging Face cache (HF_HUB_CACHE / HF_HOME)".to_string());
+        let cache = checkpoint::hub_cache_dir().map_or_else(
+            || "the Hugging Face cache".to_string(),
+            |_| "the Hugging Face cache (HF_HUB_CACHE / HF_HOME)".to_string(),
+        );
         diagnostics.push(d.help(format!("`obim run` downloads them where the network allows; or fetch them into {cache} with `huggingface-cli download ORG/NAME`")));
     }
     let inventory = Inventory { models };
@@ -86,45 +93,92 @@ fn compatibility(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
     let mut diagnostics = Vec::new();
     let mut reported: HashSet<(ModelId, ModelId)> = HashSet::new();
     for merge in &recipe.merges {
-        let Some(base_ref) = merge.base.or_else(|| merge.inputs.first().map(|i| i.model)) else { continue };
-        let Some(base_id) = recipe.shape_source(base_ref) else { continue };
-        let Some(base) = inventory.get(base_id) else { continue };
+        let Some(base_ref) = merge.base.or_else(|| merge.inputs.first().map(|i| i.model)) else {
+            continue;
+        };
+        let Some(base_id) = recipe.shape_source(base_ref) else {
+            continue;
+        };
+        let Some(base) = inventory.get(base_id) else {
+            continue;
+        };
         let base_name = &recipe.models[base_id.0].name;
         for input in &merge.inputs {
-            let Some(id) = recipe.shape_source(input.model) else { continue };
+            let Some(id) = recipe.shape_source(input.model) else {
+                continue;
+            };
             if id == base_id || !reported.insert((id, base_id)) {
                 continue;
             }
-            let Some(info) = inventory.get(id) else { continue };
+            let Some(info) = inventory.get(id) else {
+                continue;
+            };
             let model = &recipe.models[id.0];
             if info.architecture != base.architecture {
                 let show = |a: &Option<String>| a.clone().unwrap_or_else(|| "unknown".into());
                 diagnostics.push(
-                    Diagnostic::new(Code::E0023, model.span, format!("`{}` is a {}, the base `{base_name}` a {}", model.name, show(&info.architecture), show(&base.architecture)))
-                        .label("architecture differs from the base")
-                        .with(recipe.models[base_id.0].span, "the base")
-                        .help("merge only fine-tunes of the same base model"),
+                    Diagnostic::new(
+                        Code::E0023,
+                        model.span,
+                        format!(
+                            "`{}` is a {}, the base `{base_name}` a {}",
+                            model.name,
+                            show(&info.architecture),
+                            show(&base.architecture)
+                        ),
+                    )
+                    .label("architecture differs from the base")
+                    .with(recipe.models[base_id.0].span, "the base")
+                    .help("merge only fine-tunes of the same base model"),
                 );
                 continue;
             }
-            let missing: Vec<&String> = base.tensors.keys().filter(|n| !info.tensors.contains_key(*n)).collect();
+            let missing: Vec<&String> = base
+                .tensors
+                .keys()
+                .filter(|n| !info.tensors.contains_key(*n))
+                .collect();
             if !missing.is_empty() {
                 diagnostics.push(
-                    Diagnostic::new(Code::E0024, model.span, format!("`{}` lacks {} tensor{} of the base `{base_name}`", model.name, missing.len(), plural(missing.len())))
-                        .label(format!("missing {}", list(&missing)))
-                        .with(recipe.models[base_id.0].span, "the base"),
+                    Diagnostic::new(
+                        Code::E0024,
+                        model.span,
+                        format!(
+                            "`{}` lacks {} tensor{} of the base `{base_name}`",
+                            model.name,
+                            missing.len(),
+                            plural(missing.len())
+                        ),
+                    )
+                    .label(format!("missing {}", list(&missing)))
+                    .with(recipe.models[base_id.0].span, "the base"),
                 );
             }
-            let mismatched: Vec<String> = base
-                .tensors
-                .iter()
-                .filter_map(|(n, t)| info.tensors.get(n).filter(|o| o.shape != t.shape).map(|o| format!("`{n}`: {:?} here, {:?} in the base", o.shape, t.shape)))
-                .collect();
+            let mismatched: Vec<String> =
+                base.tensors
+                    .iter()
+                    .filter_map(|(n, t)| {
+                        info.tensors.get(n).filter(|o| o.shape != t.shape).map(|o| {
+                            format!("`{n}`: {:?} here, {:?} in the base", o.shape, t.shape)
+                        })
+                    })
+                    .collect();
             if !mismatched.is_empty() {
-                let vocab = mismatched.iter().any(|m| m.contains("embed_tokens") || m.contains("lm_head"));
-                let mut d = Diagnostic::new(Code::E0025, model.span, format!("{} tensor{} of `{}` differ in shape from the base `{base_name}`", mismatched.len(), plural(mismatched.len()), model.name))
-                    .label(mismatched[0].clone())
-                    .with(recipe.models[base_id.0].span, "the base");
+                let vocab = mismatched
+                    .iter()
+                    .any(|m| m.contains("embed_tokens") || m.contains("lm_head"));
+                let mut d = Diagnostic::new(
+                    Code::E0025,
+                    model.span,
+                    format!(
+                        "{} tensor{} of `{}` differ in shape from the base `{base_name}`",
+                        mismatched.len(),
+                        plural(mismatched.len()),
+                        model.name
+                    ),
+                )
+                .label(mismatched[0].clone())
+                .with(recipe.models[base_id.0].span, "the base");
                 for m in mismatched.iter().skip(1).take(4) {
                     d = d.note(m.clone());
                 }
@@ -140,11 +194,24 @@ fn compatibility(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
         for rule in &merge.rules {
             for pattern in &rule.patterns {
                 if !base.tensors.keys().any(|n| pattern.matches(n)) {
-                    let example = base.tensors.keys().next().map_or(String::new(), |n| format!("; tensor names look like `{n}`"));
+                    let example = base
+                        .tensors
+                        .keys()
+                        .next()
+                        .map_or(String::new(), |n| format!("; tensor names look like `{n}`"));
                     diagnostics.push(
-                        Diagnostic::new(Code::W0002, rule.pattern_span, format!("pattern \"{}\" matches no tensor of `{base_name}`", pattern.as_str()))
-                            .label("this rule never applies")
-                            .help(format!("check the pattern against the base's tensor names{example}")),
+                        Diagnostic::new(
+                            Code::W0002,
+                            rule.pattern_span,
+                            format!(
+                                "pattern \"{}\" matches no tensor of `{base_name}`",
+                                pattern.as_str()
+                            ),
+                        )
+                        .label("this rule never applies")
+                        .help(format!(
+                            "check the pattern against the base's tensor names{example}"
+                        )),
                     );
                 }
             }
@@ -159,5 +226,9 @@ fn plural(n: usize) -> &'static str {
 
 fn list(names: &[&String]) -> String {
     let shown: Vec<String> = names.iter().take(3).map(|n| format!("`{n}`")).collect();
-    if names.len() > 3 { format!("{} and {} more", shown.join(", "), names.len() - 3) } else { shown.join(", ") }
+    if names.len() > 3 {
+        format!("{} and {} more", shown.join(", "), names.len() - 3)
+    } else {
+        shown.join(", ")
+    }
 }

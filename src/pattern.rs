@@ -38,16 +38,24 @@ impl Pattern {
                 '*' => Token::Star,
                 '?' => Token::One,
                 '{' => {
-                    let close = text[i..].find('}').map(|j| i + j).ok_or_else(|| PatternError {
-                        message: "`{` is never closed".into(),
-                        range: i..text.len(),
-                    })?;
+                    let close = text[i..]
+                        .find('}')
+                        .map(|j| i + j)
+                        .ok_or_else(|| PatternError {
+                            message: "`{` is never closed".into(),
+                            range: i..text.len(),
+                        })?;
                     while chars.peek().is_some_and(|(j, _)| *j <= close) {
                         chars.next();
                     }
                     braces(&text[i + 1..close], i..close + 1)?
                 }
-                '}' => return Err(PatternError { message: "`}` without `{`".into(), range: i..i + 1 }),
+                '}' => {
+                    return Err(PatternError {
+                        message: "`}` without `{`".into(),
+                        range: i..i + 1,
+                    });
+                }
                 c => {
                     literal.push(c);
                     continue;
@@ -61,7 +69,10 @@ impl Pattern {
         if !literal.is_empty() {
             tokens.push(Token::Literal(literal));
         }
-        Ok(Pattern { text: text.to_string(), tokens })
+        Ok(Pattern {
+            text: text.to_string(),
+            tokens,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -74,12 +85,21 @@ impl Pattern {
 }
 
 fn braces(inner: &str, range: std::ops::Range<usize>) -> Result<Token, PatternError> {
-    let err = |message: String| PatternError { message, range: range.clone() };
+    let err = |message: String| PatternError {
+        message,
+        range: range.clone(),
+    };
     if let Some((a, b)) = inner.split_once("..") {
-        let parse = |s: &str| s.trim().parse::<u64>().map_err(|_| err(format!("`{s}` is not a non-negative integer")));
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| err(format!("`{s}` is not a non-negative integer")))
+        };
         let (a, b) = (parse(a)?, parse(b)?);
         if a > b {
-            return Err(err(format!("the range {a}..{b} is empty (ranges are inclusive and ascending)")));
+            return Err(err(format!(
+                "the range {a}..{b} is empty (ranges are inclusive and ascending)"
+            )));
         }
         return Ok(Token::Range(a, b));
     }
@@ -91,20 +111,36 @@ fn braces(inner: &str, range: std::ops::Range<usize>) -> Result<Token, PatternEr
 }
 
 fn match_tokens(tokens: &[Token], name: &str) -> bool {
-    let Some((first, rest)) = tokens.split_first() else { return name.is_empty() };
+    let Some((first, rest)) = tokens.split_first() else {
+        return name.is_empty();
+    };
     match first {
-        Token::Literal(l) => name.strip_prefix(l.as_str()).is_some_and(|r| match_tokens(rest, r)),
-        Token::Star => name.char_indices().map(|(i, _)| i).chain([name.len()]).any(|i| match_tokens(rest, &name[i..])),
-        Token::One => name.chars().next().is_some_and(|c| match_tokens(rest, &name[c.len_utf8()..])),
+        Token::Literal(l) => name
+            .strip_prefix(l.as_str())
+            .is_some_and(|r| match_tokens(rest, r)),
+        Token::Star => name
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([name.len()])
+            .any(|i| match_tokens(rest, &name[i..])),
+        Token::One => name
+            .chars()
+            .next()
+            .is_some_and(|c| match_tokens(rest, &name[c.len_utf8()..])),
         Token::Range(a, b) => {
             let digits = name.len() - name.trim_start_matches(|c: char| c.is_ascii_digit()).len();
             (1..=digits).any(|n| {
                 let s = &name[..n];
                 let canonical = n == 1 || !s.starts_with('0');
-                canonical && s.parse::<u64>().is_ok_and(|v| (*a..=*b).contains(&v)) && match_tokens(rest, &name[n..])
+                canonical
+                    && s.parse::<u64>().is_ok_and(|v| (*a..=*b).contains(&v))
+                    && match_tokens(rest, &name[n..])
             })
         }
-        Token::Alternatives(alts) => alts.iter().any(|a| name.strip_prefix(a.as_str()).is_some_and(|r| match_tokens(rest, r))),
+        Token::Alternatives(alts) => alts.iter().any(|a| {
+            name.strip_prefix(a.as_str())
+                .is_some_and(|r| match_tokens(rest, r))
+        }),
     }
 }
 
@@ -124,13 +160,31 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(m("model.layers.*.mlp.*", "model.layers.3.mlp.up_proj.weight"));
-        assert!(!m("model.layers.*.mlp.*", "model.layers.3.self_attn.q_proj.weight"));
-        assert!(m("model.layers.{0..3}.*", "model.layers.3.mlp.up_proj.weight"));
-        assert!(!m("model.layers.{0..3}.*", "model.layers.4.mlp.up_proj.weight"));
-        assert!(!m("model.layers.{0..3}.*", "model.layers.31.mlp.up_proj.weight"));
+        assert!(m(
+            "model.layers.*.mlp.*",
+            "model.layers.3.mlp.up_proj.weight"
+        ));
+        assert!(!m(
+            "model.layers.*.mlp.*",
+            "model.layers.3.self_attn.q_proj.weight"
+        ));
+        assert!(m(
+            "model.layers.{0..3}.*",
+            "model.layers.3.mlp.up_proj.weight"
+        ));
+        assert!(!m(
+            "model.layers.{0..3}.*",
+            "model.layers.4.mlp.up_proj.weight"
+        ));
+        assert!(!m(
+            "model.layers.{0..3}.*",
+            "model.layers.31.mlp.up_proj.weight"
+        ));
         assert!(m("model.layers.{10..31}.*", "model.layers.31.x"));
-        assert!(m("*.{q,k,v}_proj.weight", "model.layers.0.self_attn.k_proj.weight"));
+        assert!(m(
+            "*.{q,k,v}_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight"
+        ));
         assert!(m("*norm*", "model.norm.weight"));
         assert!(m("lm_hea?.*", "lm_head.weight"));
         assert!(!m("model.embed_tokens.*", "model.embed_tokens"));

@@ -4,7 +4,7 @@
 //! decides which settings govern a tensor after all `layers` rules.
 
 use crate::methods::Method;
-use crate::pattern::{layer_index, Pattern};
+use crate::pattern::{Pattern, layer_index};
 use crate::source::{FileId, Span};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -34,7 +34,10 @@ pub enum ModelSource {
     /// A directory, resolved against the recipe's directory.
     Local { path: PathBuf },
     /// A Hugging Face id, with an optional revision (branch, tag or commit).
-    Hub { id: String, revision: Option<String> },
+    Hub {
+        id: String,
+        revision: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -261,7 +264,11 @@ impl Merge {
             })
             .collect();
         let mut rule_lines = Vec::new();
-        for rule in self.rules.iter().filter(|r| r.patterns.iter().any(|p| p.matches(name))) {
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.patterns.iter().any(|p| p.matches(name)))
+        {
             let s = &rule.settings;
             order = s.order.clone().unwrap_or(order);
             saliency = s.saliency.unwrap_or(saliency);
@@ -275,13 +282,26 @@ impl Merge {
             }
             rule_lines.push(rule.line);
         }
-        let order = if self.method == Method::Obim { resolve_order(&order, self.inputs.len(), layer_index(name)) } else { Vec::new() };
-        TensorSettings { take, order, saliency, inputs, params, rule_lines }
+        let order = if self.method == Method::Obim {
+            resolve_order(&order, self.inputs.len(), layer_index(name))
+        } else {
+            Vec::new()
+        };
+        TensorSettings {
+            take,
+            order,
+            saliency,
+            inputs,
+            params,
+            rule_lines,
+        }
     }
 
     /// Every input and the base.
     pub fn dependencies(&self) -> impl Iterator<Item = InputRef> + '_ {
-        self.base.into_iter().chain(self.inputs.iter().map(|i| i.model))
+        self.base
+            .into_iter()
+            .chain(self.inputs.iter().map(|i| i.model))
     }
 }
 
@@ -322,7 +342,9 @@ impl Recipe {
                 InputRef::Model(m) => return Some(m),
                 InputRef::Merge(m) => {
                     let merge = &self.merges[m.0];
-                    current = merge.base.or_else(|| merge.inputs.first().map(|i| i.model))?;
+                    current = merge
+                        .base
+                        .or_else(|| merge.inputs.first().map(|i| i.model))?;
                 }
             }
         }
@@ -340,8 +362,17 @@ mod tests {
         assert_eq!(resolve_order(&OrderSpec::Rotate, 3, Some(1)), vec![1, 2, 0]);
         assert_eq!(resolve_order(&OrderSpec::Rotate, 3, Some(5)), vec![2, 0, 1]);
         assert_eq!(resolve_order(&OrderSpec::Rotate, 3, None), vec![0, 1, 2]);
-        assert_eq!(resolve_order(&OrderSpec::First(1), 3, Some(1)), vec![1, 2, 0]);
-        assert_eq!(resolve_order(&OrderSpec::First(1), 3, Some(2)), vec![1, 0, 2]);
-        assert_eq!(resolve_order(&OrderSpec::Fixed(vec![2, 0, 1]), 3, Some(1)), vec![2, 0, 1]);
+        assert_eq!(
+            resolve_order(&OrderSpec::First(1), 3, Some(1)),
+            vec![1, 2, 0]
+        );
+        assert_eq!(
+            resolve_order(&OrderSpec::First(1), 3, Some(2)),
+            vec![1, 0, 2]
+        );
+        assert_eq!(
+            resolve_order(&OrderSpec::Fixed(vec![2, 0, 1]), 3, Some(1)),
+            vec![2, 0, 1]
+        );
     }
 }

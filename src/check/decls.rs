@@ -2,7 +2,7 @@
 
 use super::{Checker, Def, Scope};
 use crate::codes::Code;
-use crate::diagnostic::{closest, Diagnostic};
+use crate::diagnostic::{Diagnostic, closest};
 use crate::recipe::{Data, DataKind, Dtype, InputRef, Model, ModelSource, Output};
 use crate::source::Span;
 use crate::syntax::ast::{self, ItemKind, KeyValue};
@@ -15,7 +15,12 @@ pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 impl Checker<'_> {
     fn file_dir(&self, module: usize) -> PathBuf {
         let file = self.program.modules[module].file;
-        self.program.sources.get(file).dir().map(Path::to_path_buf).unwrap_or_default()
+        self.program
+            .sources
+            .get(file)
+            .dir()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     }
 
     pub(super) fn model(&mut self, def: &Def, decl: &ast::ModelDecl) -> Model {
@@ -23,26 +28,58 @@ impl Checker<'_> {
         let dir = self.file_dir(def.module);
         let source = if is_local(written, &dir) {
             if let Some(rev) = &decl.revision {
-                let d = Diagnostic::new(Code::W0003, rev.span, "a revision has no effect on a local directory")
-                    .label("ignored")
-                    .help("revisions select a branch, tag or commit of a Hugging Face repository");
+                let d = Diagnostic::new(
+                    Code::W0003,
+                    rev.span,
+                    "a revision has no effect on a local directory",
+                )
+                .label("ignored")
+                .help("revisions select a branch, tag or commit of a Hugging Face repository");
                 self.error(d);
             }
-            ModelSource::Local { path: normalize(&dir.join(expand_home(written))) }
+            ModelSource::Local {
+                path: normalize(&dir.join(expand_home(written))),
+            }
         } else {
-            ModelSource::Hub { id: written.to_string(), revision: decl.revision.as_ref().map(|r| r.value.clone()) }
+            ModelSource::Hub {
+                id: written.to_string(),
+                revision: decl.revision.as_ref().map(|r| r.value.clone()),
+            }
         };
-        Model { name: self.recipe.models.iter().find(|m| m.span == decl.name.span).map_or_else(|| decl.name.name.clone(), |m| m.name.clone()), is_base: decl.is_base, source, span: decl.name.span }
+        Model {
+            name: self
+                .recipe
+                .models
+                .iter()
+                .find(|m| m.span == decl.name.span)
+                .map_or_else(|| decl.name.name.clone(), |m| m.name.clone()),
+            is_base: decl.is_base,
+            source,
+            span: decl.name.span,
+        }
     }
 
     pub(super) fn data(&mut self, def: &Def, decl: &ast::DataDecl) -> Data {
-        let scope = Scope { module: def.module, args: None };
+        let scope = Scope {
+            module: def.module,
+            args: None,
+        };
         let mut data = super::placeholder_data(decl);
         if let Some(DataId(i)) = self.data_id(def) {
             data.name = self.recipe.data[i].name.clone();
         }
-        let kind_expr = ast::Expr { kind: ast::ExprKind::Path(ast::Path { qualifier: None, name: decl.kind.clone(), span: decl.kind.span }), span: decl.kind.span };
-        data.kind = match self.word(&scope, &kind_expr, &["jsonl", "text"], "a data format").as_deref() {
+        let kind_expr = ast::Expr {
+            kind: ast::ExprKind::Path(ast::Path {
+                qualifier: None,
+                name: decl.kind.clone(),
+                span: decl.kind.span,
+            }),
+            span: decl.kind.span,
+        };
+        data.kind = match self
+            .word(&scope, &kind_expr, &["jsonl", "text"], "a data format")
+            .as_deref()
+        {
             Some("text") => DataKind::Text,
             _ => DataKind::Jsonl,
         };
@@ -56,15 +93,25 @@ impl Checker<'_> {
                     }
                 }
                 "field" => {
-                    let d = Diagnostic::new(Code::E0019, option.key.span, "`field` applies to `jsonl` data only")
-                        .label("`text` sources read whole files")
-                        .with(decl.kind.span, "this source is `text`");
+                    let d = Diagnostic::new(
+                        Code::E0019,
+                        option.key.span,
+                        "`field` applies to `jsonl` data only",
+                    )
+                    .label("`text` sources read whole files")
+                    .with(decl.kind.span, "this source is `text`");
                     self.error(d);
                 }
                 "samples" => data.samples = self.positive_int(&scope, option).or(data.samples),
-                "seq_len" => data.seq_len = self.positive_int(&scope, option).unwrap_or(data.seq_len),
+                "seq_len" => {
+                    data.seq_len = self.positive_int(&scope, option).unwrap_or(data.seq_len)
+                }
                 "seed" => data.seed = self.seed(&scope, &option.value).unwrap_or(0),
-                _ => self.unknown_option(option, &["field", "samples", "seq_len", "seed"], "data option"),
+                _ => self.unknown_option(
+                    option,
+                    &["field", "samples", "seq_len", "seed"],
+                    "data option",
+                ),
             }
         }
         self.data_exists(&data, decl.arg.span);
@@ -81,13 +128,27 @@ impl Checker<'_> {
     fn data_exists(&mut self, data: &Data, span: Span) {
         let found = match data.kind {
             DataKind::Jsonl => data.path.is_file(),
-            DataKind::Text => glob::glob(&data.path.to_string_lossy()).map(|mut paths| paths.any(|p| p.is_ok_and(|p| p.is_file()))).unwrap_or(false),
+            DataKind::Text => glob::glob(&data.path.to_string_lossy())
+                .map(|mut paths| paths.any(|p| p.is_ok_and(|p| p.is_file())))
+                .unwrap_or(false),
         };
         if !found {
-            let what = if data.kind == DataKind::Text { "no file matches" } else { "no such file" };
-            let d = Diagnostic::new(Code::E0026, span, format!("data source `{}` not found: {what} `{}`", data.name, data.path.display()))
-                .label(what)
-                .help("paths and globs are relative to the recipe's directory");
+            let what = if data.kind == DataKind::Text {
+                "no file matches"
+            } else {
+                "no such file"
+            };
+            let d = Diagnostic::new(
+                Code::E0026,
+                span,
+                format!(
+                    "data source `{}` not found: {what} `{}`",
+                    data.name,
+                    data.path.display()
+                ),
+            )
+            .label(what)
+            .help("paths and globs are relative to the recipe's directory");
             self.error(d);
         }
     }
@@ -97,7 +158,12 @@ impl Checker<'_> {
         if n >= 1.0 && n.fract() == 0.0 && n <= 1e15 {
             return Some(n as u64);
         }
-        let d = Diagnostic::new(Code::E0009, option.value.span, format!("`{}` must be a positive integer", option.key.name)).label(format!("{n} is not a positive integer"));
+        let d = Diagnostic::new(
+            Code::E0009,
+            option.value.span,
+            format!("`{}` must be a positive integer", option.key.name),
+        )
+        .label(format!("{n} is not a positive integer"));
         self.error(d);
         None
     }
@@ -107,15 +173,24 @@ impl Checker<'_> {
         if n >= 0.0 && n.fract() == 0.0 && n <= 9.0e15 {
             return Some(n as u64);
         }
-        let d = Diagnostic::new(Code::E0009, expr.span, "a seed must be a non-negative integer").label(format!("{n} is not a non-negative integer"));
+        let d = Diagnostic::new(
+            Code::E0009,
+            expr.span,
+            "a seed must be a non-negative integer",
+        )
+        .label(format!("{n} is not a non-negative integer"));
         self.error(d);
         None
     }
 
     pub(super) fn unknown_option(&mut self, option: &KeyValue, known: &[&str], what: &str) {
-        let mut d = Diagnostic::new(Code::E0006, option.key.span, format!("unknown {what} `{}`", option.key.name))
-            .label(format!("not a {what}"))
-            .note(format!("known: {}", known.join(", ")));
+        let mut d = Diagnostic::new(
+            Code::E0006,
+            option.key.span,
+            format!("unknown {what} `{}`", option.key.name),
+        )
+        .label(format!("not a {what}"))
+        .note(format!("known: {}", known.join(", ")));
         if let Some(c) = closest(&option.key.name, known.iter().copied()) {
             d = d.help(format!("did you mean `{c}`?"));
         }
@@ -124,44 +199,80 @@ impl Checker<'_> {
 
     /// The root file's outputs: each names a merge and a directory.
     pub(super) fn outputs(&mut self) {
-        let Some(root) = self.program.modules.first() else { return };
-        let scope = Scope { module: 0, args: None };
+        let Some(root) = self.program.modules.first() else {
+            return;
+        };
+        let scope = Scope {
+            module: 0,
+            args: None,
+        };
         let dir = self.file_dir(0);
         let mut seen: Vec<(PathBuf, Span)> = Vec::new();
         for item in &root.ast.items {
-            let ItemKind::Output(decl) = &item.kind else { continue };
-            let merge_expr = ast::Expr { kind: ast::ExprKind::Path(decl.merge.clone()), span: decl.merge.span };
+            let ItemKind::Output(decl) = &item.kind else {
+                continue;
+            };
+            let merge_expr = ast::Expr {
+                kind: ast::ExprKind::Path(decl.merge.clone()),
+                span: decl.merge.span,
+            };
             let target = self.input_ref(&scope, &merge_expr);
             let merge = match target {
                 Some(InputRef::Merge(m)) => Some(m),
                 Some(InputRef::Model(_)) => {
-                    let d = Diagnostic::new(Code::E0004, decl.merge.span, format!("`{}` is a model, not a merge", decl.merge))
-                        .label("an output writes the result of a merge")
-                        .help("a model directory is already a checkpoint; merge it to write a new one");
+                    let d = Diagnostic::new(
+                        Code::E0004,
+                        decl.merge.span,
+                        format!("`{}` is a model, not a merge", decl.merge),
+                    )
+                    .label("an output writes the result of a merge")
+                    .help("a model directory is already a checkpoint; merge it to write a new one");
                     self.error(d);
                     None
                 }
                 None => None,
             };
             let path = normalize(&dir.join(expand_home(&decl.path.value)));
-            if let Some((_, other)) = seen.iter().find(|(p, _)| p.starts_with(&path) || path.starts_with(p)) {
-                let d = Diagnostic::new(Code::E0017, decl.path.span, "two outputs write to the same directory")
-                    .label(format!("`{}`", path.display()))
-                    .with(*other, "this output writes there too")
-                    .help("give every output its own directory");
+            if let Some((_, other)) = seen
+                .iter()
+                .find(|(p, _)| p.starts_with(&path) || path.starts_with(p))
+            {
+                let d = Diagnostic::new(
+                    Code::E0017,
+                    decl.path.span,
+                    "two outputs write to the same directory",
+                )
+                .label(format!("`{}`", path.display()))
+                .with(*other, "this output writes there too")
+                .help("give every output its own directory");
                 self.error(d);
             }
             seen.push((path.clone(), decl.path.span));
             self.output_over_input(&path, decl.path.span);
-            let mut output = Output { merge: merge.unwrap_or(crate::recipe::MergeId(0)), path, written: decl.path.value.clone(), dtype: None, shard_size: DEFAULT_SHARD_SIZE, tokenizer: None, span: decl.path.span };
+            let mut output = Output {
+                merge: merge.unwrap_or(crate::recipe::MergeId(0)),
+                path,
+                written: decl.path.value.clone(),
+                dtype: None,
+                shard_size: DEFAULT_SHARD_SIZE,
+                tokenizer: None,
+                span: decl.path.span,
+            };
             for option in decl.options.iter().flat_map(|b| &b.items) {
                 match option.key.name.as_str() {
                     "dtype" => {
-                        output.dtype = self.word(&scope, &option.value, &["bf16", "f16", "f32"], "an output dtype").map(|w| match w.as_str() {
-                            "f16" => Dtype::F16,
-                            "f32" => Dtype::F32,
-                            _ => Dtype::Bf16,
-                        })
+                        output.dtype = self
+                            .word(
+                                &scope,
+                                &option.value,
+                                &["bf16", "f16", "f32"],
+                                "an output dtype",
+                            )
+                            .map(|w| match w.as_str() {
+                                "f16" => Dtype::F16,
+                                "f32" => Dtype::F32,
+                                _ => Dtype::Bf16,
+                            })
                     }
                     "shard_size" => {
                         if let Some(text) = self.string(&scope, &option.value) {
@@ -176,7 +287,11 @@ impl Checker<'_> {
                         }
                     }
                     "tokenizer" => output.tokenizer = self.input_ref(&scope, &option.value),
-                    _ => self.unknown_option(option, &["dtype", "shard_size", "tokenizer"], "output option"),
+                    _ => self.unknown_option(
+                        option,
+                        &["dtype", "shard_size", "tokenizer"],
+                        "output option",
+                    ),
                 }
             }
             if merge.is_some() {
@@ -187,14 +302,20 @@ impl Checker<'_> {
 
     fn output_over_input(&mut self, path: &Path, span: Span) {
         let clash = self.recipe.models.iter().find_map(|m| match &m.source {
-            ModelSource::Local { path: p } if p.starts_with(path) || path.starts_with(p) => Some((m.name.clone(), m.span)),
+            ModelSource::Local { path: p } if p.starts_with(path) || path.starts_with(p) => {
+                Some((m.name.clone(), m.span))
+            }
             _ => None,
         });
         if let Some((name, model_span)) = clash {
-            let d = Diagnostic::new(Code::E0028, span, format!("this output would overwrite model `{name}`"))
-                .label("output directory")
-                .with(model_span, "the model's directory")
-                .help("write the output to a directory of its own");
+            let d = Diagnostic::new(
+                Code::E0028,
+                span,
+                format!("this output would overwrite model `{name}`"),
+            )
+            .label("output directory")
+            .with(model_span, "the model's directory")
+            .help("write the output to a directory of its own");
             self.error(d);
         }
     }
@@ -204,10 +325,19 @@ use crate::recipe::DataId;
 
 /// A source is a local directory when it looks like a path or names one.
 pub fn is_local(written: &str, dir: &Path) -> bool {
-    let looks_like_path = ["./", "../", "/", "~"].iter().any(|p| written.starts_with(p)) || written == "." || written == "..";
+    let looks_like_path = ["./", "../", "/", "~"]
+        .iter()
+        .any(|p| written.starts_with(p))
+        || written == "."
+        || written == "..";
     let is_hub_id = {
         let parts: Vec<&str> = written.split('/').collect();
-        parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
     };
     looks_like_path || dir.join(written).is_dir() || !is_hub_id
 }
@@ -231,13 +361,19 @@ pub fn normalize(path: &Path) -> PathBuf {
             other => out.push(other),
         }
     }
-    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
+    if out.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        out
+    }
 }
 
 /// "5GB" → 5·10⁹, "500MiB" → 500·2²⁰, "1000" → 1000 bytes.
 pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: f64 = number.parse().ok()?;
     let factor: f64 = match unit.trim().to_ascii_uppercase().as_str() {
@@ -253,5 +389,5 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     let bytes = number * factor;
-    (bytes >= 1.0 && bytes < 1e18).then_some(bytes as u64)
+    (1.0..1e18).contains(&bytes).then_some(bytes as u64)
 }

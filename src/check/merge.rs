@@ -4,10 +4,12 @@
 
 use super::{Checker, Found, Scope, StageArgs, Val};
 use crate::codes::Code;
-use crate::diagnostic::{closest, Diagnostic};
+use crate::diagnostic::{Diagnostic, closest};
 use crate::methods::{Kind, Method, Scope as ParamScope};
 use crate::pattern::Pattern;
-use crate::recipe::{Input, InputSettings, LayerRule, Merge, OrderSpec, Saliency, Settings, TakeFrom};
+use crate::recipe::{
+    Input, InputSettings, LayerRule, Merge, OrderSpec, Saliency, Settings, TakeFrom,
+};
 use crate::source::Span;
 use crate::syntax::ast::{self, Block, ExprKind, ItemKind, KeyValue, Stmt, StmtKind};
 use std::collections::HashMap;
@@ -29,32 +31,54 @@ struct Spans {
     retain_default: Option<Span>,
     using: HashMap<usize, Span>,
     order: Option<Span>,
+    /// Keys written, resolved or not (`None`: the merge level), so that a
+    /// bad value is not also reported as missing.
+    written: std::collections::HashSet<(Option<usize>, String)>,
 }
 
 impl Checker<'_> {
     pub(super) fn merge_decl(&mut self, scope: &Scope, decl: &ast::MergeDecl) -> Option<Merge> {
-        if decl.method.qualifier.is_none() {
-            if let Some(method) = Method::from_name(&decl.method.name.name) {
-                let source = MergeSource { name: &decl.name, method, params: decl.params.as_ref(), body: decl.body.as_ref() };
-                return Some(self.merge(scope, &source));
-            }
+        if decl.method.qualifier.is_none()
+            && let Some(method) = Method::from_name(&decl.method.name.name)
+        {
+            let source = MergeSource {
+                name: &decl.name,
+                method,
+                params: decl.params.as_ref(),
+                body: decl.body.as_ref(),
+            };
+            return Some(self.merge(scope, &source));
         }
         match self.lookup(scope, &decl.method) {
-            Some(Found::Def(def)) if self.defs[def].kind == super::DefKind::Stage => self.instantiate(scope, decl, def),
+            Some(Found::Def(def)) if self.defs[def].kind == super::DefKind::Stage => {
+                self.instantiate(scope, decl, def)
+            }
             Some(_) => {
-                let d = Diagnostic::new(Code::E0005, decl.method.span, format!("`{}` is not a merge method", decl.method))
-                    .label("not a method or stage")
-                    .help(format!("methods: {}", method_names()));
+                let d = Diagnostic::new(
+                    Code::E0005,
+                    decl.method.span,
+                    format!("`{}` is not a merge method", decl.method),
+                )
+                .label("not a method or stage")
+                .help(format!("methods: {}", method_names()));
                 self.error(d);
                 None
             }
             None => {
-                let mut candidates: Vec<String> = Method::ALL.iter().map(|m| m.name().to_string()).collect();
+                let mut candidates: Vec<String> =
+                    Method::ALL.iter().map(|m| m.name().to_string()).collect();
                 candidates.extend(self.visible_names(scope));
-                let mut d = Diagnostic::new(Code::E0005, decl.method.span, format!("unknown merge method `{}`", decl.method))
-                    .label("not a method or stage")
-                    .note(format!("methods: {}", method_names()));
-                if let Some(c) = closest(&decl.method.to_string(), candidates.iter().map(String::as_str)) {
+                let mut d = Diagnostic::new(
+                    Code::E0005,
+                    decl.method.span,
+                    format!("unknown merge method `{}`", decl.method),
+                )
+                .label("not a method or stage")
+                .note(format!("methods: {}", method_names()));
+                if let Some(c) = closest(
+                    &decl.method.to_string(),
+                    candidates.iter().map(String::as_str),
+                ) {
                     d = d.help(format!("did you mean `{c}`?"));
                 }
                 self.error(d);
@@ -67,9 +91,16 @@ impl Checker<'_> {
     /// parameters bound to the given arguments.
     fn instantiate(&mut self, scope: &Scope, decl: &ast::MergeDecl, def: usize) -> Option<Merge> {
         let stage_def = self.defs[def].clone();
-        let ItemKind::Stage(stage) = &self.item(&stage_def).kind else { return None };
+        let ItemKind::Stage(stage) = &self.item(&stage_def).kind else {
+            return None;
+        };
         if self.instantiating.contains(&def) {
-            let d = Diagnostic::new(Code::E0014, decl.method.span, format!("stage `{}` instantiates itself", stage.name.name)).label("recursive stage");
+            let d = Diagnostic::new(
+                Code::E0014,
+                decl.method.span,
+                format!("stage `{}` instantiates itself", stage.name.name),
+            )
+            .label("recursive stage");
             self.error(d);
             return None;
         }
@@ -79,48 +110,91 @@ impl Checker<'_> {
             if params.contains(&arg.key.name.as_str()) {
                 values.insert(arg.key.name.clone(), arg.value.clone());
             } else {
-                let mut d = Diagnostic::new(Code::E0006, arg.key.span, format!("stage `{}` has no parameter `{}`", stage.name.name, arg.key.name))
-                    .label("unknown parameter")
-                    .with(stage.params_span, "the stage's parameters");
+                let mut d = Diagnostic::new(
+                    Code::E0006,
+                    arg.key.span,
+                    format!(
+                        "stage `{}` has no parameter `{}`",
+                        stage.name.name, arg.key.name
+                    ),
+                )
+                .label("unknown parameter")
+                .with(stage.params_span, "the stage's parameters");
                 if let Some(c) = closest(&arg.key.name, params.iter().copied()) {
                     d = d.help(format!("did you mean `{c}`?"));
                 }
                 self.error(d);
             }
         }
-        let missing: Vec<&str> = params.iter().copied().filter(|p| !values.contains_key(*p)).collect();
+        let missing: Vec<&str> = params
+            .iter()
+            .copied()
+            .filter(|p| !values.contains_key(*p))
+            .collect();
         if !missing.is_empty() {
-            let list = missing.iter().map(|m| format!("`{m}: ...`")).collect::<Vec<_>>().join(", ");
-            let d = Diagnostic::new(Code::E0007, decl.method.span, format!("stage `{}` needs {}", stage.name.name, list))
-                .label("missing arguments")
-                .with(stage.params_span, "declared here")
-                .help("pass every parameter of the stage by name");
+            let list = missing
+                .iter()
+                .map(|m| format!("`{m}: ...`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let d = Diagnostic::new(
+                Code::E0007,
+                decl.method.span,
+                format!("stage `{}` needs {}", stage.name.name, list),
+            )
+            .label("missing arguments")
+            .with(stage.params_span, "declared here")
+            .help("pass every parameter of the stage by name");
             self.error(d);
             return None;
         }
         if let Some(body) = &decl.body {
-            let d = Diagnostic::new(Code::E0019, body.span, "a stage's merge body is fixed by the stage")
-                .label("remove this body")
-                .with(stage.name.span, "the stage defines the body");
+            let d = Diagnostic::new(
+                Code::E0019,
+                body.span,
+                "a stage's merge body is fixed by the stage",
+            )
+            .label("remove this body")
+            .with(stage.name.span, "the stage defines the body");
             self.error(d);
         }
-        let Some(method) = Method::from_name(&stage.method.name.name).filter(|_| stage.method.qualifier.is_none()) else {
-            let d = Diagnostic::new(Code::E0005, stage.method.span, format!("a stage's method must be built in, not `{}`", stage.method))
-                .label("not a built-in method")
-                .note(format!("methods: {}", method_names()));
+        let Some(method) =
+            Method::from_name(&stage.method.name.name).filter(|_| stage.method.qualifier.is_none())
+        else {
+            let d = Diagnostic::new(
+                Code::E0005,
+                stage.method.span,
+                format!("a stage's method must be built in, not `{}`", stage.method),
+            )
+            .label("not a built-in method")
+            .note(format!("methods: {}", method_names()));
             self.error(d);
             return None;
         };
-        let stage_scope = Scope { module: stage_def.module, args: Some(Rc::new(StageArgs { values, caller: scope.clone() })) };
+        let stage_scope = Scope {
+            module: stage_def.module,
+            args: Some(Rc::new(StageArgs {
+                values,
+                caller: scope.clone(),
+            })),
+        };
         self.instantiating.push(def);
-        let source = MergeSource { name: &decl.name, method, params: stage.method_params.as_ref(), body: stage.body.as_ref() };
+        let source = MergeSource {
+            name: &decl.name,
+            method,
+            params: stage.method_params.as_ref(),
+            body: stage.body.as_ref(),
+        };
         let before = self.diagnostics.len();
         let mut merge = self.merge(&stage_scope, &source);
         self.instantiating.pop();
         // Problems inside the stage are reported where it is used as well.
         for d in &mut self.diagnostics[before..] {
             if d.primary.span.file != decl.name.span.file {
-                d.secondary.push(crate::diagnostic::Label { span: decl.method.span, message: format!("in this use of stage `{}`", stage.name.name) });
+                d.secondary.push(crate::diagnostic::Label {
+                    span: decl.method.span,
+                    message: format!("in this use of stage `{}`", stage.name.name),
+                });
             }
         }
         merge.span = decl.name.span;
@@ -130,7 +204,12 @@ impl Checker<'_> {
     fn merge(&mut self, scope: &Scope, src: &MergeSource) -> Merge {
         let method = src.method;
         let mut merge = Merge {
-            name: self.recipe.merges.iter().find(|m| m.span == src.name.span).map_or_else(|| src.name.name.clone(), |m| m.name.clone()),
+            name: self
+                .recipe
+                .merges
+                .iter()
+                .find(|m| m.span == src.name.span)
+                .map_or_else(|| src.name.name.clone(), |m| m.name.clone()),
             method,
             span: src.name.span,
             base: None,
@@ -141,7 +220,12 @@ impl Checker<'_> {
         let mut spans = Spans::default();
         let mut base_span = None;
         // What was written, resolved or not, so a bad name is not reported twice.
-        let written_entries = src.body.map_or(0, |b| b.items.iter().filter(|s| matches!(s.kind, StmtKind::Entry { .. })).count());
+        let written_entries = src.body.map_or(0, |b| {
+            b.items
+                .iter()
+                .filter(|s| matches!(s.kind, StmtKind::Entry { .. }))
+                .count()
+        });
         for kv in src.params.iter().flat_map(|b| &b.items) {
             if kv.key.name == "base" && method.param("base").is_some() {
                 merge.base = self.input_ref(scope, &kv.value);
@@ -154,19 +238,38 @@ impl Checker<'_> {
         // Inputs first, so that orders and rules can refer to any of them.
         let mut entry_settings = Vec::new();
         for stmt in body {
-            let StmtKind::Entry { model, settings } = &stmt.kind else { continue };
-            let expr = ast::Expr { kind: ExprKind::Path(model.clone()), span: model.span };
-            let Some(input) = self.input_ref(scope, &expr) else { continue };
+            let StmtKind::Entry { model, settings } = &stmt.kind else {
+                continue;
+            };
+            let expr = ast::Expr {
+                kind: ExprKind::Path(model.clone()),
+                span: model.span,
+            };
+            let Some(input) = self.input_ref(scope, &expr) else {
+                continue;
+            };
             if let Some(other) = merge.inputs.iter().find(|i| i.model == input) {
-                let d = Diagnostic::new(Code::E0010, model.span, format!("`{model}` is an input of `{}` twice", src.name.name))
-                    .label("listed again here")
-                    .with(other.span, "first listed here")
-                    .help("list each input once");
+                let d = Diagnostic::new(
+                    Code::E0010,
+                    model.span,
+                    format!("`{model}` is an input of `{}` twice", src.name.name),
+                )
+                .label("listed again here")
+                .with(other.span, "first listed here")
+                .help("list each input once");
                 self.error(d);
                 continue;
             }
             if merge.base == Some(input) {
-                let mut d = Diagnostic::new(Code::E0010, model.span, format!("`{model}` is both the base and an input of `{}`", src.name.name)).label("listed as an input");
+                let mut d = Diagnostic::new(
+                    Code::E0010,
+                    model.span,
+                    format!(
+                        "`{model}` is both the base and an input of `{}`",
+                        src.name.name
+                    ),
+                )
+                .label("listed as an input");
                 if let Some(s) = base_span {
                     d = d.with(s, "the base");
                 }
@@ -174,7 +277,10 @@ impl Checker<'_> {
                 self.error(d);
                 continue;
             }
-            merge.inputs.push(Input { model: input, span: model.span });
+            merge.inputs.push(Input {
+                model: input,
+                span: model.span,
+            });
             entry_settings.push((merge.inputs.len() - 1, settings));
         }
         for (index, settings) in entry_settings {
@@ -200,8 +306,19 @@ impl Checker<'_> {
     }
 
     /// `key: value` in a parameter list, a body or a rule.
-    fn param(&mut self, scope: &Scope, method: Method, kv: &KeyValue, settings: &mut Settings, spans: &mut Spans, in_rule: Option<Span>) {
+    fn param(
+        &mut self,
+        scope: &Scope,
+        method: Method,
+        kv: &KeyValue,
+        settings: &mut Settings,
+        spans: &mut Spans,
+        in_rule: Option<Span>,
+    ) {
         let key = kv.key.name.as_str();
+        if in_rule.is_none() {
+            spans.written.insert((None, key.to_string()));
+        }
         let Some(param) = method.param(key) else {
             self.not_a_param(method, &kv.key);
             return;
@@ -214,15 +331,21 @@ impl Checker<'_> {
             }
             ParamScope::Merge => match key {
                 "base" => {
-                    let d = Diagnostic::new(Code::E0019, kv.key.span, "`base` belongs in the merge's parameter list")
-                        .label("not allowed here")
-                        .help("write it as `METHOD(base: MODEL)`");
+                    let d = Diagnostic::new(
+                        Code::E0019,
+                        kv.key.span,
+                        "`base` belongs in the merge's parameter list",
+                    )
+                    .label("not allowed here")
+                    .help("write it as `METHOD(base: MODEL)`");
                     self.error(d);
                 }
                 "normalize" => settings.params.normalize = self.boolean(scope, &kv.value),
                 "rescale" => settings.params.rescale = self.boolean(scope, &kv.value),
                 "int8_mask" => settings.params.int8_mask = self.boolean(scope, &kv.value),
-                "lambda" => settings.params.lambda = self.ranged(scope, &kv.value, key, Kind::Number),
+                "lambda" => {
+                    settings.params.lambda = self.ranged(scope, &kv.value, key, Kind::Number)
+                }
                 "t" => settings.params.t = self.ranged(scope, &kv.value, key, Kind::Unit),
                 _ => settings.params.seed = self.seed(scope, &kv.value),
             },
@@ -230,27 +353,55 @@ impl Checker<'_> {
     }
 
     fn not_a_param(&mut self, method: Method, key: &ast::Ident) {
-        let elsewhere: Vec<&str> = Method::ALL.iter().filter(|m| m.param(&key.name).is_some()).map(|m| m.name()).collect();
+        let elsewhere: Vec<&str> = Method::ALL
+            .iter()
+            .filter(|m| m.param(&key.name).is_some())
+            .map(|m| m.name())
+            .collect();
         let known: Vec<&str> = method.params().iter().map(|p| p.name).collect();
         let d = if elsewhere.is_empty() {
-            let mut d = Diagnostic::new(Code::E0006, key.span, format!("`{method}` has no parameter `{}`", key.name))
-                .label("unknown parameter")
-                .note(format!("`{method}` takes: {}", known.join(", ")));
+            let mut d = Diagnostic::new(
+                Code::E0006,
+                key.span,
+                format!("`{method}` has no parameter `{}`", key.name),
+            )
+            .label("unknown parameter")
+            .note(format!("`{method}` takes: {}", known.join(", ")));
             if let Some(c) = closest(&key.name, known.iter().copied()) {
                 d = d.help(format!("did you mean `{c}`?"));
             }
             d
         } else {
-            Diagnostic::new(Code::E0019, key.span, format!("`{method}` does not use `{}`", key.name))
-                .label(format!("`{}` is a parameter of {}", key.name, elsewhere.join(", ")))
-                .note(format!("`{method}` takes: {}", known.join(", ")))
+            Diagnostic::new(
+                Code::E0019,
+                key.span,
+                format!("`{method}` does not use `{}`", key.name),
+            )
+            .label(format!(
+                "`{}` is a parameter of {}",
+                key.name,
+                elsewhere.join(", ")
+            ))
+            .note(format!("`{method}` takes: {}", known.join(", ")))
         };
         self.error(d);
     }
 
     /// `MODEL weight 1.0` and friends, and their defaults in a parameter list.
-    #[expect(clippy::too_many_arguments, reason = "one call site per level; a struct would only rename the arguments")]
-    fn input_setting(&mut self, scope: &Scope, method: Method, kv: &KeyValue, own: &mut InputSettings, spans: &mut Spans, index: usize, in_rule: Option<Span>) {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site per level; a struct would only rename the arguments"
+    )]
+    fn input_setting(
+        &mut self,
+        scope: &Scope,
+        method: Method,
+        kv: &KeyValue,
+        own: &mut InputSettings,
+        spans: &mut Spans,
+        index: usize,
+        in_rule: Option<Span>,
+    ) {
         if method.param(&kv.key.name).is_none() {
             self.not_a_param(method, &kv.key);
             return;
@@ -259,8 +410,20 @@ impl Checker<'_> {
     }
 
     #[expect(clippy::too_many_arguments, reason = "see input_setting")]
-    fn input_value(&mut self, scope: &Scope, method: Method, kv: &KeyValue, target: &mut InputSettings, spans: &mut Spans, index: Option<usize>, in_rule: Option<Span>) {
+    fn input_value(
+        &mut self,
+        scope: &Scope,
+        method: Method,
+        kv: &KeyValue,
+        target: &mut InputSettings,
+        spans: &mut Spans,
+        index: Option<usize>,
+        in_rule: Option<Span>,
+    ) {
         let key = kv.key.name.as_str();
+        if in_rule.is_none() {
+            spans.written.insert((index, key.to_string()));
+        }
         match key {
             "weight" => target.weight = self.ranged(scope, &kv.value, key, Kind::Number),
             "density" => {
@@ -290,9 +453,13 @@ impl Checker<'_> {
                 }
             }
             _ => {
-                let d = Diagnostic::new(Code::E0019, kv.key.span, format!("`{key}` is set for the whole merge, not per input"))
-                    .label("not a per-input setting")
-                    .help(format!("write `{key}: ...` in the parameter list"));
+                let d = Diagnostic::new(
+                    Code::E0019,
+                    kv.key.span,
+                    format!("`{key}` is set for the whole merge, not per input"),
+                )
+                .label("not a per-input setting")
+                .help(format!("write `{key}: ...` in the parameter list"));
                 self.error(d);
             }
         }
@@ -309,24 +476,39 @@ impl Checker<'_> {
         if ok {
             return Some(n);
         }
-        let d = Diagnostic::new(Code::E0009, expr.span, format!("`{name}` must be {}", kind.describe()))
-            .label(format!("{n} is out of range"))
-            .help(match name {
-                "retain" => "retain is the fraction of a tensor's positions the input keeps",
-                "density" => "density is the fraction of the task vector kept",
-                _ => "t = 0 gives the base, t = 1 the other model",
-            });
+        let d = Diagnostic::new(
+            Code::E0009,
+            expr.span,
+            format!("`{name}` must be {}", kind.describe()),
+        )
+        .label(format!("{n} is out of range"))
+        .help(match name {
+            "retain" => "retain is the fraction of a tensor's positions the input keeps",
+            "density" => "density is the fraction of the task vector kept",
+            _ => "t = 0 gives the base, t = 1 the other model",
+        });
         self.error(d);
         None
     }
 
     /// `order`, `saliency`, `take` and `key: value` statements.
-    fn statement(&mut self, scope: &Scope, merge: &Merge, stmt: &Stmt, settings: &mut Settings, spans: &mut Spans) {
+    fn statement(
+        &mut self,
+        scope: &Scope,
+        merge: &Merge,
+        stmt: &Stmt,
+        settings: &mut Settings,
+        spans: &mut Spans,
+    ) {
         let method = merge.method;
         let obim_only = |this: &mut Self, what: &str| {
-            let d = Diagnostic::new(Code::E0019, stmt.span, format!("`{what}` applies to `obim` merges only"))
-                .label(format!("`{method}` has no {what}"))
-                .help("remove it, or use `obim`");
+            let d = Diagnostic::new(
+                Code::E0019,
+                stmt.span,
+                format!("`{what}` applies to `obim` merges only"),
+            )
+            .label(format!("`{method}` has no {what}"))
+            .help("remove it, or use `obim`");
             this.error(d);
         };
         match &stmt.kind {
@@ -337,8 +519,23 @@ impl Checker<'_> {
             }
             StmtKind::Order(_) => obim_only(self, "order"),
             StmtKind::Saliency(word) if method.has_order() => {
-                let expr = ast::Expr { kind: ExprKind::Path(ast::Path { qualifier: None, name: word.clone(), span: word.span }), span: word.span };
-                settings.saliency = self.word(scope, &expr, &["obd", "magnitude"], "a saliency").map(|w| if w == "obd" { Saliency::Obd } else { Saliency::Magnitude });
+                let expr = ast::Expr {
+                    kind: ExprKind::Path(ast::Path {
+                        qualifier: None,
+                        name: word.clone(),
+                        span: word.span,
+                    }),
+                    span: word.span,
+                };
+                settings.saliency = self
+                    .word(scope, &expr, &["obd", "magnitude"], "a saliency")
+                    .map(|w| {
+                        if w == "obd" {
+                            Saliency::Obd
+                        } else {
+                            Saliency::Magnitude
+                        }
+                    });
             }
             StmtKind::Saliency(_) => obim_only(self, "saliency"),
             StmtKind::Take(take) => settings.take = self.take(scope, merge, take),
@@ -346,15 +543,32 @@ impl Checker<'_> {
         }
     }
 
-    fn input_index(&mut self, scope: &Scope, merge: &Merge, path: &ast::Path, role: &str) -> Option<usize> {
-        let expr = ast::Expr { kind: ExprKind::Path(path.clone()), span: path.span };
+    fn input_index(
+        &mut self,
+        scope: &Scope,
+        merge: &Merge,
+        path: &ast::Path,
+        role: &str,
+    ) -> Option<usize> {
+        let expr = ast::Expr {
+            kind: ExprKind::Path(path.clone()),
+            span: path.span,
+        };
         let input = self.input_ref(scope, &expr)?;
         let found = merge.inputs.iter().position(|i| i.model == input);
         if found.is_none() {
-            let names: Vec<String> = merge.inputs.iter().map(|i| self.recipe.input_name(i.model).to_string()).collect();
-            let d = Diagnostic::new(Code::E0027, path.span, format!("`{path}` is not an input of `{}`", merge.name))
-                .label(format!("{role} names a model outside the merge"))
-                .with(merge.span, format!("inputs: {}", names.join(", ")));
+            let names: Vec<String> = merge
+                .inputs
+                .iter()
+                .map(|i| self.recipe.input_name(i.model).to_string())
+                .collect();
+            let d = Diagnostic::new(
+                Code::E0027,
+                path.span,
+                format!("`{path}` is not an input of `{}`", merge.name),
+            )
+            .label(format!("{role} names a model outside the merge"))
+            .with(merge.span, format!("inputs: {}", names.join(", ")));
             self.error(d);
         }
         found
@@ -364,18 +578,29 @@ impl Checker<'_> {
         match take {
             ast::Take::Base(span) => {
                 if merge.base.is_none() && merge.method.param("base").is_none() {
-                    let d = Diagnostic::new(Code::E0027, *span, format!("`{}` has no base", merge.method)).label("nothing to take").help("take one of the inputs instead");
+                    let d = Diagnostic::new(
+                        Code::E0027,
+                        *span,
+                        format!("`{}` has no base", merge.method),
+                    )
+                    .label("nothing to take")
+                    .help("take one of the inputs instead");
                     self.error(d);
                     return None;
                 }
                 Some(TakeFrom::Base)
             }
             ast::Take::Model(path) => {
-                let expr = ast::Expr { kind: ExprKind::Path(path.clone()), span: path.span };
-                if merge.base.is_some() && self.eval(scope, &expr) == Some(Val::Input(merge.base?)) {
+                let expr = ast::Expr {
+                    kind: ExprKind::Path(path.clone()),
+                    span: path.span,
+                };
+                if merge.base.is_some() && self.eval(scope, &expr) == Some(Val::Input(merge.base?))
+                {
                     return Some(TakeFrom::Base);
                 }
-                self.input_index(scope, merge, path, "`take`").map(TakeFrom::Input)
+                self.input_index(scope, merge, path, "`take`")
+                    .map(TakeFrom::Input)
             }
         }
     }
@@ -383,14 +608,21 @@ impl Checker<'_> {
     fn order(&mut self, scope: &Scope, merge: &Merge, order: &ast::Order) -> Option<OrderSpec> {
         match order {
             ast::Order::Rotate(_) => Some(OrderSpec::Rotate),
-            ast::Order::First(path) => self.input_index(scope, merge, path, "`order`").map(OrderSpec::First),
+            ast::Order::First(path) => self
+                .input_index(scope, merge, path, "`order`")
+                .map(OrderSpec::First),
             ast::Order::List(paths, span) => {
                 let mut indices: Vec<usize> = Vec::new();
                 let mut ok = true;
                 for path in paths {
                     match self.input_index(scope, merge, path, "`order`") {
                         Some(i) if indices.contains(&i) => {
-                            let d = Diagnostic::new(Code::E0012, path.span, format!("`{path}` appears twice in the order")).label("listed again");
+                            let d = Diagnostic::new(
+                                Code::E0012,
+                                path.span,
+                                format!("`{path}` appears twice in the order"),
+                            )
+                            .label("listed again");
                             self.error(d);
                             ok = false;
                         }
@@ -398,11 +630,18 @@ impl Checker<'_> {
                         None => ok = false,
                     }
                 }
-                let missing: Vec<String> = (0..merge.inputs.len()).filter(|i| !indices.contains(i)).map(|i| format!("`{}`", self.recipe.input_name(merge.inputs[i].model))).collect();
+                let missing: Vec<String> = (0..merge.inputs.len())
+                    .filter(|i| !indices.contains(i))
+                    .map(|i| format!("`{}`", self.recipe.input_name(merge.inputs[i].model)))
+                    .collect();
                 if ok && !missing.is_empty() {
-                    let d = Diagnostic::new(Code::E0012, *span, format!("the order leaves out {}", missing.join(", ")))
-                        .label("incomplete order")
-                        .help("an order lists every input of the merge once");
+                    let d = Diagnostic::new(
+                        Code::E0012,
+                        *span,
+                        format!("the order leaves out {}", missing.join(", ")),
+                    )
+                    .label("incomplete order")
+                    .help("an order lists every input of the merge once");
                     self.error(d);
                     ok = false;
                 }
@@ -411,7 +650,14 @@ impl Checker<'_> {
         }
     }
 
-    fn rule(&mut self, scope: &Scope, merge: &Merge, pattern: &ast::Expr, body: &Block<Stmt>, span: Span) -> Option<LayerRule> {
+    fn rule(
+        &mut self,
+        scope: &Scope,
+        merge: &Merge,
+        pattern: &ast::Expr,
+        body: &Block<Stmt>,
+        span: Span,
+    ) -> Option<LayerRule> {
         let mut patterns = Vec::new();
         let values = match self.eval(scope, pattern)? {
             Val::List(items) => items,
@@ -431,10 +677,22 @@ impl Checker<'_> {
                 Err(e) => {
                     // Point into the string literal when the pattern is written inline.
                     let literal = self.program.sources.snippet(vspan).starts_with('"');
-                    let at = if literal { Span::new(vspan.file, vspan.start as usize + 1 + e.range.start, vspan.start as usize + 1 + e.range.end) } else { vspan };
-                    let d = Diagnostic::new(Code::E0018, at, format!("invalid layer pattern: {}", e.message))
-                        .label(e.message.clone())
-                        .help("patterns use `*`, `?`, `{a..b}` (inclusive) and `{x,y}`");
+                    let at = if literal {
+                        Span::new(
+                            vspan.file,
+                            vspan.start as usize + 1 + e.range.start,
+                            vspan.start as usize + 1 + e.range.end,
+                        )
+                    } else {
+                        vspan
+                    };
+                    let d = Diagnostic::new(
+                        Code::E0018,
+                        at,
+                        format!("invalid layer pattern: {}", e.message),
+                    )
+                    .label(e.message.clone())
+                    .help("patterns use `*`, `?`, `{a..b}` (inclusive) and `{x,y}`");
                     self.error(d);
                 }
             }
@@ -443,11 +701,24 @@ impl Checker<'_> {
         let mut spans = Spans::default();
         for stmt in &body.items {
             match &stmt.kind {
-                StmtKind::Entry { model, settings: kvs } => {
-                    let Some(index) = self.input_index(scope, merge, model, "a rule") else { continue };
+                StmtKind::Entry {
+                    model,
+                    settings: kvs,
+                } => {
+                    let Some(index) = self.input_index(scope, merge, model, "a rule") else {
+                        continue;
+                    };
                     let mut own = settings.inputs.remove(&index).unwrap_or_default();
                     for kv in kvs {
-                        self.input_setting(scope, merge.method, kv, &mut own, &mut spans, index, Some(span));
+                        self.input_setting(
+                            scope,
+                            merge.method,
+                            kv,
+                            &mut own,
+                            &mut spans,
+                            index,
+                            Some(span),
+                        );
                     }
                     settings.inputs.insert(index, own);
                 }
@@ -457,16 +728,36 @@ impl Checker<'_> {
                         .help("write a separate rule with a narrower pattern after this one; later rules win");
                     self.error(d);
                 }
-                StmtKind::Param(kv) => self.param(scope, merge.method, kv, &mut settings, &mut spans, Some(span)),
+                StmtKind::Param(kv) => self.param(
+                    scope,
+                    merge.method,
+                    kv,
+                    &mut settings,
+                    &mut spans,
+                    Some(span),
+                ),
                 _ => self.statement(scope, merge, stmt, &mut settings, &mut spans),
             }
         }
         let line = self.program.sources.line(span);
-        Some(LayerRule { patterns, line, span, pattern_span: pattern.span, settings })
+        Some(LayerRule {
+            patterns,
+            line,
+            span,
+            pattern_span: pattern.span,
+            settings,
+        })
     }
 
     /// Required parameters, input counts, OBIM's `using` and retention budget.
-    fn requirements(&mut self, merge: &Merge, src: &MergeSource, spans: &Spans, base_written: bool, written_entries: usize) {
+    fn requirements(
+        &mut self,
+        merge: &Merge,
+        src: &MergeSource,
+        spans: &Spans,
+        base_written: bool,
+        written_entries: usize,
+    ) {
         let method = merge.method;
         let (min, max) = method.input_count();
         let n = merge.inputs.len();
@@ -488,13 +779,19 @@ impl Checker<'_> {
                 ParamScope::Merge => {
                     let given = match param.name {
                         "base" => base_written,
-                        "t" => merge.settings.params.t.is_some(),
-                        _ => true,
+                        name => spans.written.contains(&(None, name.to_string())),
                     };
                     if !given {
-                        let d = Diagnostic::new(Code::E0007, src.name.span, format!("`{method}` needs `{}:`", param.name))
-                            .label(format!("no `{}` given", param.name))
-                            .help(format!("add `{}: ...` to the parameter list ({})", param.name, param.doc));
+                        let d = Diagnostic::new(
+                            Code::E0007,
+                            src.name.span,
+                            format!("`{method}` needs `{}:`", param.name),
+                        )
+                        .label(format!("no `{}` given", param.name))
+                        .help(format!(
+                            "add `{}: ...` to the parameter list ({})",
+                            param.name, param.doc
+                        ));
                         self.error(d);
                     }
                 }
@@ -504,11 +801,16 @@ impl Checker<'_> {
                         if let Some(own) = merge.settings.inputs.get(&i) {
                             s.overlay(own);
                         }
-                        let given = match param.name {
-                            "weight" => s.weight.is_some(),
-                            "retain" => s.retain.is_some(),
-                            _ => true,
+                        let written = |at: Option<usize>| {
+                            spans.written.contains(&(at, param.name.to_string()))
                         };
+                        let given = written(None)
+                            || written(Some(i))
+                            || match param.name {
+                                "weight" => s.weight.is_some(),
+                                "retain" => s.retain.is_some(),
+                                _ => true,
+                            };
                         if !given {
                             let name = self.recipe.input_name(input.model).to_string();
                             let d = Diagnostic::new(Code::E0007, input.span, format!("input `{name}` has no `{}`", param.name))
@@ -527,58 +829,126 @@ impl Checker<'_> {
 
     fn obim_requirements(&mut self, merge: &Merge, spans: &Spans) {
         let merge_obd = merge.settings.saliency.unwrap_or(Saliency::Obd) == Saliency::Obd;
-        let any_obd = merge_obd || merge.rules.iter().any(|r| r.settings.saliency == Some(Saliency::Obd));
+        let any_obd = merge_obd
+            || merge
+                .rules
+                .iter()
+                .any(|r| r.settings.saliency == Some(Saliency::Obd));
         for (i, input) in merge.inputs.iter().enumerate() {
-            let using = merge.settings.inputs.get(&i).and_then(|s| s.using).or(merge.settings.defaults.using)
-                .or_else(|| merge.rules.iter().find_map(|r| r.settings.inputs.get(&i).and_then(|s| s.using).or(r.settings.defaults.using)));
+            let using = merge
+                .settings
+                .inputs
+                .get(&i)
+                .and_then(|s| s.using)
+                .or(merge.settings.defaults.using)
+                .or_else(|| {
+                    merge.rules.iter().find_map(|r| {
+                        r.settings
+                            .inputs
+                            .get(&i)
+                            .and_then(|s| s.using)
+                            .or(r.settings.defaults.using)
+                    })
+                });
             let name = self.recipe.input_name(input.model).to_string();
-            if any_obd && using.is_none() {
+            let written = spans.written.contains(&(Some(i), "using".to_string()))
+                || spans.written.contains(&(None, "using".to_string()));
+            if any_obd && using.is_none() && !written {
                 let d = Diagnostic::new(Code::E0011, input.span, format!("input `{name}` has no calibration data for `obd` saliency"))
                     .label("no `using DATA`")
                     .help(format!("add `using DATA` (the expert's own data): `{name} retain ... using DATA`, or set `saliency magnitude`"));
                 self.error(d);
             }
-            if !any_obd {
-                if let Some(s) = spans.using.get(&i) {
-                    let d = Diagnostic::new(Code::W0003, *s, format!("`using` has no effect: `{}` uses `magnitude` saliency everywhere", merge.name)).label("calibration data not needed");
-                    self.error(d);
-                }
+            if !any_obd && let Some(s) = spans.using.get(&i) {
+                let d = Diagnostic::new(
+                    Code::W0003,
+                    *s,
+                    format!(
+                        "`using` has no effect: `{}` uses `magnitude` saliency everywhere",
+                        merge.name
+                    ),
+                )
+                .label("calibration data not needed");
+                self.error(d);
             }
         }
         // Σ retain > 1, for the merge itself and under every rule that changes a ratio.
         let base_retains = |m: &Merge| -> Vec<Option<f64>> {
-            (0..m.inputs.len()).map(|i| m.settings.inputs.get(&i).and_then(|s| s.retain).or(m.settings.defaults.retain)).collect()
+            (0..m.inputs.len())
+                .map(|i| {
+                    m.settings
+                        .inputs
+                        .get(&i)
+                        .and_then(|s| s.retain)
+                        .or(m.settings.defaults.retain)
+                })
+                .collect()
         };
         let retains = base_retains(merge);
-        self.retention_budget(merge, &retains, spans, None);
+        self.retention_budget(merge, &retains, &retains, spans, None);
         for rule in &merge.rules {
-            let sets_retain = rule.settings.defaults.retain.is_some() || rule.settings.inputs.values().any(|s| s.retain.is_some());
+            let sets_retain = rule.settings.defaults.retain.is_some()
+                || rule.settings.inputs.values().any(|s| s.retain.is_some());
             if !sets_retain {
                 continue;
             }
             let adjusted: Vec<Option<f64>> = retains
                 .iter()
                 .enumerate()
-                .map(|(i, r)| rule.settings.inputs.get(&i).and_then(|s| s.retain).or(rule.settings.defaults.retain).or(*r))
+                .map(|(i, r)| {
+                    rule.settings
+                        .inputs
+                        .get(&i)
+                        .and_then(|s| s.retain)
+                        .or(rule.settings.defaults.retain)
+                        .or(*r)
+                })
                 .collect();
-            self.retention_budget(merge, &adjusted, spans, Some(rule));
+            self.retention_budget(merge, &adjusted, &retains, spans, Some(rule));
         }
     }
 
-    fn retention_budget(&mut self, merge: &Merge, retains: &[Option<f64>], spans: &Spans, rule: Option<&LayerRule>) {
+    fn retention_budget(
+        &mut self,
+        merge: &Merge,
+        retains: &[Option<f64>],
+        merge_level: &[Option<f64>],
+        spans: &Spans,
+        rule: Option<&LayerRule>,
+    ) {
         let sum: f64 = retains.iter().flatten().sum();
         if sum <= 1.0 + 1e-9 {
             return;
         }
         let parts: Vec<String> = retains.iter().flatten().map(|r| format!("{r}")).collect();
-        let where_ = rule.map_or(String::new(), |r| format!(" for tensors matching the rule on line {}", r.line));
+        let where_ = rule.map_or(String::new(), |r| {
+            format!(" for tensors matching the rule on line {}", r.line)
+        });
         let primary = rule.map_or(merge.span, |r| r.span);
-        let mut d = Diagnostic::new(Code::E0013, primary, format!("retention ratios of `{}` sum to {} > 1{where_}", merge.name, round(sum)))
-            .label(format!("{} = {}", parts.join(" + "), round(sum)));
+        let mut d = Diagnostic::new(
+            Code::E0013,
+            primary,
+            format!(
+                "retention ratios of `{}` sum to {} > 1{where_}",
+                merge.name,
+                round(sum)
+            ),
+        )
+        .label(format!("{} = {}", parts.join(" + "), round(sum)));
         for (i, input) in merge.inputs.iter().enumerate() {
             if let Some(s) = spans.retain.get(&i).or(spans.retain_default.as_ref()) {
                 let name = self.recipe.input_name(input.model);
-                d = d.with(*s, format!("`{name}` keeps {}", retains[i].map_or_else(String::new, |r| format!("{r}"))));
+                let show = |r: Option<f64>| r.map_or_else(String::new, |r| format!("{r}"));
+                let label = if retains[i] == merge_level[i] {
+                    format!("`{name}` keeps {}", show(retains[i]))
+                } else {
+                    format!(
+                        "`{name}` keeps {}, {} under this rule",
+                        show(merge_level[i]),
+                        show(retains[i])
+                    )
+                };
+                d = d.with(*s, label);
             }
         }
         let _ = spans.order;
@@ -594,7 +964,11 @@ fn round(x: f64) -> f64 {
 }
 
 fn method_names() -> String {
-    Method::ALL.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
+    Method::ALL
+        .iter()
+        .map(|m| m.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Merge {

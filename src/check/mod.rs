@@ -7,7 +7,7 @@ mod decls;
 mod merge;
 
 use crate::codes::Code;
-use crate::diagnostic::{self, closest, Diagnostic};
+use crate::diagnostic::{self, Diagnostic, closest};
 use crate::load::Program;
 use crate::recipe::{DataId, InputRef, MergeId, ModelId, Recipe};
 use crate::source::Span;
@@ -57,7 +57,11 @@ struct Def {
 
 #[derive(Debug, Default)]
 struct ModuleScope {
+    /// Models, merges, stages and `let`s.
     locals: HashMap<String, usize>,
+    /// Data sources have their own namespace: `code retain 0.1 using code`
+    /// names the model `code` and the data source `code`.
+    data: HashMap<String, usize>,
     /// `import "x"` without alias: (import item, module).
     globs: Vec<(usize, usize)>,
     /// `import "x" as m`.
@@ -133,7 +137,10 @@ impl<'p> Checker<'p> {
             used_imports: HashSet::new(),
             evaluating: Vec::new(),
             let_values: HashMap::new(),
-            recipe: Recipe { root: program.modules.first().map(|m| m.file).unwrap_or_default(), ..Recipe::default() },
+            recipe: Recipe {
+                root: program.modules.first().map(|m| m.file).unwrap_or_default(),
+                ..Recipe::default()
+            },
             diagnostics: Vec::new(),
             instantiating: Vec::new(),
         }
@@ -152,7 +159,9 @@ impl<'p> Checker<'p> {
         for index in 0..self.defs.len() {
             let def = self.defs[index].clone();
             match (def.kind, &self.item(&def).kind) {
-                (DefKind::Model(id), ItemKind::Model(decl)) => self.recipe.models[id.0] = self.model(&def, decl),
+                (DefKind::Model(id), ItemKind::Model(decl)) => {
+                    self.recipe.models[id.0] = self.model(&def, decl)
+                }
                 (DefKind::Data(id), ItemKind::Data(decl)) => {
                     let data = self.data(&def, decl);
                     self.recipe.data[id.0] = data;
@@ -164,7 +173,10 @@ impl<'p> Checker<'p> {
             let def = self.defs[index].clone();
             match (def.kind, &self.item(&def).kind) {
                 (DefKind::Merge(id), ItemKind::Merge(decl)) => {
-                    let scope = Scope { module: def.module, args: None };
+                    let scope = Scope {
+                        module: def.module,
+                        args: None,
+                    };
                     if let Some(merge) = self.merge_decl(&scope, decl) {
                         self.recipe.merges[id.0] = merge;
                     }
@@ -189,42 +201,59 @@ impl<'p> Checker<'p> {
             for (i, item) in module.ast.items.iter().enumerate() {
                 let (name, kind) = match &item.kind {
                     ItemKind::Model(d) => {
-                        self.recipe.models.push(placeholder_model(d));
-                        (&d.name, DefKind::Model(ModelId(self.recipe.models.len() - 1)))
+                        (&d.name, DefKind::Model(ModelId(self.recipe.models.len())))
                     }
-                    ItemKind::Data(d) => {
-                        self.recipe.data.push(placeholder_data(d));
-                        (&d.name, DefKind::Data(DataId(self.recipe.data.len() - 1)))
-                    }
+                    ItemKind::Data(d) => (&d.name, DefKind::Data(DataId(self.recipe.data.len()))),
                     ItemKind::Merge(d) => {
-                        self.recipe.merges.push(placeholder_merge(d));
-                        (&d.name, DefKind::Merge(MergeId(self.recipe.merges.len() - 1)))
+                        (&d.name, DefKind::Merge(MergeId(self.recipe.merges.len())))
                     }
                     ItemKind::Let(d) => (&d.name, DefKind::Let),
                     ItemKind::Stage(d) => (&d.name, DefKind::Stage),
                     ItemKind::Import(_) | ItemKind::Output(_) => continue,
                 };
-                if let Some(&previous) = scope.locals.get(&name.name) {
+                let namespace = if matches!(kind, DefKind::Data(_)) {
+                    &mut scope.data
+                } else {
+                    &mut scope.locals
+                };
+                if let Some(&previous) = namespace.get(&name.name) {
                     let prev = &self.defs[previous];
                     let d = Diagnostic::new(Code::E0003, name.span, format!("`{}` is defined twice", name.name))
                         .label(format!("defined again here, as {}", kind.describe()))
                         .with(prev.name.span, format!("first defined here, as {}", prev.kind.describe()))
-                        .help("every model, data source, merge, stage and `let` needs its own name");
+                        .help("models, merges, stages and `let`s share one namespace, data sources have their own");
                     self.diagnostics.push(d);
                     continue;
                 }
-                self.defs.push(Def { module: m, item: i, kind, name: name.clone() });
-                scope.locals.insert(name.name.clone(), self.defs.len() - 1);
+                match &item.kind {
+                    ItemKind::Model(d) => self.recipe.models.push(placeholder_model(d)),
+                    ItemKind::Data(d) => self.recipe.data.push(placeholder_data(d)),
+                    ItemKind::Merge(d) => self.recipe.merges.push(placeholder_merge(d)),
+                    _ => {}
+                }
+                self.defs.push(Def {
+                    module: m,
+                    item: i,
+                    kind,
+                    name: name.clone(),
+                });
+                namespace.insert(name.name.clone(), self.defs.len() - 1);
             }
             for &(item, target) in &module.imports {
                 let Some(target) = target else { continue };
-                let ItemKind::Import(import) = &module.ast.items[item].kind else { continue };
+                let ItemKind::Import(import) = &module.ast.items[item].kind else {
+                    continue;
+                };
                 match &import.alias {
                     Some(alias) => {
-                        if let Some(&def) = scope.locals.get(&alias.name) {
-                            let d = Diagnostic::new(Code::E0003, alias.span, format!("`{}` is defined twice", alias.name))
-                                .label("used as an import alias here")
-                                .with(self.defs[def].name.span, "also defined here");
+                        if let Some(def) = scope.find(&alias.name, false) {
+                            let d = Diagnostic::new(
+                                Code::E0003,
+                                alias.span,
+                                format!("`{}` is defined twice", alias.name),
+                            )
+                            .label("used as an import alias here")
+                            .with(self.defs[def].name.span, "also defined here");
                             self.diagnostics.push(d);
                         }
                         scope.aliases.insert(alias.name.clone(), (item, target));
@@ -235,7 +264,12 @@ impl<'p> Checker<'p> {
             self.scopes.push(scope);
         }
         // Qualified names in imported modules keep their alias: `m.math`.
-        let root_aliases: Vec<(String, usize)> = self.scopes.first().map_or_else(Vec::new, |s| s.aliases.iter().map(|(a, (_, t))| (a.clone(), *t)).collect());
+        let root_aliases: Vec<(String, usize)> = self.scopes.first().map_or_else(Vec::new, |s| {
+            s.aliases
+                .iter()
+                .map(|(a, (_, t))| (a.clone(), *t))
+                .collect()
+        });
         for (alias, target) in root_aliases {
             for def in self.defs.iter().filter(|d| d.module == target) {
                 let qualified = format!("{alias}.{}", def.name.name);
@@ -252,23 +286,44 @@ impl<'p> Checker<'p> {
     /// Finds what a path names. Stage arguments come first, then the
     /// module's own definitions, then its unaliased imports.
     fn lookup(&mut self, scope: &Scope, path: &ast::Path) -> Option<Found> {
+        self.lookup_in(scope, path, false)
+    }
+
+    /// `data_first`: where a data source is expected (`using`), the data
+    /// namespace is searched before the other one.
+    fn lookup_in(&mut self, scope: &Scope, path: &ast::Path, data_first: bool) -> Option<Found> {
         if let Some(q) = &path.qualifier {
             let Some(&(import, target)) = self.scopes[scope.module].aliases.get(&q.name) else {
-                let aliases: Vec<String> = self.scopes[scope.module].aliases.keys().cloned().collect();
-                let mut d = Diagnostic::new(Code::E0002, q.span, format!("no import named `{}`", q.name)).label("not an import alias");
+                let aliases: Vec<String> =
+                    self.scopes[scope.module].aliases.keys().cloned().collect();
+                let mut d =
+                    Diagnostic::new(Code::E0002, q.span, format!("no import named `{}`", q.name))
+                        .label("not an import alias");
                 d = match closest(&q.name, aliases.iter().map(String::as_str)) {
                     Some(c) => d.help(format!("did you mean `{c}`?")),
-                    None => d.help(format!("import the recipe first: `import \"./{}.obim\" as {}`", q.name, q.name)),
+                    None => d.help(format!(
+                        "import the recipe first: `import \"./{}.obim\" as {}`",
+                        q.name, q.name
+                    )),
                 };
                 self.error(d);
                 return None;
             };
             self.used_imports.insert((scope.module, import));
-            let found = self.scopes[target].locals.get(&path.name.name).copied();
+            let found = self.scopes[target].find(&path.name.name, data_first);
             if found.is_none() {
-                let names: Vec<String> = self.scopes[target].locals.keys().cloned().collect();
-                let file = &self.program.sources.get(self.program.modules[target].file).name;
-                let mut d = Diagnostic::new(Code::E0002, path.name.span, format!("`{}` is not defined in `{file}`", path.name.name)).label("unknown name");
+                let names: Vec<String> = self.scopes[target].names().collect();
+                let file = &self
+                    .program
+                    .sources
+                    .get(self.program.modules[target].file)
+                    .name;
+                let mut d = Diagnostic::new(
+                    Code::E0002,
+                    path.name.span,
+                    format!("`{}` is not defined in `{file}`", path.name.name),
+                )
+                .label("unknown name");
                 if let Some(c) = closest(&path.name.name, names.iter().map(String::as_str)) {
                     d = d.help(format!("did you mean `{}.{c}`?", q.name));
                 }
@@ -278,17 +333,17 @@ impl<'p> Checker<'p> {
             return found.map(|d| self.use_def(d));
         }
         let name = &path.name.name;
-        if let Some(args) = &scope.args {
-            if let Some(expr) = args.values.get(name) {
-                return Some(Found::Arg(expr.clone(), args.caller.clone()));
-            }
+        if let Some(args) = &scope.args
+            && let Some(expr) = args.values.get(name)
+        {
+            return Some(Found::Arg(expr.clone(), args.caller.clone()));
         }
-        if let Some(&def) = self.scopes[scope.module].locals.get(name) {
+        if let Some(def) = self.scopes[scope.module].find(name, data_first) {
             return Some(self.use_def(def));
         }
         let globs = self.scopes[scope.module].globs.clone();
         for (import, target) in globs {
-            if let Some(&def) = self.scopes[target].locals.get(name) {
+            if let Some(def) = self.scopes[target].find(name, data_first) {
                 self.used_imports.insert((scope.module, import));
                 return Some(self.use_def(def));
             }
@@ -304,12 +359,12 @@ impl<'p> Checker<'p> {
     /// Every name visible from a scope, for "did you mean".
     fn visible_names(&self, scope: &Scope) -> Vec<String> {
         let s = &self.scopes[scope.module];
-        let mut names: Vec<String> = s.locals.keys().cloned().collect();
+        let mut names: Vec<String> = s.names().collect();
         for (_, target) in &s.globs {
-            names.extend(self.scopes[*target].locals.keys().cloned());
+            names.extend(self.scopes[*target].names());
         }
         for (alias, (_, target)) in &s.aliases {
-            names.extend(self.scopes[*target].locals.keys().map(|n| format!("{alias}.{n}")));
+            names.extend(self.scopes[*target].names().map(|n| format!("{alias}.{n}")));
         }
         if let Some(args) = &scope.args {
             names.extend(args.values.keys().cloned());
@@ -353,10 +408,18 @@ impl<'p> Checker<'p> {
             return v.clone();
         }
         if let Some(pos) = self.evaluating.iter().position(|d| *d == def) {
-            let names: Vec<String> = self.evaluating[pos..].iter().chain([&def]).map(|d| self.defs[*d].name.name.clone()).collect();
-            let d = Diagnostic::new(Code::E0014, self.defs[def].name.span, format!("`let` values refer to each other: {}", names.join(" → ")))
-                .label("this value depends on itself")
-                .help("give one of the values a literal");
+            let names: Vec<String> = self.evaluating[pos..]
+                .iter()
+                .chain([&def])
+                .map(|d| self.defs[*d].name.name.clone())
+                .collect();
+            let d = Diagnostic::new(
+                Code::E0014,
+                self.defs[def].name.span,
+                format!("`let` values refer to each other: {}", names.join(" → ")),
+            )
+            .label("this value depends on itself")
+            .help("give one of the values a literal");
             self.error(d);
             for d in &self.evaluating[pos..] {
                 self.let_values.insert(*d, None);
@@ -364,9 +427,14 @@ impl<'p> Checker<'p> {
             return None;
         }
         let d = self.defs[def].clone();
-        let ItemKind::Let(decl) = &self.item(&d).kind else { return None };
+        let ItemKind::Let(decl) = &self.item(&d).kind else {
+            return None;
+        };
         self.evaluating.push(def);
-        let scope = Scope { module: d.module, args: None };
+        let scope = Scope {
+            module: d.module,
+            args: None,
+        };
         let value = self.eval(&scope, &decl.value);
         self.evaluating.pop();
         let value = match value {
@@ -381,18 +449,25 @@ impl<'p> Checker<'p> {
 
     fn unknown_name(&mut self, scope: &Scope, name: &str, span: Span) {
         let names = self.visible_names(scope);
-        let mut d = Diagnostic::new(Code::E0002, span, format!("unknown name `{name}`")).label("not defined");
+        let mut d = Diagnostic::new(Code::E0002, span, format!("unknown name `{name}`"))
+            .label("not defined");
         if let Some(c) = closest(name, names.iter().map(String::as_str)) {
             d = d.help(format!("did you mean `{c}`?"));
         } else {
-            d = d.help("define it with `model`, `data`, `merge` or `let`, or import a module that does");
+            d = d.help(
+                "define it with `model`, `data`, `merge` or `let`, or import a module that does",
+            );
         }
         self.error(d);
     }
 
     fn type_error(&mut self, span: Span, expected: &str, got: &Val) {
-        let d = Diagnostic::new(Code::E0008, span, format!("expected {expected}, found {}", got.describe()))
-            .label(format!("this is {}", got.describe()));
+        let d = Diagnostic::new(
+            Code::E0008,
+            span,
+            format!("expected {expected}, found {}", got.describe()),
+        )
+        .label(format!("this is {}", got.describe()));
         self.error(d);
     }
 
@@ -448,9 +523,13 @@ impl<'p> Checker<'p> {
                 None
             }
             other => {
-                let d = Diagnostic::new(Code::E0004, expr.span, format!("expected a model or merge, found {}", other.describe()))
-                    .label(format!("this is {}", other.describe()))
-                    .help("merge inputs, `base:`, `order` and `take` name models or merges");
+                let d = Diagnostic::new(
+                    Code::E0004,
+                    expr.span,
+                    format!("expected a model or merge, found {}", other.describe()),
+                )
+                .label(format!("this is {}", other.describe()))
+                .help("merge inputs, `base:`, `order` and `take` name models or merges");
                 self.error(d);
                 None
             }
@@ -458,16 +537,32 @@ impl<'p> Checker<'p> {
     }
 
     fn data_ref(&mut self, scope: &Scope, expr: &Expr) -> Option<DataId> {
-        match self.eval(scope, expr)? {
+        let value = match &expr.kind {
+            ExprKind::Path(path) => match self.lookup_in(scope, path, true) {
+                Some(Found::Def(def)) => match self.defs[def].kind {
+                    DefKind::Data(id) => Some(Val::Data(id)),
+                    _ => self.eval(scope, expr),
+                },
+                Some(Found::Arg(e, caller)) => return self.data_ref(&caller, &e),
+                None if path.qualifier.is_none() => Some(Val::Word(path.name.name.clone())),
+                None => None,
+            },
+            _ => self.eval(scope, expr),
+        };
+        match value? {
             Val::Data(d) => Some(d),
             Val::Word(w) => {
                 self.unknown_name(scope, &w, expr.span);
                 None
             }
             other => {
-                let d = Diagnostic::new(Code::E0004, expr.span, format!("expected a data source, found {}", other.describe()))
-                    .label(format!("this is {}", other.describe()))
-                    .help("`using` names a `data` source: `data gsm8k = jsonl(\"gsm8k.jsonl\")`");
+                let d = Diagnostic::new(
+                    Code::E0004,
+                    expr.span,
+                    format!("expected a data source, found {}", other.describe()),
+                )
+                .label(format!("this is {}", other.describe()))
+                .help("`using` names a `data` source: `data gsm8k = jsonl(\"gsm8k.jsonl\")`");
                 self.error(d);
                 None
             }
@@ -493,7 +588,8 @@ impl<'p> Checker<'p> {
                 None
             }
             None => {
-                let d = Diagnostic::new(Code::E0008, expr.span, format!("expected {what}")).label(format!("expected {}", or_list(allowed)));
+                let d = Diagnostic::new(Code::E0008, expr.span, format!("expected {what}"))
+                    .label(format!("expected {}", or_list(allowed)));
                 self.error(d);
                 None
             }
@@ -501,14 +597,27 @@ impl<'p> Checker<'p> {
     }
 
     /// Unused definitions of the root file. A file without outputs is a
-    /// library whose names are there for importers: it gets no warnings.
+    /// library whose names are there for importers, and a file with errors
+    /// has more urgent problems: neither gets these warnings.
     fn unused(&mut self) {
-        let Some(root) = self.program.modules.first() else { return };
-        if !root.ast.items.iter().any(|i| matches!(i.kind, ItemKind::Output(_))) {
+        let Some(root) = self.program.modules.first() else {
+            return;
+        };
+        if !root
+            .ast
+            .items
+            .iter()
+            .any(|i| matches!(i.kind, ItemKind::Output(_)))
+        {
+            return;
+        }
+        // With errors to fix, "never used" is noise (often their consequence).
+        if self.diagnostics.iter().any(Diagnostic::is_error) {
             return;
         }
         for (index, def) in self.defs.iter().enumerate() {
-            if def.module != 0 || self.used_defs.contains(&index) || def.name.name.starts_with('_') {
+            if def.module != 0 || self.used_defs.contains(&index) || def.name.name.starts_with('_')
+            {
                 continue;
             }
             let d = Diagnostic::new(Code::W0001, def.name.span, format!("{} `{}` is never used", def.kind.describe(), def.name.name))
@@ -524,7 +633,9 @@ impl<'p> Checker<'p> {
                 continue;
             }
             let span = root.ast.items[item].span;
-            let d = Diagnostic::new(Code::W0001, span, "nothing from this import is used").label("unused import").help("remove the import");
+            let d = Diagnostic::new(Code::W0001, span, "nothing from this import is used")
+                .label("unused import")
+                .help("remove the import");
             self.diagnostics.push(d);
         }
     }
@@ -532,7 +643,9 @@ impl<'p> Checker<'p> {
     /// Merges that depend on each other, each cycle once with its whole path.
     fn merge_cycles(&mut self) {
         let mut graph = petgraph::graph::DiGraph::<usize, ()>::new();
-        let nodes: Vec<_> = (0..self.recipe.merges.len()).map(|i| graph.add_node(i)).collect();
+        let nodes: Vec<_> = (0..self.recipe.merges.len())
+            .map(|i| graph.add_node(i))
+            .collect();
         for (i, merge) in self.recipe.merges.iter().enumerate() {
             for dep in merge.dependencies() {
                 if let InputRef::Merge(m) = dep {
@@ -568,15 +681,37 @@ impl<'p> Checker<'p> {
                 }
                 current = next;
             }
-            let names: Vec<&str> = path.iter().map(|m| self.recipe.merges[*m].name.as_str()).collect();
-            let mut d = Diagnostic::new(Code::E0014, self.recipe.merges[members[0]].span, format!("merges depend on each other: {}", names.join(" → ")))
-                .label("this merge depends on itself")
-                .help("a merge can only use merges that do not use it");
+            let names: Vec<&str> = path
+                .iter()
+                .map(|m| self.recipe.merges[*m].name.as_str())
+                .collect();
+            let mut d = Diagnostic::new(
+                Code::E0014,
+                self.recipe.merges[members[0]].span,
+                format!("merges depend on each other: {}", names.join(" → ")),
+            )
+            .label("this merge depends on itself")
+            .help("a merge can only use merges that do not use it");
             for m in &path[1..path.len().saturating_sub(1)] {
                 d = d.with(self.recipe.merges[*m].span, "part of the cycle");
             }
             self.diagnostics.push(d);
         }
+    }
+}
+
+impl ModuleScope {
+    fn find(&self, name: &str, data_first: bool) -> Option<usize> {
+        let (first, second) = if data_first {
+            (&self.data, &self.locals)
+        } else {
+            (&self.locals, &self.data)
+        };
+        first.get(name).or_else(|| second.get(name)).copied()
+    }
+
+    fn names(&self) -> impl Iterator<Item = String> + '_ {
+        self.locals.keys().chain(self.data.keys()).cloned()
     }
 }
 
@@ -599,7 +734,9 @@ fn placeholder_model(d: &ast::ModelDecl) -> crate::recipe::Model {
     crate::recipe::Model {
         name: d.name.name.clone(),
         is_base: d.is_base,
-        source: crate::recipe::ModelSource::Local { path: Default::default() },
+        source: crate::recipe::ModelSource::Local {
+            path: Default::default(),
+        },
         span: d.name.span,
     }
 }

@@ -11,7 +11,9 @@ pub use render::PlanView;
 use crate::checkpoint::TensorInfo;
 use crate::methods::{Default as ParamDefault, Method, Scope as ParamScope};
 use crate::open::Inventory;
-use crate::recipe::{DataId, InputRef, MergeId, ModelId, ModelSource, Recipe, Saliency, TensorSettings};
+use crate::recipe::{
+    DataId, InputRef, MergeId, ModelId, ModelSource, Recipe, Saliency, TensorSettings,
+};
 use crate::source::{SourceMap, Span};
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::collections::{BTreeMap, HashMap};
@@ -71,7 +73,9 @@ impl PlannedTensor {
     /// differs from the setting.
     pub fn saliency(&self) -> (Saliency, Option<&'static str>) {
         match self.settings.saliency {
-            Saliency::Obd if !self.has_linear_input => (Saliency::Magnitude, Some("no linear input")),
+            Saliency::Obd if !self.has_linear_input => {
+                (Saliency::Magnitude, Some("no linear input"))
+            }
             s => (s, None),
         }
     }
@@ -81,7 +85,9 @@ impl PlannedTensor {
 /// activations OBD saliency weighs. Embeddings and norms are not.
 pub fn has_linear_input(name: &str, info: &TensorInfo, all: &BTreeMap<String, TensorInfo>) -> bool {
     let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
-    let is_embedding = module.ends_with("embed_tokens") || module.ends_with("wte") || module.ends_with("embeddings");
+    let is_embedding = module.ends_with("embed_tokens")
+        || module.ends_with("wte")
+        || module.ends_with("embeddings");
     if is_embedding {
         return false;
     }
@@ -89,7 +95,9 @@ pub fn has_linear_input(name: &str, info: &TensorInfo, all: &BTreeMap<String, Te
         return info.shape.len() == 2;
     }
     if name.ends_with(".bias") {
-        return all.get(&format!("{module}.weight")).is_some_and(|w| w.shape.len() == 2);
+        return all
+            .get(&format!("{module}.weight"))
+            .is_some_and(|w| w.shape.len() == 2);
     }
     false
 }
@@ -98,7 +106,13 @@ impl Plan {
     /// Lowers a checked recipe (without errors) into its plan: the outputs of
     /// the root file and every merge defined there, with what they need.
     pub fn lower(recipe: &Recipe, inventory: &Inventory, sources: &SourceMap) -> Plan {
-        let mut lowering = Lowering { recipe, inventory, graph: DiGraph::new(), nodes: HashMap::new(), tensors: HashMap::new() };
+        let mut lowering = Lowering {
+            recipe,
+            inventory,
+            graph: DiGraph::new(),
+            nodes: HashMap::new(),
+            tensors: HashMap::new(),
+        };
         for (i, merge) in recipe.merges.iter().enumerate() {
             if merge.span.file == recipe.root {
                 lowering.merge(MergeId(i));
@@ -107,13 +121,32 @@ impl Plan {
         for (i, output) in recipe.outputs.iter().enumerate() {
             let merge = lowering.merge(output.merge);
             let tokenizer = output.tokenizer.map(|t| lowering.input(t));
-            let hash = hash_of(&[&lowering.graph[merge].hash, &format!("{:?}|{}|{:?}", output.dtype, output.shard_size, tokenizer.map(|t| &lowering.graph[t].hash))]);
+            let hash = hash_of(&[
+                &lowering.graph[merge].hash,
+                &format!(
+                    "{:?}|{}|{:?}",
+                    output.dtype,
+                    output.shard_size,
+                    tokenizer.map(|t| &lowering.graph[t].hash)
+                ),
+            ]);
             let id = format!("write:{}", output.written);
-            let node = lowering.add(Step { id, kind: StepKind::Write(i), span: output.span, hash }, &[Some(merge), tokenizer]);
+            let node = lowering.add(
+                Step {
+                    id,
+                    kind: StepKind::Write(i),
+                    span: output.span,
+                    hash,
+                },
+                &[Some(merge), tokenizer],
+            );
             lowering.nodes.insert(StepKind::Write(i), node);
         }
         let _ = sources;
-        Plan { graph: lowering.graph, tensors: lowering.tensors }
+        Plan {
+            graph: lowering.graph,
+            tensors: lowering.tensors,
+        }
     }
 
     /// Steps in an order where every step comes after its dependencies
@@ -124,7 +157,10 @@ impl Plan {
         // Kahn's algorithm, always taking the lowest-index ready node, so the
         // order is stable and follows the recipe.
         loop {
-            let next = self.graph.node_indices().find(|n| !done[n.index()] && self.graph.neighbors(*n).all(|d| done[d.index()]));
+            let next = self
+                .graph
+                .node_indices()
+                .find(|n| !done[n.index()] && self.graph.neighbors(*n).all(|d| done[d.index()]));
             let Some(n) = next else { break };
             done[n.index()] = true;
             order.push(n);
@@ -134,10 +170,18 @@ impl Plan {
 
     /// The ids of a step's direct dependencies.
     pub fn deps(&self, step: &Step) -> Vec<&str> {
-        let Some(node) = self.graph.node_indices().find(|n| self.graph[*n].id == step.id) else { return Vec::new() };
+        let Some(node) = self
+            .graph
+            .node_indices()
+            .find(|n| self.graph[*n].id == step.id)
+        else {
+            return Vec::new();
+        };
         let mut deps: Vec<NodeIndex> = self.graph.neighbors(node).collect();
         deps.sort();
-        deps.into_iter().map(|d| self.graph[d].id.as_str()).collect()
+        deps.into_iter()
+            .map(|d| self.graph[d].id.as_str())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -173,12 +217,25 @@ impl Lowering<'_> {
         let model = &self.recipe.models[id.0];
         let source = match &model.source {
             ModelSource::Local { .. } => String::from("local"),
-            ModelSource::Hub { id, revision } => format!("hub:{id}@{}", revision.as_deref().unwrap_or("main")),
+            ModelSource::Hub { id, revision } => {
+                format!("hub:{id}@{}", revision.as_deref().unwrap_or("main"))
+            }
         };
         // A local model is identified by its headers; a hub model by id and revision until opened.
-        let content = self.inventory.get(id).map_or(String::new(), |i| i.hash.clone());
+        let content = self
+            .inventory
+            .get(id)
+            .map_or(String::new(), |i| i.hash.clone());
         let hash = hash_of(&[&source, &content]);
-        let node = self.add(Step { id: format!("open:{}", model.name), kind: StepKind::Open(id), span: model.span, hash }, &[]);
+        let node = self.add(
+            Step {
+                id: format!("open:{}", model.name),
+                kind: StepKind::Open(id),
+                span: model.span,
+                hash,
+            },
+            &[],
+        );
         self.nodes.insert(StepKind::Open(id), node);
         node
     }
@@ -198,10 +255,21 @@ impl Lowering<'_> {
         let model = self.input(input);
         let d = &self.recipe.data[data.0];
         let content = data_content_hash(d);
-        let spec = format!("{:?}|{}|{}|{:?}|{}|{}|{content}", d.kind, d.pattern, d.field, d.samples, d.seq_len, d.seed);
+        let spec = format!(
+            "{:?}|{}|{}|{:?}|{}|{}|{content}",
+            d.kind, d.pattern, d.field, d.samples, d.seq_len, d.seed
+        );
         let hash = hash_of(&[&self.graph[model].hash, &spec]);
         let id = format!("calibrate:{}@{}", self.recipe.input_name(input), d.name);
-        let node = self.add(Step { id, kind, span: d.span, hash }, &[Some(model)]);
+        let node = self.add(
+            Step {
+                id,
+                kind,
+                span: d.span,
+                hash,
+            },
+            &[Some(model)],
+        );
         self.nodes.insert(kind, node);
         node
     }
@@ -211,23 +279,30 @@ impl Lowering<'_> {
             return *n;
         }
         let merge = &self.recipe.merges[id.0];
-        let mut deps: Vec<Option<NodeIndex>> = merge.dependencies().map(|d| Some(self.input(d))).collect();
+        let mut deps: Vec<Option<NodeIndex>> =
+            merge.dependencies().map(|d| Some(self.input(d))).collect();
         let tensors = self.tensors_of(id);
         // Calibrations: every (input, data) pair some tensor needs for OBD.
         let mut needed: Vec<(usize, DataId)> = Vec::new();
         for t in &tensors {
-            if merge.method != Method::Obim || t.settings.take.is_some() || t.saliency().0 != Saliency::Obd {
+            if merge.method != Method::Obim
+                || t.settings.take.is_some()
+                || t.saliency().0 != Saliency::Obd
+            {
                 continue;
             }
             for (i, s) in t.settings.inputs.iter().enumerate() {
-                if let Some(d) = s.using {
-                    if !needed.contains(&(i, d)) {
-                        needed.push((i, d));
-                    }
+                if let Some(d) = s.using
+                    && !needed.contains(&(i, d))
+                {
+                    needed.push((i, d));
                 }
             }
         }
-        if tensors.is_empty() && merge.method == Method::Obim && merge.settings.saliency.unwrap_or(Saliency::Obd) == Saliency::Obd {
+        if tensors.is_empty()
+            && merge.method == Method::Obim
+            && merge.settings.saliency.unwrap_or(Saliency::Obd) == Saliency::Obd
+        {
             // No headers to decide per tensor: plan every input's own data.
             for i in 0..merge.inputs.len() {
                 if let Some(d) = merge.input_settings(i).using {
@@ -239,8 +314,17 @@ impl Lowering<'_> {
         for (i, data) in needed {
             deps.push(Some(self.calibrate(merge.inputs[i].model, data)));
         }
-        let mut parts: Vec<String> = deps.iter().flatten().map(|n| self.graph[*n].hash.clone()).collect();
-        parts.push(format!("{}|{:?}|{:?}", merge.method, merge.settings, merge.inputs.iter().map(|i| i.model).collect::<Vec<_>>()));
+        let mut parts: Vec<String> = deps
+            .iter()
+            .flatten()
+            .map(|n| self.graph[*n].hash.clone())
+            .collect();
+        parts.push(format!(
+            "{}|{:?}|{:?}",
+            merge.method,
+            merge.settings,
+            merge.inputs.iter().map(|i| i.model).collect::<Vec<_>>()
+        ));
         for rule in &merge.rules {
             let patterns: Vec<&str> = rule.patterns.iter().map(|p| p.as_str()).collect();
             parts.push(format!("{patterns:?}|{:?}", rule.settings));
@@ -248,7 +332,15 @@ impl Lowering<'_> {
         parts.push(format!("obim {}", env!("CARGO_PKG_VERSION")));
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
         let hash = hash_of(&refs);
-        let node = self.add(Step { id: format!("merge:{}", merge.name), kind: StepKind::Merge(id), span: merge.span, hash }, &deps);
+        let node = self.add(
+            Step {
+                id: format!("merge:{}", merge.name),
+                kind: StepKind::Merge(id),
+                span: merge.span,
+                hash,
+            },
+            &deps,
+        );
         self.nodes.insert(StepKind::Merge(id), node);
         self.tensors.insert(id, tensors);
         node
@@ -256,15 +348,24 @@ impl Lowering<'_> {
 
     fn tensors_of(&self, id: MergeId) -> Vec<PlannedTensor> {
         let merge = &self.recipe.merges[id.0];
-        let Some(base) = merge.base.or_else(|| merge.inputs.first().map(|i| i.model)) else { return Vec::new() };
-        let Some(info) = self.inventory.of_input(self.recipe, base) else { return Vec::new() };
+        let Some(base) = merge.base.or_else(|| merge.inputs.first().map(|i| i.model)) else {
+            return Vec::new();
+        };
+        let Some(info) = self.inventory.of_input(self.recipe, base) else {
+            return Vec::new();
+        };
         let mut names: Vec<&String> = info.tensors.keys().collect();
         names.sort_by_key(|n| natural_key(n));
         names
             .into_iter()
             .map(|name| {
                 let t = &info.tensors[name];
-                PlannedTensor { name: name.clone(), info: t.clone(), settings: merge.tensor_settings(name), has_linear_input: has_linear_input(name, t, &info.tensors) }
+                PlannedTensor {
+                    name: name.clone(),
+                    info: t.clone(),
+                    settings: merge.tensor_settings(name),
+                    has_linear_input: has_linear_input(name, t, &info.tensors),
+                }
             })
             .collect()
     }
@@ -298,11 +399,19 @@ fn data_content_hash(data: &crate::recipe::Data) -> String {
 
 /// Sort key that orders `layers.10` after `layers.9`.
 fn natural_key(name: &str) -> Vec<(u64, String)> {
-    name.split('.').map(|part| part.parse::<u64>().map_or((u64::MAX, part.to_string()), |n| (n, String::new()))).collect()
+    name.split('.')
+        .map(|part| {
+            part.parse::<u64>()
+                .map_or((u64::MAX, part.to_string()), |n| (n, String::new()))
+        })
+        .collect()
 }
 
 /// A merge parameter's value on a tensor, with the method's default.
-pub fn effective_params(method: Method, settings: &TensorSettings) -> Vec<(&'static str, serde_json::Value)> {
+pub fn effective_params(
+    method: Method,
+    settings: &TensorSettings,
+) -> Vec<(&'static str, serde_json::Value)> {
     let p = &settings.params;
     method
         .params()

@@ -2,12 +2,12 @@
 //! JSON for scripts (keys documented in the README and kept stable), dot for
 //! graphviz.
 
-use super::{effective_params, Plan, PlannedTensor, Step, StepKind};
+use super::{Plan, PlannedTensor, Step, StepKind, effective_params};
 use crate::methods::Method;
 use crate::open::Inventory;
 use crate::recipe::{Merge, MergeId, ModelSource, Recipe, TakeFrom};
 use crate::source::SourceMap;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use std::fmt::Write;
 
 /// What every renderer needs.
@@ -33,7 +33,10 @@ impl PlanView<'_> {
     fn source(&self, source: &ModelSource) -> String {
         match source {
             ModelSource::Local { path } => path.display().to_string(),
-            ModelSource::Hub { id, revision: Some(r) } => format!("{id} @ {r}"),
+            ModelSource::Hub {
+                id,
+                revision: Some(r),
+            } => format!("{id} @ {r}"),
             ModelSource::Hub { id, revision: None } => id.clone(),
         }
     }
@@ -79,7 +82,11 @@ impl PlanView<'_> {
                 })
             })
             .collect();
-        let merges: Vec<Value> = self.merges().into_iter().map(|id| self.merge_json(id)).collect();
+        let merges: Vec<Value> = self
+            .merges()
+            .into_iter()
+            .map(|id| self.merge_json(id))
+            .collect();
         let outputs: Vec<Value> = self
             .recipe
             .outputs
@@ -99,8 +106,16 @@ impl PlanView<'_> {
 
     fn merge_json(&self, id: MergeId) -> Value {
         let merge = &self.recipe.merges[id.0];
-        let names: Vec<&str> = merge.inputs.iter().map(|i| self.recipe.input_name(i.model)).collect();
-        let tensors: Vec<Value> = self.plan.tensors.get(&id).map_or_else(Vec::new, |ts| ts.iter().map(|t| self.tensor_json(merge, &names, t)).collect());
+        let names: Vec<&str> = merge
+            .inputs
+            .iter()
+            .map(|i| self.recipe.input_name(i.model))
+            .collect();
+        let tensors: Vec<Value> = self.plan.tensors.get(&id).map_or_else(Vec::new, |ts| {
+            ts.iter()
+                .map(|t| self.tensor_json(merge, &names, t))
+                .collect()
+        });
         json!({
             "name": merge.name,
             "method": merge.method.name(),
@@ -113,7 +128,11 @@ impl PlanView<'_> {
     fn tensor_json(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> Value {
         let s = &t.settings;
         let per_input = |f: &dyn Fn(usize) -> Option<Value>| -> Map<String, Value> {
-            names.iter().enumerate().filter_map(|(i, n)| f(i).map(|v| (n.to_string(), v))).collect()
+            names
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| f(i).map(|v| (n.to_string(), v)))
+                .collect()
         };
         let obim = merge.method == Method::Obim;
         let (saliency, _) = t.saliency();
@@ -133,7 +152,9 @@ impl PlanView<'_> {
     }
 
     pub fn to_dot(&self) -> String {
-        let mut out = String::from("digraph plan {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+        let mut out = String::from(
+            "digraph plan {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
+        );
         let steps = self.plan.steps();
         for (i, s) in steps.iter().enumerate() {
             let shape = match s.kind {
@@ -170,9 +191,28 @@ impl PlanView<'_> {
         );
         let width = steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
         for (i, s) in steps.iter().enumerate() {
-            let deps: Vec<String> = self.plan.deps(s).iter().filter_map(|d| steps.iter().position(|t| t.id == *d)).map(|j| (j + 1).to_string()).collect();
-            let deps = if deps.is_empty() { String::new() } else { format!("  ← {}", deps.join(", ")) };
-            let _ = writeln!(out, "{:>3}. {:<width$}  {}  line {:<4}{}  {}", i + 1, s.id, &s.hash[..12], self.line(s), deps, self.describe(s));
+            let deps: Vec<String> = self
+                .plan
+                .deps(s)
+                .iter()
+                .filter_map(|d| steps.iter().position(|t| t.id == *d))
+                .map(|j| (j + 1).to_string())
+                .collect();
+            let deps = if deps.is_empty() {
+                String::new()
+            } else {
+                format!("  ← {}", deps.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "{:>3}. {:<width$}  {}  line {:<4}{}  {}",
+                i + 1,
+                s.id,
+                &s.hash[..12],
+                self.line(s),
+                deps,
+                self.describe(s)
+            );
         }
         for id in self.merges() {
             out.push('\n');
@@ -200,24 +240,43 @@ impl PlanView<'_> {
             StepKind::Calibrate(_, d) => {
                 let d = &self.recipe.data[d.0];
                 let samples = d.samples.map_or("all".to_string(), |n| n.to_string());
-                format!("{:?}(\"{}\") field {}, {samples} samples, seq_len {}, seed {}", d.kind, d.pattern, d.field, d.seq_len, d.seed).to_lowercase()
+                format!(
+                    "{:?}(\"{}\") field {}, {samples} samples, seq_len {}, seed {}",
+                    d.kind, d.pattern, d.field, d.seq_len, d.seed
+                )
+                .to_lowercase()
             }
             StepKind::Merge(id) => {
                 let m = &self.recipe.merges[id.0];
-                let inputs: Vec<&str> = m.inputs.iter().map(|i| self.recipe.input_name(i.model)).collect();
-                let base = m.base.map_or(String::new(), |b| format!("(base: {})", self.recipe.input_name(b)));
+                let inputs: Vec<&str> = m
+                    .inputs
+                    .iter()
+                    .map(|i| self.recipe.input_name(i.model))
+                    .collect();
+                let base = m.base.map_or(String::new(), |b| {
+                    format!("(base: {})", self.recipe.input_name(b))
+                });
                 format!("{}{base} of {}", m.method, inputs.join(", "))
             }
             StepKind::Write(i) => {
                 let o = &self.recipe.outputs[i];
-                format!("→ \"{}\", dtype {}, shards ≤ {} bytes", o.written, o.dtype.map_or("of the base", |d| d.name()), thousands(o.shard_size as usize))
+                format!(
+                    "→ \"{}\", dtype {}, shards ≤ {} bytes",
+                    o.written,
+                    o.dtype.map_or("of the base", |d| d.name()),
+                    thousands(o.shard_size as usize)
+                )
             }
         }
     }
 
     fn merge_text(&self, out: &mut String, id: MergeId) {
         let merge = &self.recipe.merges[id.0];
-        let names: Vec<&str> = merge.inputs.iter().map(|i| self.recipe.input_name(i.model)).collect();
+        let names: Vec<&str> = merge
+            .inputs
+            .iter()
+            .map(|i| self.recipe.input_name(i.model))
+            .collect();
         let _ = writeln!(out, "merge {} = {}", merge.name, merge.method);
         if let Some(b) = merge.base {
             let _ = writeln!(out, "  base     {}", self.recipe.input_name(b));
@@ -240,18 +299,44 @@ impl PlanView<'_> {
             let _ = writeln!(out, "  input    {n} {}", parts.join(", "));
         }
         for rule in &merge.rules {
-            let patterns: Vec<String> = rule.patterns.iter().map(|p| format!("\"{}\"", p.as_str())).collect();
-            let _ = writeln!(out, "  rule     line {}: {}", rule.line, patterns.join(", "));
+            let patterns: Vec<String> = rule
+                .patterns
+                .iter()
+                .map(|p| format!("\"{}\"", p.as_str()))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  rule     line {}: {}",
+                rule.line,
+                patterns.join(", ")
+            );
         }
         let Some(tensors) = self.plan.tensors.get(&id) else {
-            let _ = writeln!(out, "  tensors  unknown: the base's headers are not available locally");
+            let _ = writeln!(
+                out,
+                "  tensors  unknown: the base's headers are not available locally"
+            );
             return;
         };
         let _ = writeln!(out, "  tensors  {}", tensors.len());
-        let rows: Vec<[String; 4]> = tensors.iter().map(|t| self.tensor_row(merge, &names, t)).collect();
-        let widths: Vec<usize> = (0..3).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        let rows: Vec<[String; 4]> = tensors
+            .iter()
+            .map(|t| self.tensor_row(merge, &names, t))
+            .collect();
+        let widths: Vec<usize> = (0..3)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
         for r in rows {
-            let line = format!("    {:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+            let line = format!(
+                "    {:<w0$}  {:<w1$}  {:<w2$}  {}",
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2]
+            );
             let _ = writeln!(out, "{}", line.trim_end());
         }
     }
@@ -260,11 +345,32 @@ impl PlanView<'_> {
     fn tensor_row(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> [String; 4] {
         let s = &t.settings;
         let shape = format!("{:?}", t.info.shape);
-        let rules = if s.rule_lines.is_empty() { String::new() } else { format!("rules {}", s.rule_lines.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")) };
+        let rules = if s.rule_lines.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "rules {}",
+                s.rule_lines
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        };
         let what = if let Some(from) = self.take_name(merge, s.take) {
             format!("take {from}")
         } else if merge.method == Method::Obim {
-            let order: Vec<String> = s.order.iter().map(|i| format!("{} {}", names[*i], s.inputs[*i].retain.map_or("?".into(), |r| r.to_string()))).collect();
+            let order: Vec<String> = s
+                .order
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{} {}",
+                        names[*i],
+                        s.inputs[*i].retain.map_or("?".into(), |r| r.to_string())
+                    )
+                })
+                .collect();
             let (saliency, why) = t.saliency();
             let why = why.map_or(String::new(), |w| format!(" ({w})"));
             format!("{} | {}{why}", order.join(" → "), saliency.name())
@@ -284,7 +390,10 @@ impl PlanView<'_> {
                     p
                 })
                 .collect();
-            let params: Vec<String> = effective_params(merge.method, s).into_iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let params: Vec<String> = effective_params(merge.method, s)
+                .into_iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
             format!("{} | {}", parts.join(", "), params.join(", "))
         };
         [t.name.clone(), shape, what, rules]
@@ -295,7 +404,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -151,13 +151,19 @@ pub struct Stmt {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StmtKind {
     /// `MODEL setting value ...`
-    Entry { model: Path, settings: Vec<KeyValue> },
+    Entry {
+        model: Path,
+        settings: Vec<KeyValue>,
+    },
     /// `key: value`: a merge parameter set inside a body or a rule.
     Param(KeyValue),
     Order(Order),
     Saliency(Ident),
     Take(Take),
-    Layers { pattern: Expr, body: Block<Stmt> },
+    Layers {
+        pattern: Expr,
+        body: Block<Stmt>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

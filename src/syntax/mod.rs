@@ -9,18 +9,20 @@
 pub mod ast;
 
 use crate::codes::Code;
-use crate::diagnostic::{closest, Diagnostic};
+use crate::diagnostic::{Diagnostic, closest};
 use crate::source::{FileId, Span};
 use ast::*;
-use pest::iterators::Pair;
 use pest::Parser;
+use pest::iterators::Pair;
 
 #[derive(pest_derive::Parser)]
 #[grammar = "grammar/obim.pest"]
 struct ObimParser;
 
 /// Keywords that begin a top-level item.
-pub const ITEM_KEYWORDS: &[&str] = &["import", "let", "base", "model", "data", "merge", "stage", "output"];
+pub const ITEM_KEYWORDS: &[&str] = &[
+    "import", "let", "base", "model", "data", "merge", "stage", "output",
+];
 /// Per-input settings inside a merge body.
 pub const SETTING_KEYWORDS: &[&str] = &["weight", "retain", "density", "using"];
 /// Statements inside a merge body.
@@ -29,6 +31,8 @@ pub const STATEMENT_KEYWORDS: &[&str] = &["order", "saliency", "take", "layers"]
 /// Parses one file. Returns the items that parsed and one diagnostic per
 /// syntax error.
 pub fn parse(file: FileId, text: &str) -> (Module, Vec<Diagnostic>) {
+    // Track literal tokens too, so errors can say "expected `)`".
+    pest::set_error_detail(true);
     let mut items = Vec::new();
     let mut diagnostics = Vec::new();
     let mut pos = skip_trivia(text, 0);
@@ -37,24 +41,61 @@ pub fn parse(file: FileId, text: &str) -> (Module, Vec<Diagnostic>) {
             Ok(mut pairs) => {
                 let Some(top) = pairs.next() else { break };
                 let end = pos + top.as_span().end();
-                let b = Builder { file, offset: pos, text };
+                let b = Builder {
+                    file,
+                    offset: pos,
+                    text,
+                };
                 if let Some(item) = top.into_inner().next() {
                     items.push(b.item(item));
                 }
-                pos = skip_trivia(text, end.max(pos + 1));
+                pos = skip_trivia(text, end.max(next_char(text, pos)));
             }
             Err(error) => {
-                let at = pos
-                    + match error.location {
-                        pest::error::InputLocation::Pos(p) => p,
-                        pest::error::InputLocation::Span((s, _)) => s,
-                    };
-                diagnostics.push(syntax_error(file, text, at, &error.variant));
-                pos = resync(text, at.max(pos + 1));
+                let mut at = match error.location {
+                    pest::error::InputLocation::Pos(p) => p,
+                    pest::error::InputLocation::Span((s, _)) => s,
+                };
+                let mut expected = match &error.variant {
+                    pest::error::ErrorVariant::ParsingError { positives, .. } => positives
+                        .iter()
+                        .filter_map(|r| rule_name(*r))
+                        .map(String::from)
+                        .collect(),
+                    pest::error::ErrorVariant::CustomError { .. } => Vec::new(),
+                };
+                // Tokens tried inside `!keyword` lookaheads end mid-line before a
+                // space; only a furthest position on a token is worth reporting.
+                let on_token = |p: usize| {
+                    text[pos + p..]
+                        .chars()
+                        .next()
+                        .is_none_or(|c| !c.is_whitespace())
+                };
+                if let Some(attempts) = error
+                    .parse_attempts()
+                    .filter(|a| a.max_position >= at && on_token(a.max_position))
+                {
+                    if attempts.max_position > at {
+                        expected.clear();
+                    }
+                    at = attempts.max_position;
+                    expected.extend(tidy_tokens(
+                        attempts.expected_tokens().iter().map(|t| t.to_string()),
+                    ));
+                }
+                let at = pos + at;
+                diagnostics.push(syntax_error(file, text, at, expected));
+                pos = resync(text, at.max(next_char(text, pos)));
             }
         }
     }
     (Module { items }, diagnostics)
+}
+
+/// The byte offset of the character after the one at `pos`.
+fn next_char(text: &str, pos: usize) -> usize {
+    pos + text[pos..].chars().next().map_or(1, char::len_utf8)
 }
 
 /// Skips whitespace and comments.
@@ -76,7 +117,9 @@ fn skip_trivia(text: &str, mut pos: usize) -> usize {
 
 /// The start of the first line at or after `from` whose first word begins an item.
 fn resync(text: &str, from: usize) -> usize {
-    let mut line_start = text[..from.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let mut line_start = text[..from.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
     loop {
         let first = skip_blank(text, line_start);
         if first >= from && starts_item(&text[first..]) {
@@ -94,14 +137,19 @@ fn skip_blank(text: &str, pos: usize) -> usize {
 }
 
 fn starts_item(rest: &str) -> bool {
-    let word: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
     ITEM_KEYWORDS.contains(&word.as_str())
 }
 
 /// What a person calls each rule in "expected ..." lists.
 fn rule_name(rule: Rule) -> Option<&'static str> {
     Some(match rule {
-        Rule::top_item => "an item (`import`, `let`, `base`, `model`, `data`, `merge`, `stage`, `output`)",
+        Rule::top_item => {
+            "an item (`import`, `let`, `base`, `model`, `data`, `merge`, `stage`, `output`)"
+        }
         Rule::ident | Rule::path => "a name",
         Rule::param_key => "a parameter name",
         Rule::number => "a number",
@@ -138,35 +186,88 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
     })
 }
 
-fn syntax_error(file: FileId, text: &str, at: usize, variant: &pest::error::ErrorVariant<Rule>) -> Diagnostic {
+/// The literal tokens the parser tried at the furthest position, quoted.
+fn tidy_tokens(tokens: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = tokens
+        .filter_map(|t| {
+            let t = t.trim().to_string();
+            let useful = !t.is_empty() && t != "#" && !t.contains("..") && t != "BUILTIN_RULE";
+            useful.then(|| format!("`{t}`"))
+        })
+        .collect();
+    // After a complete item, every item keyword is possible: say so once.
+    let keywords: Vec<String> = ITEM_KEYWORDS.iter().map(|k| format!("`{k}`")).collect();
+    if keywords.iter().all(|k| out.contains(k)) {
+        out.retain(|o| !keywords.contains(o));
+        out.push(rule_name(Rule::top_item).unwrap_or("an item").to_string());
+    }
+    out
+}
+
+fn syntax_error(file: FileId, text: &str, at: usize, mut expected: Vec<String>) -> Diagnostic {
     let found = found_token(text, at);
     let span = Span::new(file, at, at + found.len());
-    let mut expected: Vec<&str> = match variant {
-        pest::error::ErrorVariant::ParsingError { positives, .. } => positives.iter().filter_map(|r| rule_name(*r)).collect(),
-        pest::error::ErrorVariant::CustomError { .. } => Vec::new(),
+    // Characters that only start a value or a name, and words a rule name covers.
+    let lexical = ["`\"`", "`-`", "`_`", "`.`", "`+`", "`e`", "`E`"];
+    let has = |e: &[String], what: &str| e.iter().any(|x| x.starts_with(what));
+    let covered_by_value: &[&str] = if has(&expected, "a value") {
+        &["`true`", "`false`", "`[`"]
+    } else {
+        &[]
     };
+    let settings: Vec<String> = SETTING_KEYWORDS.iter().map(|k| format!("`{k}`")).collect();
+    let covered_by_setting = has(&expected, "a setting");
+    expected.retain(|e| {
+        !(lexical.contains(&e.as_str())
+            || covered_by_value.contains(&e.as_str())
+            || (covered_by_setting && settings.contains(e)))
+    });
     expected.sort();
     expected.dedup();
-    let found_text = if found.is_empty() { "end of file".to_string() } else { format!("`{found}`") };
+    let found_text = if found.is_empty() {
+        "end of file".to_string()
+    } else {
+        format!("`{found}`")
+    };
     let message = format!("unexpected {found_text}");
     let label = match expected.len() {
         0 => "not expected here".to_string(),
         1 => format!("expected {}", expected[0]),
-        n => format!("expected {} or {}", expected[..n - 1].join(", "), expected[n - 1]),
+        n => format!(
+            "expected {} or {}",
+            expected[..n - 1].join(", "),
+            expected[n - 1]
+        ),
     };
     let mut d = Diagnostic::new(Code::E0001, span, message).label(label);
     // A misspelt keyword parses as a name; the error then comes one token later.
     if let Some((word, word_span)) = previous_word(text, at) {
-        let keywords = SETTING_KEYWORDS.iter().chain(STATEMENT_KEYWORDS).chain(ITEM_KEYWORDS).copied();
+        let keywords = SETTING_KEYWORDS
+            .iter()
+            .chain(STATEMENT_KEYWORDS)
+            .chain(ITEM_KEYWORDS)
+            .copied();
         if let Some(kw) = closest(&word, keywords) {
             d = d
-                .with(Span::new(file, word_span.0, word_span.1), format!("`{word}` is read as a name"))
+                .with(
+                    Span::new(file, word_span.0, word_span.1),
+                    format!("`{word}` is read as a name"),
+                )
                 .help(format!("did you mean `{kw}`?"));
         }
     }
-    let reserved = ITEM_KEYWORDS.iter().chain(SETTING_KEYWORDS).chain(STATEMENT_KEYWORDS).chain(&["as", "rotate", "first", "true", "false"]);
-    if d.help.is_none() && expected.contains(&"a name") && reserved.into_iter().any(|k| *k == found) {
-        d = d.help(format!("`{found}` is a keyword and cannot be used as a name; choose another name"));
+    let reserved = ITEM_KEYWORDS
+        .iter()
+        .chain(SETTING_KEYWORDS)
+        .chain(STATEMENT_KEYWORDS)
+        .chain(&["as", "rotate", "first", "true", "false"]);
+    if d.help.is_none()
+        && expected.iter().any(|e| e == "a name")
+        && reserved.into_iter().any(|k| *k == found)
+    {
+        d = d.help(format!(
+            "`{found}` is a keyword and cannot be used as a name; choose another name"
+        ));
     }
     if d.help.is_none() && found == "=" && text[..at].trim_end().ends_with(':') {
         d = d.help("parameters are written `name: value`");
@@ -177,9 +278,12 @@ fn syntax_error(file: FileId, text: &str, at: usize, variant: &pest::error::Erro
 /// The token at `at`: a word, a number, a string start, or one character.
 fn found_token(text: &str, at: usize) -> &str {
     let rest = &text[at.min(text.len())..];
-    let Some(first) = rest.chars().next() else { return "" };
+    let Some(first) = rest.chars().next() else {
+        return "";
+    };
     let len = if first.is_alphanumeric() || first == '_' {
-        rest.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.')).unwrap_or(rest.len())
+        rest.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+            .unwrap_or(rest.len())
     } else {
         first.len_utf8()
     };
@@ -189,9 +293,14 @@ fn found_token(text: &str, at: usize) -> &str {
 /// The word just before `at` (skipping whitespace), if it is an identifier.
 fn previous_word(text: &str, at: usize) -> Option<(String, (usize, usize))> {
     let before = text[..at.min(text.len())].trim_end();
-    let start = before.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
+    let start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map_or(0, |i| i + 1);
     let word = &before[start..];
-    let is_ident = word.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let is_ident = word
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     (is_ident && !before[..start].ends_with('.')).then(|| (word.to_string(), (start, before.len())))
 }
 
@@ -212,27 +321,49 @@ impl Builder<'_> {
     }
 
     fn ident(&self, pair: Pair<Rule>) -> Ident {
-        Ident { name: pair.as_str().to_string(), span: self.span(&pair) }
+        Ident {
+            name: pair.as_str().to_string(),
+            span: self.span(&pair),
+        }
     }
 
     fn path(&self, pair: Pair<Rule>) -> Path {
         let span = self.span(&pair);
         let mut parts: Vec<Ident> = pair.into_inner().map(|p| self.ident(p)).collect();
-        let name = parts.pop().unwrap_or(Ident { name: String::new(), span });
-        Path { qualifier: parts.pop(), name, span }
+        let name = parts.pop().unwrap_or(Ident {
+            name: String::new(),
+            span,
+        });
+        Path {
+            qualifier: parts.pop(),
+            name,
+            span,
+        }
     }
 
     fn string(&self, pair: Pair<Rule>) -> StringLit {
         let span = self.span(&pair);
         let raw = pair.into_inner().next().map_or("", |p| p.as_str());
-        StringLit { value: unescape(raw), span }
+        StringLit {
+            value: unescape(raw),
+            span,
+        }
     }
 
     fn expr(&self, pair: Pair<Rule>) -> Expr {
         // `expr` wraps exactly one alternative.
         let span = self.span(&pair);
-        let inner = if pair.as_rule() == Rule::expr { pair.into_inner().next() } else { Some(pair) };
-        let Some(inner) = inner else { return Expr { kind: ExprKind::List(Vec::new()), span } };
+        let inner = if pair.as_rule() == Rule::expr {
+            pair.into_inner().next()
+        } else {
+            Some(pair)
+        };
+        let Some(inner) = inner else {
+            return Expr {
+                kind: ExprKind::List(Vec::new()),
+                span,
+            };
+        };
         let kind = match inner.as_rule() {
             Rule::number => ExprKind::Number(inner.as_str().parse().unwrap_or(f64::NAN)),
             Rule::string => ExprKind::String(self.string(inner).value),
@@ -251,8 +382,14 @@ impl Builder<'_> {
         match (key, value) {
             (Some(key), Some(value)) => KeyValue { key, value, span },
             _ => KeyValue {
-                key: Ident { name: String::new(), span },
-                value: Expr { kind: ExprKind::List(Vec::new()), span },
+                key: Ident {
+                    name: String::new(),
+                    span,
+                },
+                value: Expr {
+                    kind: ExprKind::List(Vec::new()),
+                    span,
+                },
                 span,
             },
         }
@@ -260,7 +397,10 @@ impl Builder<'_> {
 
     fn block<T>(&self, pair: Pair<Rule>, f: impl Fn(&Self, Pair<Rule>) -> T) -> Block<T> {
         let span = self.span(&pair);
-        Block { items: pair.into_inner().map(|p| f(self, p)).collect(), span }
+        Block {
+            items: pair.into_inner().map(|p| f(self, p)).collect(),
+            span,
+        }
     }
 
     fn item(&self, pair: Pair<Rule>) -> Item {
@@ -271,7 +411,10 @@ impl Builder<'_> {
             Rule::import => {
                 let path = it.next().map(|p| self.string(p));
                 let alias = it.next().map(|p| self.ident(p));
-                ItemKind::Import(Import { path: path.unwrap_or_else(|| empty_string(span)), alias })
+                ItemKind::Import(Import {
+                    path: path.unwrap_or_else(|| empty_string(span)),
+                    alias,
+                })
             }
             Rule::let_decl => {
                 let name = self.ident(it.next().expect_pair());
@@ -281,21 +424,39 @@ impl Builder<'_> {
             Rule::base_decl | Rule::model_decl => {
                 let name = self.ident(it.next().expect_pair());
                 let source = self.string(it.next().expect_pair());
-                let revision = it.next().and_then(|r| r.into_inner().next()).map(|s| self.string(s));
-                ItemKind::Model(ModelDecl { is_base: rule == Rule::base_decl, name, source, revision })
+                let revision = it
+                    .next()
+                    .and_then(|r| r.into_inner().next())
+                    .map(|s| self.string(s));
+                ItemKind::Model(ModelDecl {
+                    is_base: rule == Rule::base_decl,
+                    name,
+                    source,
+                    revision,
+                })
             }
             Rule::data_decl => {
                 let name = self.ident(it.next().expect_pair());
                 let kind = self.ident(it.next().expect_pair());
                 let arg = self.string(it.next().expect_pair());
                 let options = it.next().map(|p| self.block(p, Self::key_value));
-                ItemKind::Data(DataDecl { name, kind, arg, options })
+                ItemKind::Data(DataDecl {
+                    name,
+                    kind,
+                    arg,
+                    options,
+                })
             }
             Rule::merge_decl => {
                 let name = self.ident(it.next().expect_pair());
                 let method = self.path(it.next().expect_pair());
                 let (params, body) = self.params_and_body(it);
-                ItemKind::Merge(MergeDecl { name, method, params, body })
+                ItemKind::Merge(MergeDecl {
+                    name,
+                    method,
+                    params,
+                    body,
+                })
             }
             Rule::stage_decl => {
                 let name = self.ident(it.next().expect_pair());
@@ -304,13 +465,24 @@ impl Builder<'_> {
                 let params = ps.into_inner().map(|p| self.ident(p)).collect();
                 let method = self.path(it.next().expect_pair());
                 let (method_params, body) = self.params_and_body(it);
-                ItemKind::Stage(StageDecl { name, params, params_span, method, method_params, body })
+                ItemKind::Stage(StageDecl {
+                    name,
+                    params,
+                    params_span,
+                    method,
+                    method_params,
+                    body,
+                })
             }
             _ => {
                 let merge = self.path(it.next().expect_pair());
                 let path = self.string(it.next().expect_pair());
                 let options = it.next().map(|p| self.block(p, Self::key_value));
-                ItemKind::Output(OutputDecl { merge, path, options })
+                ItemKind::Output(OutputDecl {
+                    merge,
+                    path,
+                    options,
+                })
             }
         };
         Item { kind, span }
@@ -338,14 +510,19 @@ impl Builder<'_> {
             Rule::param => StmtKind::Param(self.key_value(pair)),
             Rule::entry => {
                 let model = self.path(it.next().expect_pair());
-                StmtKind::Entry { model, settings: it.map(|p| self.key_value(p)).collect() }
+                StmtKind::Entry {
+                    model,
+                    settings: it.map(|p| self.key_value(p)).collect(),
+                }
             }
             Rule::order_stmt => {
                 let o = it.next().expect_pair();
                 let ospan = self.span(&o);
                 StmtKind::Order(match o.as_rule() {
                     Rule::order_rotate => Order::Rotate(ospan),
-                    Rule::order_list => Order::List(o.into_inner().map(|p| self.path(p)).collect(), ospan),
+                    Rule::order_list => {
+                        Order::List(o.into_inner().map(|p| self.path(p)).collect(), ospan)
+                    }
                     _ => Order::First(self.path(o.into_inner().next().expect_pair())),
                 })
             }
@@ -374,7 +551,10 @@ trait ExpectPair<'a> {
 }
 
 impl<'a> ExpectPair<'a> for Option<Pair<'a, Rule>> {
-    #[expect(clippy::expect_used, reason = "the grammar guarantees this child; a miss is a bug in obim")]
+    #[expect(
+        clippy::expect_used,
+        reason = "the grammar guarantees this child; a miss is a bug in obim"
+    )]
     fn expect_pair(self) -> Pair<'a, Rule> {
         self.expect("grammar and AST builder disagree")
     }
@@ -384,7 +564,9 @@ impl<'a> ExpectPair<'a> for Option<Pair<'a, Rule>> {
 fn trim_trivia_end(text: &str, start: usize, mut end: usize) -> usize {
     loop {
         let trimmed = start + text[start..end].trim_end().len();
-        let line_start = text[start..trimmed].rfind('\n').map_or(start, |i| start + i + 1);
+        let line_start = text[start..trimmed]
+            .rfind('\n')
+            .map_or(start, |i| start + i + 1);
         let mut in_string = false;
         let mut cut = None;
         let mut chars = text[line_start..trimmed].char_indices();
@@ -409,7 +591,10 @@ fn trim_trivia_end(text: &str, start: usize, mut end: usize) -> usize {
 }
 
 fn empty_string(span: Span) -> StringLit {
-    StringLit { value: String::new(), span }
+    StringLit {
+        value: String::new(),
+        span,
+    }
 }
 
 fn unescape(raw: &str) -> String {
@@ -439,15 +624,33 @@ mod tests {
         let text = "let A = \nmodel m = \"x\"\nmerge q = linear { m weight }\nlet B = 1\n";
         let (module, diags) = parse(FileId(0), text);
         assert_eq!(diags.len(), 2, "{diags:#?}");
-        assert!(matches!(&module.items[..], [Item { kind: ItemKind::Model(_), .. }, Item { kind: ItemKind::Let(_), .. }]), "{module:#?}");
+        assert!(
+            matches!(
+                &module.items[..],
+                [
+                    Item {
+                        kind: ItemKind::Model(_),
+                        ..
+                    },
+                    Item {
+                        kind: ItemKind::Let(_),
+                        ..
+                    }
+                ]
+            ),
+            "{module:#?}"
+        );
     }
 
     #[test]
     fn entries_split_on_names() {
-        let text = "merge b = ties(base: l, density: 0.5) { w weight 1.0  c weight 0.5 density 0.3 }";
+        let text =
+            "merge b = ties(base: l, density: 0.5) { w weight 1.0  c weight 0.5 density 0.3 }";
         let (module, diags) = parse(FileId(0), text);
         assert!(diags.is_empty(), "{diags:#?}");
-        let ItemKind::Merge(m) = &module.items[0].kind else { panic!("not a merge") };
+        let ItemKind::Merge(m) = &module.items[0].kind else {
+            panic!("not a merge")
+        };
         let body = m.body.as_ref().map(|b| b.items.len());
         assert_eq!(body, Some(2));
     }

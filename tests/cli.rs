@@ -1,0 +1,130 @@
+//! The `obim` binary end to end: output, streams and exit codes.
+
+use insta_cmd::{assert_cmd_snapshot, get_cargo_bin};
+use std::process::Command;
+
+fn obim() -> Command {
+    let mut cmd = Command::new(get_cargo_bin("obim"));
+    cmd.env("NO_COLOR", "1")
+        .env("HF_HUB_CACHE", "/nonexistent-obim-test-cache");
+    cmd
+}
+
+fn hashes() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (r"\b[0-9a-f]{12}\b", "[hash]"),
+        (r#""[0-9a-f]{64}""#, r#""[hash]""#),
+    ]
+}
+
+#[test]
+fn check_the_demo() {
+    assert_cmd_snapshot!(obim().args(["check", "examples/demo/merge.obim"]));
+}
+
+#[test]
+fn check_reports_errors_with_exit_1() {
+    assert_cmd_snapshot!(obim().args([
+        "check",
+        "tests/recipes/e0013_retain_sum.obim",
+        "tests/recipes/e0010_twice.obim"
+    ]));
+}
+
+#[test]
+fn check_json() {
+    assert_cmd_snapshot!(obim().args([
+        "check",
+        "--format",
+        "json",
+        "tests/recipes/e0002_unknown.obim"
+    ]));
+}
+
+#[test]
+fn check_hub_models_not_cached() {
+    assert_cmd_snapshot!(obim().args(["check", "examples/paper/paper.obim"]));
+}
+
+#[test]
+fn plan_text_json_dot() {
+    insta::with_settings!({filters => hashes()}, {
+        assert_cmd_snapshot!("plan_multistage_text", obim().args(["plan", "examples/demo/multistage.obim"]));
+        assert_cmd_snapshot!("plan_ab_json", obim().args(["plan", "--format", "json", "examples/demo/ab.obim"]));
+        assert_cmd_snapshot!("plan_ab_dot", obim().args(["plan", "--format", "dot", "examples/demo/ab.obim"]));
+    });
+}
+
+#[test]
+fn plan_of_a_broken_recipe_exits_1() {
+    assert_cmd_snapshot!(obim().args(["plan", "tests/recipes/e0011_using.obim"]));
+}
+
+#[test]
+fn missing_recipe_is_a_usage_error() {
+    assert_cmd_snapshot!(obim().args(["check", "tests/recipes/does-not-exist.obim"]));
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    let status = obim()
+        .args(["plan", "--format", "yaml", "examples/demo/merge.obim"])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+}
+
+#[test]
+fn explain_codes() {
+    assert_cmd_snapshot!(obim().args(["explain", "E0013"]));
+    assert_cmd_snapshot!("explain_unknown", obim().args(["explain", "E9999"]));
+}
+
+#[test]
+fn every_code_has_an_explanation() {
+    for code in obim::codes::Code::ALL {
+        let out = obim().args(["explain", code.as_str()]).output().unwrap();
+        assert!(out.status.success(), "{code}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).len() > 120,
+            "{code}: explanation too short"
+        );
+    }
+}
+
+#[test]
+fn fmt_check_and_rewrite() {
+    let dir = std::env::temp_dir().join(format!("obim-fmt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("r.obim");
+    std::fs::write(&file, "let  A=0.4 # kept\nlet B = [1,2]\n").unwrap();
+    let check = obim().args(["fmt", "--check"]).arg(&file).output().unwrap();
+    assert_eq!(check.status.code(), Some(1));
+    let fix = obim().arg("fmt").arg(&file).output().unwrap();
+    assert_eq!(fix.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "let A = 0.4  # kept\nlet B = [1, 2]\n"
+    );
+    let again = obim().args(["fmt", "--check"]).arg(&file).output().unwrap();
+    assert_eq!(again.status.code(), Some(0));
+    std::fs::write(&file, "let A = \n").unwrap();
+    let broken = obim().arg("fmt").arg(&file).output().unwrap();
+    assert_eq!(broken.status.code(), Some(1));
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "let A = \n",
+        "a file with syntax errors is left alone"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let out = obim().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Exit codes:") && text.contains("3  failure while running"),
+        "{text}"
+    );
+}
