@@ -43,6 +43,8 @@ pub struct TensorInfo {
     pub file: PathBuf,
     /// Byte range within the shard's data section.
     pub offsets: (u64, u64),
+    /// Where the data section starts in the file (8 + header length).
+    pub data_start: u64,
 }
 
 impl TensorInfo {
@@ -286,6 +288,7 @@ pub fn read_header(
                 shape,
                 file: path.to_path_buf(),
                 offsets: (begin, end),
+                data_start: 8 + header_len,
             },
         );
     }

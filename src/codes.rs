@@ -24,6 +24,15 @@ macro_rules! codes {
 }
 
 impl Code {
+    /// Problems with a checkpoint rather than with the recipe: `obim run`
+    /// exits 3 (failure while running) when these are the only errors.
+    pub fn is_checkpoint_problem(self) -> bool {
+        matches!(
+            self,
+            Code::E0021 | Code::E0022 | Code::E0023 | Code::E0024 | Code::E0025
+        )
+    }
+
     pub fn parse(text: &str) -> Option<Code> {
         let text = text.trim().to_ascii_uppercase();
         Code::ALL.iter().copied().find(|c| c.as_str() == text)

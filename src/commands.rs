@@ -131,6 +131,71 @@ pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
     }
 }
 
+/// `obim run RECIPE`
+pub fn run(
+    io: &mut Io,
+    path: &Path,
+    options: &crate::run::RunOptions,
+    dry_run: bool,
+    progress: &mut dyn FnMut(crate::run::Event),
+) -> i32 {
+    let Some(c) = compile(io, path) else {
+        return exit::USAGE;
+    };
+    print_diagnostics(io, &c.diagnostics, &c.sources);
+    let Some(plan) = c.plan() else {
+        let only_checkpoints = c
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .all(|d| d.code.is_checkpoint_problem());
+        if let Some(s) = diagnostic::summary(&c.diagnostics) {
+            let _ = writeln!(io.err, "error: {s}; nothing was run");
+        }
+        return if only_checkpoints {
+            exit::FAILURE
+        } else {
+            exit::RECIPE
+        };
+    };
+    if c.recipe.outputs.is_empty() {
+        let _ = writeln!(
+            io.err,
+            "warning: the recipe has no `output`; nothing to run"
+        );
+        return exit::OK;
+    }
+    if dry_run {
+        for (path, hash, state) in crate::run::output_states(&c, &plan) {
+            let what = match state {
+                crate::run::OutputState::UpToDate => {
+                    "up to date (written by this plan), nothing to do"
+                }
+                crate::run::OutputState::Exists => "exists from another plan: would need --force",
+                crate::run::OutputState::Missing => "would be written",
+            };
+            let _ = writeln!(io.out, "{}: {what} [plan {}]", path.display(), &hash[..12]);
+        }
+        let view = PlanView {
+            plan: &plan,
+            recipe: &c.recipe,
+            inventory: &c.inventory,
+            sources: &c.sources,
+        };
+        let text = view.to_text();
+        let steps = text.split("\n\n").nth(1).unwrap_or_default();
+        let _ = writeln!(io.out, "\nsteps:\n{steps}");
+        return exit::OK;
+    }
+    match crate::run::run(&c, &plan, options, progress) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            let _ = writeln!(io.err, "error: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
 /// `obim fmt [--check] RECIPE...`
 pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
     let mut code = exit::OK;

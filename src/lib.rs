@@ -7,14 +7,17 @@ pub mod commands;
 pub mod diagnostic;
 pub mod fmt;
 pub mod load;
+pub mod merge;
 pub mod methods;
 pub mod open;
 pub mod pattern;
 pub mod plan;
 pub mod recipe;
+pub mod run;
 pub mod source;
 pub mod stdlib;
 pub mod syntax;
+pub mod tensors;
 
 use diagnostic::Diagnostic;
 use std::path::{Path, PathBuf};

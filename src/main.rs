@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use obim::commands::{self, Format, Io};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const EXIT_CODES: &str = "Exit codes:
   0  success (warnings allowed)
@@ -66,8 +67,100 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run a recipe: merge and write every output.
+    Run {
+        recipe: PathBuf,
+        /// `auto`, `cpu` or `cuda[:N]`. Merging runs on the CPU; CUDA comes with the GPU issue.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Cache directory (default: $XDG_CACHE_HOME/obim or ~/.cache/obim).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Replace existing outputs.
+        #[arg(long)]
+        force: bool,
+        /// Print what would run and what is already up to date; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Explain a diagnostic code, with an example.
     Explain { code: String },
+}
+
+/// Draws the executor's events: a progress bar on a terminal, one line per
+/// output otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    terminal: bool,
+}
+
+impl Progress {
+    fn event(&mut self, event: obim::run::Event) {
+        use obim::run::Event;
+        match event {
+            Event::OutputStarted {
+                path,
+                tensors,
+                bytes,
+                shards,
+            } => {
+                if self.terminal {
+                    let bar = indicatif::ProgressBar::new(bytes);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg:40!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar.println(format!(
+                        "writing {} ({tensors} tensors, {shards} shard{})",
+                        path.display(),
+                        if shards == 1 { "" } else { "s" }
+                    ));
+                    self.bar = Some(bar);
+                }
+            }
+            Event::TensorWritten { name, bytes } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_message(name);
+                    bar.inc(bytes);
+                }
+            }
+            Event::OutputWritten {
+                path,
+                seconds,
+                bytes,
+            } => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                eprintln!(
+                    "wrote {} ({:.1} MB in {seconds:.2} s)",
+                    path.display(),
+                    bytes as f64 / 1e6
+                );
+            }
+            Event::UpToDate { path } => eprintln!(
+                "{} is up to date (written by this plan); nothing to do (--force rewrites it)",
+                path.display()
+            ),
+        }
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("obim")
 }
 
 fn main() {
@@ -103,6 +196,49 @@ fn main() {
         }
         Command::Fmt { recipes, check } => commands::format(&mut io, &recipes, check),
         Command::Explain { code } => commands::explain(&mut io, &code),
+        Command::Run {
+            recipe,
+            device,
+            threads,
+            cache,
+            force,
+            dry_run,
+        } => {
+            let device = match device.as_str() {
+                "auto" | "cpu" => "cpu".to_string(),
+                other if other.starts_with("cuda") => {
+                    eprintln!("error: --device {other}: this obim was built without CUDA support");
+                    std::process::exit(commands::exit::USAGE);
+                }
+                other => {
+                    eprintln!("error: --device {other}: expected auto, cpu or cuda[:N]");
+                    std::process::exit(commands::exit::USAGE);
+                }
+            };
+            if let Some(n) = threads
+                && rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build_global()
+                    .is_err()
+            {
+                eprintln!("warning: could not set --threads {n}");
+            }
+            static CANCEL: AtomicBool = AtomicBool::new(false);
+            let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
+            let options = obim::run::RunOptions {
+                force,
+                cancel: &CANCEL,
+                cache: cache.unwrap_or_else(cache_dir),
+                device,
+            };
+            let mut progress = Progress {
+                bar: None,
+                terminal: std::io::stderr().is_terminal(),
+            };
+            commands::run(&mut io, &recipe, &options, dry_run, &mut |e| {
+                progress.event(e)
+            })
+        }
     };
     std::process::exit(code);
 }

@@ -1,0 +1,522 @@
+//! The executor: runs a plan's `write` steps. For every output it streams
+//! tensor by tensor: each tensor of the output's merge is computed from the
+//! same tensor of its inputs, recursively through earlier merges (a merge
+//! used by a later one streams into it, one tensor at a time), converted to
+//! the output dtype and appended to the current shard. Inputs are mmap'd and
+//! read per tensor; memory holds a few tensors, never a model. The executor
+//! emits [`Event`]s and never prints.
+
+use crate::Compilation;
+use crate::checkpoint::ModelInfo;
+use crate::merge::{self, Merged, ObdStats, TensorContext};
+use crate::methods::Method;
+use crate::plan::{Plan, PlannedTensor, StepKind};
+use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Output, Saliency};
+use crate::tensors::{self, CheckpointWriter, Shards, Staging, TensorError, TensorSpec};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error(transparent)]
+    Merge(#[from] merge::MergeError),
+    #[error("model `{model}` ({file}): tensor `{tensor}`: {reason}")]
+    Input {
+        model: String,
+        file: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("interrupted; `{0}` was left as it was")]
+    Interrupted(PathBuf),
+}
+
+pub struct RunOptions<'a> {
+    /// Replace existing outputs.
+    pub force: bool,
+    /// Set when the user asks to stop (Ctrl-C): checked between tensors.
+    pub cancel: &'a AtomicBool,
+    /// Where cached results live (materialised merges, calibration statistics).
+    pub cache: PathBuf,
+    /// Shown in the report.
+    pub device: String,
+}
+
+/// What the executor tells its caller; the CLI draws it.
+#[derive(Debug, Clone)]
+pub enum Event {
+    OutputStarted {
+        path: PathBuf,
+        tensors: usize,
+        bytes: u64,
+        shards: usize,
+    },
+    TensorWritten {
+        name: String,
+        bytes: u64,
+    },
+    OutputWritten {
+        path: PathBuf,
+        seconds: f64,
+        bytes: u64,
+    },
+    UpToDate {
+        path: PathBuf,
+    },
+}
+
+/// What `--dry-run` reports for each output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputState {
+    /// Written by the same plan: nothing to do.
+    UpToDate,
+    /// Exists, from another plan: needs `--force`.
+    Exists,
+    Missing,
+}
+
+/// The state of every output of the plan, in plan order.
+pub fn output_states(c: &Compilation, plan: &Plan) -> Vec<(PathBuf, String, OutputState)> {
+    writes(plan)
+        .into_iter()
+        .map(|(index, hash)| {
+            let o = &c.recipe.outputs[index];
+            let state = if previous_plan_hash(&o.path).as_deref() == Some(hash.as_str()) {
+                OutputState::UpToDate
+            } else if o.path.exists() {
+                OutputState::Exists
+            } else {
+                OutputState::Missing
+            };
+            (o.path.clone(), hash, state)
+        })
+        .collect()
+}
+
+fn writes(plan: &Plan) -> Vec<(usize, String)> {
+    plan.steps()
+        .into_iter()
+        .filter_map(|s| match s.kind {
+            StepKind::Write(i) => Some((i, s.hash.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn previous_plan_hash(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("obim-report.json")).ok()?;
+    let report: serde_json::Value = serde_json::from_str(&text).ok()?;
+    report.get("plan_hash")?.as_str().map(String::from)
+}
+
+/// Runs every output of the plan. Outputs already written by the same plan
+/// are left alone (and reported as up to date) unless `force` is set.
+pub fn run(
+    c: &Compilation,
+    plan: &Plan,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(), RunError> {
+    preflight(c, plan)?;
+    for (index, hash) in writes(plan) {
+        let output = &c.recipe.outputs[index];
+        if !options.force && previous_plan_hash(&output.path).as_deref() == Some(hash.as_str()) {
+            progress(Event::UpToDate {
+                path: output.path.clone(),
+            });
+            continue;
+        }
+        write_output(c, plan, output, &hash, options, progress)?;
+    }
+    Ok(())
+}
+
+/// Before any tensor is computed: every tensor every planned merge needs must
+/// exist in each input with a float dtype, and OBD must have statistics.
+fn preflight(c: &Compilation, plan: &Plan) -> Result<(), RunError> {
+    for (&id, tensors) in &plan.tensors {
+        let merge = &c.recipe.merges[id.0];
+        for input in merge.dependencies() {
+            let Some(model) = c.recipe.shape_source(input) else {
+                continue;
+            };
+            let Some(info) = c.inventory.get(model) else {
+                return Err(RunError::Unsupported(format!(
+                    "model `{}` is not available locally; downloading from the Hugging Face hub is not built yet: fetch it with `huggingface-cli download` first",
+                    c.recipe.models[model.0].name
+                )));
+            };
+            for t in tensors {
+                let input_err = |reason: String| RunError::Input {
+                    model: c.recipe.models[model.0].name.clone(),
+                    file: info.dir.clone(),
+                    tensor: t.name.clone(),
+                    reason,
+                };
+                let Some(found) = info.tensors.get(&t.name) else {
+                    return Err(input_err("missing (the base has it)".into()));
+                };
+                if found.shape != t.info.shape {
+                    return Err(input_err(format!(
+                        "shape {:?}, the base's is {:?}",
+                        found.shape, t.info.shape
+                    )));
+                }
+                if !matches!(found.dtype.as_str(), "BF16" | "F16" | "F32") {
+                    return Err(input_err(format!(
+                        "dtype {} cannot be merged (bf16, f16 and f32 can)",
+                        found.dtype
+                    )));
+                }
+            }
+        }
+        if merge.method == Method::Obim
+            && let Some(t) = tensors
+                .iter()
+                .find(|t| t.settings.take.is_none() && t.saliency().0 == Saliency::Obd)
+        {
+            return Err(RunError::Unsupported(format!(
+                "merge `{}`: tensor `{}` uses `obd` saliency, which needs calibration statistics; `obim run` does not compute them yet. Use `saliency magnitude` for now.",
+                merge.name, t.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn output_dtype(output: &Output, base: &ModelInfo) -> Dtype {
+    output.dtype.unwrap_or(match base.dtype() {
+        Some("F16") => Dtype::F16,
+        Some("F32") => Dtype::F32,
+        _ => Dtype::Bf16,
+    })
+}
+
+fn write_output(
+    c: &Compilation,
+    plan: &Plan,
+    output: &Output,
+    hash: &str,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(), RunError> {
+    let started = Instant::now();
+    let recipe = &c.recipe;
+    let merge = &recipe.merges[output.merge.0];
+    let tensors = plan
+        .tensors
+        .get(&output.merge)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let base_model = merge
+        .base
+        .or_else(|| merge.inputs.first().map(|i| i.model))
+        .and_then(|b| recipe.shape_source(b));
+    let Some(base_info) = base_model.and_then(|b| c.inventory.get(b)) else {
+        return Err(RunError::Unsupported(format!(
+            "merge `{}`: its base is not available locally",
+            merge.name
+        )));
+    };
+    let dtype = output_dtype(output, base_info);
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            shape: t.info.shape.clone(),
+            bytes: (t.info.numel() * tensors::dtype_bytes(dtype)) as u64,
+        })
+        .collect();
+    let total: u64 = specs.iter().map(|s| s.bytes).sum();
+    let staging = Staging::new(&output.path, options.force)?;
+    let mut writer = CheckpointWriter::new(staging.dir(), dtype, specs, output.shard_size);
+    progress(Event::OutputStarted {
+        path: output.path.clone(),
+        tensors: tensors.len(),
+        bytes: total,
+        shards: writer.shard_count(),
+    });
+    let mut eval = Evaluator {
+        c,
+        plan,
+        shards: Shards::default(),
+        memo: HashMap::new(),
+        hashes: BTreeMap::new(),
+        won: BTreeMap::new(),
+    };
+    for t in tensors {
+        if options.cancel.load(Ordering::Relaxed) {
+            return Err(RunError::Interrupted(output.path.clone()));
+        }
+        eval.memo.clear();
+        let values = eval.tensor(InputRef::Merge(output.merge), &t.name)?;
+        let bytes = tensors::from_f32(&values, dtype);
+        writer.write(&t.name, &bytes)?;
+        progress(Event::TensorWritten {
+            name: t.name.clone(),
+            bytes: bytes.len() as u64,
+        });
+    }
+    let shard_files = writer.finish()?;
+    let tokenizer_dir = output
+        .tokenizer
+        .and_then(|t| recipe.shape_source(t))
+        .and_then(|m| c.inventory.get(m))
+        .map_or(&base_info.dir, |i| &i.dir);
+    write_config(staging.dir(), base_info, dtype)?;
+    copy_side_files(&base_info.dir, tokenizer_dir, staging.dir())?;
+    let report = report(
+        c,
+        output,
+        hash,
+        &eval,
+        &shard_files,
+        total,
+        started.elapsed().as_secs_f64(),
+        options,
+    );
+    let path = staging.dir().join("obim-report.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )
+    .map_err(|source| TensorError::Write { path, source })?;
+    staging.commit()?;
+    progress(Event::OutputWritten {
+        path: output.path.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+        bytes: total,
+    });
+    Ok(())
+}
+
+/// Computes tensors, memoising within one tensor name so that a model or
+/// merge used twice is read or computed once.
+struct Evaluator<'a> {
+    c: &'a Compilation,
+    plan: &'a Plan,
+    shards: Shards,
+    memo: HashMap<InputRef, std::sync::Arc<Vec<f32>>>,
+    /// blake3 of every input's tensor bytes, in the order read.
+    hashes: BTreeMap<ModelId, blake3::Hasher>,
+    /// OBIM: positions each input won, per merge and tensor.
+    won: BTreeMap<MergeId, BTreeMap<String, Vec<u64>>>,
+}
+
+impl Evaluator<'_> {
+    fn tensor(
+        &mut self,
+        input: InputRef,
+        name: &str,
+    ) -> Result<std::sync::Arc<Vec<f32>>, RunError> {
+        if let Some(v) = self.memo.get(&input) {
+            return Ok(v.clone());
+        }
+        let values = match input {
+            InputRef::Model(m) => self.load(m, name)?,
+            InputRef::Merge(m) => self.merge(m, name)?,
+        };
+        let values = std::sync::Arc::new(values);
+        self.memo.insert(input, values.clone());
+        Ok(values)
+    }
+
+    fn load(&mut self, model: ModelId, name: &str) -> Result<Vec<f32>, RunError> {
+        let recipe = &self.c.recipe;
+        let info = self.c.inventory.get(model).ok_or_else(|| {
+            RunError::Unsupported(format!(
+                "model `{}` is not available locally",
+                recipe.models[model.0].name
+            ))
+        })?;
+        let t = info.tensors.get(name).ok_or_else(|| RunError::Input {
+            model: recipe.models[model.0].name.clone(),
+            file: info.dir.clone(),
+            tensor: name.to_string(),
+            reason: "missing".into(),
+        })?;
+        let (map, range) = self.shards.bytes(name, t)?;
+        self.hashes
+            .entry(model)
+            .or_default()
+            .update(&map[range.clone()]);
+        tensors::to_f32(&map[range], &t.dtype).ok_or_else(|| RunError::Input {
+            model: recipe.models[model.0].name.clone(),
+            file: t.file.clone(),
+            tensor: name.to_string(),
+            reason: format!("dtype {} cannot be merged", t.dtype),
+        })
+    }
+
+    fn merge(&mut self, id: MergeId, name: &str) -> Result<Vec<f32>, RunError> {
+        let merge = &self.c.recipe.merges[id.0];
+        let planned: Option<&PlannedTensor> = self
+            .plan
+            .tensors
+            .get(&id)
+            .and_then(|ts| ts.iter().find(|t| t.name == name));
+        let settings = planned.map_or_else(|| merge.tensor_settings(name), |t| t.settings.clone());
+        let shape = planned.map(|t| t.info.shape.clone()).unwrap_or_default();
+        let base = match merge.base {
+            Some(b) => Some(self.tensor(b, name)?),
+            None => None,
+        };
+        let mut inputs = Vec::with_capacity(merge.inputs.len());
+        for input in &merge.inputs {
+            inputs.push(self.tensor(input.model, name)?);
+        }
+        let views: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+        let obd: Vec<Option<ObdStats>> = vec![None; views.len()];
+        let ctx = TensorContext {
+            name,
+            shape: &shape,
+            obd: &obd,
+        };
+        let Merged { values, won } = merge::merge_tensor(
+            merge.method,
+            &settings,
+            base.as_deref().map(Vec::as_slice),
+            &views,
+            &ctx,
+        )?;
+        if let Some(won) = won {
+            self.won
+                .entry(id)
+                .or_default()
+                .insert(name.to_string(), won);
+        }
+        Ok(values)
+    }
+}
+
+fn dtype_config_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::Bf16 => "bfloat16",
+        Dtype::F16 => "float16",
+        Dtype::F32 => "float32",
+    }
+}
+
+/// The base's config.json with the output dtype.
+fn write_config(dir: &Path, base: &ModelInfo, dtype: Dtype) -> Result<(), RunError> {
+    let mut config = base.config.clone();
+    if let Some(object) = config.as_object_mut() {
+        let has_dtype = object.contains_key("dtype");
+        if has_dtype || !object.contains_key("torch_dtype") {
+            object.insert("dtype".into(), dtype_config_name(dtype).into());
+        }
+        if object.contains_key("torch_dtype") {
+            object.insert("torch_dtype".into(), dtype_config_name(dtype).into());
+        }
+    }
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&config).unwrap_or_default() + "\n",
+    )
+    .map_err(|source| TensorError::Write { path, source }.into())
+}
+
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
+fn copy_side_files(base: &Path, tokenizer: &Path, out: &Path) -> Result<(), RunError> {
+    let copies = TOKENIZER_FILES
+        .iter()
+        .map(|f| (tokenizer, *f))
+        .chain([(base, "generation_config.json")]);
+    for (dir, file) in copies {
+        let from = dir.join(file);
+        if from.is_file() {
+            let to = out.join(file);
+            std::fs::copy(&from, &to).map_err(|source| TensorError::Write { path: to, source })?;
+        }
+    }
+    Ok(())
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the report gathers everything the run knows"
+)]
+fn report(
+    c: &Compilation,
+    output: &Output,
+    hash: &str,
+    eval: &Evaluator,
+    shards: &[String],
+    bytes: u64,
+    seconds: f64,
+    options: &RunOptions,
+) -> serde_json::Value {
+    let recipe = &c.recipe;
+    let root = c.sources.get(recipe.root);
+    let inputs: Vec<serde_json::Value> = eval
+        .hashes
+        .iter()
+        .map(|(id, h)| {
+            let m = &recipe.models[id.0];
+            json!({
+                "name": m.name,
+                "source": m.source,
+                "path": c.inventory.get(*id).map(|i| i.dir.display().to_string()),
+                "weights_blake3": h.finalize().to_hex().to_string(),
+            })
+        })
+        .collect();
+    let won: serde_json::Map<String, serde_json::Value> = eval
+        .won
+        .iter()
+        .map(|(id, per_tensor)| {
+            let merge = &recipe.merges[id.0];
+            let names: Vec<&str> = merge
+                .inputs
+                .iter()
+                .map(|i| recipe.input_name(i.model))
+                .collect();
+            let tensors: serde_json::Map<String, serde_json::Value> = per_tensor
+                .iter()
+                .map(|(t, counts)| {
+                    (
+                        t.clone(),
+                        names
+                            .iter()
+                            .zip(counts)
+                            .map(|(n, c)| (n.to_string(), json!(c)))
+                            .collect::<serde_json::Map<_, _>>()
+                            .into(),
+                    )
+                })
+                .collect();
+            (merge.name.clone(), tensors.into())
+        })
+        .collect();
+    json!({
+        "obim_version": env!("CARGO_PKG_VERSION"),
+        "recipe": {"path": root.name, "blake3": blake3::hash(root.text.as_bytes()).to_hex().to_string(), "text": root.text},
+        "merge": recipe.merges[output.merge.0].name,
+        "plan_hash": hash,
+        "device": options.device,
+        "threads": rayon::current_num_threads(),
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "bytes": bytes,
+        "shards": shards,
+        "inputs": inputs,
+        "positions_won": won,
+    })
+}
