@@ -7,7 +7,10 @@
 //! mask from another RNG, so it is compared in distribution: the fraction of
 //! positions kept and the L1 norm that `rescale` restores.
 
-#![expect(clippy::unwrap_used, reason = "helpers of tests: a failure should stop the test loudly")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
 
 use obim::checkpoint::read_header;
 use std::collections::BTreeMap;
