@@ -11,7 +11,7 @@ use crate::checkpoint::ModelInfo;
 use crate::merge::{self, Merged, ObdStats, TensorContext};
 use crate::methods::Method;
 use crate::plan::{Plan, PlannedTensor, StepKind};
-use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Output, Saliency};
+use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Output, Saliency, TakeFrom};
 use crate::tensors::{self, CheckpointWriter, Shards, Staging, TensorError, TensorSpec};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -243,21 +243,15 @@ fn write_output(
         bytes: total,
         shards: writer.shard_count(),
     });
-    let mut eval = Evaluator {
-        c,
-        plan,
-        shards: Shards::default(),
-        memo: HashMap::new(),
-        hashes: BTreeMap::new(),
-        won: BTreeMap::new(),
-    };
+    let mut eval = Evaluator::new(c, plan, output.merge);
+    let mut bytes = Vec::new();
     for t in tensors {
         if options.cancel.load(Ordering::Relaxed) {
             return Err(RunError::Interrupted(output.path.clone()));
         }
-        eval.memo.clear();
-        let values = eval.tensor(InputRef::Merge(output.merge), &t.name)?;
-        let bytes = tensors::from_f32(&values, dtype);
+        let values = eval.output_tensor(output.merge, &t.name)?;
+        tensors::from_f32_into(&values, dtype, &mut bytes);
+        eval.recycle(values);
         writer.write(&t.name, &bytes)?;
         progress(Event::TensorWritten {
             name: t.name.clone(),
@@ -297,34 +291,85 @@ fn write_output(
     Ok(())
 }
 
-/// Computes tensors, memoising within one tensor name so that a model or
-/// merge used twice is read or computed once.
+/// Computes tensors into owned buffers (merges update them in place). A
+/// model or merge that one tensor's computation needs several times is read
+/// or computed once and kept until its last use.
 struct Evaluator<'a> {
     c: &'a Compilation,
     plan: &'a Plan,
     shards: Shards,
-    memo: HashMap<InputRef, std::sync::Arc<Vec<f32>>>,
+    /// How often each input is used while computing one tensor of the output.
+    uses: HashMap<InputRef, usize>,
+    remaining: HashMap<InputRef, usize>,
+    memo: HashMap<InputRef, Vec<f32>>,
     /// blake3 of every input's tensor bytes, in the order read.
     hashes: BTreeMap<ModelId, blake3::Hasher>,
     /// OBIM: positions each input won, per merge and tensor.
     won: BTreeMap<MergeId, BTreeMap<String, Vec<u64>>>,
+    /// Buffers of earlier tensors, reused so that large tensors do not
+    /// fault fresh pages in every time.
+    pool: Vec<Vec<f32>>,
 }
 
-impl Evaluator<'_> {
-    fn tensor(
-        &mut self,
-        input: InputRef,
-        name: &str,
-    ) -> Result<std::sync::Arc<Vec<f32>>, RunError> {
-        if let Some(v) = self.memo.get(&input) {
-            return Ok(v.clone());
+impl<'a> Evaluator<'a> {
+    fn buffer(&mut self) -> Vec<f32> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    /// Keeps a finished buffer for reuse (a few, the largest).
+    fn recycle(&mut self, buffer: Vec<f32>) {
+        self.pool.push(buffer);
+        self.pool.sort_by_key(Vec::capacity);
+        if self.pool.len() > 8 {
+            self.pool.remove(0);
+        }
+    }
+
+    fn new(c: &'a Compilation, plan: &'a Plan, output: MergeId) -> Self {
+        let mut uses = HashMap::new();
+        count_uses(c, output, &mut uses);
+        Evaluator {
+            c,
+            plan,
+            shards: Shards::default(),
+            uses,
+            remaining: HashMap::new(),
+            memo: HashMap::new(),
+            hashes: BTreeMap::new(),
+            won: BTreeMap::new(),
+            pool: Vec::new(),
+        }
+    }
+
+    /// The merged values of tensor `name` of `merge`.
+    fn output_tensor(&mut self, merge: MergeId, name: &str) -> Result<Vec<f32>, RunError> {
+        self.memo.clear();
+        self.remaining = self.uses.clone();
+        self.merge(merge, name)
+    }
+
+    fn tensor(&mut self, input: InputRef, name: &str) -> Result<Vec<f32>, RunError> {
+        let left = self.remaining.get(&input).copied().unwrap_or(1);
+        self.remaining.insert(input, left.saturating_sub(1));
+        if self.memo.contains_key(&input) {
+            if left > 1 {
+                let mut copy = self.buffer();
+                if let Some(v) = self.memo.get(&input) {
+                    copy.clone_from(v);
+                }
+                return Ok(copy);
+            }
+            return Ok(self.memo.remove(&input).unwrap_or_default());
         }
         let values = match input {
             InputRef::Model(m) => self.load(m, name)?,
             InputRef::Merge(m) => self.merge(m, name)?,
         };
-        let values = std::sync::Arc::new(values);
-        self.memo.insert(input, values.clone());
+        if left > 1 {
+            let mut copy = self.buffer();
+            copy.clone_from(&values);
+            self.memo.insert(input, copy);
+        }
         Ok(values)
     }
 
@@ -346,8 +391,12 @@ impl Evaluator<'_> {
         self.hashes
             .entry(model)
             .or_default()
-            .update(&map[range.clone()]);
-        tensors::to_f32(&map[range], &t.dtype).ok_or_else(|| RunError::Input {
+            .update_rayon(&map[range.clone()]);
+        let mut values = self.buffer();
+        let converted = tensors::to_f32_into(&map[range], &t.dtype, &mut values);
+        drop(map);
+        self.shards.release(t);
+        converted.then_some(values).ok_or_else(|| RunError::Input {
             model: recipe.models[model.0].name.clone(),
             file: t.file.clone(),
             tensor: name.to_string(),
@@ -364,28 +413,33 @@ impl Evaluator<'_> {
             .and_then(|ts| ts.iter().find(|t| t.name == name));
         let settings = planned.map_or_else(|| merge.tensor_settings(name), |t| t.settings.clone());
         let shape = planned.map(|t| t.info.shape.clone()).unwrap_or_default();
+        // A `take` needs only the tensor it takes.
+        let wanted = |i: usize| settings.take.is_none_or(|t| t == TakeFrom::Input(i));
         let base = match merge.base {
-            Some(b) => Some(self.tensor(b, name)?),
-            None => None,
+            Some(b) if settings.take.is_none_or(|t| t == TakeFrom::Base) => {
+                Some(self.tensor(b, name)?)
+            }
+            _ => None,
         };
         let mut inputs = Vec::with_capacity(merge.inputs.len());
-        for input in &merge.inputs {
-            inputs.push(self.tensor(input.model, name)?);
+        for (i, input) in merge.inputs.iter().enumerate() {
+            inputs.push(if wanted(i) {
+                self.tensor(input.model, name)?
+            } else {
+                Vec::new()
+            });
         }
-        let views: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
-        let obd: Vec<Option<ObdStats>> = vec![None; views.len()];
+        let obd: Vec<Option<ObdStats>> = vec![None; inputs.len()];
         let ctx = TensorContext {
             name,
             shape: &shape,
             obd: &obd,
         };
-        let Merged { values, won } = merge::merge_tensor(
-            merge.method,
-            &settings,
-            base.as_deref().map(Vec::as_slice),
-            &views,
-            &ctx,
-        )?;
+        let Merged { values, won, spare } =
+            merge::merge_tensor(merge.method, &settings, base, inputs, &ctx)?;
+        for buffer in spare {
+            self.recycle(buffer);
+        }
         if let Some(won) = won {
             self.won
                 .entry(id)
@@ -393,6 +447,18 @@ impl Evaluator<'_> {
                 .insert(name.to_string(), won);
         }
         Ok(values)
+    }
+}
+
+/// How often each input is requested while one tensor of `merge` is computed
+/// (a merge's own inputs are counted once, when it is first computed).
+fn count_uses(c: &Compilation, merge: MergeId, uses: &mut HashMap<InputRef, usize>) {
+    for dep in c.recipe.merges[merge.0].dependencies() {
+        let count = uses.entry(dep).or_default();
+        *count += 1;
+        if let (1, InputRef::Merge(m)) = (*count, dep) {
+            count_uses(c, m, uses);
+        }
     }
 }
 

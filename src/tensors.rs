@@ -87,6 +87,24 @@ impl Shards {
         Ok((map, start..end))
     }
 
+    /// Tells the kernel the tensor's pages are no longer needed, so a
+    /// streamed model does not accumulate in the process's resident memory.
+    pub fn release(&mut self, info: &TensorInfo) {
+        if let Some(map) = self.maps.get(&info.file) {
+            let start = (info.data_start + info.offsets.0) as usize;
+            let len = (info.offsets.1 - info.offsets.0) as usize;
+            if start + len <= map.len() && len > 0 {
+                // SAFETY: MADV_DONTNEED on a read-only file mapping only drops
+                // pages; the next access reads them from the file again, and no
+                // slice into this range is alive (callers copy out first).
+                #[expect(unsafe_code, reason = "dropping consumed pages of a read-only mapping")]
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                };
+            }
+        }
+    }
+
     /// One tensor as f32.
     pub fn load_f32(&mut self, name: &str, info: &TensorInfo) -> Result<Vec<f32>, TensorError> {
         let (map, range) = self.bytes(name, info)?;
@@ -105,12 +123,20 @@ const CHUNK: usize = 1 << 16;
 
 /// Little-endian bytes of a floating-point dtype → f32.
 pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
+    let mut out = Vec::new();
+    to_f32_into(bytes, dtype, &mut out).then_some(out)
+}
+
+/// The same into a reused buffer (no page faults for a buffer that has
+/// held a tensor this large before). False for a non-float dtype.
+pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
     let size = match dtype {
         "BF16" | "F16" => 2,
         "F32" => 4,
-        _ => return None,
+        _ => return false,
     };
-    let mut out = vec![0f32; bytes.len() / size];
+    out.clear();
+    out.resize(bytes.len() / size, 0.0);
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * size))
         .for_each(|(o, b)| match dtype {
@@ -127,13 +153,21 @@ pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
                 .zip(b.chunks_exact(4))
                 .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         });
-    Some(out)
+    true
 }
 
 /// f32 → little-endian bytes of the output dtype (round to nearest even).
 pub fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    let mut out = Vec::new();
+    from_f32_into(values, dtype, &mut out);
+    out
+}
+
+/// The same into a reused buffer.
+pub fn from_f32_into(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     let size = dtype_bytes(dtype);
-    let mut out = vec![0u8; values.len() * size];
+    out.clear();
+    out.resize(values.len() * size, 0);
     out.par_chunks_mut(CHUNK * size)
         .zip(values.par_chunks(CHUNK))
         .for_each(|(o, v)| match dtype {
@@ -150,7 +184,6 @@ pub fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
                 .zip(v)
                 .for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
         });
-    out
 }
 
 pub fn dtype_bytes(dtype: Dtype) -> usize {

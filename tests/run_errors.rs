@@ -2,7 +2,10 @@
 //! a message naming the file and the tensor, never panics, and leaves no
 //! output behind.
 
-#![expect(clippy::unwrap_used, reason = "helpers of tests: a failure should stop the test loudly")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

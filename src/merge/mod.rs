@@ -14,6 +14,8 @@ use crate::recipe::{Saliency, TakeFrom, TensorSettings};
 pub struct Merged {
     pub values: Vec<f32>,
     pub won: Option<Vec<u64>>,
+    /// Input buffers the merge no longer needs, for the caller to reuse.
+    pub spare: Vec<Vec<f32>>,
 }
 
 /// Per-input OBD statistics of one tensor: the sum of squared input
@@ -39,11 +41,12 @@ pub enum MergeError {
 }
 
 /// Merges one tensor. `base` is `None` only for `linear` without a base.
+/// The buffers are consumed: task vectors are computed in place.
 pub fn merge_tensor(
     method: Method,
     s: &TensorSettings,
-    base: Option<&[f32]>,
-    inputs: &[&[f32]],
+    base: Option<Vec<f32>>,
+    mut inputs: Vec<Vec<f32>>,
     ctx: &TensorContext,
 ) -> Result<Merged, MergeError> {
     let invalid = |reason: &str| MergeError::Invalid {
@@ -53,19 +56,22 @@ pub fn merge_tensor(
     match s.take {
         Some(TakeFrom::Base) => {
             return base
-                .map(|b| plain(b.to_vec()))
+                .map(|b| spare(b, inputs))
                 .ok_or_else(|| invalid("`take base` in a merge without a base"));
         }
-        Some(TakeFrom::Input(i)) => {
-            return inputs
-                .get(i)
-                .map(|x| plain(x.to_vec()))
-                .ok_or_else(|| invalid("`take` names a missing input"));
+        Some(TakeFrom::Input(i)) if i < inputs.len() => {
+            let taken = inputs.swap_remove(i);
+            inputs.extend(base);
+            return Ok(spare(taken, inputs));
         }
+        Some(TakeFrom::Input(_)) => return Err(invalid("`take` names a missing input")),
         None => {}
     }
-    let param = |x: Option<f64>, default: f64| x.unwrap_or(default);
-    let weight = |i: usize| s.inputs[i].weight.unwrap_or(1.0);
+    let weights: Vec<f32> = s
+        .inputs
+        .iter()
+        .map(|x| x.weight.unwrap_or(1.0) as f32)
+        .collect();
     match method {
         Method::Obim => {
             let base = base.ok_or_else(|| invalid("obim needs a base"))?;
@@ -73,119 +79,175 @@ pub fn merge_tensor(
         }
         Method::Linear => {
             let normalize = s.params.normalize.unwrap_or(true);
-            let n = inputs.first().map_or(0, |x| x.len());
-            let mut out = vec![0f32; n];
-            for (i, x) in inputs.iter().enumerate() {
-                let w = weight(i) as f32;
-                kernels::update(&mut out, |j, v| v + x[j] * w);
-            }
-            if normalize {
-                let total: f32 = (0..inputs.len()).map(|i| weight(i) as f32).sum();
-                kernels::update(&mut out, |_, v| v / total);
-            }
-            Ok(plain(out))
+            let total: f32 = weights.iter().sum();
+            let mut rest = inputs.split_off(1.min(inputs.len()));
+            let Some(mut out) = inputs.pop() else {
+                return Err(invalid("linear needs an input"));
+            };
+            rest.shrink_to_fit();
+            // mergekit: result = 0; result += xₖ·wₖ in order; result /= Σw.
+            kernels::update(&mut out, |i, x0| {
+                let mut acc = x0 * weights[0];
+                for (k, x) in rest.iter().enumerate() {
+                    acc += x[i] * weights[k + 1];
+                }
+                if normalize { acc / total } else { acc }
+            });
+            Ok(spare(out, rest))
         }
         Method::Slerp => {
-            let base = base.ok_or_else(|| invalid("slerp needs a base"))?;
+            let mut base = base.ok_or_else(|| invalid("slerp needs a base"))?;
             let other = inputs
                 .first()
                 .ok_or_else(|| invalid("slerp needs one input"))?;
-            Ok(plain(kernels::slerp(param(s.params.t, 0.5), base, other)))
+            kernels::slerp(s.params.t.unwrap_or(0.5), &mut base, other);
+            Ok(spare(base, inputs))
         }
         Method::TaskArithmetic | Method::Ties | Method::DareTies | Method::DareLinear => {
             let base = base.ok_or_else(|| invalid("this method needs a base"))?;
-            Ok(plain(task_arithmetic_family(method, s, base, inputs, ctx)))
+            Ok(task_arithmetic_family(
+                method, s, base, inputs, &weights, ctx,
+            ))
         }
     }
 }
 
-fn plain(values: Vec<f32>) -> Merged {
-    Merged { values, won: None }
+fn spare(values: Vec<f32>, spare: Vec<Vec<f32>>) -> Merged {
+    Merged {
+        values,
+        won: None,
+        spare,
+    }
 }
 
 /// mergekit's `GeneralizedTaskArithmeticMerge`: sparsify each δ (TIES: by
 /// magnitude; DARE: at random), weight it, elect signs (TIES, DARE-TIES), sum,
 /// optionally divide by the (agreeing) weights, scale by λ, add to the base.
+/// The arithmetic is done in mergekit's order, so results agree to the bit
+/// wherever no tie in |δ| is broken differently.
 fn task_arithmetic_family(
     method: Method,
     s: &TensorSettings,
-    base: &[f32],
-    inputs: &[&[f32]],
+    mut base: Vec<f32>,
+    mut deltas: Vec<Vec<f32>>,
+    weights: &[f32],
     ctx: &TensorContext,
-) -> Vec<f32> {
-    let defaults = |name: &str| method.param(name).and_then(|p| p.default);
-    let flag = |given: Option<bool>, name: &str| {
-        given.unwrap_or(matches!(
-            defaults(name),
+) -> Merged {
+    let default_true = |name: &str| {
+        matches!(
+            method.param(name).and_then(|p| p.default),
             Some(crate::methods::Default::Bool(true))
-        ))
+        )
     };
-    let normalize = flag(s.params.normalize, "normalize");
-    let rescale = flag(s.params.rescale, "rescale");
+    let normalize = s
+        .params
+        .normalize
+        .unwrap_or_else(|| default_true("normalize"));
+    let rescale = s.params.rescale.unwrap_or_else(|| default_true("rescale"));
     let lambda = s.params.lambda.unwrap_or(1.0) as f32;
     let seed = s.params.seed.unwrap_or(0);
-    let weights: Vec<f32> = s
-        .inputs
-        .iter()
-        .map(|x| x.weight.unwrap_or(1.0) as f32)
-        .collect();
-    let deltas: Vec<Vec<f32>> = inputs
-        .iter()
-        .enumerate()
-        .map(|(k, x)| {
-            let mut d = kernels::task_vector(base, x);
-            let density = s.inputs[k].density.unwrap_or(1.0);
-            if density < 1.0 {
-                let original = if rescale { kernels::l1(&d) } else { 0.0 };
-                match method {
-                    Method::Ties => kernels::keep_largest(&mut d, density),
-                    Method::DareTies | Method::DareLinear => {
-                        kernels::keep_random(&mut d, density, dare_stream(seed, ctx.name, k))
-                    }
-                    _ => {}
-                }
-                if rescale && matches!(method, Method::Ties | Method::DareTies | Method::DareLinear)
+    let sparsifies = matches!(method, Method::Ties | Method::DareTies | Method::DareLinear);
+    let consensus = matches!(method, Method::Ties | Method::DareTies);
+    let total: f32 = weights.iter().sum();
+    let divisor = if total.abs() < 1e-8 { 1.0 } else { total };
+    let dense = !sparsifies || s.inputs.iter().all(|x| x.density.unwrap_or(1.0) >= 1.0);
+    if dense && !consensus {
+        // Task arithmetic (and DARE-linear at density 1): one fused pass, in
+        // mergekit's order of operations: Σ (xₖ − b)·wₖ, / Σw, ·λ, + b.
+        let inputs = deltas;
+        kernels::update_chunks(&mut base, |start, b| {
+            let mut mixed = vec![0f32; b.len()];
+            for (k, x) in inputs.iter().enumerate() {
+                let w = weights[k];
+                for ((m, x), b) in mixed
+                    .iter_mut()
+                    .zip(&x[start..start + b.len()])
+                    .zip(b.iter())
                 {
-                    kernels::rescale_l1(&mut d, original);
+                    *m += (x - b) * w;
                 }
             }
-            let w = weights[k];
-            kernels::update(&mut d, |_, v| v * w);
-            d
-        })
-        .collect();
-    let n = base.len();
-    let consensus = matches!(method, Method::Ties | Method::DareTies);
-    let mut mixed = vec![0f32; n];
-    if consensus {
-        let agree = kernels::sign_agreement(&deltas);
-        let mut divisor = vec![0f32; n];
-        for (k, d) in deltas.iter().enumerate() {
-            let a = &agree[k];
-            kernels::update(&mut mixed, |i, v| if a[i] { v + d[i] } else { v });
-            let w = weights[k];
-            kernels::update(&mut divisor, |i, v| if a[i] { v + w } else { v });
-        }
-        if normalize {
-            kernels::update(&mut mixed, |i, v| {
-                v / if divisor[i] == 0.0 { 1.0 } else { divisor[i] }
-            });
-        }
-    } else {
-        for d in &deltas {
-            kernels::update(&mut mixed, |i, v| v + d[i]);
-        }
-        if normalize {
-            let total: f32 = weights.iter().sum();
-            let divisor = if total.abs() < 1e-8 { 1.0 } else { total };
-            kernels::update(&mut mixed, |_, v| v / divisor);
-        }
+            for (m, b) in mixed.iter_mut().zip(b.iter_mut()) {
+                if normalize {
+                    *m /= divisor;
+                }
+                if lambda != 1.0 {
+                    *m *= lambda;
+                }
+                *b += *m;
+            }
+        });
+        return spare(base, inputs);
     }
-    if lambda != 1.0 {
-        kernels::update(&mut mixed, |_, v| v * lambda);
+    for (k, d) in deltas.iter_mut().enumerate() {
+        kernels::subtract(d, &base);
+        let density = s.inputs[k].density.unwrap_or(1.0);
+        if sparsifies && density < 1.0 {
+            let original = if rescale { kernels::l1(d) } else { 0.0 };
+            if method == Method::Ties {
+                kernels::keep_largest(d, density);
+            } else {
+                kernels::keep_random(d, density, dare_stream(seed, ctx.name, k));
+            }
+            if rescale {
+                kernels::rescale_l1(d, original);
+            }
+        }
+        let w = weights[k];
+        kernels::update(d, |_, v| v * w);
     }
-    kernels::update(&mut mixed, |i, v| base[i] + v);
-    mixed
+    kernels::update_chunks(&mut base, |start, b| {
+        let len = b.len();
+        fn part(d: &[f32], start: usize, len: usize) -> &[f32] {
+            &d[start..start + len]
+        }
+        let mut mixed = vec![0f32; len];
+        if consensus {
+            // The sign of Σₖ δₖ elects; a δ of the other sign (or zero) is left out.
+            let mut sum = vec![0f32; len];
+            for d in &deltas {
+                sum.iter_mut()
+                    .zip(part(d, start, len))
+                    .for_each(|(s, d)| *s += d);
+            }
+            let mut agreeing = vec![0f32; len];
+            for (k, d) in deltas.iter().enumerate() {
+                let w = weights[k];
+                for (((m, a), d), s) in mixed
+                    .iter_mut()
+                    .zip(agreeing.iter_mut())
+                    .zip(part(d, start, len))
+                    .zip(&sum)
+                {
+                    let majority = if *s >= 0.0 { 1.0 } else { -1.0 };
+                    if kernels::sign(*d) == majority {
+                        *m += d;
+                        *a += w;
+                    }
+                }
+            }
+            if normalize {
+                mixed
+                    .iter_mut()
+                    .zip(&agreeing)
+                    .for_each(|(m, a)| *m /= if *a == 0.0 { 1.0 } else { *a });
+            }
+        } else {
+            for d in &deltas {
+                mixed
+                    .iter_mut()
+                    .zip(part(d, start, len))
+                    .for_each(|(m, d)| *m += d);
+            }
+            if normalize {
+                mixed.iter_mut().for_each(|m| *m /= divisor);
+            }
+        }
+        for (m, b) in mixed.iter().zip(b.iter_mut()) {
+            *b += if lambda != 1.0 { m * lambda } else { *m };
+        }
+    });
+    spare(base, deltas)
 }
 
 /// The seed of DARE's keep mask for input `k` of one tensor: the recipe's
@@ -197,54 +259,45 @@ pub fn dare_stream(seed: u64, tensor: &str, k: usize) -> u64 {
     seed ^ u64::from_le_bytes(bytes) ^ (k as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
-/// OBIM (DESIGN §3): saliency per input, exclusive assignment in the
-/// tensor's order with q = round(retain·N), merged = θ_B + Σ 1[owner = k]·δₖ.
-fn obim(s: &TensorSettings, base: &[f32], inputs: &[&[f32]], ctx: &TensorContext) -> Merged {
-    let deltas: Vec<Vec<f32>> = inputs
-        .iter()
-        .map(|x| kernels::task_vector(base, x))
-        .collect();
-    let cols = ctx.shape.last().copied().unwrap_or(1).max(1);
-    let scores: Vec<Vec<f32>> = deltas
-        .iter()
-        .enumerate()
-        .map(|(k, d)| {
-            let mut score = d.clone();
-            match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
-                (Saliency::Obd, Some(ObdStats::Columns(dj))) => {
-                    kernels::update(&mut score, |i, v| {
-                        (v as f64 * v as f64 * dj[i % cols]) as f32
-                    })
-                }
-                (Saliency::Obd, Some(ObdStats::Tokens(t))) => {
-                    kernels::update(&mut score, |_, v| (v as f64 * v as f64 * t) as f32)
-                }
-                _ => kernels::update(&mut score, |_, v| v * v),
-            }
-            score
-        })
-        .collect();
+/// OBIM (DESIGN §3): in the tensor's order, input k claims round(retainₖ·N)
+/// unowned positions by saliency; merged = θ_B + Σ 1[owner = k]·δₖ.
+fn obim(
+    s: &TensorSettings,
+    mut base: Vec<f32>,
+    mut deltas: Vec<Vec<f32>>,
+    ctx: &TensorContext,
+) -> Merged {
     let n = base.len();
-    let quotas: Vec<usize> = s
-        .inputs
-        .iter()
-        .map(|x| kernels::quota(x.retain.unwrap_or(0.0), n))
-        .collect();
-    let owner = kernels::exclusive_assign(&scores, &quotas, &s.order);
-    let mut won = vec![0u64; inputs.len()];
-    for &o in &owner {
-        if o != kernels::UNOWNED {
-            won[o as usize] += 1;
-        }
+    let cols = ctx.shape.last().copied().unwrap_or(1).max(1);
+    for d in deltas.iter_mut() {
+        kernels::subtract(d, &base);
     }
-    let mut values = base.to_vec();
-    kernels::update(&mut values, |i, v| match owner[i] {
-        kernels::UNOWNED => v,
-        k => v + deltas[k as usize][i],
+    let mut owner = vec![kernels::UNOWNED; n];
+    let mut won = vec![0u64; deltas.len()];
+    let mut scores = vec![0f32; n];
+    for &k in &s.order {
+        let d = &deltas[k];
+        match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
+            (Saliency::Obd, Some(ObdStats::Columns(dj))) => kernels::update(&mut scores, |i, _| {
+                (d[i] as f64 * d[i] as f64 * dj[i % cols]) as f32
+            }),
+            (Saliency::Obd, Some(ObdStats::Tokens(t))) => {
+                kernels::update(&mut scores, |i, _| (d[i] as f64 * d[i] as f64 * t) as f32)
+            }
+            _ => kernels::update(&mut scores, |i, _| d[i] * d[i]),
+        }
+        let quota = kernels::quota(s.inputs[k].retain.unwrap_or(0.0), n);
+        won[k] = kernels::claim(&mut owner, &scores, quota, k as u8);
+    }
+    kernels::update(&mut base, |i, b| match owner[i] {
+        kernels::UNOWNED => b,
+        k => b + deltas[k as usize][i],
     });
+    deltas.push(scores);
     Merged {
-        values,
+        values: base,
         won: Some(won),
+        spare: deltas,
     }
 }
 
@@ -279,7 +332,14 @@ mod tests {
             shape: &[4],
             obd: &[None, None],
         };
-        let m = merge_tensor(Method::Obim, &s, Some(&base), &[&a, &b], &ctx).unwrap();
+        let m = merge_tensor(
+            Method::Obim,
+            &s,
+            Some(base.to_vec()),
+            vec![a.to_vec(), b.to_vec()],
+            &ctx,
+        )
+        .unwrap();
         // a picks 2 of 4: positions 2 (9.0) and 0 (1.0); b gets 1 (4.0) and 3 (0.0).
         assert_eq!(m.values, vec![1.0, 2.0, 3.0, 0.0]);
         assert_eq!(m.won, Some(vec![2, 2]));
@@ -301,7 +361,14 @@ mod tests {
             shape: &[3],
             obd: &[None, None],
         };
-        let m = merge_tensor(Method::Ties, &s, Some(&base), &[&a, &b], &ctx).unwrap();
+        let m = merge_tensor(
+            Method::Ties,
+            &s,
+            Some(base.to_vec()),
+            vec![a.to_vec(), b.to_vec()],
+            &ctx,
+        )
+        .unwrap();
         // Signs: + (both), − (−2+1), + (tie → +: 0.5 agrees). Normalized by agreeing weights.
         assert_eq!(m.values, vec![2.0, -2.0, 0.5]);
     }
