@@ -1,0 +1,232 @@
+//! `obim run` end to end on the demo family: sharded outputs a reader (and
+//! obim itself) loads back, multi-stage merges, DARE's determinism across
+//! thread counts, the files beside the weights.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
+
+use obim::checkpoint::open_dir;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn obim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_obim"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("obim-run-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
+}
+
+/// Every tensor of a checkpoint as raw bytes, by name.
+fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let info = open_dir(dir).unwrap();
+    info.tensors
+        .iter()
+        .map(|(name, t)| {
+            let bytes = std::fs::read(&t.file).unwrap();
+            (
+                name.clone(),
+                bytes[(t.data_start + t.offsets.0) as usize..(t.data_start + t.offsets.1) as usize]
+                    .to_vec(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn multistage_writes_a_sharded_checkpoint_that_reads_back() {
+    let out = demo().join("out/multistage");
+    let status = obim(&[
+        "run",
+        "--force",
+        demo().join("multistage.obim").to_str().unwrap(),
+    ]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    // shard_size "200KB": several shards, each at most 200 kB, and an index.
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(shards.len() > 2, "{shards:?}");
+    let n = shards.len();
+    for (i, shard) in shards.iter().enumerate() {
+        assert_eq!(*shard, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+        let size = std::fs::metadata(out.join(shard)).unwrap().len();
+        let (header, tensors) = obim::checkpoint::read_header(&out.join(shard)).unwrap();
+        let data: u64 = tensors.values().map(|t| t.offsets.1 - t.offsets.0).sum();
+        assert!(
+            data <= 200_000 || tensors.len() == 1,
+            "{shard}: {data} bytes of tensors"
+        );
+        assert!(size as usize >= header.len());
+    }
+    let total: u64 = open_dir(&out)
+        .unwrap()
+        .tensors
+        .values()
+        .map(|t| t.offsets.1 - t.offsets.0)
+        .sum();
+    assert_eq!(index["metadata"]["total_size"], total);
+    // Same tensors and shapes as the base, in bf16, with its config and tokenizer.
+    let base = open_dir(&demo().join("base")).unwrap();
+    let merged = open_dir(&out).unwrap();
+    assert_eq!(
+        base.tensors.keys().collect::<Vec<_>>(),
+        merged.tensors.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &merged.tensors {
+        assert_eq!(t.shape, base.tensors[name].shape, "{name}");
+        assert_eq!(t.dtype, "BF16");
+    }
+    assert_eq!(merged.config["dtype"], "bfloat16");
+    assert_eq!(merged.config["architectures"], base.config["architectures"]);
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(demo().join("base/tokenizer.json")).unwrap()
+    );
+    assert!(out.join("generation_config.json").is_file());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("obim-report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["merge"], "all");
+    assert_eq!(
+        report["inputs"].as_array().unwrap().len(),
+        4,
+        "base and three experts"
+    );
+    // The first stage streamed into the second: OBIM's allocation is reported for it.
+    let won = &report["positions_won"]["pair"]["model.layers.2.mlp.up_proj.weight"];
+    let n = 256 * 96;
+    assert_eq!(
+        won["add"].as_u64().unwrap() + won["reverse"].as_u64().unwrap(),
+        2 * (0.45f64 * n as f64).round() as u64
+    );
+
+    // The sharded output is itself a valid input: a linear merge of it alone
+    // (weight 1) reproduces it bit for bit.
+    let dir = temp("reread");
+    let recipe = format!(
+        "model m = \"{}\"\nmerge again = linear {{ m weight 1.0 }}\noutput again -> \"out\"\n",
+        out.display()
+    );
+    std::fs::write(dir.join("r.obim"), recipe).unwrap();
+    let status = obim(&["run", dir.join("r.obim").to_str().unwrap()]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_eq!(tensors(&dir.join("out")), tensors(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn dare_is_the_same_on_any_thread_count() {
+    let dir = temp("dare");
+    let d = demo();
+    let recipe = |out: &str| {
+        format!(
+            "base llama = \"{0}/base\"\nmodel add = \"{0}/expert_add\"\nmodel sort = \"{0}/expert_sort\"\n\
+             merge d = dare_ties(base: llama, density: 0.4, seed: 11) {{ add weight 1.0  sort weight 0.8 }}\n\
+             output d -> \"{out}\"\n",
+            d.display()
+        )
+    };
+    std::fs::write(dir.join("one.obim"), recipe("one")).unwrap();
+    std::fs::write(dir.join("two.obim"), recipe("two")).unwrap();
+    assert!(
+        obim(&[
+            "run",
+            "--threads",
+            "1",
+            dir.join("one.obim").to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        obim(&[
+            "run",
+            "--threads",
+            "2",
+            dir.join("two.obim").to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    assert_eq!(tensors(&dir.join("one")), tensors(&dir.join("two")));
+    // Another seed draws another mask.
+    std::fs::write(
+        dir.join("three.obim"),
+        recipe("three").replace("seed: 11", "seed: 12"),
+    )
+    .unwrap();
+    assert!(
+        obim(&["run", dir.join("three.obim").to_str().unwrap()])
+            .status
+            .success()
+    );
+    assert_ne!(tensors(&dir.join("one")), tensors(&dir.join("three")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let dir = temp("dry");
+    let d = demo();
+    let recipe = format!(
+        "base llama = \"{0}/base\"\nmodel add = \"{0}/expert_add\"\nmerge m = task_arithmetic(base: llama) {{ add weight 0.5 }}\noutput m -> \"out\"\n",
+        d.display()
+    );
+    std::fs::write(dir.join("r.obim"), recipe).unwrap();
+    let out = obim(&["run", "--dry-run", dir.join("r.obim").to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("would be written") && text.contains("merge:m"),
+        "{text}"
+    );
+    assert!(!dir.join("out").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn obd_saliency_is_refused_until_calibration_exists() {
+    let out = obim(&["run", "tests/recipes/ok_obd.obim"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("`obd` saliency") && stderr.contains("saliency magnitude"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cuda_is_a_usage_error_in_a_cpu_build() {
+    let out = obim(&["run", "--device", "cuda:0", "examples/demo/merge.obim"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without CUDA"));
+}
