@@ -40,8 +40,7 @@ impl Compilation {
 
     /// The plan, when the recipe has no errors.
     pub fn plan(&self) -> Option<plan::Plan> {
-        (!self.has_errors())
-            .then(|| plan::Plan::lower(&self.recipe, &self.inventory, &self.sources))
+        (!self.has_errors()).then(|| plan::Plan::lower(&self.recipe, &self.inventory))
     }
 }
 

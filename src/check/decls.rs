@@ -77,7 +77,7 @@ impl Checker<'_> {
             span: decl.kind.span,
         };
         data.kind = match self
-            .word(&scope, &kind_expr, &["jsonl", "text"], "a data format")
+            .word(&kind_expr, &["jsonl", "text"], "a data format")
             .as_deref()
         {
             Some("text") => DataKind::Text,
@@ -262,12 +262,7 @@ impl Checker<'_> {
                 match option.key.name.as_str() {
                     "dtype" => {
                         output.dtype = self
-                            .word(
-                                &scope,
-                                &option.value,
-                                &["bf16", "f16", "f32"],
-                                "an output dtype",
-                            )
+                            .word(&option.value, &["bf16", "f16", "f32"], "an output dtype")
                             .map(|w| match w.as_str() {
                                 "f16" => Dtype::F16,
                                 "f32" => Dtype::F32,

@@ -30,7 +30,6 @@ struct Spans {
     retain: HashMap<usize, Span>,
     retain_default: Option<Span>,
     using: HashMap<usize, Span>,
-    order: Option<Span>,
     /// Keys written, resolved or not (`None`: the merge level), so that a
     /// bad value is not also reported as missing.
     written: std::collections::HashSet<(Option<usize>, String)>,
@@ -514,8 +513,7 @@ impl Checker<'_> {
         match &stmt.kind {
             StmtKind::Param(kv) => self.param(scope, method, kv, settings, spans, None),
             StmtKind::Order(order) if method.has_order() => {
-                settings.order = self.order(scope, merge, order);
-                spans.order = Some(stmt.span);
+                settings.order = self.order(scope, merge, order)
             }
             StmtKind::Order(_) => obim_only(self, "order"),
             StmtKind::Saliency(word) if method.has_order() => {
@@ -527,15 +525,15 @@ impl Checker<'_> {
                     }),
                     span: word.span,
                 };
-                settings.saliency = self
-                    .word(scope, &expr, &["obd", "magnitude"], "a saliency")
-                    .map(|w| {
-                        if w == "obd" {
-                            Saliency::Obd
-                        } else {
-                            Saliency::Magnitude
-                        }
-                    });
+                settings.saliency =
+                    self.word(&expr, &["obd", "magnitude"], "a saliency")
+                        .map(|w| {
+                            if w == "obd" {
+                                Saliency::Obd
+                            } else {
+                                Saliency::Magnitude
+                            }
+                        });
             }
             StmtKind::Saliency(_) => obim_only(self, "saliency"),
             StmtKind::Take(take) => settings.take = self.take(scope, merge, take),
@@ -951,7 +949,6 @@ impl Checker<'_> {
                 d = d.with(*s, label);
             }
         }
-        let _ = spans.order;
         d = d
             .note("OBIM gives each position to one input, in order: with Σ retain > 1 the last inputs get fewer positions than asked, or none; the paper reports a catastrophic drop here")
             .help("lower the ratios so that they sum to at most 1 (the paper uses 0.40 + 0.45 + 0.10)");

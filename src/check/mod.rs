@@ -472,46 +472,44 @@ impl<'p> Checker<'p> {
     }
 
     /// A number (literal or `let`), or an error.
-    fn number(&mut self, scope: &Scope, expr: &Expr, expected: &str) -> Option<f64> {
-        match self.eval(scope, expr)? {
-            Val::Num(n) => Some(n),
-            Val::Word(w) => {
+    /// A value of one type (literal or through a `let`), or an error: an
+    /// unknown name, or a value of another type.
+    fn typed<T>(
+        &mut self,
+        scope: &Scope,
+        expr: &Expr,
+        expected: &str,
+        extract: impl Fn(Val) -> Result<T, Val>,
+    ) -> Option<T> {
+        match extract(self.eval(scope, expr)?) {
+            Ok(value) => Some(value),
+            Err(Val::Word(w)) => {
                 self.unknown_name(scope, &w, expr.span);
                 None
             }
-            other => {
+            Err(other) => {
                 self.type_error(expr.span, expected, &other);
                 None
             }
         }
     }
 
+    fn number(&mut self, scope: &Scope, expr: &Expr, expected: &str) -> Option<f64> {
+        self.typed(scope, expr, expected, |v| {
+            if let Val::Num(n) = v { Ok(n) } else { Err(v) }
+        })
+    }
+
     fn boolean(&mut self, scope: &Scope, expr: &Expr) -> Option<bool> {
-        match self.eval(scope, expr)? {
-            Val::Bool(b) => Some(b),
-            Val::Word(w) => {
-                self.unknown_name(scope, &w, expr.span);
-                None
-            }
-            other => {
-                self.type_error(expr.span, "`true` or `false`", &other);
-                None
-            }
-        }
+        self.typed(scope, expr, "`true` or `false`", |v| {
+            if let Val::Bool(b) = v { Ok(b) } else { Err(v) }
+        })
     }
 
     fn string(&mut self, scope: &Scope, expr: &Expr) -> Option<String> {
-        match self.eval(scope, expr)? {
-            Val::Str(s) => Some(s),
-            Val::Word(w) => {
-                self.unknown_name(scope, &w, expr.span);
-                None
-            }
-            other => {
-                self.type_error(expr.span, "a string", &other);
-                None
-            }
-        }
+        self.typed(scope, expr, "a string", |v| {
+            if let Val::Str(s) = v { Ok(s) } else { Err(v) }
+        })
     }
 
     /// A model or merge.
@@ -570,12 +568,11 @@ impl<'p> Checker<'p> {
     }
 
     /// One of a fixed set of words (`obd`, `bf16`, `jsonl`).
-    fn word(&mut self, scope: &Scope, expr: &Expr, allowed: &[&str], what: &str) -> Option<String> {
+    fn word(&mut self, expr: &Expr, allowed: &[&str], what: &str) -> Option<String> {
         let word = match &expr.kind {
             ExprKind::Path(p) if p.qualifier.is_none() => Some(p.name.name.clone()),
             _ => None,
         };
-        let _ = scope;
         match word {
             Some(w) if allowed.contains(&w.as_str()) => Some(w),
             Some(w) => {

@@ -14,7 +14,7 @@ use crate::open::Inventory;
 use crate::recipe::{
     DataId, InputRef, MergeId, ModelId, ModelSource, Recipe, Saliency, TensorSettings,
 };
-use crate::source::{SourceMap, Span};
+use crate::source::Span;
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::collections::{BTreeMap, HashMap};
 
@@ -105,7 +105,7 @@ pub fn has_linear_input(name: &str, info: &TensorInfo, all: &BTreeMap<String, Te
 impl Plan {
     /// Lowers a checked recipe (without errors) into its plan: the outputs of
     /// the root file and every merge defined there, with what they need.
-    pub fn lower(recipe: &Recipe, inventory: &Inventory, sources: &SourceMap) -> Plan {
+    pub fn lower(recipe: &Recipe, inventory: &Inventory) -> Plan {
         let mut lowering = Lowering {
             recipe,
             inventory,
@@ -142,7 +142,6 @@ impl Plan {
             );
             lowering.nodes.insert(StepKind::Write(i), node);
         }
-        let _ = sources;
         Plan {
             graph: lowering.graph,
             tensors: lowering.tensors,
