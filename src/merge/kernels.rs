@@ -36,70 +36,8 @@ pub fn subtract(x: &mut [f32], base: &[f32]) {
     update(x, |i, v| v - base[i]);
 }
 
-/// Marks the `k` largest `values` among the `eligible` positions (fewer if
-/// fewer are eligible); among equal values the lower flat index wins. O(n)
-/// and parallel: the k-th largest value is found by a radix select over the
-/// float bit patterns (two counting passes), then one pass marks the larger
-/// values and, chunk by chunk, the lowest-indexed ties.
-pub fn top_k(values: &[f32], eligible: impl Fn(usize) -> bool + Sync, k: usize) -> Vec<bool> {
-    let n = values.len();
-    let Some((threshold, greater)) = kth_largest(values, &eligible, k) else {
-        // k = 0 selects nothing; k ≥ the eligible count selects them all.
-        let mut all = vec![false; n];
-        if k > 0 {
-            all.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-                out.iter_mut()
-                    .enumerate()
-                    .for_each(|(j, s)| *s = eligible(c * CHUNK + j))
-            });
-        }
-        return all;
-    };
-    let ties_wanted = k - greater;
-    // Ties before each chunk, so every chunk knows how many it may take.
-    let chunk_ties: Vec<usize> = values
-        .par_chunks(CHUNK)
-        .enumerate()
-        .map(|(c, chunk)| {
-            chunk
-                .iter()
-                .enumerate()
-                .filter(|(j, v)| order_key(**v) == threshold && eligible(c * CHUNK + j))
-                .count()
-        })
-        .collect();
-    let mut before = Vec::with_capacity(chunk_ties.len());
-    let mut running = 0;
-    for t in &chunk_ties {
-        before.push(running);
-        running += t;
-    }
-    let mut selected = vec![false; n];
-    selected
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let mut rank = before[c];
-            for (j, s) in out.iter_mut().enumerate() {
-                let i = c * CHUNK + j;
-                if !eligible(i) {
-                    continue;
-                }
-                match order_key(values[i]).cmp(&threshold) {
-                    Ordering::Greater => *s = true,
-                    Ordering::Equal => {
-                        *s = rank < ties_wanted;
-                        rank += 1;
-                    }
-                    Ordering::Less => {}
-                }
-            }
-        });
-    selected
-}
-
 /// A u32 whose order is `f32::total_cmp`'s.
-fn order_key(v: f32) -> u32 {
+pub fn order_key(v: f32) -> u32 {
     let bits = v.to_bits();
     if bits & 0x8000_0000 != 0 {
         !bits
@@ -108,49 +46,51 @@ fn order_key(v: f32) -> u32 {
     }
 }
 
-/// The key of the k-th largest eligible value and how many eligible values
-/// are strictly larger; `None` when k is 0 or at least the eligible count.
-fn kth_largest(
-    values: &[f32],
-    eligible: &(impl Fn(usize) -> bool + Sync),
-    k: usize,
-) -> Option<(u32, usize)> {
+/// Where the k largest keys end: everything above `threshold`, and of the
+/// keys equal to it the `ties_wanted` with the lowest indices.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    Nothing,
+    Everything,
+    At {
+        threshold: u32,
+        ties_wanted: usize,
+        ties: usize,
+    },
+}
+
+/// Finds the cut for the `k` largest of `key(i)` (`None`: not eligible).
+/// O(n) and parallel: a radix select over 16-bit digits (two counting
+/// passes); small inputs use `select_nth_unstable`.
+fn cut(n: usize, key: &(impl Fn(usize) -> Option<u32> + Sync), k: usize) -> Cut {
     if k == 0 {
-        return None;
+        return Cut::Nothing;
     }
-    let n = values.len();
     if n < 1 << 20 {
-        // Small tensors: a sequential selection beats two 64Ki-bucket histograms.
-        let mut keys: Vec<u32> = (0..n)
-            .filter(|&i| eligible(i))
-            .map(|i| order_key(values[i]))
-            .collect();
+        let mut keys: Vec<u32> = (0..n).filter_map(key).collect();
         if k >= keys.len() {
-            return None;
+            return Cut::Everything;
         }
         let (_, &mut threshold, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        let greater = keys.iter().filter(|key| **key > threshold).count();
-        return Some((threshold, greater));
+        let greater = keys.iter().filter(|x| **x > threshold).count();
+        let ties = keys.iter().filter(|x| **x == threshold).count();
+        return Cut::At {
+            threshold,
+            ties_wanted: k - greater,
+            ties,
+        };
     }
-    // A histogram of 16-bit digits per block of the input (a few blocks per
-    // thread), summed. `high`: digits of the upper half of every key;
-    // otherwise of the lower half of keys whose upper half is `hi`.
+    // Histograms of a 16-bit digit per block (a few blocks per thread), summed.
     let blocks = (rayon::current_num_threads() * 4).max(1);
     let block = n.div_ceil(blocks).max(1);
-    let histogram = |high: bool, hi: u32| -> Vec<u64> {
+    let histogram = |digit: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Vec<u64> {
         let partial: Vec<Vec<u32>> = (0..n.div_ceil(block))
             .into_par_iter()
             .map(|b| {
                 let mut h = vec![0u32; 1 << 16];
-                let start = b * block;
-                for (j, v) in values[start..(start + block).min(n)].iter().enumerate() {
-                    let key = order_key(*v);
-                    if high {
-                        if eligible(start + j) {
-                            h[(key >> 16) as usize] += 1;
-                        }
-                    } else if key >> 16 == hi && eligible(start + j) {
-                        h[(key & 0xffff) as usize] += 1;
+                for i in b * block..((b + 1) * block).min(n) {
+                    if let Some(d) = key(i).and_then(digit) {
+                        h[d] += 1;
                     }
                 }
                 h
@@ -173,14 +113,108 @@ fn kth_largest(
         }
         None
     };
-    let high = histogram(true, 0);
-    let (hi, above_hi) = locate(&high, k as u64)?;
-    let low = histogram(false, hi as u32);
-    let (lo, above_lo) = locate(&low, k as u64 - above_hi)?;
-    Some((
-        ((hi as u32) << 16) | lo as u32,
-        (above_hi + above_lo) as usize,
-    ))
+    let high = histogram(&|key| Some((key >> 16) as usize));
+    let Some((hi, above_hi)) = locate(&high, k as u64) else {
+        return Cut::Everything;
+    };
+    let low = histogram(&|key| ((key >> 16) as usize == hi).then_some((key & 0xffff) as usize));
+    let Some((lo, above_lo)) = locate(&low, k as u64 - above_hi) else {
+        return Cut::Everything;
+    };
+    let greater = (above_hi + above_lo) as usize;
+    Cut::At {
+        threshold: ((hi as u32) << 16) | lo as u32,
+        ties_wanted: k - greater,
+        ties: low[lo] as usize,
+    }
+}
+
+/// Calls `take(i, &mut slots[i])` for the `k` largest `key(i)` among eligible
+/// positions (`None`: not eligible), fewer if fewer are eligible; among equal
+/// keys the lower flat index wins. Returns how many were taken.
+pub fn take_top_k<T: Send>(
+    slots: &mut [T],
+    key: impl Fn(usize) -> Option<u32> + Sync,
+    k: usize,
+    take: impl Fn(&mut T) + Sync,
+) -> u64 {
+    let n = slots.len();
+    let cut = cut(n, &key, k);
+    // When some ties must be left out, count the ties before each chunk first.
+    let before: Option<Vec<usize>> = match cut {
+        Cut::At {
+            threshold,
+            ties_wanted,
+            ties,
+        } if ties_wanted < ties => {
+            let per_chunk: Vec<usize> = (0..n.div_ceil(CHUNK))
+                .into_par_iter()
+                .map(|c| {
+                    (c * CHUNK..((c + 1) * CHUNK).min(n))
+                        .filter(|&i| key(i) == Some(threshold))
+                        .count()
+                })
+                .collect();
+            let mut running = 0;
+            Some(
+                per_chunk
+                    .iter()
+                    .map(|t| {
+                        let before = running;
+                        running += t;
+                        before
+                    })
+                    .collect(),
+            )
+        }
+        _ => None,
+    };
+    slots
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut rank = before.as_ref().map_or(0, |b| b[c]);
+            let mut taken = 0u64;
+            for (j, slot) in chunk.iter_mut().enumerate() {
+                let Some(key) = key(c * CHUNK + j) else {
+                    continue;
+                };
+                let selected = match cut {
+                    Cut::Nothing => false,
+                    Cut::Everything => true,
+                    Cut::At {
+                        threshold,
+                        ties_wanted,
+                        ..
+                    } => match key.cmp(&threshold) {
+                        Ordering::Greater => true,
+                        Ordering::Equal => {
+                            rank += 1;
+                            rank <= ties_wanted
+                        }
+                        Ordering::Less => false,
+                    },
+                };
+                if selected {
+                    take(slot);
+                    taken += 1;
+                }
+            }
+            taken
+        })
+        .sum()
+}
+
+/// Marks the `k` largest `values` among the `eligible` positions; see [`take_top_k`].
+pub fn top_k(values: &[f32], eligible: impl Fn(usize) -> bool + Sync, k: usize) -> Vec<bool> {
+    let mut selected = vec![false; values.len()];
+    take_top_k(
+        &mut selected,
+        |i| eligible(i).then(|| order_key(values[i])),
+        k,
+        |s| *s = true,
+    );
+    selected
 }
 
 /// No owner.
@@ -195,24 +229,15 @@ pub fn quota(ratio: f64, n: usize) -> usize {
 /// takes, among positions nobody owns yet, the `quota` with the largest
 /// `scores` (fewer if fewer remain). Returns how many it took.
 pub fn claim(owner: &mut [u8], scores: &[f32], quota: usize, k: u8) -> u64 {
-    let picked = {
-        let free = &*owner;
-        top_k(scores, |i| free[i] == UNOWNED, quota)
-    };
-    owner
-        .par_chunks_mut(CHUNK)
-        .zip(picked.par_chunks(CHUNK))
-        .map(|(o, p)| {
-            let mut taken = 0u64;
-            for (o, p) in o.iter_mut().zip(p) {
-                if *p {
-                    *o = k;
-                    taken += 1;
-                }
-            }
-            taken
-        })
-        .sum()
+    // Only free positions are eligible; which are free is read before any
+    // owner of this step is written.
+    let free: Vec<bool> = owner.par_iter().map(|o| *o == UNOWNED).collect();
+    take_top_k(
+        owner,
+        |i| free[i].then(|| order_key(scores[i])),
+        quota,
+        |o| *o = k,
+    )
 }
 
 /// Keeps the `max(1, ⌊density·n⌋)` largest |δ| (mergekit's `magnitude`),
@@ -222,10 +247,11 @@ pub fn keep_largest(delta: &mut [f32], density: f64) {
         return;
     }
     let k = ((density * delta.len() as f64) as usize).max(1);
-    let mut magnitude = delta.to_vec();
-    update(&mut magnitude, |_, d| d.abs());
-    let keep = top_k(&magnitude, |_| true, k);
-    drop(magnitude);
+    let mut keep = vec![false; delta.len()];
+    {
+        let d = &*delta;
+        take_top_k(&mut keep, |i| Some(order_key(d[i].abs())), k, |s| *s = true);
+    }
     update(delta, |i, d| if keep[i] { d } else { 0.0 });
 }
 

@@ -293,7 +293,6 @@ fn obim(
         kernels::UNOWNED => b,
         k => b + deltas[k as usize][i],
     });
-    deltas.push(scores);
     Merged {
         values: base,
         won: Some(won),
