@@ -4,7 +4,6 @@
 
 use crate::codes::Code;
 use crate::diagnostic::{self, Diagnostic};
-use crate::plan::PlanView;
 use crate::source::SourceMap;
 use crate::{Compilation, compile_file, fmt};
 use std::io::Write;
@@ -114,12 +113,7 @@ pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
         }
         return exit::RECIPE;
     };
-    let view = PlanView {
-        plan: &plan,
-        recipe: &c.recipe,
-        inventory: &c.inventory,
-        sources: &c.sources,
-    };
+    let view = c.view(&plan);
     let text = match format {
         Format::Text => view.to_text(),
         Format::Json => serde_json::to_string_pretty(&view.to_json()).unwrap_or_default() + "\n",
@@ -176,12 +170,7 @@ pub fn run(
             };
             let _ = writeln!(io.out, "{}: {what} [plan {}]", path.display(), &hash[..12]);
         }
-        let view = PlanView {
-            plan: &plan,
-            recipe: &c.recipe,
-            inventory: &c.inventory,
-            sources: &c.sources,
-        };
+        let view = c.view(&plan);
         let text = view.to_text();
         let steps = text.split("\n\n").nth(1).unwrap_or_default();
         let _ = writeln!(io.out, "\nsteps:\n{steps}");

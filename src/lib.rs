@@ -38,6 +38,16 @@ impl Compilation {
         diagnostic::has_errors(&self.diagnostics)
     }
 
+    /// What renders `plan` (text, JSON, dot).
+    pub fn view<'a>(&'a self, plan: &'a plan::Plan) -> plan::PlanView<'a> {
+        plan::PlanView {
+            plan,
+            recipe: &self.recipe,
+            inventory: &self.inventory,
+            sources: &self.sources,
+        }
+    }
+
     /// The plan, when the recipe has no errors.
     pub fn plan(&self) -> Option<plan::Plan> {
         (!self.has_errors()).then(|| plan::Plan::lower(&self.recipe, &self.inventory))

@@ -59,12 +59,7 @@ fn fixture_recipes() {
         );
         let mut snapshot = obim::diagnostic::render(&c.diagnostics, &c.sources, false);
         if let Some(plan) = c.plan() {
-            let view = obim::plan::PlanView {
-                plan: &plan,
-                recipe: &c.recipe,
-                inventory: &c.inventory,
-                sources: &c.sources,
-            };
+            let view = c.view(&plan);
             snapshot.push_str("\n---- plan ----\n");
             snapshot.push_str(&filter_hashes(&view.to_text()));
         }
@@ -129,12 +124,7 @@ fn plans_of_examples() {
     ] {
         let c = obim::compile_file(Path::new(path)).unwrap();
         let plan = c.plan().unwrap();
-        let view = obim::plan::PlanView {
-            plan: &plan,
-            recipe: &c.recipe,
-            inventory: &c.inventory,
-            sources: &c.sources,
-        };
+        let view = c.view(&plan);
         let name = Path::new(path)
             .file_stem()
             .unwrap()
@@ -149,12 +139,7 @@ fn plans_of_examples() {
 fn plan_json_schema() {
     let c = obim::compile_file(Path::new("tests/recipes/ok_obd.obim")).unwrap();
     let plan = c.plan().unwrap();
-    let view = obim::plan::PlanView {
-        plan: &plan,
-        recipe: &c.recipe,
-        inventory: &c.inventory,
-        sources: &c.sources,
-    };
+    let view = c.view(&plan);
     let json = view.to_json();
     // The keys the README documents.
     let step = &json["steps"][0];

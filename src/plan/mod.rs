@@ -131,7 +131,7 @@ impl Plan {
                 ),
             ]);
             let id = format!("write:{}", output.written);
-            let node = lowering.add(
+            lowering.add(
                 Step {
                     id,
                     kind: StepKind::Write(i),
@@ -140,7 +140,6 @@ impl Plan {
                 },
                 &[Some(merge), tokenizer],
             );
-            lowering.nodes.insert(StepKind::Write(i), node);
         }
         Plan {
             graph: lowering.graph,
@@ -201,11 +200,15 @@ struct Lowering<'a> {
 }
 
 impl Lowering<'_> {
+    /// Adds a step after its dependencies and remembers it by kind, so each
+    /// model, calibration, merge and output is planned once.
     fn add(&mut self, step: Step, deps: &[Option<NodeIndex>]) -> NodeIndex {
+        let kind = step.kind;
         let node = self.graph.add_node(step);
         for dep in deps.iter().flatten() {
             self.graph.add_edge(node, *dep, ());
         }
+        self.nodes.insert(kind, node);
         node
     }
 
@@ -226,7 +229,8 @@ impl Lowering<'_> {
             .get(id)
             .map_or(String::new(), |i| i.hash.clone());
         let hash = hash_of(&[&source, &content]);
-        let node = self.add(
+
+        self.add(
             Step {
                 id: format!("open:{}", model.name),
                 kind: StepKind::Open(id),
@@ -234,9 +238,7 @@ impl Lowering<'_> {
                 hash,
             },
             &[],
-        );
-        self.nodes.insert(StepKind::Open(id), node);
-        node
+        )
     }
 
     fn input(&mut self, input: InputRef) -> NodeIndex {
@@ -260,7 +262,8 @@ impl Lowering<'_> {
         );
         let hash = hash_of(&[&self.graph[model].hash, &spec]);
         let id = format!("calibrate:{}@{}", self.recipe.input_name(input), d.name);
-        let node = self.add(
+
+        self.add(
             Step {
                 id,
                 kind,
@@ -268,9 +271,7 @@ impl Lowering<'_> {
                 hash,
             },
             &[Some(model)],
-        );
-        self.nodes.insert(kind, node);
-        node
+        )
     }
 
     fn merge(&mut self, id: MergeId) -> NodeIndex {
@@ -340,7 +341,6 @@ impl Lowering<'_> {
             },
             &deps,
         );
-        self.nodes.insert(StepKind::Merge(id), node);
         self.tensors.insert(id, tensors);
         node
     }
