@@ -1,14 +1,18 @@
 #![doc = include_str!("../ARCHITECTURE.md")]
 
+pub mod calibrate;
 pub mod check;
 pub mod checkpoint;
 pub mod codes;
 pub mod commands;
+pub mod data;
 pub mod diagnostic;
+pub mod eval;
 pub mod fmt;
 pub mod load;
 pub mod merge;
 pub mod methods;
+pub mod model;
 pub mod open;
 pub mod pattern;
 pub mod plan;

@@ -1,0 +1,242 @@
+//! Calibration: the statistics OBD saliency needs, from real forward passes.
+//!
+//! For every linear module (q/k/v/o_proj, gate/up/down_proj, lm_head),
+//! `d_j = Σ_t x_{t,j}²` of the module's input over all calibration tokens,
+//! accumulated in f64, plus the token count. The model runs layer by layer
+//! (DESIGN §4): the hidden states of all sequences stay in memory, one
+//! decoder layer's weights are read (mmap, one tensor at a time), every
+//! sequence goes through it, the layer is dropped. Peak memory is one layer
+//! plus the activations, whatever the model's depth.
+//!
+//! Statistics are stored as safetensors with the fixtures' key names
+//! (`<module>` f32 `[in_features]`, `n_tokens` i64 `[1]`), and cached under a
+//! key that hashes the model's checkpoint and the exact token ids, so any
+//! change of data, tokenizer, `samples`, `seq_len` or `seed` misses the cache
+//! and anything else (a retention ratio) hits it.
+
+use crate::checkpoint::ModelInfo;
+use crate::model::ModelConfig;
+use crate::model::blocks::{self, ForwardError, Layer, Observer, Sequence, Weights};
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Sequences are run through a layer in groups of about this many tokens,
+/// which bounds the MLP's intermediate activations.
+const GROUP_TOKENS: usize = 8192;
+
+/// Statistics of one model on one data source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActStats {
+    /// Module name → Σ_t x_j², rounded to f32 (as stored).
+    pub sums: BTreeMap<String, Vec<f32>>,
+    pub tokens: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    #[error("`{dir}`: {source}")]
+    Config {
+        dir: PathBuf,
+        source: crate::model::ConfigError,
+    },
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("no calibration tokens")]
+    NoTokens,
+    #[error("token id {id} is outside the vocabulary ({vocab} tokens) of `{dir}`")]
+    Vocab { id: u32, vocab: usize, dir: PathBuf },
+    #[error("statistics file `{path}`: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+/// Accumulates Σ x² per input feature of every observed module.
+#[derive(Default)]
+struct SquareSums {
+    sums: HashMap<String, Vec<f64>>,
+}
+
+impl Observer for SquareSums {
+    fn observe(&mut self, modules: &[String], x: &Tensor) -> blocks::Result<()> {
+        let cols = x.dim(1)?;
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut acc = vec![0f64; cols];
+        for row in values.chunks_exact(cols) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                let v = f64::from(*v);
+                *a += v * v;
+            }
+        }
+        for m in modules {
+            let sum = self
+                .sums
+                .entry(m.clone())
+                .or_insert_with(|| vec![0.0; cols]);
+            for (s, a) in sum.iter_mut().zip(&acc) {
+                *s += a;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a calibration, layer by layer.
+pub trait Progress {
+    fn layer(&mut self, done: usize, total: usize);
+}
+
+impl Progress for () {
+    fn layer(&mut self, _: usize, _: usize) {}
+}
+
+/// Runs `sequences` through `model` layer by layer and returns the statistics.
+pub fn calibrate(
+    model: &ModelInfo,
+    sequences: &[Vec<u32>],
+    device: &Device,
+    progress: &mut dyn Progress,
+) -> Result<ActStats, CalibrationError> {
+    let cfg = ModelConfig::of(model).map_err(|source| CalibrationError::Config {
+        dir: model.dir.clone(),
+        source,
+    })?;
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    if tokens == 0 {
+        return Err(CalibrationError::NoTokens);
+    }
+    if let Some(&id) = sequences
+        .iter()
+        .flatten()
+        .find(|&&id| id as usize >= cfg.vocab_size)
+    {
+        return Err(CalibrationError::Vocab {
+            id,
+            vocab: cfg.vocab_size,
+            dir: model.dir.clone(),
+        });
+    }
+    let mut weights = Weights::new(model, device.clone());
+    // Groups of whole sequences, each with its packed hidden states and rotary tables.
+    let mut groups = Vec::new();
+    {
+        let table = blocks::embed_tokens(&cfg, &mut weights)?;
+        let mut start = 0;
+        while start < sequences.len() {
+            let mut end = start + 1;
+            let mut count = sequences[start].len();
+            while end < sequences.len() && count + sequences[end].len() <= GROUP_TOKENS {
+                count += sequences[end].len();
+                end += 1;
+            }
+            let group = &sequences[start..end];
+            let seqs = Sequence::pack(group.iter().map(Vec::len));
+            let ids: Vec<u32> = group.iter().flatten().copied().collect();
+            let hidden = blocks::embed(&table, &ids)?;
+            let rope = blocks::rotary(&cfg, &seqs, device)?;
+            groups.push((seqs, hidden, rope));
+            start = end;
+        }
+    }
+    let mut observer = SquareSums::default();
+    for l in 0..cfg.num_layers {
+        progress.layer(l, cfg.num_layers + 1);
+        let layer = Layer::load(&cfg, l, &mut weights)?;
+        for (seqs, hidden, rope) in &mut groups {
+            *hidden = layer.forward(&cfg, hidden, seqs, rope, None, &mut observer)?;
+        }
+    }
+    let norm = weights.get("model.norm.weight", &[cfg.hidden_size])?;
+    let head = ["lm_head".to_string()];
+    for (_, hidden, _) in &groups {
+        let normed = blocks::rms_norm(hidden, &norm, cfg.rms_norm_eps)?;
+        observer.observe(&head, &normed)?;
+    }
+    progress.layer(cfg.num_layers + 1, cfg.num_layers + 1);
+    Ok(ActStats {
+        sums: observer
+            .sums
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(|x| x as f32).collect()))
+            .collect(),
+        tokens: tokens as u64,
+    })
+}
+
+impl ActStats {
+    /// Writes the statistics as safetensors (via a temporary file, renamed).
+    pub fn save(&self, path: &Path) -> Result<(), CalibrationError> {
+        let fail = |reason: String| CalibrationError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut tensors = HashMap::new();
+        for (name, sums) in &self.sums {
+            let t = Tensor::from_slice(sums, sums.len(), &Device::Cpu)
+                .map_err(|e| fail(e.to_string()))?;
+            tensors.insert(name.clone(), t);
+        }
+        let n = Tensor::from_slice(&[self.tokens as i64], 1, &Device::Cpu)
+            .map_err(|e| fail(e.to_string()))?;
+        tensors.insert("n_tokens".to_string(), n);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        let tmp = path.with_extension("safetensors.partial");
+        candle_core::safetensors::save(&tensors, &tmp).map_err(|e| fail(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))
+    }
+
+    /// Reads statistics written by [`ActStats::save`]; keys under `prefix`
+    /// (`""`, or e.g. `"expert_add/add/"` in the fixtures' reference file).
+    pub fn load(path: &Path, prefix: &str) -> Result<ActStats, CalibrationError> {
+        let fail = |reason: String| CalibrationError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let all =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| fail(e.to_string()))?;
+        let mut sums = BTreeMap::new();
+        let mut tokens = None;
+        for (key, t) in all {
+            let Some(name) = key.strip_prefix(prefix) else {
+                continue;
+            };
+            if name == "n_tokens" {
+                let n = t
+                    .to_dtype(DType::I64)
+                    .and_then(|t| t.flatten_all()?.to_vec1::<i64>());
+                tokens = n.ok().and_then(|v| v.first().copied());
+            } else if !name.contains('/') {
+                let v = t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| fail(format!("`{key}`: {e}")))?;
+                sums.insert(name.to_string(), v);
+            }
+        }
+        let tokens = tokens.ok_or_else(|| fail(format!("no `{prefix}n_tokens`")))?;
+        Ok(ActStats {
+            sums,
+            tokens: tokens as u64,
+        })
+    }
+}
+
+/// The cache key of a model's statistics on given token sequences.
+pub fn cache_key(model: &ModelInfo, sequences: &[Vec<u32>]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"obim actstats v1\0");
+    h.update(model.hash.as_bytes());
+    for s in sequences {
+        h.update(&(s.len() as u64).to_le_bytes());
+        for id in s {
+            h.update(&id.to_le_bytes());
+        }
+    }
+    h.finalize().to_hex()[..32].to_string()
+}
+
+/// Where cached statistics of that key live.
+pub fn cache_path(cache: &Path, key: &str) -> PathBuf {
+    cache.join("actstats").join(format!("{key}.safetensors"))
+}

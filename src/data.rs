@@ -1,0 +1,184 @@
+//! Calibration data: reading a `data` source's texts, sampling them, and
+//! turning them into token ids with the model's `tokenizer.json`.
+//!
+//! - `jsonl(path) { field }`: one text per line, the string in `field`.
+//! - `text(glob)`: every matching file (sorted by path), split at blank lines
+//!   into paragraphs; one text per non-blank paragraph.
+//! - `samples N`: when the source has more than N texts, N of them are drawn
+//!   without replacement by a seeded shuffle (SplitMix64 keyed by `seed`) and
+//!   kept in source order; without `samples`, every text is used.
+//! - Tokenization is `tokenizer(text)` of transformers: the tokenizer's own
+//!   special tokens (its post-processor, e.g. `<bos>`), no padding. A sequence
+//!   longer than `seq_len` tokens is truncated to its first `seq_len` tokens.
+
+use crate::merge::kernels::uniform;
+use crate::recipe::{Data, DataKind};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read `{path}`: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("`{path}` line {line}: {reason}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("`{0}` holds no text")]
+    Empty(PathBuf),
+    #[error("tokenizer `{path}`: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+}
+
+/// The texts of a jsonl file's `field`, one per non-empty line.
+pub fn jsonl_texts(path: &Path, field: &str) -> Result<Vec<String>, DataError> {
+    let text = read(path)?;
+    let mut texts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fail = |reason: String| DataError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| fail(format!("not JSON: {e}")))?;
+        match value.get(field) {
+            Some(serde_json::Value::String(s)) => texts.push(s.clone()),
+            Some(_) => return Err(fail(format!("field `{field}` is not a string"))),
+            None => return Err(fail(format!("no field `{field}`"))),
+        }
+    }
+    if texts.is_empty() {
+        return Err(DataError::Empty(path.to_path_buf()));
+    }
+    Ok(texts)
+}
+
+fn read(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|e| DataError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The texts of a source, before sampling.
+pub fn source_texts(data: &Data) -> Result<Vec<String>, DataError> {
+    match data.kind {
+        DataKind::Jsonl => jsonl_texts(&data.path, &data.field),
+        DataKind::Text => {
+            let pattern = data.path.to_string_lossy();
+            let mut files: Vec<PathBuf> = glob::glob(&pattern)
+                .map_err(|e| DataError::Read {
+                    path: data.path.clone(),
+                    reason: e.to_string(),
+                })?
+                .filter_map(Result::ok)
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            let mut texts = Vec::new();
+            for file in &files {
+                let text = read(file)?;
+                let mut paragraph = String::new();
+                for line in text.lines().chain(std::iter::once("")) {
+                    if line.trim().is_empty() {
+                        if !paragraph.trim().is_empty() {
+                            texts.push(std::mem::take(&mut paragraph));
+                        }
+                        paragraph.clear();
+                    } else {
+                        paragraph.push_str(line);
+                        paragraph.push('\n');
+                    }
+                }
+            }
+            if texts.is_empty() {
+                return Err(DataError::Empty(data.path.clone()));
+            }
+            Ok(texts)
+        }
+    }
+}
+
+/// `samples` of the texts, drawn by a seeded shuffle and kept in order.
+pub fn sample(texts: Vec<String>, samples: Option<u64>, seed: u64) -> Vec<String> {
+    let n = texts.len();
+    let Some(k) = samples.map(|s| s as usize).filter(|&k| k < n) else {
+        return texts;
+    };
+    // The first k steps of a Fisher–Yates shuffle.
+    let mut index: Vec<usize> = (0..n).collect();
+    for i in 0..k {
+        let j = i + (uniform(seed, i as u64) * (n - i) as f64) as usize;
+        index.swap(i, j.min(n - 1));
+    }
+    let mut chosen = index[..k].to_vec();
+    chosen.sort_unstable();
+    let mut texts: Vec<Option<String>> = texts.into_iter().map(Some).collect();
+    chosen.into_iter().filter_map(|i| texts[i].take()).collect()
+}
+
+/// A model's tokenizer, from its `tokenizer.json`.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_dir(dir: &Path) -> Result<Tokenizer, DataError> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Tokenizer { inner, path })
+    }
+
+    /// `tokenizer(text)`: with the tokenizer's special tokens, truncated to
+    /// `max_len` tokens when given.
+    pub fn encode(&self, text: &str, max_len: Option<usize>) -> Result<Vec<u32>, DataError> {
+        let mut ids = self.ids(text, true)?;
+        if let Some(max) = max_len {
+            ids.truncate(max);
+        }
+        Ok(ids)
+    }
+
+    /// Token ids without special tokens.
+    pub fn ids(&self, text: &str, special: bool) -> Result<Vec<u32>, DataError> {
+        let encoding = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// The token sequences of a data source for a model's tokenizer.
+pub fn sequences(data: &Data, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>, DataError> {
+    let texts = sample(source_texts(data)?, data.samples, data.seed);
+    texts
+        .iter()
+        .map(|t| tokenizer.encode(t, Some(data.seq_len as usize)))
+        .collect()
+}

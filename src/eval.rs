@@ -1,0 +1,178 @@
+//! `obim eval`: greedy decoding with a KV cache and exact-match accuracy, with
+//! the fixtures' conventions: `tokenizer(prompt)` (special tokens included),
+//! up to max(answer tokens) + 2 new tokens, stop at an end-of-sequence token,
+//! the decoded text before it must equal `answer`.
+
+use crate::checkpoint::ModelInfo;
+use crate::data::{DataError, Tokenizer};
+use crate::model::ModelConfig;
+use crate::model::blocks::{self, ForwardError, Sequence, Transformer, Weights};
+use candle_core::Device;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("`{dir}`: {source}")]
+    Config {
+        dir: PathBuf,
+        source: crate::model::ConfigError,
+    },
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
+
+/// A prompt and its expected answer.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub prompt: String,
+    pub answer: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Score {
+    pub file: String,
+    pub examples: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+}
+
+/// A loaded model ready to generate.
+pub struct Generator {
+    model: Transformer,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+}
+
+/// End-of-sequence ids: generation_config.json's, else config.json's, else `<eos>`/`</s>`.
+fn eos_ids(model: &ModelInfo, tokenizer: &Tokenizer) -> Vec<u32> {
+    let generation = std::fs::read_to_string(model.dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let from = |v: Option<&serde_json::Value>| -> Vec<u32> {
+        match v {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|n| n as u32).into_iter().collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|n| n.as_u64().map(|n| n as u32))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mut ids = from(generation.as_ref().and_then(|g| g.get("eos_token_id")));
+    if ids.is_empty() {
+        ids = from(model.config.get("eos_token_id"));
+    }
+    if ids.is_empty() {
+        ids = ["<eos>", "</s>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_id(t))
+            .collect();
+    }
+    ids
+}
+
+impl Generator {
+    pub fn load(model: &ModelInfo, device: &Device) -> Result<Generator, EvalError> {
+        let cfg = ModelConfig::of(model).map_err(|source| EvalError::Config {
+            dir: model.dir.clone(),
+            source,
+        })?;
+        let tokenizer = Tokenizer::from_dir(&model.dir)?;
+        let transformer = Transformer::load(cfg, &mut Weights::new(model, device.clone()))?;
+        Ok(Generator {
+            eos: eos_ids(model, &tokenizer),
+            model: transformer,
+            tokenizer,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Greedy continuation of `prompt`: at most `budget` new tokens, without
+    /// the end-of-sequence token that stops it.
+    pub fn generate(&self, prompt: &[u32], budget: usize) -> Result<Vec<u32>, EvalError> {
+        let mut caches = self.model.caches(1);
+        let mut ids = prompt.to_vec();
+        let mut seq = Sequence {
+            start: 0,
+            len: ids.len(),
+            pos: 0,
+        };
+        let mut new = Vec::new();
+        while new.len() < budget {
+            let logits = self.model.forward(&ids, &[seq], Some(&mut caches))?;
+            let last = logits
+                .get(seq.len - 1)
+                .and_then(|row| row.to_vec1::<f32>())
+                .map_err(ForwardError::from)?;
+            let next = blocks::argmax(&last) as u32;
+            if self.eos.contains(&next) {
+                break;
+            }
+            new.push(next);
+            seq = Sequence {
+                start: 0,
+                len: 1,
+                pos: seq.pos + seq.len,
+            };
+            ids = vec![next];
+        }
+        Ok(new)
+    }
+
+    /// Exact-match accuracy on `examples`.
+    pub fn score(&self, file: &str, examples: &[Example]) -> Result<Score, EvalError> {
+        let mut budget = 0;
+        for e in examples {
+            budget = budget.max(self.tokenizer.ids(&e.answer, false)?.len());
+        }
+        budget += 2;
+        let mut correct = 0;
+        for e in examples {
+            let prompt = self.tokenizer.encode(&e.prompt, None)?;
+            let out = self.generate(&prompt, budget)?;
+            if self.tokenizer.decode(&out)? == e.answer {
+                correct += 1;
+            }
+        }
+        Ok(Score {
+            file: file.to_string(),
+            examples: examples.len(),
+            correct,
+            accuracy: if examples.is_empty() {
+                0.0
+            } else {
+                correct as f64 / examples.len() as f64
+            },
+        })
+    }
+
+    /// Logits of one sequence (no cache), `[len, vocab]`.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>, EvalError> {
+        let seqs = Sequence::pack([ids.len()]);
+        let logits = self.model.forward(ids, &seqs, None)?;
+        Ok(logits.to_vec2::<f32>().map_err(ForwardError::from)?)
+    }
+}
+
+/// The examples of a jsonl file (`prompt` and `answer` fields), at most `limit`.
+pub fn examples(path: &Path, limit: Option<usize>) -> Result<Vec<Example>, DataError> {
+    let prompts = crate::data::jsonl_texts(path, "prompt")?;
+    let answers = crate::data::jsonl_texts(path, "answer")?;
+    let mut examples: Vec<Example> = prompts
+        .into_iter()
+        .zip(answers)
+        .map(|(prompt, answer)| Example { prompt, answer })
+        .collect();
+    if let Some(n) = limit {
+        examples.truncate(n);
+    }
+    Ok(examples)
+}
