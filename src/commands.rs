@@ -259,3 +259,146 @@ pub fn explain(io: &mut Io, code: &str) -> i32 {
 fn plural(n: usize, word: &str) -> String {
     format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
+
+/// A model given on the command line: a directory, or a Hugging Face id in
+/// the local cache.
+fn open_model(io: &mut Io, model: &str) -> Option<crate::checkpoint::ModelInfo> {
+    let path = Path::new(model);
+    let dir = if path.exists() {
+        path.to_path_buf()
+    } else if let Some(dir) = crate::checkpoint::find_cached(model, None) {
+        dir
+    } else {
+        let _ = writeln!(
+            io.err,
+            "error: `{model}` is neither a directory nor a model in the local Hugging Face cache"
+        );
+        return None;
+    };
+    match crate::checkpoint::open_dir(&dir) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            let _ = writeln!(io.err, "error: {e}");
+            None
+        }
+    }
+}
+
+/// `obim eval MODEL... --data FILE...`: greedy exact-match accuracy of each
+/// model on each file.
+pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], limit: Option<usize>, json: bool) -> i32 {
+    let device = candle_core::Device::Cpu;
+    let mut sets = Vec::new();
+    for file in files {
+        match crate::eval::examples(file, limit) {
+            Ok(examples) => sets.push((file.display().to_string(), examples)),
+            Err(e) => {
+                let _ = writeln!(io.err, "error: {e}");
+                return exit::FAILURE;
+            }
+        }
+    }
+    let mut results = Vec::new();
+    if !json {
+        let _ = writeln!(io.out, "{:<40} {:<40} {:>8} {:>8} {:>8}", "model", "data", "examples", "correct", "accuracy");
+    }
+    for model in models {
+        let Some(info) = open_model(io, model) else {
+            return exit::FAILURE;
+        };
+        let generator = match crate::eval::Generator::load(&info, &device) {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = writeln!(io.err, "error: {e}");
+                return exit::FAILURE;
+            }
+        };
+        let mut scores = Vec::new();
+        for (file, examples) in &sets {
+            match generator.score(file, examples) {
+                Ok(s) => {
+                    if !json {
+                        let _ = writeln!(
+                            io.out,
+                            "{model:<40} {file:<40} {:>8} {:>8} {:>8.3}",
+                            s.examples, s.correct, s.accuracy
+                        );
+                    }
+                    scores.push(s);
+                }
+                Err(e) => {
+                    let _ = writeln!(io.err, "error: {model}: {e}");
+                    return exit::FAILURE;
+                }
+            }
+        }
+        results.push(serde_json::json!({"model": model, "scores": scores}));
+    }
+    if json {
+        let value = serde_json::json!({ "models": results });
+        let _ = writeln!(io.out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+    }
+    exit::OK
+}
+
+/// What `obim stats` measures on.
+pub struct StatsData {
+    /// A `.jsonl` file, or a glob of text files.
+    pub path: PathBuf,
+    pub field: String,
+    pub samples: Option<u64>,
+    pub seq_len: u64,
+    pub seed: u64,
+}
+
+/// `obim stats MODEL --data FILE -o OUT`: calibration statistics alone.
+pub fn stats(io: &mut Io, model: &str, data: &StatsData, out: &Path) -> i32 {
+    let Some(info) = open_model(io, model) else {
+        return exit::FAILURE;
+    };
+    let is_jsonl = data.path.extension().is_some_and(|e| e == "jsonl");
+    let source = crate::recipe::Data {
+        name: "data".into(),
+        kind: if is_jsonl {
+            crate::recipe::DataKind::Jsonl
+        } else {
+            crate::recipe::DataKind::Text
+        },
+        pattern: data.path.display().to_string(),
+        path: data.path.clone(),
+        field: data.field.clone(),
+        samples: data.samples,
+        seq_len: data.seq_len,
+        seed: data.seed,
+        span: Default::default(),
+    };
+    let started = std::time::Instant::now();
+    let result = crate::data::Tokenizer::from_dir(&info.dir)
+        .and_then(|tokenizer| crate::data::sequences(&source, &tokenizer))
+        .map_err(|e| e.to_string())
+        .and_then(|sequences| {
+            let stats = crate::calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu, &mut ())
+                .map_err(|e| e.to_string())?;
+            stats.save(out).map_err(|e| e.to_string())?;
+            Ok((sequences.len(), stats))
+        });
+    match result {
+        Ok((n, stats)) => {
+            let secs = started.elapsed().as_secs_f64();
+            let _ = writeln!(
+                io.err,
+                "wrote {} ({} modules, {n} sequences, {} tokens, {:.1} s, {:.0} tokens/s)",
+                out.display(),
+                stats.sums.len(),
+                stats.tokens,
+                secs,
+                stats.tokens as f64 / secs.max(1e-9)
+            );
+            exit::OK
+        }
+        Err(e) => {
+            let _ = writeln!(io.err, "error: {e}");
+            exit::FAILURE
+        }
+    }
+}

@@ -8,6 +8,7 @@ use crate::data::{DataError, Tokenizer};
 use crate::model::ModelConfig;
 use crate::model::blocks::{self, ForwardError, Sequence, Transformer, Weights};
 use candle_core::Device;
+use rayon::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -134,14 +135,17 @@ impl Generator {
             budget = budget.max(self.tokenizer.ids(&e.answer, false)?.len());
         }
         budget += 2;
-        let mut correct = 0;
-        for e in examples {
-            let prompt = self.tokenizer.encode(&e.prompt, None)?;
-            let out = self.generate(&prompt, budget)?;
-            if self.tokenizer.decode(&out)? == e.answer {
-                correct += 1;
-            }
-        }
+        // Examples are independent: one per worker beats splitting small
+        // matrix products across threads.
+        let right = examples
+            .par_iter()
+            .map(|e| -> Result<bool, EvalError> {
+                let prompt = self.tokenizer.encode(&e.prompt, None)?;
+                let out = self.generate(&prompt, budget)?;
+                Ok(self.tokenizer.decode(&out)? == e.answer)
+            })
+            .collect::<Result<Vec<bool>, EvalError>>()?;
+        let correct = right.iter().filter(|&&r| r).count();
         Ok(Score {
             file: file.to_string(),
             examples: examples.len(),

@@ -86,8 +86,62 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Greedy exact-match accuracy of models on jsonl files (`prompt`, `answer`).
+    Eval {
+        /// Model directories (or Hugging Face ids in the local cache).
+        #[arg(required = true)]
+        models: Vec<String>,
+        /// jsonl files with `prompt` and `answer` fields (repeatable).
+        #[arg(long, required = true)]
+        data: Vec<PathBuf>,
+        /// Use only the first N examples of each file.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+        format: CheckFormat,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Calibration statistics of one model (Σ x² of every linear layer's input).
+    Stats {
+        /// A model directory (or a Hugging Face id in the local cache).
+        model: String,
+        /// A `.jsonl` file, or a glob of text files.
+        #[arg(long)]
+        data: PathBuf,
+        /// The jsonl field holding the text.
+        #[arg(long, default_value = "text")]
+        field: String,
+        /// Draw this many texts (default: all).
+        #[arg(long)]
+        samples: Option<u64>,
+        /// Truncate sequences to this many tokens.
+        #[arg(long, default_value_t = 512)]
+        seq_len: u64,
+        /// Seed of the sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to write the statistics (safetensors).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Explain a diagnostic code, with an example.
     Explain { code: String },
+}
+
+fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads
+        && rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .is_err()
+    {
+        eprintln!("warning: could not set --threads {n}");
+    }
 }
 
 /// Draws the executor's events: a progress bar on a terminal, one line per
@@ -147,6 +201,32 @@ impl Progress {
                 "{} is up to date (written by this plan); nothing to do (--force rewrites it)",
                 path.display()
             ),
+            Event::CalibrationStarted {
+                input,
+                data,
+                sequences,
+                tokens,
+            } => {
+                if self.terminal {
+                    eprintln!("calibrating {input} on {data} ({sequences} sequences, {tokens} tokens)…");
+                }
+            }
+            Event::Calibrated {
+                input,
+                data,
+                tokens,
+                seconds,
+                cached,
+            } => {
+                if cached {
+                    eprintln!("statistics of {input} on {data}: from the cache ({tokens} tokens)");
+                } else {
+                    eprintln!(
+                        "calibrated {input} on {data}: {tokens} tokens in {seconds:.2} s ({:.0} tokens/s)",
+                        tokens as f64 / seconds.max(1e-9)
+                    );
+                }
+            }
         }
     }
 }
@@ -196,6 +276,37 @@ fn main() {
         }
         Command::Fmt { recipes, check } => commands::format(&mut io, &recipes, check),
         Command::Explain { code } => commands::explain(&mut io, &code),
+        Command::Eval {
+            models,
+            data,
+            limit,
+            format,
+            threads,
+        } => {
+            set_threads(threads);
+            let json = matches!(format, CheckFormat::Json);
+            commands::eval(&mut io, &models, &data, limit, json)
+        }
+        Command::Stats {
+            model,
+            data,
+            field,
+            samples,
+            seq_len,
+            seed,
+            output,
+            threads,
+        } => {
+            set_threads(threads);
+            let data = commands::StatsData {
+                path: data,
+                field,
+                samples,
+                seq_len,
+                seed,
+            };
+            commands::stats(&mut io, &model, &data, &output)
+        }
         Command::Run {
             recipe,
             device,
@@ -215,14 +326,7 @@ fn main() {
                     std::process::exit(commands::exit::USAGE);
                 }
             };
-            if let Some(n) = threads
-                && rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build_global()
-                    .is_err()
-            {
-                eprintln!("warning: could not set --threads {n}");
-            }
+            set_threads(threads);
             static CANCEL: AtomicBool = AtomicBool::new(false);
             let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
             let options = obim::run::RunOptions {

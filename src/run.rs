@@ -11,7 +11,11 @@ use crate::checkpoint::ModelInfo;
 use crate::merge::{self, Merged, ObdStats, TensorContext};
 use crate::methods::Method;
 use crate::plan::{Plan, PlannedTensor, StepKind};
-use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Output, Saliency, TakeFrom};
+use crate::calibrate::{self, ActStats};
+use crate::data;
+use crate::recipe::{
+    DataId, Dtype, InputRef, MergeId, ModelId, Output, Saliency, TakeFrom, TensorSettings,
+};
 use crate::tensors::{self, CheckpointWriter, Shards, Staging, TensorError, TensorSpec};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -36,6 +40,12 @@ pub enum RunError {
     Unsupported(String),
     #[error("interrupted; `{0}` was left as it was")]
     Interrupted(PathBuf),
+    #[error("calibrating `{input}` on `{data}`: {reason}")]
+    Calibration {
+        input: String,
+        data: String,
+        reason: String,
+    },
 }
 
 pub struct RunOptions<'a> {
@@ -70,6 +80,26 @@ pub enum Event {
     UpToDate {
         path: PathBuf,
     },
+    CalibrationStarted {
+        input: String,
+        data: String,
+        sequences: usize,
+        tokens: usize,
+    },
+    Calibrated {
+        input: String,
+        data: String,
+        tokens: u64,
+        seconds: f64,
+        /// Read from the cache, not computed.
+        cached: bool,
+    },
+}
+
+/// Calibration statistics by input and data source, for the merges being run.
+#[derive(Default)]
+pub struct Statistics {
+    stats: HashMap<(InputRef, DataId), (ActStats, String)>,
 }
 
 /// What `--dry-run` reports for each output.
@@ -125,6 +155,7 @@ pub fn run(
     progress: &mut dyn FnMut(Event),
 ) -> Result<(), RunError> {
     preflight(c, plan)?;
+    let mut stats = Statistics::default();
     for (index, hash) in writes(plan) {
         let output = &c.recipe.outputs[index];
         if !options.force && previous_plan_hash(&output.path).as_deref() == Some(hash.as_str()) {
@@ -133,14 +164,151 @@ pub fn run(
             });
             continue;
         }
-        write_output(c, plan, output, &hash, options, progress)?;
+        calibrate_for(c, plan, output.merge, options, &mut stats, progress)?;
+        write_output(c, plan, output, &hash, options, &stats, progress)?;
     }
     Ok(())
 }
 
+/// The (input, data) pairs whose statistics OBD needs to compute `merge`,
+/// including the merges it depends on.
+fn calibrations(c: &Compilation, plan: &Plan, merge: MergeId, out: &mut Vec<(InputRef, DataId)>) {
+    let m = &c.recipe.merges[merge.0];
+    for dep in m.dependencies() {
+        if let InputRef::Merge(inner) = dep {
+            calibrations(c, plan, inner, out);
+        }
+    }
+    if m.method != Method::Obim {
+        return;
+    }
+    for t in plan.tensors.get(&merge).map(Vec::as_slice).unwrap_or_default() {
+        if t.settings.take.is_some() || t.saliency().0 != Saliency::Obd {
+            continue;
+        }
+        for (input, settings) in m.inputs.iter().zip(&t.settings.inputs) {
+            if let Some(data) = settings.using
+                && !out.contains(&(input.model, data))
+            {
+                out.push((input.model, data));
+            }
+        }
+    }
+}
+
+/// Computes (or reads from the cache) every statistic `merge` needs. An
+/// input that is itself a merge is first written whole into the cache.
+fn calibrate_for(
+    c: &Compilation,
+    plan: &Plan,
+    merge: MergeId,
+    options: &RunOptions,
+    stats: &mut Statistics,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(), RunError> {
+    let mut needed = Vec::new();
+    calibrations(c, plan, merge, &mut needed);
+    for (input, data) in needed {
+        if stats.stats.contains_key(&(input, data)) {
+            continue;
+        }
+        let recipe = &c.recipe;
+        let source = &recipe.data[data.0];
+        let fail = |reason: String| RunError::Calibration {
+            input: recipe.input_name(input).to_string(),
+            data: source.name.clone(),
+            reason,
+        };
+        let info = match input {
+            InputRef::Model(m) => c
+                .inventory
+                .get(m)
+                .cloned()
+                .ok_or_else(|| fail("the model is not available locally".into()))?,
+            InputRef::Merge(m) => materialise(c, plan, m, options, stats, progress)?,
+        };
+        // The model's own tokenizer, else its base's.
+        let tokenizer_dir = if info.dir.join("tokenizer.json").is_file() {
+            info.dir.clone()
+        } else {
+            recipe
+                .shape_source(input)
+                .and_then(|m| c.inventory.get(m))
+                .map_or_else(|| info.dir.clone(), |i| i.dir.clone())
+        };
+        let tokenizer = data::Tokenizer::from_dir(&tokenizer_dir).map_err(|e| fail(e.to_string()))?;
+        let sequences = data::sequences(source, &tokenizer).map_err(|e| fail(e.to_string()))?;
+        let key = calibrate::cache_key(&info, &sequences);
+        let path = calibrate::cache_path(&options.cache, &key);
+        let started = Instant::now();
+        let (result, cached) = match ActStats::load(&path, "") {
+            Ok(s) => (s, true),
+            Err(_) => {
+                progress(Event::CalibrationStarted {
+                    input: recipe.input_name(input).to_string(),
+                    data: source.name.clone(),
+                    sequences: sequences.len(),
+                    tokens: sequences.iter().map(Vec::len).sum(),
+                });
+                let s = calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu, &mut ())
+                    .map_err(|e| fail(e.to_string()))?;
+                s.save(&path).map_err(|e| fail(e.to_string()))?;
+                (s, false)
+            }
+        };
+        progress(Event::Calibrated {
+            input: recipe.input_name(input).to_string(),
+            data: source.name.clone(),
+            tokens: result.tokens,
+            seconds: started.elapsed().as_secs_f64(),
+            cached,
+        });
+        stats.stats.insert((input, data), (result, key));
+    }
+    Ok(())
+}
+
+/// Writes a merge whole into the cache (keyed by its plan step's hash) so
+/// that it can be calibrated, and opens it.
+fn materialise(
+    c: &Compilation,
+    plan: &Plan,
+    merge: MergeId,
+    options: &RunOptions,
+    stats: &mut Statistics,
+    progress: &mut dyn FnMut(Event),
+) -> Result<ModelInfo, RunError> {
+    let step = plan
+        .steps()
+        .into_iter()
+        .find(|s| s.kind == StepKind::Merge(merge))
+        .map(|s| s.hash.clone())
+        .unwrap_or_default();
+    let dir = options.cache.join("merges").join(&step[..step.len().min(32)]);
+    if previous_plan_hash(&dir).as_deref() != Some(step.as_str()) {
+        calibrate_for(c, plan, merge, options, stats, progress)?;
+        let output = Output {
+            merge,
+            path: dir.clone(),
+            written: dir.display().to_string(),
+            dtype: Some(Dtype::F32),
+            shard_size: u64::MAX,
+            tokenizer: None,
+            span: c.recipe.merges[merge.0].span,
+        };
+        let forced = RunOptions {
+            force: true,
+            cancel: options.cancel,
+            cache: options.cache.clone(),
+            device: options.device.clone(),
+        };
+        write_output(c, plan, &output, &step, &forced, stats, progress)?;
+    }
+    crate::checkpoint::open_dir(&dir).map_err(|e| RunError::Unsupported(e.to_string()))
+}
+
 /// Before any tensor is computed: every input must be available locally with
-/// float tensors (names and shapes were checked by `open`), and OBD must have
-/// statistics.
+/// float tensors (names and shapes were checked by `open`).
 fn preflight(c: &Compilation, plan: &Plan) -> Result<(), RunError> {
     for (&id, tensors) in &plan.tensors {
         let merge = &c.recipe.merges[id.0];
@@ -174,16 +342,6 @@ fn preflight(c: &Compilation, plan: &Plan) -> Result<(), RunError> {
                 }
             }
         }
-        if merge.method == Method::Obim
-            && let Some(t) = tensors
-                .iter()
-                .find(|t| t.settings.take.is_none() && t.saliency().0 == Saliency::Obd)
-        {
-            return Err(RunError::Unsupported(format!(
-                "merge `{}`: tensor `{}` uses `obd` saliency, which needs calibration statistics; `obim run` does not compute them yet. Use `saliency magnitude` for now.",
-                merge.name, t.name
-            )));
-        }
     }
     Ok(())
 }
@@ -202,6 +360,7 @@ fn write_output(
     output: &Output,
     hash: &str,
     options: &RunOptions,
+    stats: &Statistics,
     progress: &mut dyn FnMut(Event),
 ) -> Result<(), RunError> {
     let started = Instant::now();
@@ -240,7 +399,7 @@ fn write_output(
         bytes: total,
         shards: writer.shard_count(),
     });
-    let mut eval = Evaluator::new(c, plan, output.merge);
+    let mut eval = Evaluator::new(c, plan, stats, output.merge);
     let mut bytes = Vec::new();
     for t in tensors {
         if options.cancel.load(Ordering::Relaxed) {
@@ -294,6 +453,7 @@ fn write_output(
 struct Evaluator<'a> {
     c: &'a Compilation,
     plan: &'a Plan,
+    stats: &'a Statistics,
     shards: Shards,
     /// How often each input is used while computing one tensor of the output.
     uses: HashMap<InputRef, usize>,
@@ -322,12 +482,13 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    fn new(c: &'a Compilation, plan: &'a Plan, output: MergeId) -> Self {
+    fn new(c: &'a Compilation, plan: &'a Plan, stats: &'a Statistics, output: MergeId) -> Self {
         let mut uses = HashMap::new();
         count_uses(c, output, &mut uses);
         Evaluator {
             c,
             plan,
+            stats,
             shards: Shards::default(),
             uses,
             remaining: HashMap::new(),
@@ -426,7 +587,7 @@ impl<'a> Evaluator<'a> {
                 Vec::new()
             });
         }
-        let obd: Vec<Option<ObdStats>> = vec![None; inputs.len()];
+        let obd = self.obd(id, name, &settings, planned)?;
         let ctx = TensorContext {
             name,
             shape: &shape,
@@ -444,6 +605,53 @@ impl<'a> Evaluator<'a> {
                 .insert(name.to_string(), won);
         }
         Ok(values)
+    }
+}
+
+impl<'a> Evaluator<'a> {
+    /// Each input's OBD statistics for tensor `name` (`None`: magnitude).
+    fn obd(
+        &self,
+        id: MergeId,
+        name: &str,
+        settings: &TensorSettings,
+        planned: Option<&PlannedTensor>,
+    ) -> Result<Vec<Option<ObdStats<'a>>>, RunError> {
+        let merge = &self.c.recipe.merges[id.0];
+        let uses_obd = merge.method == Method::Obim
+            && settings.take.is_none()
+            && planned.is_some_and(|t| t.saliency().0 == Saliency::Obd);
+        if !uses_obd {
+            return Ok(vec![None; merge.inputs.len()]);
+        }
+        let stats: &'a Statistics = self.stats;
+        merge
+            .inputs
+            .iter()
+            .zip(&settings.inputs)
+            .map(|(input, s)| {
+                let Some(data) = s.using else { return Ok(None) };
+                let missing = |what: String| RunError::Calibration {
+                    input: self.c.recipe.input_name(input.model).to_string(),
+                    data: self.c.recipe.data[data.0].name.clone(),
+                    reason: what,
+                };
+                let (found, _) = stats
+                    .stats
+                    .get(&(input.model, data))
+                    .ok_or_else(|| missing("statistics were not computed".into()))?;
+                if name.ends_with(".bias") {
+                    return Ok(Some(ObdStats::Tokens(found.tokens as f64)));
+                }
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                let sums = found.sums.get(module).ok_or_else(|| {
+                    missing(format!(
+                        "tensor `{name}`: the forward pass has no linear module `{module}`"
+                    ))
+                })?;
+                Ok(Some(ObdStats::Columns(sums)))
+            })
+            .collect()
     }
 }
 

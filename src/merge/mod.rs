@@ -20,9 +20,9 @@ pub struct Merged {
 
 /// Per-input OBD statistics of one tensor: the sum of squared input
 /// activations per input feature (`d_j`), or for a bias the token count.
-#[derive(Debug, Clone)]
-pub enum ObdStats {
-    Columns(Vec<f64>),
+#[derive(Debug, Clone, Copy)]
+pub enum ObdStats<'a> {
+    Columns(&'a [f32]),
     Tokens(f64),
 }
 
@@ -31,7 +31,7 @@ pub struct TensorContext<'a> {
     pub name: &'a str,
     pub shape: &'a [usize],
     /// Per input; `None` where the saliency is `magnitude` (or no statistics apply).
-    pub obd: &'a [Option<ObdStats>],
+    pub obd: &'a [Option<ObdStats<'a>>],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -75,7 +75,7 @@ pub fn merge_tensor(
     match method {
         Method::Obim => {
             let base = base.ok_or_else(|| invalid("obim needs a base"))?;
-            Ok(obim(s, base, inputs, ctx))
+            obim(s, base, inputs, ctx)
         }
         Method::Linear => {
             let normalize = s.params.normalize.unwrap_or(true);
@@ -266,7 +266,7 @@ fn obim(
     mut base: Vec<f32>,
     mut deltas: Vec<Vec<f32>>,
     ctx: &TensorContext,
-) -> Merged {
+) -> Result<Merged, MergeError> {
     let n = base.len();
     let cols = ctx.shape.last().copied().unwrap_or(1).max(1);
     for d in deltas.iter_mut() {
@@ -278,9 +278,20 @@ fn obim(
     for &k in &s.order {
         let d = &deltas[k];
         match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
-            (Saliency::Obd, Some(ObdStats::Columns(dj))) => kernels::update(&mut scores, |i, _| {
-                (d[i] as f64 * d[i] as f64 * dj[i % cols]) as f32
-            }),
+            (Saliency::Obd, Some(ObdStats::Columns(dj))) => {
+                if dj.len() != cols {
+                    return Err(MergeError::Invalid {
+                        tensor: ctx.name.to_string(),
+                        reason: format!(
+                            "calibration statistics have {} input features, the tensor has {cols}",
+                            dj.len()
+                        ),
+                    });
+                }
+                kernels::update(&mut scores, |i, _| {
+                    (d[i] as f64 * d[i] as f64 * f64::from(dj[i % cols])) as f32
+                })
+            }
             (Saliency::Obd, Some(ObdStats::Tokens(t))) => {
                 kernels::update(&mut scores, |i, _| (d[i] as f64 * d[i] as f64 * t) as f32)
             }
@@ -293,11 +304,11 @@ fn obim(
         kernels::UNOWNED => b,
         k => b + deltas[k as usize][i],
     });
-    Merged {
+    Ok(Merged {
         values: base,
         won: Some(won),
         spare: deltas,
-    }
+    })
 }
 
 #[cfg(test)]
