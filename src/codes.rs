@@ -29,7 +29,7 @@ impl Code {
     pub fn is_checkpoint_problem(self) -> bool {
         matches!(
             self,
-            Code::E0021 | Code::E0022 | Code::E0023 | Code::E0024 | Code::E0025
+            Code::E0021 | Code::E0022 | Code::E0023 | Code::E0024 | Code::E0025 | Code::E0029
         )
     }
 
@@ -264,6 +264,22 @@ base (`take base`) or one of its inputs."#;
 
 E0028 => "output would overwrite an input", r#"An output directory is the directory of one of the recipe's models (or lies
 inside it, or contains it). Writing it would destroy an input."#;
+
+E0029 => "unusable data source", r#"A `data` source's files exist but give no calibration text: a line that is
+not JSON, a line without the `field` (default `text`) or where it is not a
+string, or no text at all (an empty file, text files with only blank lines).
+
+    data calib = jsonl("calib.jsonl") { field "content" }   # lines have `text`
+
+The message names the file and the line. `obim check` reads every data source
+of the recipe once, so this is caught before any model is loaded."#;
+
+E0030 => "no forward pass for this architecture", r#"An input uses `obd` saliency, which needs forward passes of the model on its
+calibration data, but obim has no forward pass for its architecture (or its
+config.json lacks a field the forward pass needs). obim runs
+LlamaForCausalLM (Llama 2/3, rope scaling `llama3` and `linear`),
+MistralForCausalLM and Qwen2ForCausalLM. Use `saliency magnitude` for this
+merge, or for this input's tensors with a `layers` rule."#;
 
 W0001 => "unused definition", r#"A definition is never used: a model or data source no merge uses, a merge no
 output or later merge uses, a `let` or an import nobody reads. Unused models

@@ -286,7 +286,13 @@ fn open_model(io: &mut Io, model: &str) -> Option<crate::checkpoint::ModelInfo> 
 
 /// `obim eval MODEL... --data FILE...`: greedy exact-match accuracy of each
 /// model on each file.
-pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], limit: Option<usize>, json: bool) -> i32 {
+pub fn eval(
+    io: &mut Io,
+    models: &[String],
+    files: &[PathBuf],
+    limit: Option<usize>,
+    json: bool,
+) -> i32 {
     let device = candle_core::Device::Cpu;
     let mut sets = Vec::new();
     for file in files {
@@ -300,7 +306,11 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], limit: Option<usi
     }
     let mut results = Vec::new();
     if !json {
-        let _ = writeln!(io.out, "{:<40} {:<40} {:>8} {:>8} {:>8}", "model", "data", "examples", "correct", "accuracy");
+        let _ = writeln!(
+            io.out,
+            "{:<40} {:<40} {:>8} {:>8} {:>8}",
+            "model", "data", "examples", "correct", "accuracy"
+        );
     }
     for model in models {
         let Some(info) = open_model(io, model) else {
@@ -336,7 +346,11 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], limit: Option<usi
     }
     if json {
         let value = serde_json::json!({ "models": results });
-        let _ = writeln!(io.out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        let _ = writeln!(
+            io.out,
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     }
     exit::OK
 }
@@ -377,8 +391,9 @@ pub fn stats(io: &mut Io, model: &str, data: &StatsData, out: &Path) -> i32 {
         .and_then(|tokenizer| crate::data::sequences(&source, &tokenizer))
         .map_err(|e| e.to_string())
         .and_then(|sequences| {
-            let stats = crate::calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu, &mut ())
-                .map_err(|e| e.to_string())?;
+            let stats =
+                crate::calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu, &mut ())
+                    .map_err(|e| e.to_string())?;
             stats.save(out).map_err(|e| e.to_string())?;
             Ok((sequences.len(), stats))
         });

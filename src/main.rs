@@ -208,7 +208,9 @@ impl Progress {
                 tokens,
             } => {
                 if self.terminal {
-                    eprintln!("calibrating {input} on {data} ({sequences} sequences, {tokens} tokens)…");
+                    eprintln!(
+                        "calibrating {input} on {data} ({sequences} sequences, {tokens} tokens)…"
+                    );
                 }
             }
             Event::Calibrated {

@@ -6,8 +6,11 @@
 
 use crate::checkpoint::{self, ModelInfo};
 use crate::codes::Code;
+use crate::data;
 use crate::diagnostic::Diagnostic;
-use crate::recipe::{InputRef, ModelId, ModelSource, Recipe};
+use crate::methods::Method;
+use crate::model::ModelConfig;
+use crate::recipe::{DataKind, InputRef, ModelId, ModelSource, Recipe};
 use std::collections::HashSet;
 
 /// What `open` found for each model of the recipe (indexed by [`ModelId`]).
@@ -84,7 +87,82 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
     }
     let inventory = Inventory { models };
     diagnostics.extend(compatibility(recipe, &inventory));
+    diagnostics.extend(calibration(recipe, &inventory));
     (inventory, diagnostics)
+}
+
+/// Every data source gives text, and every model calibrated on one (an
+/// `obim` input with `using` data) has a forward pass.
+fn calibration(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
+    let mut diagnostics = Vec::new();
+    for source in &recipe.data {
+        // A source whose file is missing was reported by the checker (E0026).
+        let exists = match source.kind {
+            DataKind::Jsonl => source.path.is_file(),
+            DataKind::Text => true,
+        };
+        if !exists {
+            continue;
+        }
+        if let Err(e) = data::source_texts(source) {
+            if matches!(e, data::DataError::Empty(_)) && source.kind == DataKind::Text {
+                // No file matched: E0026 said so.
+                if glob::glob(&source.path.to_string_lossy())
+                    .map_or(true, |mut g| g.next().is_none())
+                {
+                    continue;
+                }
+            }
+            diagnostics.push(
+                Diagnostic::new(
+                    Code::E0029,
+                    source.span,
+                    format!("data source `{}` gives no calibration text", source.name),
+                )
+                .label(e.to_string())
+                .help(match source.kind {
+                    DataKind::Jsonl => "every line must be a JSON object with the `field` (default `text`) as a string",
+                    DataKind::Text => "text files are split at blank lines; each non-blank paragraph is one text",
+                }),
+            );
+        }
+    }
+    let mut reported = HashSet::new();
+    for merge in recipe.merges.iter().filter(|m| m.method == Method::Obim) {
+        for (i, input) in merge.inputs.iter().enumerate() {
+            let levels =
+                std::iter::once(&merge.settings).chain(merge.rules.iter().map(|r| &r.settings));
+            let calibrated = levels.into_iter().any(|s| {
+                s.defaults.using.is_some() || s.inputs.get(&i).is_some_and(|x| x.using.is_some())
+            });
+            let Some(id) = recipe.shape_source(input.model) else {
+                continue;
+            };
+            if !calibrated || !reported.insert(id) {
+                continue;
+            }
+            let Some(info) = inventory.get(id) else {
+                continue;
+            };
+            if let Err(e) = ModelConfig::of(info) {
+                let model = &recipe.models[id.0];
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::E0030,
+                        input.span,
+                        format!(
+                            "`{}` cannot be calibrated: {e}",
+                            recipe.input_name(input.model)
+                        ),
+                    )
+                    .label("`using` data needs a forward pass of this model")
+                    .with(model.span, "defined here")
+                    .help("use `saliency magnitude` for this merge (or for this input's tensors)"),
+                );
+            }
+        }
+    }
+    diagnostics
 }
 
 /// Every input of every merge against the merge's base; `layers` patterns

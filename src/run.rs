@@ -7,12 +7,12 @@
 //! emits [`Event`]s and never prints.
 
 use crate::Compilation;
+use crate::calibrate::{self, ActStats};
 use crate::checkpoint::ModelInfo;
+use crate::data;
 use crate::merge::{self, Merged, ObdStats, TensorContext};
 use crate::methods::Method;
 use crate::plan::{Plan, PlannedTensor, StepKind};
-use crate::calibrate::{self, ActStats};
-use crate::data;
 use crate::recipe::{
     DataId, Dtype, InputRef, MergeId, ModelId, Output, Saliency, TakeFrom, TensorSettings,
 };
@@ -182,7 +182,12 @@ fn calibrations(c: &Compilation, plan: &Plan, merge: MergeId, out: &mut Vec<(Inp
     if m.method != Method::Obim {
         return;
     }
-    for t in plan.tensors.get(&merge).map(Vec::as_slice).unwrap_or_default() {
+    for t in plan
+        .tensors
+        .get(&merge)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         if t.settings.take.is_some() || t.saliency().0 != Saliency::Obd {
             continue;
         }
@@ -236,7 +241,8 @@ fn calibrate_for(
                 .and_then(|m| c.inventory.get(m))
                 .map_or_else(|| info.dir.clone(), |i| i.dir.clone())
         };
-        let tokenizer = data::Tokenizer::from_dir(&tokenizer_dir).map_err(|e| fail(e.to_string()))?;
+        let tokenizer =
+            data::Tokenizer::from_dir(&tokenizer_dir).map_err(|e| fail(e.to_string()))?;
         let sequences = data::sequences(source, &tokenizer).map_err(|e| fail(e.to_string()))?;
         let key = calibrate::cache_key(&info, &sequences);
         let path = calibrate::cache_path(&options.cache, &key);
@@ -284,7 +290,10 @@ fn materialise(
         .find(|s| s.kind == StepKind::Merge(merge))
         .map(|s| s.hash.clone())
         .unwrap_or_default();
-    let dir = options.cache.join("merges").join(&step[..step.len().min(32)]);
+    let dir = options
+        .cache
+        .join("merges")
+        .join(&step[..step.len().min(32)]);
     if previous_plan_hash(&dir).as_deref() != Some(step.as_str()) {
         calibrate_for(c, plan, merge, options, stats, progress)?;
         let output = Output {

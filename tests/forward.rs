@@ -123,3 +123,104 @@ fn alpha_actstats_match_transformers() {
         check_actstats(&family);
     }
 }
+
+/// Greedy exact match on every test set reproduces the family's scores.json.
+fn check_scores(family: &Path) {
+    let scores: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(family.join("scores.json")).unwrap())
+            .unwrap();
+    for model in MODELS {
+        let info = checkpoint::open_dir(&family.join(model)).unwrap();
+        let generator = Generator::load(&info, &Device::Cpu).unwrap();
+        for task in TASKS {
+            let examples =
+                obim::eval::examples(&family.join(format!("data/{task}/test.jsonl")), None)
+                    .unwrap();
+            let score = generator.score(task, &examples).unwrap();
+            let expected = scores["accuracy"][model][task].as_f64().unwrap();
+            assert!(
+                (score.accuracy - expected).abs() < 1e-9,
+                "{model} on {task}: {} vs scores.json {expected}",
+                score.accuracy
+            );
+        }
+    }
+}
+
+#[test]
+fn demo_eval_reproduces_scores_json() {
+    check_scores(&demo());
+}
+
+#[test]
+fn alpha_eval_reproduces_scores_json() {
+    if let Some(family) = alpha() {
+        check_scores(&family);
+    }
+}
+
+#[test]
+fn eval_command_prints_json() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_obim"))
+        .args([
+            "eval",
+            "examples/demo/expert_sort",
+            "--data",
+            "examples/demo/data/sort/test.jsonl",
+            "--limit",
+            "20",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let score = &value["models"][0]["scores"][0];
+    assert_eq!(score["examples"], 20);
+    assert!(score["correct"].as_u64().unwrap() >= 18, "{value}");
+}
+
+#[test]
+fn stats_command_matches_the_reference() {
+    // The first 64 calibration texts, as the reference used them.
+    let dir = std::env::temp_dir().join(format!("obim-stats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(demo().join("data/sort/calib.jsonl"))
+        .unwrap()
+        .lines()
+        .take(64)
+        .map(String::from)
+        .collect();
+    std::fs::write(dir.join("first64.jsonl"), lines.join("\n")).unwrap();
+    let out_file = dir.join("stats.safetensors");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_obim"))
+        .args(["stats", "examples/demo/expert_sort", "--data"])
+        .arg(dir.join("first64.jsonl"))
+        .arg("-o")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = ActStats::load(&out_file, "").unwrap();
+    let reference = ActStats::load(
+        &demo().join("reference/actstats.safetensors"),
+        "expert_sort/sort/",
+    )
+    .unwrap();
+    assert_eq!(ours.tokens, reference.tokens);
+    for (name, sums) in &reference.sums {
+        for (a, b) in ours.sums[name].iter().zip(sums) {
+            assert!((a - b).abs() <= 1e-4 * b.abs(), "{name}: {a} vs {b}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -214,14 +214,23 @@ fn dry_run_writes_nothing() {
 }
 
 #[test]
-fn obd_saliency_is_refused_until_calibration_exists() {
-    let out = obim(&["run", "tests/recipes/ok_obd.obim"]);
+fn obd_saliency_runs_on_the_checker_fixture() {
+    let dir = temp("okobd");
+    let text = std::fs::read_to_string("tests/recipes/ok_obd.obim")
+        .unwrap()
+        .replace("../../examples/demo", demo().to_str().unwrap());
+    std::fs::write(dir.join("ok_obd.obim"), text).unwrap();
+    let out = obim(&[
+        "run",
+        "--cache",
+        dir.join("cache").to_str().unwrap(),
+        dir.join("ok_obd.obim").to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("`obd` saliency") && stderr.contains("saliency magnitude"),
-        "{stderr}"
-    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("calibrated ").count(), 3, "{stderr}");
+    assert!(dir.join("out/obd/model.safetensors").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -37,3 +37,5 @@ write("mismatch", "LlamaForCausalLM", [("model.embed_tokens.weight", [101, 96])]
 write("qwen", "Qwen2ForCausalLM", [("model.embed_tokens.weight", [100, 96])])
 # Half of the data section is missing.
 write("truncated", "LlamaForCausalLM", [("model.embed_tokens.weight", [100, 96])], truncate=True)
+# An architecture obim has no forward pass for (so `using` data cannot calibrate it).
+write("neox", "GPTNeoXForCausalLM", [("gpt_neox.embed_in.weight", [100, 96]), ("gpt_neox.layers.0.attention.dense.weight", [96, 96])])

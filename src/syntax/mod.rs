@@ -292,10 +292,15 @@ fn found_token(text: &str, at: usize) -> &str {
 
 /// The word just before `at` (skipping whitespace), if it is an identifier.
 fn previous_word(text: &str, at: usize) -> Option<(String, (usize, usize))> {
-    let before = text[..at.min(text.len())].trim_end();
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = text[..at].trim_end();
     let start = before
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .map_or(0, |i| i + 1);
+        .char_indices()
+        .rfind(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let word = &before[start..];
     let is_ident = word
         .chars()
