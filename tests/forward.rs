@@ -224,3 +224,70 @@ fn stats_command_matches_the_reference() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The tiny Mistral, Qwen2 and Llama 3 checkpoints of `tools/make_arch_refs.py`
+/// against `transformers`' logits and statistics (same tolerances).
+fn check_arch(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/archs")
+        .join(name);
+    let reference = dir.join("reference.safetensors");
+    let texts = header_metadata(&reference);
+    let tensors = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
+    let info = checkpoint::open_dir(&dir).unwrap();
+    let generator = Generator::load(&info, &Device::Cpu).unwrap();
+    for p in ["p0", "p1", "p2", "p3"] {
+        let ids = generator
+            .tokenizer()
+            .encode(texts[p].as_str().unwrap(), None)
+            .unwrap();
+        let expected_ids: Vec<i64> = tensors[&format!("{p}/input_ids")].to_vec1().unwrap();
+        assert_eq!(ids.len(), expected_ids.len(), "{name} {p}");
+        let logits = generator.logits(&ids).unwrap();
+        let expected: Vec<Vec<f32>> = tensors[&format!("{p}/logits")].to_vec2().unwrap();
+        let worst = logits
+            .iter()
+            .flatten()
+            .zip(expected.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{name} {p}: logits differ by {worst}");
+    }
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let sequences: Vec<Vec<u32>> = data::jsonl_texts(&dir.join("calib.jsonl"), "text")
+        .unwrap()
+        .iter()
+        .map(|t| tokenizer.encode(t, None).unwrap())
+        .collect();
+    let stats = calibrate::calibrate(&info, &sequences, &Device::Cpu, &mut ()).unwrap();
+    let expected = ActStats::load(&reference, "").unwrap();
+    assert_eq!(stats.tokens, expected.tokens);
+    assert_eq!(
+        stats.sums.keys().collect::<Vec<_>>(),
+        expected.sums.keys().collect::<Vec<_>>(),
+        "{name}: modules"
+    );
+    for (module, sums) in &expected.sums {
+        for (a, b) in stats.sums[module].iter().zip(sums) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "{name} {module}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mistral_matches_transformers() {
+    check_arch("mistral");
+}
+
+#[test]
+fn qwen2_matches_transformers() {
+    check_arch("qwen2");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check_arch("llama3");
+}
