@@ -116,10 +116,10 @@ pub fn calibrate(
         });
     }
     let mut weights = Weights::new(model, device.clone());
-    // Groups of whole sequences, each with its packed hidden states and rotary tables.
+    // Groups of whole sequences, each with its packed hidden states and
+    // rotary tables. Embeddings are read row by row from the mapped table.
     let mut groups = Vec::new();
     {
-        let table = blocks::embed_tokens(&cfg, &mut weights)?;
         let mut start = 0;
         while start < sequences.len() {
             let mut end = start + 1;
@@ -131,7 +131,11 @@ pub fn calibrate(
             let group = &sequences[start..end];
             let seqs = Sequence::pack(group.iter().map(Vec::len));
             let ids: Vec<u32> = group.iter().flatten().copied().collect();
-            let hidden = blocks::embed(&table, &ids)?;
+            let hidden = weights.rows(
+                "model.embed_tokens.weight",
+                [cfg.vocab_size, cfg.hidden_size],
+                &ids,
+            )?;
             let rope = blocks::rotary(&cfg, &seqs, device)?;
             groups.push((seqs, hidden, rope));
             start = end;

@@ -54,8 +54,47 @@ impl<'a> Weights<'a> {
 
     /// The tensor `name`, checked against the shape the config implies.
     pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let info = self
-            .model
+        let info = self.info(name, shape)?;
+        let values = self.shards.load_f32(name, info)?;
+        self.shards.release(info);
+        Ok(Tensor::from_vec(values, shape, &self.device)?)
+    }
+
+    /// Rows `ids` of a `[rows, cols]` tensor (an embedding lookup), read
+    /// without converting the whole table.
+    pub fn rows(&mut self, name: &str, shape: [usize; 2], ids: &[u32]) -> Result<Tensor> {
+        let [rows, cols] = shape;
+        let info = self.info(name, &shape)?;
+        let size = crate::checkpoint::dtype_size(&info.dtype).unwrap_or(0) as usize;
+        let (map, range) = self.shards.bytes(name, &info)?;
+        let table = &map[range];
+        let mut values = Vec::with_capacity(ids.len() * cols);
+        let mut row = Vec::new();
+        for &id in ids {
+            let id = id as usize;
+            let ok = id < rows
+                && crate::tensors::to_f32_into(
+                    &table[id * cols * size..(id + 1) * cols * size],
+                    &info.dtype,
+                    &mut row,
+                );
+            if !ok {
+                return Err(ForwardError::Tensor(TensorError::Tensor {
+                    path: info.file.clone(),
+                    tensor: name.to_string(),
+                    reason: format!("cannot read row {id} (dtype {})", info.dtype),
+                }));
+            }
+            values.extend_from_slice(&row);
+        }
+        drop(map);
+        self.shards.release(info);
+        Ok(Tensor::from_vec(values, (ids.len(), cols), &self.device)?)
+    }
+
+    fn info(&self, name: &str, shape: &[usize]) -> Result<&'a crate::checkpoint::TensorInfo> {
+        let model: &'a ModelInfo = self.model;
+        let info = model
             .tensors
             .get(name)
             .ok_or_else(|| ForwardError::Missing {
@@ -70,9 +109,7 @@ impl<'a> Weights<'a> {
                 expected: shape.to_vec(),
             });
         }
-        let values = self.shards.load_f32(name, info)?;
-        self.shards.release(info);
-        Ok(Tensor::from_vec(values, shape, &self.device)?)
+        Ok(info)
     }
 
     fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
