@@ -66,7 +66,7 @@ impl<'a> Weights<'a> {
         let [rows, cols] = shape;
         let info = self.info(name, &shape)?;
         let size = crate::checkpoint::dtype_size(&info.dtype).unwrap_or(0) as usize;
-        let (map, range) = self.shards.bytes(name, &info)?;
+        let (map, range) = self.shards.bytes(name, info)?;
         let table = &map[range];
         let mut values = Vec::with_capacity(ids.len() * cols);
         let mut row = Vec::new();
