@@ -170,6 +170,9 @@ pub fn run(
             };
             let _ = writeln!(io.out, "{}: {what} [plan {}]", path.display(), &hash[..12]);
         }
+        for line in crate::run::calibration_states(&c, &plan, &options.cache) {
+            let _ = writeln!(io.out, "{line}");
+        }
         let view = c.view(&plan);
         let text = view.to_text();
         let steps = text.split("\n\n").nth(1).unwrap_or_default();
@@ -284,20 +287,33 @@ fn open_model(io: &mut Io, model: &str) -> Option<crate::checkpoint::ModelInfo> 
     }
 }
 
-/// `obim eval MODEL... --data FILE...`: greedy exact-match accuracy of each
-/// model on each file.
-pub fn eval(
-    io: &mut Io,
-    models: &[String],
-    files: &[PathBuf],
-    limit: Option<usize>,
-    json: bool,
-) -> i32 {
+/// What `obim eval` measures.
+pub struct EvalOptions {
+    pub limit: Option<usize>,
+    pub json: bool,
+    /// Mean next-token loss of the `field` texts instead of exact match.
+    pub loss: Option<String>,
+}
+
+/// `obim eval MODEL... --data FILE...`: greedy exact-match accuracy (or,
+/// with `--loss`, the mean next-token loss) of each model on each file.
+pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOptions) -> i32 {
     let device = candle_core::Device::Cpu;
+    enum Set {
+        Examples(Vec<crate::eval::Example>),
+        Texts(Vec<String>),
+    }
     let mut sets = Vec::new();
     for file in files {
-        match crate::eval::examples(file, limit) {
-            Ok(examples) => sets.push((file.display().to_string(), examples)),
+        let read = match &options.loss {
+            Some(field) => crate::data::jsonl_texts(file, field).map(|mut t| {
+                t.truncate(options.limit.unwrap_or(usize::MAX));
+                Set::Texts(t)
+            }),
+            None => crate::eval::examples(file, options.limit).map(Set::Examples),
+        };
+        match read {
+            Ok(set) => sets.push((file.display().to_string(), set)),
             Err(e) => {
                 let _ = writeln!(io.err, "error: {e}");
                 return exit::FAILURE;
@@ -305,12 +321,19 @@ pub fn eval(
         }
     }
     let mut results = Vec::new();
-    if !json {
-        let _ = writeln!(
-            io.out,
-            "{:<40} {:<40} {:>8} {:>8} {:>8}",
-            "model", "data", "examples", "correct", "accuracy"
-        );
+    if !options.json {
+        let header = if options.loss.is_some() {
+            format!(
+                "{:<40} {:<40} {:>8} {:>10} {:>10}",
+                "model", "data", "texts", "loss", "perplexity"
+            )
+        } else {
+            format!(
+                "{:<40} {:<40} {:>8} {:>8} {:>8}",
+                "model", "data", "examples", "correct", "accuracy"
+            )
+        };
+        let _ = writeln!(io.out, "{header}");
     }
     for model in models {
         let Some(info) = open_model(io, model) else {
@@ -324,17 +347,29 @@ pub fn eval(
             }
         };
         let mut scores = Vec::new();
-        for (file, examples) in &sets {
-            match generator.score(file, examples) {
-                Ok(s) => {
-                    if !json {
-                        let _ = writeln!(
-                            io.out,
-                            "{model:<40} {file:<40} {:>8} {:>8} {:>8.3}",
-                            s.examples, s.correct, s.accuracy
-                        );
+        for (file, set) in &sets {
+            let scored = match set {
+                Set::Examples(examples) => generator.score(file, examples).map(|s| {
+                    let line = format!(
+                        "{model:<40} {file:<40} {:>8} {:>8} {:>8.3}",
+                        s.examples, s.correct, s.accuracy
+                    );
+                    (serde_json::to_value(s).unwrap_or_default(), line)
+                }),
+                Set::Texts(texts) => generator.loss(file, texts).map(|s| {
+                    let line = format!(
+                        "{model:<40} {file:<40} {:>8} {:>10.6} {:>10.4}",
+                        s.texts, s.loss, s.perplexity
+                    );
+                    (serde_json::to_value(s).unwrap_or_default(), line)
+                }),
+            };
+            match scored {
+                Ok((value, line)) => {
+                    if !options.json {
+                        let _ = writeln!(io.out, "{line}");
                     }
-                    scores.push(s);
+                    scores.push(value);
                 }
                 Err(e) => {
                     let _ = writeln!(io.err, "error: {model}: {e}");
@@ -344,7 +379,7 @@ pub fn eval(
         }
         results.push(serde_json::json!({"model": model, "scores": scores}));
     }
-    if json {
+    if options.json {
         let value = serde_json::json!({ "models": results });
         let _ = writeln!(
             io.out,

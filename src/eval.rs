@@ -40,6 +40,22 @@ pub struct Score {
     pub accuracy: f64,
 }
 
+/// Mean next-token negative log-likelihood of a file's texts.
+#[derive(Debug, Clone, Serialize)]
+pub struct LossScore {
+    pub file: String,
+    pub texts: usize,
+    /// Tokens predicted (each text's length − 1).
+    pub tokens: usize,
+    /// Mean over texts of each text's mean NLL, in nats.
+    pub loss: f64,
+    pub perplexity: f64,
+}
+
+/// Logits of packed sequences are computed in groups of about this many
+/// values (tokens × vocabulary), which bounds memory for large vocabularies.
+const LOSS_GROUP_VALUES: usize = 1 << 24;
+
 /// A loaded model ready to generate.
 pub struct Generator {
     model: Transformer,
@@ -155,6 +171,62 @@ impl Generator {
             } else {
                 correct as f64 / examples.len() as f64
             },
+        })
+    }
+
+    /// Each sequence's mean next-token negative log-likelihood (nats);
+    /// sequences shorter than 2 tokens predict nothing and are left out.
+    pub fn losses(&self, sequences: &[Vec<u32>]) -> Result<Vec<f64>, EvalError> {
+        let usable: Vec<&Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).collect();
+        let per_group = (LOSS_GROUP_VALUES / self.model.cfg.vocab_size.max(1)).max(1);
+        let mut losses = Vec::with_capacity(usable.len());
+        let mut start = 0;
+        while start < usable.len() {
+            let mut end = start + 1;
+            let mut tokens = usable[start].len();
+            while end < usable.len() && tokens + usable[end].len() <= per_group {
+                tokens += usable[end].len();
+                end += 1;
+            }
+            let group = &usable[start..end];
+            let seqs = Sequence::pack(group.iter().map(|s| s.len()));
+            let ids: Vec<u32> = group.iter().flat_map(|s| s.iter().copied()).collect();
+            // Row t predicts token t + 1 of the same sequence.
+            let targets: Vec<u32> = group
+                .iter()
+                .flat_map(|s| s[1..].iter().copied().chain([0]))
+                .collect();
+            let logits = self.model.forward(&ids, &seqs, None)?;
+            let picked = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)
+                .and_then(|lp| {
+                    let t = candle_core::Tensor::from_vec(targets, (ids.len(), 1), lp.device())?;
+                    lp.gather(&t, 1)?.flatten_all()?.to_vec1::<f32>()
+                })
+                .map_err(ForwardError::from)?;
+            for s in &seqs {
+                let predicted = &picked[s.start..s.start + s.len - 1];
+                let sum: f64 = predicted.iter().map(|&v| -f64::from(v)).sum();
+                losses.push(sum / predicted.len() as f64);
+            }
+            start = end;
+        }
+        Ok(losses)
+    }
+
+    /// Mean loss and perplexity of texts.
+    pub fn loss(&self, file: &str, texts: &[String]) -> Result<LossScore, EvalError> {
+        let sequences = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        let losses = self.losses(&sequences)?;
+        let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        Ok(LossScore {
+            file: file.to_string(),
+            texts: losses.len(),
+            tokens: sequences.iter().map(|s| s.len().saturating_sub(1)).sum(),
+            loss,
+            perplexity: loss.exp(),
         })
     }
 

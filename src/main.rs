@@ -86,7 +86,7 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Greedy exact-match accuracy of models on jsonl files (`prompt`, `answer`).
+    /// Greedy exact-match accuracy of models on jsonl files (`prompt`, `answer`), or `--loss`.
     Eval {
         /// Model directories (or Hugging Face ids in the local cache).
         #[arg(required = true)]
@@ -99,6 +99,12 @@ enum Command {
         limit: Option<usize>,
         #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
         format: CheckFormat,
+        /// Mean next-token loss (nats) and perplexity of each file's texts instead of exact match.
+        #[arg(long)]
+        loss: bool,
+        /// With --loss: the jsonl field holding the text.
+        #[arg(long, default_value = "text")]
+        field: String,
         /// Worker threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -283,11 +289,17 @@ fn main() {
             data,
             limit,
             format,
+            loss,
+            field,
             threads,
         } => {
             set_threads(threads);
-            let json = matches!(format, CheckFormat::Json);
-            commands::eval(&mut io, &models, &data, limit, json)
+            let options = commands::EvalOptions {
+                limit,
+                json: matches!(format, CheckFormat::Json),
+                loss: loss.then_some(field),
+            };
+            commands::eval(&mut io, &models, &data, &options)
         }
         Command::Stats {
             model,

@@ -170,6 +170,54 @@ pub fn run(
     Ok(())
 }
 
+/// For `--dry-run`: each calibration the outputs need, and whether the cache
+/// already holds its statistics.
+pub fn calibration_states(c: &Compilation, plan: &Plan, cache: &Path) -> Vec<String> {
+    let mut needed = Vec::new();
+    for (index, _) in writes(plan) {
+        calibrations(c, plan, c.recipe.outputs[index].merge, &mut needed);
+    }
+    needed
+        .into_iter()
+        .map(|(input, data)| {
+            let recipe = &c.recipe;
+            let what = format!(
+                "calibrate:{}@{}",
+                recipe.input_name(input),
+                recipe.data[data.0].name
+            );
+            let state = match input {
+                InputRef::Merge(_) => {
+                    "computed after the merge is materialised in the cache".to_string()
+                }
+                InputRef::Model(m) => match c.inventory.get(m) {
+                    None => "model not available locally".to_string(),
+                    Some(info) => {
+                        let sequences = data::Tokenizer::from_dir(&info.dir)
+                            .and_then(|t| data::sequences(&recipe.data[data.0], &t));
+                        match sequences {
+                            Err(e) => format!("cannot tokenize: {e}"),
+                            Ok(seqs) => {
+                                let key = calibrate::cache_key(info, &seqs);
+                                let tokens: usize = seqs.iter().map(Vec::len).sum();
+                                if calibrate::cache_path(cache, &key).is_file() {
+                                    format!("in the cache ({tokens} tokens)")
+                                } else {
+                                    format!(
+                                        "would be computed ({} sequences, {tokens} tokens)",
+                                        seqs.len()
+                                    )
+                                }
+                            }
+                        }
+                    }
+                },
+            };
+            format!("{what}: {state}")
+        })
+        .collect()
+}
+
 /// The (input, data) pairs whose statistics OBD needs to compute `merge`,
 /// including the merges it depends on.
 fn calibrations(c: &Compilation, plan: &Plan, merge: MergeId, out: &mut Vec<(InputRef, DataId)>) {

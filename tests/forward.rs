@@ -291,3 +291,35 @@ fn qwen2_matches_transformers() {
 fn llama3_rope_scaling_matches_transformers() {
     check_arch("llama3");
 }
+
+/// `obim eval --loss` against transformers' `model(ids, labels=ids).loss`,
+/// averaged over texts (tests/goldens/loss.json, from tools/loss_reference.py).
+#[test]
+fn demo_loss_matches_transformers() {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/loss.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let n = golden["texts"].as_u64().unwrap() as usize;
+    for model in MODELS {
+        let info = checkpoint::open_dir(&demo().join(model)).unwrap();
+        let generator = Generator::load(&info, &Device::Cpu).unwrap();
+        for task in TASKS {
+            let mut texts =
+                data::jsonl_texts(&demo().join(format!("data/{task}/calib.jsonl")), "text")
+                    .unwrap();
+            texts.truncate(n);
+            let score = generator.loss(task, &texts).unwrap();
+            let expected = golden["loss"][model][task].as_f64().unwrap();
+            assert!(
+                (score.loss - expected).abs() <= 1e-4,
+                "{model}/{task}: {} vs {expected}",
+                score.loss
+            );
+            assert!((score.perplexity - expected.exp()).abs() <= 1e-3 * expected.exp());
+        }
+    }
+}

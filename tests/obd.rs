@@ -223,3 +223,76 @@ fn a_merge_used_as_a_calibrated_input_is_materialised_in_the_cache() {
     assert!(open_dir(&dir.join("out")).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn obd_merge_runs_end_to_end_on_alpha() {
+    let alpha = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/alpha");
+    if !alpha.is_dir() {
+        eprintln!(
+            "skipped: ../shared/fixtures/alpha is absent (a fresh clone has only examples/demo)"
+        );
+        return;
+    }
+    let dir = temp("alpha");
+    let mut r = format!("base b = \"{}/base\"\n", alpha.display());
+    for e in EXPERTS {
+        r += &format!(
+            "model {e} = \"{0}/expert_{e}\"\ndata {e}_calib = jsonl(\"{0}/data/{e}/calib.jsonl\") {{ samples 32 }}\n",
+            alpha.display()
+        );
+    }
+    r += "merge m = obim(base: b) {\n    add retain 0.3 using add_calib\n    reverse retain 0.3 using reverse_calib\n    sort retain 0.3 using sort_calib\n}\noutput m -> \"out\"\n";
+    std::fs::write(dir.join("r.obim"), r).unwrap();
+    let cache = dir.join("cache");
+    let recipe = dir.join("r.obim");
+    let dry = obim(&[
+        "run",
+        "--dry-run",
+        "--cache",
+        cache.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(text.matches("would be computed").count(), 3, "{text}");
+    let out = obim(&[
+        "run",
+        "--cache",
+        cache.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dry = obim(&[
+        "run",
+        "--dry-run",
+        "--force",
+        "--cache",
+        cache.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(text.matches("in the cache").count(), 3, "{text}");
+    let eval = obim(
+        &["eval", dir.join("out").to_str().unwrap(), "--data"]
+            .into_iter()
+            .chain([
+                alpha.join("data/add/test.jsonl").to_str().unwrap(),
+                "--limit",
+                "20",
+                "--format",
+                "json",
+            ])
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(value["models"][0]["scores"][0]["examples"], 20);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
