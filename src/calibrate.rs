@@ -16,14 +16,11 @@
 
 use crate::checkpoint::ModelInfo;
 use crate::model::ModelConfig;
-use crate::model::blocks::{self, ForwardError, Layer, Observer, Sequence, Weights};
+use crate::model::blocks::{self, ForwardError, Observer, Weights};
+use crate::model::stream;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-
-/// Sequences are run through a layer in groups of about this many tokens,
-/// which bounds the MLP's intermediate activations.
-const GROUP_TOKENS: usize = 8192;
 
 /// Statistics of one model on one data source.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,45 +113,11 @@ pub fn calibrate(
         });
     }
     let mut weights = Weights::new(model, device.clone());
-    // Groups of whole sequences, each with its packed hidden states and
-    // rotary tables. Embeddings are read row by row from the mapped table.
-    let mut groups = Vec::new();
-    {
-        let mut start = 0;
-        while start < sequences.len() {
-            let mut end = start + 1;
-            let mut count = sequences[start].len();
-            while end < sequences.len() && count + sequences[end].len() <= GROUP_TOKENS {
-                count += sequences[end].len();
-                end += 1;
-            }
-            let group = &sequences[start..end];
-            let seqs = Sequence::pack(group.iter().map(Vec::len));
-            let ids: Vec<u32> = group.iter().flatten().copied().collect();
-            let hidden = weights.rows(
-                "model.embed_tokens.weight",
-                [cfg.vocab_size, cfg.hidden_size],
-                &ids,
-            )?;
-            let rope = blocks::rotary(&cfg, &seqs, device)?;
-            groups.push((seqs, hidden, rope));
-            start = end;
-        }
-    }
     let mut observer = SquareSums::default();
-    for l in 0..cfg.num_layers {
-        progress.layer(l, cfg.num_layers + 1);
-        let layer = Layer::load(&cfg, l, &mut weights)?;
-        for (seqs, hidden, rope) in &mut groups {
-            *hidden = layer.forward(&cfg, hidden, seqs, rope, None, &mut observer)?;
-        }
-    }
-    let norm = weights.get("model.norm.weight", &[cfg.hidden_size])?;
-    let head = ["lm_head".to_string()];
-    for (_, hidden, _) in &groups {
-        let normed = blocks::rms_norm(hidden, &norm, cfg.rms_norm_eps)?;
-        observer.observe(&head, &normed)?;
-    }
+    let total = cfg.num_layers + 1;
+    stream::pass(&cfg, &mut weights, sequences, &mut observer, &mut |l, _| {
+        progress.layer(l, total)
+    })?;
     progress.layer(cfg.num_layers + 1, cfg.num_layers + 1);
     Ok(ActStats {
         sums: observer

@@ -281,6 +281,25 @@ LlamaForCausalLM (Llama 2/3, rope scaling `llama3` and `linear`),
 MistralForCausalLM and Qwen2ForCausalLM. Use `saliency magnitude` for this
 merge, or for this input's tensors with a `layers` rule."#;
 
+E0031 => "invalid `auto` candidates", r#"An `auto` gives no candidate, or its range cannot be walked:
+
+    lambda: auto []                   # no candidates
+    retain auto 0.1..0.5 step 0       # a step of 0
+    retain auto 0.5..0.1 step 0.1     # the step moves away from the end
+
+A range `FROM..TO step STEP` starts at FROM and adds STEP while it stays
+within TO (inclusive). Each candidate must also be in the parameter's range
+(E0009)."#;
+
+E0032 => "`auto` without `select`", r#"A merge gives candidates (`auto`) for a setting but does not say how to
+choose among them. Add `select by loss(DATA, ...)`: each candidate is merged
+and scored by its mean next-token loss on the named data sources (held-out
+data, not the test sets); the lowest wins."#;
+
+E0033 => "too many candidates", r#"The `auto` settings of one merge form a cross product of more than 64
+candidates; each is merged and scored, so the cost grows with the product.
+Use fewer values or fewer `auto` settings."#;
+
 W0001 => "unused definition", r#"A definition is never used: a model or data source no merge uses, a merge no
 output or later merge uses, a `let` or an import nobody reads. Unused models
 are still opened by `obim plan`, so it is worth removing them.
@@ -295,6 +314,10 @@ W0003 => "setting has no effect", r#"A setting is accepted but changes nothing h
 whose saliency is `magnitude` everywhere, `density` in `task_arithmetic` (it
 has no sparsification step), an `order` or `saliency` in a rule that only
 matches `take` tensors."#;
+
+W0004 => "`select` without `auto`", r#"A merge has `select by loss(...)` but none of its settings has candidates,
+so there is nothing to choose. Give a setting candidates, e.g.
+`retain auto [0.2, 0.3]`, or remove the `select`."#;
 
 N0001 => "model not available locally", r#"A model given by Hugging Face id is not in the local Hugging Face cache, so
 `obim check` cannot read its config and headers; architecture, tensor and

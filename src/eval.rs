@@ -7,6 +7,7 @@ use crate::checkpoint::ModelInfo;
 use crate::data::{DataError, Tokenizer};
 use crate::model::ModelConfig;
 use crate::model::blocks::{self, ForwardError, Sequence, Transformer, Weights};
+use crate::model::stream;
 use candle_core::Device;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -191,23 +192,9 @@ impl Generator {
             let group = &usable[start..end];
             let seqs = Sequence::pack(group.iter().map(|s| s.len()));
             let ids: Vec<u32> = group.iter().flat_map(|s| s.iter().copied()).collect();
-            // Row t predicts token t + 1 of the same sequence.
-            let targets: Vec<u32> = group
-                .iter()
-                .flat_map(|s| s[1..].iter().copied().chain([0]))
-                .collect();
             let logits = self.model.forward(&ids, &seqs, None)?;
-            let picked = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)
-                .and_then(|lp| {
-                    let t = candle_core::Tensor::from_vec(targets, (ids.len(), 1), lp.device())?;
-                    lp.gather(&t, 1)?.flatten_all()?.to_vec1::<f32>()
-                })
-                .map_err(ForwardError::from)?;
-            for s in &seqs {
-                let predicted = &picked[s.start..s.start + s.len - 1];
-                let sum: f64 = predicted.iter().map(|&v| -f64::from(v)).sum();
-                losses.push(sum / predicted.len() as f64);
-            }
+            let picked = stream::log_prob(&logits, &stream::targets(&seqs, &ids))?;
+            losses.extend(stream::mean_per_sequence(&seqs, &picked));
             start = end;
         }
         Ok(losses)

@@ -287,6 +287,17 @@ impl Formatter<'_> {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            ExprKind::Auto(Auto::List(items)) => format!(
+                "auto [{}]",
+                items
+                    .iter()
+                    .map(|i| self.expr(i))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ExprKind::Auto(Auto::Range { from, to, step }) => {
+                format!("auto {from}..{to} step {step}")
+            }
         }
     }
 
@@ -366,6 +377,15 @@ impl Formatter<'_> {
             StmtKind::Saliency(s) => format!("saliency {}", s.name),
             StmtKind::Take(Take::Base(_)) => "take base".into(),
             StmtKind::Take(Take::Model(p)) => format!("take {p}"),
+            StmtKind::Select { judge, data } => format!(
+                "select by {}({})",
+                judge.name,
+                data.iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            StmtKind::Scale(kv) => format!("scale {}", self.expr(&kv.value)),
             StmtKind::Layers { pattern, body } => {
                 let inner: Vec<String> = body.items.iter().map(|s| self.simple_stmt(s)).collect();
                 format!("layers {} {{ {} }}", self.expr(pattern), inner.join(" "))

@@ -18,6 +18,7 @@ pub mod pattern;
 pub mod plan;
 pub mod recipe;
 pub mod run;
+pub mod select;
 pub mod source;
 pub mod stdlib;
 pub mod syntax;

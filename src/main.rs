@@ -235,6 +235,28 @@ impl Progress {
                     );
                 }
             }
+            Event::CandidateScored {
+                merge,
+                candidate,
+                losses,
+                mean,
+                cached,
+            } => {
+                let per: Vec<String> = losses.iter().map(|(d, l)| format!("{d} {l:.4}")).collect();
+                eprintln!(
+                    "{merge}: {candidate:<32} loss {mean:.4} ({}){}",
+                    per.join(", "),
+                    if cached { " [cached]" } else { "" }
+                );
+            }
+            Event::Selected {
+                merge,
+                candidate,
+                mean,
+                seconds,
+            } => {
+                eprintln!("{merge}: chose {candidate} (loss {mean:.4}; {seconds:.2} s)");
+            }
         }
     }
 }

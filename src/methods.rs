@@ -200,6 +200,13 @@ impl Method {
                 Some(Default::Unset),
                 "calibration data for `obd` saliency",
             ),
+            p(
+                "scale",
+                Kind::Number,
+                Scope::Merge,
+                Some(Default::Number(1.0)),
+                "multiplies the kept deltas (1.0: OBIM as published)",
+            ),
         ];
         const TASK_ARITHMETIC: &[Param] = &[
             BASE,

@@ -140,6 +140,8 @@ pub struct MergeParams {
     pub lambda: Option<f64>,
     pub t: Option<f64>,
     pub seed: Option<u64>,
+    /// OBIM: the factor on kept deltas.
+    pub scale: Option<f64>,
 }
 
 impl MergeParams {
@@ -150,6 +152,7 @@ impl MergeParams {
         self.lambda = over.lambda.or(self.lambda);
         self.t = over.t.or(self.t);
         self.seed = over.seed.or(self.seed);
+        self.scale = over.scale.or(self.scale);
     }
 }
 
@@ -195,7 +198,63 @@ pub struct Merge {
     /// Merge-level settings (parameter list and body statements).
     pub settings: Settings,
     pub rules: Vec<LayerRule>,
+    /// Settings given as `auto` candidates, in declaration order. The
+    /// settings above hold each site's first candidate.
+    pub autos: Vec<AutoSite>,
+    /// How the candidates are judged.
+    pub select: Option<Select>,
 }
+
+/// Which numeric setting an `auto` gives candidates for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AutoField {
+    Weight,
+    Density,
+    Retain,
+    Lambda,
+    T,
+    Scale,
+}
+
+impl AutoField {
+    pub fn from_name(name: &str) -> Option<AutoField> {
+        Some(match name {
+            "weight" => AutoField::Weight,
+            "density" => AutoField::Density,
+            "retain" => AutoField::Retain,
+            "lambda" => AutoField::Lambda,
+            "t" => AutoField::T,
+            "scale" => AutoField::Scale,
+            _ => return None,
+        })
+    }
+}
+
+/// One `auto`: where it is (the merge level or a rule; an input or the
+/// default for all inputs), and its candidate values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoSite {
+    pub rule: Option<usize>,
+    pub input: Option<usize>,
+    pub field: AutoField,
+    pub values: Vec<f64>,
+    /// For people: `lambda`, `add retain`, `line 12: add retain`.
+    pub label: String,
+    pub span: Span,
+}
+
+/// `select by loss(data, ...)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Select {
+    pub data: Vec<DataId>,
+    pub span: Span,
+}
+
+/// The most candidates one merge may have (the cross product of its `auto`s).
+pub const MAX_CANDIDATES: usize = 64;
+
+/// One candidate of a merge with `auto` settings: an index into each site's values.
+pub type Choice = Vec<usize>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,6 +305,67 @@ pub struct TensorSettings {
 }
 
 impl Merge {
+    /// Every combination of the `auto` sites' candidates (their cross
+    /// product), the first site varying slowest: declaration order.
+    pub fn candidates(&self) -> Vec<Choice> {
+        let mut all: Vec<Choice> = vec![Vec::new()];
+        for site in &self.autos {
+            all = all
+                .into_iter()
+                .flat_map(|prefix| {
+                    (0..site.values.len()).map(move |i| {
+                        let mut c = prefix.clone();
+                        c.push(i);
+                        c
+                    })
+                })
+                .collect();
+        }
+        all
+    }
+
+    /// The number of candidates, without listing them.
+    pub fn candidate_count(&self) -> usize {
+        self.autos.iter().map(|a| a.values.len()).product()
+    }
+
+    /// `lambda=0.5, add retain=0.2`.
+    pub fn describe(&self, choice: &[usize]) -> String {
+        self.autos
+            .iter()
+            .zip(choice)
+            .map(|(a, &i)| format!("{}={}", a.label, a.values[i]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// This merge with one candidate's values in place and no `auto` left.
+    pub fn with_candidate(&self, choice: &[usize]) -> Merge {
+        let mut merge = self.clone();
+        for (site, &i) in self.autos.iter().zip(choice) {
+            let value = site.values[i];
+            let level = match site.rule {
+                None => &mut merge.settings,
+                Some(r) => &mut merge.rules[r].settings,
+            };
+            let input = match site.input {
+                None => &mut level.defaults,
+                Some(k) => level.inputs.entry(k).or_default(),
+            };
+            match site.field {
+                AutoField::Weight => input.weight = Some(value),
+                AutoField::Density => input.density = Some(value),
+                AutoField::Retain => input.retain = Some(value),
+                AutoField::Lambda => level.params.lambda = Some(value),
+                AutoField::T => level.params.t = Some(value),
+                AutoField::Scale => level.params.scale = Some(value),
+            }
+        }
+        merge.autos.clear();
+        merge.select = None;
+        merge
+    }
+
     /// The settings of tensor `name`: the merge's own, then every matching
     /// `layers` rule in order (later rules win). Within one level an input's
     /// own setting beats the level's default for all inputs.

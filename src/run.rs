@@ -40,6 +40,8 @@ pub enum RunError {
     Unsupported(String),
     #[error("interrupted; `{0}` was left as it was")]
     Interrupted(PathBuf),
+    #[error("choosing the settings of `{merge}`: {reason}")]
+    Selection { merge: String, reason: String },
     #[error("calibrating `{input}` on `{data}`: {reason}")]
     Calibration {
         input: String,
@@ -93,6 +95,21 @@ pub enum Event {
         seconds: f64,
         /// Read from the cache, not computed.
         cached: bool,
+    },
+    /// One `auto` candidate of a merge, scored.
+    CandidateScored {
+        merge: String,
+        candidate: String,
+        /// Mean loss per selection data source, then their mean.
+        losses: Vec<(String, f64)>,
+        mean: f64,
+        cached: bool,
+    },
+    Selected {
+        merge: String,
+        candidate: String,
+        mean: f64,
+        seconds: f64,
     },
 }
 
@@ -156,6 +173,10 @@ pub fn run(
 ) -> Result<(), RunError> {
     preflight(c, plan)?;
     let mut stats = Statistics::default();
+    // Merges with `auto` settings are replaced by their winners as they are
+    // chosen; the plan is lowered again each time.
+    let mut current = (c.clone(), plan.clone());
+    let mut selections = BTreeMap::new();
     for (index, hash) in writes(plan) {
         let output = &c.recipe.outputs[index];
         if !options.force && previous_plan_hash(&output.path).as_deref() == Some(hash.as_str()) {
@@ -164,9 +185,57 @@ pub fn run(
             });
             continue;
         }
+        choose(
+            &mut current,
+            output.merge,
+            options,
+            &mut stats,
+            &mut selections,
+            progress,
+        )?;
+        let (c, plan) = &current;
         calibrate_for(c, plan, output.merge, options, &mut stats, progress)?;
-        write_output(c, plan, output, &hash, options, &stats, progress)?;
+        write_output(
+            c,
+            plan,
+            output,
+            &hash,
+            options,
+            &stats,
+            &selections,
+            progress,
+        )?;
     }
+    Ok(())
+}
+
+/// Chooses the settings of `merge` and of the merges it depends on, where
+/// they have `auto` candidates (dependencies first).
+fn choose(
+    current: &mut (Compilation, Plan),
+    merge: MergeId,
+    options: &RunOptions,
+    stats: &mut Statistics,
+    selections: &mut BTreeMap<String, crate::select::Selection>,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(), RunError> {
+    let deps: Vec<MergeId> = current.0.recipe.merges[merge.0]
+        .dependencies()
+        .filter_map(|d| match d {
+            InputRef::Merge(m) => Some(m),
+            InputRef::Model(_) => None,
+        })
+        .collect();
+    for dep in deps {
+        choose(current, dep, options, stats, selections, progress)?;
+    }
+    if current.0.recipe.merges[merge.0].autos.is_empty() {
+        return Ok(());
+    }
+    let (winner, selection) = crate::select::select(&current.0, merge, options, stats, progress)?;
+    selections.insert(winner.name.clone(), selection);
+    current.0.recipe.merges[merge.0] = winner;
+    current.1 = Plan::lower(&current.0.recipe, &current.0.inventory);
     Ok(())
 }
 
@@ -251,7 +320,7 @@ fn calibrations(c: &Compilation, plan: &Plan, merge: MergeId, out: &mut Vec<(Inp
 
 /// Computes (or reads from the cache) every statistic `merge` needs. An
 /// input that is itself a merge is first written whole into the cache.
-fn calibrate_for(
+pub(crate) fn calibrate_for(
     c: &Compilation,
     plan: &Plan,
     merge: MergeId,
@@ -359,7 +428,16 @@ fn materialise(
             cache: options.cache.clone(),
             device: options.device.clone(),
         };
-        write_output(c, plan, &output, &step, &forced, stats, progress)?;
+        write_output(
+            c,
+            plan,
+            &output,
+            &step,
+            &forced,
+            stats,
+            &BTreeMap::new(),
+            progress,
+        )?;
     }
     crate::checkpoint::open_dir(&dir).map_err(|e| RunError::Unsupported(e.to_string()))
 }
@@ -411,6 +489,10 @@ fn output_dtype(output: &Output, base: &ModelInfo) -> Dtype {
     })
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "what one output needs: the plan, the statistics and the selections made for it"
+)]
 fn write_output(
     c: &Compilation,
     plan: &Plan,
@@ -418,6 +500,7 @@ fn write_output(
     hash: &str,
     options: &RunOptions,
     stats: &Statistics,
+    selections: &BTreeMap<String, crate::select::Selection>,
     progress: &mut dyn FnMut(Event),
 ) -> Result<(), RunError> {
     let started = Instant::now();
@@ -488,6 +571,7 @@ fn write_output(
         total,
         started.elapsed().as_secs_f64(),
         options,
+        selections,
     );
     let path = staging.dir().join("obim-report.json");
     std::fs::write(
@@ -507,7 +591,7 @@ fn write_output(
 /// Computes tensors into owned buffers (merges update them in place). A
 /// model or merge that one tensor's computation needs several times is read
 /// or computed once and kept until its last use.
-struct Evaluator<'a> {
+pub(crate) struct Evaluator<'a> {
     c: &'a Compilation,
     plan: &'a Plan,
     stats: &'a Statistics,
@@ -531,7 +615,7 @@ impl<'a> Evaluator<'a> {
     }
 
     /// Keeps a finished buffer for reuse (a few, the largest).
-    fn recycle(&mut self, buffer: Vec<f32>) {
+    pub(crate) fn recycle(&mut self, buffer: Vec<f32>) {
         self.pool.push(buffer);
         self.pool.sort_by_key(Vec::capacity);
         if self.pool.len() > 8 {
@@ -539,7 +623,12 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    fn new(c: &'a Compilation, plan: &'a Plan, stats: &'a Statistics, output: MergeId) -> Self {
+    pub(crate) fn new(
+        c: &'a Compilation,
+        plan: &'a Plan,
+        stats: &'a Statistics,
+        output: MergeId,
+    ) -> Self {
         let mut uses = HashMap::new();
         count_uses(c, output, &mut uses);
         Evaluator {
@@ -557,7 +646,11 @@ impl<'a> Evaluator<'a> {
     }
 
     /// The merged values of tensor `name` of `merge`.
-    fn output_tensor(&mut self, merge: MergeId, name: &str) -> Result<Vec<f32>, RunError> {
+    pub(crate) fn output_tensor(
+        &mut self,
+        merge: MergeId,
+        name: &str,
+    ) -> Result<Vec<f32>, RunError> {
         self.memo.clear();
         self.remaining = self.uses.clone();
         self.merge(merge, name)
@@ -791,6 +884,7 @@ fn report(
     bytes: u64,
     seconds: f64,
     options: &RunOptions,
+    selections: &BTreeMap<String, crate::select::Selection>,
 ) -> serde_json::Value {
     let recipe = &c.recipe;
     let root = c.sources.get(recipe.root);
@@ -846,5 +940,6 @@ fn report(
         "shards": shards,
         "inputs": inputs,
         "positions_won": won,
+        "selection": selections,
     })
 }

@@ -8,7 +8,8 @@ use crate::diagnostic::{Diagnostic, closest};
 use crate::methods::{Kind, Method, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
-    Input, InputSettings, LayerRule, Merge, OrderSpec, Saliency, Settings, TakeFrom,
+    AutoField, AutoSite, Input, InputSettings, LayerRule, Merge, OrderSpec, Saliency, Select,
+    Settings, TakeFrom,
 };
 use crate::source::Span;
 use crate::syntax::ast::{self, Block, ExprKind, ItemKind, KeyValue, Stmt, StmtKind};
@@ -215,7 +216,13 @@ impl Checker<'_> {
             inputs: Vec::new(),
             settings: Settings::default(),
             rules: Vec::new(),
+            autos: Vec::new(),
+            select: None,
         };
+        let outer_autos = std::mem::take(&mut self.autos);
+        let outer_select = self.select.take();
+        let outer_inputs = std::mem::take(&mut self.current_inputs);
+        let outer_invalid = std::mem::replace(&mut self.auto_invalid, false);
         let mut spans = Spans::default();
         let mut base_span = None;
         // What was written, resolved or not, so a bad name is not reported twice.
@@ -276,6 +283,7 @@ impl Checker<'_> {
                 self.error(d);
                 continue;
             }
+            self.current_inputs.push(model.to_string());
             merge.inputs.push(Input {
                 model: input,
                 span: model.span,
@@ -291,7 +299,12 @@ impl Checker<'_> {
         }
         for stmt in body {
             if let StmtKind::Layers { pattern, body } = &stmt.kind {
-                if let Some(rule) = self.rule(scope, &merge, pattern, body, stmt.span) {
+                self.auto_rule = Some(merge.rules.len());
+                self.auto_rule_line = Some(self.program.sources.line(stmt.span));
+                let rule = self.rule(scope, &merge, pattern, body, stmt.span);
+                self.auto_rule = None;
+                self.auto_rule_line = None;
+                if let Some(rule) = rule {
                     merge.rules.push(rule);
                 }
             } else if !matches!(stmt.kind, StmtKind::Entry { .. }) {
@@ -300,8 +313,72 @@ impl Checker<'_> {
                 merge.settings = settings;
             }
         }
-        self.requirements(&merge, src, &spans, base_span.is_some(), written_entries);
+        merge.autos = std::mem::replace(&mut self.autos, outer_autos);
+        merge.select = std::mem::replace(&mut self.select, outer_select);
+        self.current_inputs = outer_inputs;
+        let invalid = std::mem::replace(&mut self.auto_invalid, outer_invalid);
+        if !invalid {
+            self.candidates(&merge);
+        }
+        // Σ retain is checked for the worst candidate: every retain at its largest.
+        let worst: Vec<usize> = merge
+            .autos
+            .iter()
+            .map(|a| {
+                let largest = a.values.iter().copied().fold(f64::MIN, f64::max);
+                a.values.iter().position(|&v| v == largest).unwrap_or(0)
+            })
+            .collect();
+        let checked = merge.with_candidate(&worst);
+        self.requirements(&checked, src, &spans, base_span.is_some(), written_entries);
         merge
+    }
+
+    /// `auto` needs a `select`, `select` needs an `auto`, and the cross
+    /// product stays within the limit.
+    fn candidates(&mut self, merge: &Merge) {
+        match (merge.autos.first(), &merge.select) {
+            (Some(first), None) => {
+                let d = Diagnostic::new(
+                    Code::E0032,
+                    first.span,
+                    format!("`{}` has `auto` candidates but no `select`", merge.name),
+                )
+                .label("candidates with no judge")
+                .help("add `select by loss(DATA, ...)` to the merge, naming held-out data sources");
+                self.error(d);
+            }
+            (None, Some(select)) => {
+                let d = Diagnostic::new(
+                    Code::W0004,
+                    select.span,
+                    format!("`{}` has a `select` but nothing to choose", merge.name),
+                )
+                .label("no `auto` setting in this merge")
+                .help("give a setting candidates, e.g. `retain auto [0.2, 0.3]`, or remove the `select`");
+                self.error(d);
+            }
+            _ => {}
+        }
+        let count = merge.candidate_count();
+        if count > crate::recipe::MAX_CANDIDATES {
+            let mut d = Diagnostic::new(
+                Code::E0033,
+                merge.autos[0].span,
+                format!(
+                    "`{}` has {count} candidates, more than {}",
+                    merge.name,
+                    crate::recipe::MAX_CANDIDATES
+                ),
+            )
+            .label(format!("{} values", merge.autos[0].values.len()));
+            for a in &merge.autos[1..] {
+                d = d.with(a.span, format!("× {} values", a.values.len()));
+            }
+            self.error(
+                d.help("each candidate is a merge scored on the selection data; use fewer values"),
+            );
+        }
     }
 
     /// `key: value` in a parameter list, a body or a rule.
@@ -342,10 +419,9 @@ impl Checker<'_> {
                 "normalize" => settings.params.normalize = self.boolean(scope, &kv.value),
                 "rescale" => settings.params.rescale = self.boolean(scope, &kv.value),
                 "int8_mask" => settings.params.int8_mask = self.boolean(scope, &kv.value),
-                "lambda" => {
-                    settings.params.lambda = self.ranged(scope, &kv.value, key, Kind::Number)
-                }
-                "t" => settings.params.t = self.ranged(scope, &kv.value, key, Kind::Unit),
+                "lambda" => settings.params.lambda = self.setting(scope, kv, Kind::Number, None),
+                "t" => settings.params.t = self.setting(scope, kv, Kind::Unit, None),
+                "scale" => settings.params.scale = self.setting(scope, kv, Kind::Number, None),
                 _ => settings.params.seed = self.seed(scope, &kv.value),
             },
         }
@@ -424,9 +500,9 @@ impl Checker<'_> {
             spans.written.insert((index, key.to_string()));
         }
         match key {
-            "weight" => target.weight = self.ranged(scope, &kv.value, key, Kind::Number),
+            "weight" => target.weight = self.setting(scope, kv, Kind::Number, index),
             "density" => {
-                target.density = self.ranged(scope, &kv.value, key, Kind::Fraction);
+                target.density = self.setting(scope, kv, Kind::Fraction, index);
                 if !method.sparsifies() && in_rule.is_none() {
                     let d = Diagnostic::new(Code::W0003, kv.key.span, format!("`density` has no effect in `{method}`"))
                         .label("ignored")
@@ -435,7 +511,7 @@ impl Checker<'_> {
                 }
             }
             "retain" => {
-                target.retain = self.ranged(scope, &kv.value, key, Kind::Fraction);
+                target.retain = self.setting(scope, kv, Kind::Fraction, index);
                 if in_rule.is_none() {
                     match index {
                         Some(i) => {
@@ -462,6 +538,54 @@ impl Checker<'_> {
                 self.error(d);
             }
         }
+    }
+
+    /// A numeric setting: a number, or `auto` candidates (each checked
+    /// against the domain, recorded as a site of the merge; the first is
+    /// the value the settings hold).
+    fn setting(
+        &mut self,
+        scope: &Scope,
+        kv: &KeyValue,
+        kind: Kind,
+        input: Option<usize>,
+    ) -> Option<f64> {
+        let name = kv.key.name.as_str();
+        let Some(Val::Auto(values)) = self.eval(scope, &kv.value) else {
+            return self.ranged(scope, &kv.value, name, kind);
+        };
+        let mut ok = Vec::new();
+        for (n, span) in values {
+            let expr = ast::Expr {
+                kind: ExprKind::Number(n),
+                span,
+            };
+            if let Some(v) = self.ranged(scope, &expr, name, kind) {
+                ok.push(v);
+            }
+        }
+        let field = AutoField::from_name(name)?;
+        let Some(&first) = ok.first() else {
+            self.auto_invalid = true;
+            return None;
+        };
+        let who = input.and_then(|i| self.current_inputs.get(i).cloned());
+        let mut label = match who {
+            Some(w) => format!("{w} {name}"),
+            None => name.to_string(),
+        };
+        if let Some(r) = self.auto_rule_line {
+            label = format!("line {r}: {label}");
+        }
+        self.autos.push(AutoSite {
+            rule: self.auto_rule,
+            input,
+            field,
+            values: ok,
+            label,
+            span: kv.value.span,
+        });
+        Some(first)
     }
 
     /// A number checked against its parameter's domain.
@@ -537,7 +661,62 @@ impl Checker<'_> {
             }
             StmtKind::Saliency(_) => obim_only(self, "saliency"),
             StmtKind::Take(take) => settings.take = self.take(scope, merge, take),
+            StmtKind::Scale(kv) if method == Method::Obim => self.param(
+                scope,
+                method,
+                kv,
+                settings,
+                spans,
+                self.auto_rule.map(|_| stmt.span),
+            ),
+            StmtKind::Scale(_) => obim_only(self, "scale"),
+            StmtKind::Select { judge, data } => self.select_stmt(scope, stmt, judge, data),
             StmtKind::Entry { .. } | StmtKind::Layers { .. } => {}
+        }
+    }
+
+    /// `select by loss(data, ...)`, at the merge level only.
+    fn select_stmt(&mut self, scope: &Scope, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
+        if self.auto_rule.is_some() {
+            let d = Diagnostic::new(
+                Code::E0019,
+                stmt.span,
+                "`select` belongs to the whole merge",
+            )
+            .label("inside a `layers` rule")
+            .help("move it to the merge's body");
+            self.error(d);
+            return;
+        }
+        if judge.name != "loss" {
+            let d = Diagnostic::new(Code::E0006, judge.span, format!("unknown judge `{}`", judge.name))
+                .label("not a judge")
+                .help("candidates are judged by `loss(DATA, ...)`: the mean next-token loss on held-out data");
+            self.error(d);
+            return;
+        }
+        if data.is_empty() {
+            let d = Diagnostic::new(Code::E0007, stmt.span, "`select by loss()` names no data")
+                .label("no data sources")
+                .help("name held-out `data` sources: `select by loss(val_a, val_b)`");
+            self.error(d);
+            return;
+        }
+        let mut ids = Vec::new();
+        for path in data {
+            let expr = ast::Expr {
+                kind: ExprKind::Path(path.clone()),
+                span: path.span,
+            };
+            if let Some(id) = self.data_ref(scope, &expr) {
+                ids.push(id);
+            }
+        }
+        if ids.len() == data.len() {
+            self.select = Some(Select {
+                data: ids,
+                span: stmt.span,
+            });
         }
     }
 

@@ -91,6 +91,8 @@ enum Val {
     Input(InputRef),
     Data(DataId),
     Stage(usize),
+    /// `auto ...`: candidate numbers, each with its span.
+    Auto(Vec<(f64, Span)>),
     /// An unqualified name that is not defined: an enum word (`obd`, `bf16`)
     /// where one is expected, an unknown name anywhere else.
     Word(String),
@@ -107,6 +109,7 @@ impl Val {
             Val::Input(InputRef::Merge(_)) => "a merge",
             Val::Data(_) => "a data source",
             Val::Stage(_) => "a stage",
+            Val::Auto(_) => "`auto` candidates",
             Val::Word(_) => "a name",
         }
     }
@@ -125,6 +128,16 @@ struct Checker<'p> {
     diagnostics: Vec<Diagnostic>,
     /// Stage instantiations in progress (recursion guard).
     instantiating: Vec<usize>,
+    /// `auto` sites of the merge being checked, its `select`, and the index
+    /// of the `layers` rule being checked (`None`: the merge level).
+    autos: Vec<crate::recipe::AutoSite>,
+    select: Option<crate::recipe::Select>,
+    auto_rule: Option<usize>,
+    auto_rule_line: Option<usize>,
+    /// An `auto` of the merge being checked had no valid candidate (already reported).
+    auto_invalid: bool,
+    /// Names of the inputs of the merge being checked, for `auto` labels.
+    current_inputs: Vec<String>,
 }
 
 impl<'p> Checker<'p> {
@@ -143,6 +156,12 @@ impl<'p> Checker<'p> {
             },
             diagnostics: Vec::new(),
             instantiating: Vec::new(),
+            autos: Vec::new(),
+            select: None,
+            auto_rule: None,
+            auto_rule_line: None,
+            auto_invalid: false,
+            current_inputs: Vec::new(),
         }
     }
 
@@ -387,6 +406,7 @@ impl<'p> Checker<'p> {
                 }
                 Val::List(out)
             }
+            ExprKind::Auto(auto) => Val::Auto(self.auto_values(scope, auto, expr.span)),
             ExprKind::Path(path) => match self.lookup(scope, path) {
                 None if path.qualifier.is_none() => Val::Word(path.name.name.clone()),
                 None => return None,
@@ -400,6 +420,60 @@ impl<'p> Checker<'p> {
                 },
             },
         })
+    }
+
+    /// The candidates of an `auto`: a list of numbers, or a range expanded
+    /// from `from` by `step` up to `to` inclusive (within rounding).
+    fn auto_values(&mut self, scope: &Scope, auto: &ast::Auto, span: Span) -> Vec<(f64, Span)> {
+        let invalid = |this: &mut Self, label: String, help: &str| {
+            let d = Diagnostic::new(Code::E0031, span, "invalid `auto` candidates")
+                .label(label)
+                .help(help.to_string());
+            this.error(d);
+            Vec::new()
+        };
+        match auto {
+            ast::Auto::List(items) => {
+                if items.is_empty() {
+                    return invalid(
+                        self,
+                        "no candidates".into(),
+                        "give at least one value: `auto [0.3, 0.5]`",
+                    );
+                }
+                let mut out = Vec::new();
+                for item in items {
+                    if let Some(n) = self.number(scope, item, "a number") {
+                        out.push((n, item.span));
+                    }
+                }
+                out
+            }
+            &ast::Auto::Range { from, to, step } => {
+                if step == 0.0 || !step.is_finite() {
+                    return invalid(
+                        self,
+                        "a step of 0".into(),
+                        "the step must move from the first value towards the last",
+                    );
+                }
+                if (to - from) * step < 0.0 {
+                    return invalid(
+                        self,
+                        format!("from {from}, step {step} never reaches {to}"),
+                        "the step's sign must go from the first value towards the last",
+                    );
+                }
+                let count = ((to - from) / step + 1e-9).floor() + 1.0;
+                if count > 1000.0 {
+                    return invalid(self, format!("{count} candidates"), "use a larger step");
+                }
+                // Rounded to 12 decimals, so 0.1 + 2 × 0.1 prints as 0.3.
+                (0..count as usize)
+                    .map(|i| (((from + i as f64 * step) * 1e12).round() / 1e12, span))
+                    .collect()
+            }
+        }
     }
 
     /// The value of a `let`, evaluated once; a cycle is reported with its path.
@@ -761,5 +835,7 @@ fn placeholder_merge(d: &ast::MergeDecl) -> crate::recipe::Merge {
         inputs: Vec::new(),
         settings: Default::default(),
         rules: Vec::new(),
+        autos: Vec::new(),
+        select: None,
     }
 }

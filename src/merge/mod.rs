@@ -300,9 +300,11 @@ fn obim(
         let quota = kernels::quota(s.inputs[k].retain.unwrap_or(0.0), n);
         won[k] = kernels::claim(&mut owner, &scores, quota, k as u8);
     }
+    let scale = s.params.scale.unwrap_or(1.0) as f32;
     kernels::update(&mut base, |i, b| match owner[i] {
         kernels::UNOWNED => b,
-        k => b + deltas[k as usize][i],
+        k if scale == 1.0 => b + deltas[k as usize][i],
+        k => b + scale * deltas[k as usize][i],
     });
     Ok(Merged {
         values: base,

@@ -28,9 +28,24 @@ pub enum ForwardError {
     },
     #[error("forward pass failed: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Source(String),
 }
 
 pub type Result<T> = std::result::Result<T, ForwardError>;
+
+/// Where a forward pass gets its weights, one tensor at a time: a
+/// checkpoint ([`Weights`]), or a merge computed on the fly.
+pub trait Source {
+    /// The tensor `name`, which must have `shape`.
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    fn has(&self, name: &str) -> bool;
+    /// Rows `ids` of a `[rows, cols]` tensor (an embedding lookup).
+    fn rows(&mut self, name: &str, shape: [usize; 2], ids: &[u32]) -> Result<Tensor> {
+        let table = self.get(name, &shape)?;
+        embed(&table, ids)
+    }
+}
 
 /// Reads a model's tensors one at a time, as f32 candle tensors.
 pub struct Weights<'a> {
@@ -47,22 +62,24 @@ impl<'a> Weights<'a> {
             shards: Shards::default(),
         }
     }
+}
 
-    pub fn has(&self, name: &str) -> bool {
+impl Source for Weights<'_> {
+    fn has(&self, name: &str) -> bool {
         self.model.tensors.contains_key(name)
     }
 
     /// The tensor `name`, checked against the shape the config implies.
-    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let info = self.info(name, shape)?;
         let values = self.shards.load_f32(name, info)?;
         self.shards.release(info);
         Ok(Tensor::from_vec(values, shape, &self.device)?)
     }
 
-    /// Rows `ids` of a `[rows, cols]` tensor (an embedding lookup), read
-    /// without converting the whole table.
-    pub fn rows(&mut self, name: &str, shape: [usize; 2], ids: &[u32]) -> Result<Tensor> {
+    /// Rows `ids` of a `[rows, cols]` tensor, read without converting the
+    /// whole table.
+    fn rows(&mut self, name: &str, shape: [usize; 2], ids: &[u32]) -> Result<Tensor> {
         let [rows, cols] = shape;
         let info = self.info(name, &shape)?;
         let size = crate::checkpoint::dtype_size(&info.dtype).unwrap_or(0) as usize;
@@ -91,7 +108,9 @@ impl<'a> Weights<'a> {
         self.shards.release(info);
         Ok(Tensor::from_vec(values, (ids.len(), cols), &self.device)?)
     }
+}
 
+impl<'a> Weights<'a> {
     fn info(&self, name: &str, shape: &[usize]) -> Result<&'a crate::checkpoint::TensorInfo> {
         let model: &'a ModelInfo = self.model;
         let info = model
@@ -111,17 +130,18 @@ impl<'a> Weights<'a> {
         }
         Ok(info)
     }
+}
 
-    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        let weight = self.get(&format!("{name}.weight"), &[out, inp])?;
-        let bias_name = format!("{name}.bias");
-        let bias = if self.has(&bias_name) {
-            Some(self.get(&bias_name, &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
+/// A linear module's weight and, where the checkpoint has one, its bias.
+fn linear(w: &mut dyn Source, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+    let bias_name = format!("{name}.bias");
+    let bias = if w.has(&bias_name) {
+        Some(w.get(&bias_name, &[out])?)
+    } else {
+        None
+    };
+    Ok(Linear { weight, bias })
 }
 
 /// Sees the input of linear modules during a forward pass.
@@ -174,6 +194,10 @@ pub struct Linear {
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear { weight, bias }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
         Ok(match &self.bias {
@@ -231,7 +255,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    pub fn load(cfg: &ModelConfig, index: usize, w: &mut Weights) -> Result<Layer> {
+    pub fn load(cfg: &ModelConfig, index: usize, w: &mut dyn Source) -> Result<Layer> {
         let p = format!("model.layers.{index}");
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q_out, kv_out) = (
@@ -241,14 +265,14 @@ impl Layer {
         let names = |ms: &[&str]| ms.iter().map(|m| format!("{p}.{m}")).collect::<Vec<_>>();
         Ok(Layer {
             input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            q: w.linear(&format!("{p}.self_attn.q_proj"), q_out, h)?,
-            k: w.linear(&format!("{p}.self_attn.k_proj"), kv_out, h)?,
-            v: w.linear(&format!("{p}.self_attn.v_proj"), kv_out, h)?,
-            o: w.linear(&format!("{p}.self_attn.o_proj"), h, q_out)?,
+            q: linear(w, &format!("{p}.self_attn.q_proj"), q_out, h)?,
+            k: linear(w, &format!("{p}.self_attn.k_proj"), kv_out, h)?,
+            v: linear(w, &format!("{p}.self_attn.v_proj"), kv_out, h)?,
+            o: linear(w, &format!("{p}.self_attn.o_proj"), h, q_out)?,
             post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            gate: w.linear(&format!("{p}.mlp.gate_proj"), i, h)?,
-            up: w.linear(&format!("{p}.mlp.up_proj"), i, h)?,
-            down: w.linear(&format!("{p}.mlp.down_proj"), h, i)?,
+            gate: linear(w, &format!("{p}.mlp.gate_proj"), i, h)?,
+            up: linear(w, &format!("{p}.mlp.up_proj"), i, h)?,
+            down: linear(w, &format!("{p}.mlp.down_proj"), h, i)?,
             taps: [
                 names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
                 names(&["self_attn.o_proj"]),
@@ -387,7 +411,7 @@ pub struct Transformer {
 }
 
 /// The token embeddings and the model's head, loaded apart from the layers.
-pub fn embed_tokens(cfg: &ModelConfig, w: &mut Weights) -> Result<Tensor> {
+pub fn embed_tokens(cfg: &ModelConfig, w: &mut dyn Source) -> Result<Tensor> {
     w.get(
         "model.embed_tokens.weight",
         &[cfg.vocab_size, cfg.hidden_size],
@@ -401,7 +425,7 @@ pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 }
 
 impl Transformer {
-    pub fn load(cfg: ModelConfig, w: &mut Weights) -> Result<Transformer> {
+    pub fn load(cfg: ModelConfig, w: &mut dyn Source) -> Result<Transformer> {
         let embed = embed_tokens(&cfg, w)?;
         let layers = (0..cfg.num_layers)
             .map(|l| Layer::load(&cfg, l, w))
@@ -413,7 +437,7 @@ impl Transformer {
                 bias: None,
             }
         } else {
-            w.linear("lm_head", cfg.vocab_size, cfg.hidden_size)?
+            linear(w, "lm_head", cfg.vocab_size, cfg.hidden_size)?
         };
         Ok(Transformer {
             cfg,

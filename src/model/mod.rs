@@ -5,6 +5,7 @@
 //! which tensors exist (q/k/v biases, a tied `lm_head`), both read here.
 
 pub mod blocks;
+pub mod stream;
 
 use crate::checkpoint::ModelInfo;
 use serde_json::Value;

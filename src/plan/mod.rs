@@ -329,6 +329,26 @@ impl Lowering<'_> {
             let patterns: Vec<&str> = rule.patterns.iter().map(|p| p.as_str()).collect();
             parts.push(format!("{patterns:?}|{:?}", rule.settings));
         }
+        for site in &merge.autos {
+            parts.push(format!(
+                "auto {:?} {:?} {:?} {:?}",
+                site.rule, site.input, site.field, site.values
+            ));
+        }
+        if let Some(select) = &merge.select {
+            for d in &select.data {
+                let data = &self.recipe.data[d.0];
+                parts.push(format!(
+                    "select {}|{}|{:?}|{}|{}|{}",
+                    data.pattern,
+                    data.field,
+                    data.samples,
+                    data.seq_len,
+                    data.seed,
+                    data_content_hash(data)
+                ));
+            }
+        }
         parts.push(format!("obim {}", env!("CARGO_PKG_VERSION")));
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
         let hash = hash_of(&refs);
@@ -424,6 +444,7 @@ pub fn effective_params(
                 "lambda" => p.lambda.map(serde_json::Value::from),
                 "t" => p.t.map(serde_json::Value::from),
                 "seed" => p.seed.map(serde_json::Value::from),
+                "scale" => p.scale.map(serde_json::Value::from),
                 _ => None,
             };
             let value = given.or(match param.default {

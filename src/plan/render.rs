@@ -116,11 +116,25 @@ impl PlanView<'_> {
                 .map(|t| self.tensor_json(merge, &names, t))
                 .collect()
         });
+        let autos: Vec<Value> = merge
+            .autos
+            .iter()
+            .map(|a| json!({"setting": a.label, "values": a.values}))
+            .collect();
+        let select = merge.select.as_ref().map(|s| {
+            json!({
+                "by": "loss",
+                "data": s.data.iter().map(|d| &self.recipe.data[d.0].name).collect::<Vec<_>>(),
+                "candidates": merge.candidate_count(),
+            })
+        });
         json!({
             "name": merge.name,
             "method": merge.method.name(),
             "base": merge.base.map(|b| self.recipe.input_name(b)),
             "inputs": names,
+            "auto": autos,
+            "select": select,
             "tensors": tensors,
         })
     }
@@ -309,6 +323,23 @@ impl PlanView<'_> {
                 "  rule     line {}: {}",
                 rule.line,
                 patterns.join(", ")
+            );
+        }
+        for site in &merge.autos {
+            let values: Vec<String> = site.values.iter().map(f64::to_string).collect();
+            let _ = writeln!(out, "  auto     {}: {}", site.label, values.join(", "));
+        }
+        if let Some(select) = &merge.select {
+            let names: Vec<&str> = select
+                .data
+                .iter()
+                .map(|d| self.recipe.data[d.0].name.as_str())
+                .collect();
+            let _ = writeln!(
+                out,
+                "  select   by loss({}): {} candidates (tensors below: the first candidate)",
+                names.join(", "),
+                merge.candidate_count()
             );
         }
         let Some(tensors) = self.plan.tensors.get(&id) else {

@@ -41,6 +41,14 @@ pub enum ExprKind {
     Bool(bool),
     List(Vec<Expr>),
     Path(Path),
+    /// `auto [a, b]` or `auto from..to step s`: candidates for a setting.
+    Auto(Auto),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Auto {
+    List(Vec<Expr>),
+    Range { from: f64, to: f64, step: f64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +172,13 @@ pub enum StmtKind {
         pattern: Expr,
         body: Block<Stmt>,
     },
+    /// `select by JUDGE(data, ...)`: how `auto` candidates are chosen.
+    Select {
+        judge: Ident,
+        data: Vec<Path>,
+    },
+    /// `scale VALUE`: the `scale` parameter written as a statement.
+    Scale(KeyValue),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -172,6 +172,12 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::saliency_stmt => "`saliency`",
         Rule::take_stmt => "`take`",
         Rule::take_base => "`base`",
+        Rule::auto | Rule::auto_kw => "`auto [...]` or `auto FROM..TO step STEP`",
+        Rule::range => "a range `FROM..TO step STEP`",
+        Rule::step_kw => "`step`",
+        Rule::select_stmt => "`select by loss(...)`",
+        Rule::by_kw => "`by`",
+        Rule::scale_stmt | Rule::scale_kw => "`scale`",
         Rule::entry => "an input model",
         Rule::setting | Rule::setting_key => "a setting (`weight`, `retain`, `density`, `using`)",
         Rule::import => "`import`",
@@ -217,6 +223,10 @@ fn syntax_error(file: FileId, text: &str, at: usize, mut expected: Vec<String>) 
     };
     let settings: Vec<String> = SETTING_KEYWORDS.iter().map(|k| format!("`{k}`")).collect();
     let covered_by_setting = has(&expected, "a setting");
+    // `select` alone says less than the statement's name.
+    if has(&expected, "`select by") {
+        expected.retain(|e| e != "`select`");
+    }
     expected.retain(|e| {
         !(lexical.contains(&e.as_str())
             || covered_by_value.contains(&e.as_str())
@@ -374,6 +384,24 @@ impl Builder<'_> {
             Rule::string => ExprKind::String(self.string(inner).value),
             Rule::boolean => ExprKind::Bool(inner.as_str() == "true"),
             Rule::list => ExprKind::List(inner.into_inner().map(|p| self.expr(p)).collect()),
+            Rule::auto => {
+                let spec = inner.into_inner().nth(1).expect_pair();
+                ExprKind::Auto(if spec.as_rule() == Rule::range {
+                    let n: Vec<f64> = spec
+                        .into_inner()
+                        .filter(|p| p.as_rule() == Rule::number)
+                        .map(|p| p.as_str().parse().unwrap_or(f64::NAN))
+                        .collect();
+                    let at = |i: usize| n.get(i).copied().unwrap_or(f64::NAN);
+                    Auto::Range {
+                        from: at(0),
+                        to: at(1),
+                        step: at(2),
+                    }
+                } else {
+                    Auto::List(spec.into_inner().map(|p| self.expr(p)).collect())
+                })
+            }
             _ => ExprKind::Path(self.path(inner)),
         };
         Expr { kind, span }
@@ -532,6 +560,26 @@ impl Builder<'_> {
                 })
             }
             Rule::saliency_stmt => StmtKind::Saliency(self.ident(it.next().expect_pair())),
+            Rule::select_stmt => {
+                let mut it = it.skip(2);
+                let judge = self.ident(it.next().expect_pair());
+                StmtKind::Select {
+                    judge,
+                    data: it.map(|p| self.path(p)).collect(),
+                }
+            }
+            Rule::scale_stmt => {
+                let key = it.next().expect_pair();
+                let value = self.expr(it.next().expect_pair());
+                StmtKind::Scale(KeyValue {
+                    key: Ident {
+                        name: "scale".into(),
+                        span: self.span(&key),
+                    },
+                    value,
+                    span,
+                })
+            }
             Rule::take_stmt => {
                 let t = it.next().expect_pair();
                 StmtKind::Take(match t.as_rule() {

@@ -1,0 +1,138 @@
+//! Layer-by-layer passes over many sequences (DESIGN §4): the hidden states
+//! of every sequence stay in memory, packed in groups of about 8k tokens;
+//! one decoder layer's weights are read from a [`Source`], every group goes
+//! through it, and the layer is dropped. Peak memory is one layer plus the
+//! activations. Calibration observes the linear inputs on the way; selection
+//! scores the next-token loss at the end.
+
+use super::ModelConfig;
+use super::blocks::{self, Layer, Linear, Observer, Result, Sequence, Source};
+use candle_core::{D, Tensor};
+
+/// Sequences are run through a layer in groups of about this many tokens,
+/// which bounds the MLP's intermediate activations.
+const GROUP_TOKENS: usize = 8192;
+
+/// Logits are computed for at most this many values (rows × vocabulary) at once.
+const LOGIT_VALUES: usize = 1 << 24;
+
+/// Packed sequences and their hidden states.
+pub struct Group {
+    pub seqs: Vec<Sequence>,
+    pub ids: Vec<u32>,
+    /// `[tokens, hidden]`; after [`pass`], the final norm's output.
+    pub hidden: Tensor,
+    rope: (Tensor, Tensor),
+}
+
+/// Runs `sequences` through every decoder layer and the final norm.
+/// `observer` sees every linear input, `lm_head`'s included; `progress`
+/// is told each layer as it starts.
+pub fn pass(
+    cfg: &ModelConfig,
+    source: &mut dyn Source,
+    sequences: &[Vec<u32>],
+    observer: &mut dyn Observer,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Group>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    while start < sequences.len() {
+        let mut end = start + 1;
+        let mut count = sequences[start].len();
+        while end < sequences.len() && count + sequences[end].len() <= GROUP_TOKENS {
+            count += sequences[end].len();
+            end += 1;
+        }
+        let group = &sequences[start..end];
+        let seqs = Sequence::pack(group.iter().map(Vec::len));
+        let ids: Vec<u32> = group.iter().flatten().copied().collect();
+        // Embedding rows are read one by one, not the whole table.
+        let hidden = source.rows(
+            "model.embed_tokens.weight",
+            [cfg.vocab_size, cfg.hidden_size],
+            &ids,
+        )?;
+        let rope = blocks::rotary(cfg, &seqs, hidden.device())?;
+        groups.push(Group {
+            seqs,
+            ids,
+            hidden,
+            rope,
+        });
+        start = end;
+    }
+    for l in 0..cfg.num_layers {
+        progress(l, cfg.num_layers);
+        let layer = Layer::load(cfg, l, source)?;
+        for g in &mut groups {
+            g.hidden = layer.forward(cfg, &g.hidden, &g.seqs, &g.rope, None, observer)?;
+        }
+    }
+    let norm = source.get("model.norm.weight", &[cfg.hidden_size])?;
+    let head = ["lm_head".to_string()];
+    for g in &mut groups {
+        g.hidden = blocks::rms_norm(&g.hidden, &norm, cfg.rms_norm_eps)?;
+        observer.observe(&head, &g.hidden)?;
+    }
+    Ok(groups)
+}
+
+/// Each sequence's mean next-token negative log-likelihood (nats), for
+/// sequences of 2 tokens or more, in order.
+pub fn nll(cfg: &ModelConfig, source: &mut dyn Source, sequences: &[Vec<u32>]) -> Result<Vec<f64>> {
+    let usable: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).cloned().collect();
+    let groups = pass(cfg, source, &usable, &mut blocks::Blind, &mut |_, _| {})?;
+    let head = if cfg.tied_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    let weight = source.get(head, &[cfg.vocab_size, cfg.hidden_size])?;
+    let bias = if source.has("lm_head.bias") {
+        Some(source.get("lm_head.bias", &[cfg.vocab_size])?)
+    } else {
+        None
+    };
+    let lm_head = Linear::new(weight, bias);
+    let rows = (LOGIT_VALUES / cfg.vocab_size.max(1)).max(1);
+    let mut out = Vec::new();
+    for g in &groups {
+        let mut picked = Vec::with_capacity(g.ids.len());
+        let targets = targets(&g.seqs, &g.ids);
+        let mut at = 0;
+        while at < g.ids.len() {
+            let n = rows.min(g.ids.len() - at);
+            let logits = lm_head.forward(&g.hidden.narrow(0, at, n)?)?;
+            picked.extend(log_prob(&logits, &targets[at..at + n])?);
+            at += n;
+        }
+        out.extend(mean_per_sequence(&g.seqs, &picked));
+    }
+    Ok(out)
+}
+
+/// Row t of a packed batch predicts token t + 1 of its sequence (the last
+/// row of each sequence predicts nothing; its target is a placeholder).
+pub fn targets(seqs: &[Sequence], ids: &[u32]) -> Vec<u32> {
+    seqs.iter()
+        .flat_map(|s| ids[s.start + 1..s.start + s.len].iter().copied().chain([0]))
+        .collect()
+}
+
+/// log p(target) of each row of `logits` (`[rows, vocab]`).
+pub fn log_prob(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let t = Tensor::from_slice(targets, (targets.len(), 1), lp.device())?;
+    Ok(lp.gather(&t, 1)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// −mean log p over each sequence's predicted tokens.
+pub fn mean_per_sequence(seqs: &[Sequence], picked: &[f32]) -> Vec<f64> {
+    seqs.iter()
+        .map(|s| {
+            let predicted = &picked[s.start..s.start + s.len - 1];
+            -predicted.iter().map(|&v| f64::from(v)).sum::<f64>() / predicted.len().max(1) as f64
+        })
+        .collect()
+}

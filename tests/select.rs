@@ -1,0 +1,147 @@
+//! `auto` candidates chosen by `select by loss(...)` on the demo family: the
+//! winner is pinned, its score equals the loss of the written merge computed
+//! by the ordinary whole-model forward, the written merge equals the same
+//! merge with the winning value fixed, and scores are cached per candidate.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests: a failure should stop the test loudly"
+)]
+
+use candle_core::Device;
+use obim::checkpoint::open_dir;
+use obim::data::{self, Tokenizer};
+use obim::eval::Generator;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn obim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_obim"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
+}
+
+fn recipe(lambda: &str) -> String {
+    format!(
+        "base llama = \"{0}/base\"\nmodel add = \"{0}/expert_add\"\nmodel sort = \"{0}/expert_sort\"\n\
+         data add_val = jsonl(\"{0}/data/add/calib.jsonl\") {{ samples 24, seed 5 }}\n\
+         data sort_val = jsonl(\"{0}/data/sort/calib.jsonl\") {{ samples 24, seed 5 }}\n\
+         merge m = task_arithmetic(base: llama, lambda: {lambda}) {{\n    add weight 1.0\n    sort weight 1.0\n    select by loss(add_val, sort_val)\n}}\n\
+         output m -> \"out\" {{ dtype f32 }}\n",
+        demo().display()
+    )
+}
+
+#[test]
+fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
+    let dir = std::env::temp_dir().join(format!("obim-select-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("cache");
+    let run = |text: &str| {
+        std::fs::write(dir.join("r.obim"), text).unwrap();
+        let out = obim(&[
+            "run",
+            "--force",
+            "--cache",
+            cache.to_str().unwrap(),
+            dir.join("r.obim").to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let first = run(&recipe("auto [1.0, 0.2, 0.6]"));
+    assert!(first.contains("m: chose lambda=0.2"), "{first}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap())
+            .unwrap();
+    let selection = &report["selection"]["m"];
+    assert_eq!(selection["winner"], 1);
+    let candidates = selection["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 3);
+    let means: Vec<f64> = candidates
+        .iter()
+        .map(|c| c["mean"].as_f64().unwrap())
+        .collect();
+    assert!(means[1] < means[2] && means[2] < means[0], "{means:?}");
+
+    // The score of the winner is the loss of the written (f32) merge,
+    // computed by the whole-model forward of `obim eval`.
+    let written = open_dir(&dir.join("out")).unwrap();
+    let generator = Generator::load(&written, &Device::Cpu).unwrap();
+    let c = obim::compile_file(&dir.join("r.obim")).unwrap();
+    let tokenizer = Tokenizer::from_dir(&demo().join("base")).unwrap();
+    for (i, source) in c.recipe.data.iter().enumerate() {
+        let sequences = data::sequences(source, &tokenizer).unwrap();
+        let losses = generator.losses(&sequences).unwrap();
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        let scored = candidates[1]["losses"][i][1].as_f64().unwrap();
+        assert!(
+            (mean - scored).abs() < 1e-4,
+            "{}: {mean} vs {scored}",
+            source.name
+        );
+    }
+
+    // The same merge with λ fixed at the winner writes the same tensors.
+    let chosen = std::fs::read(dir.join("out/model.safetensors")).unwrap();
+    let fixed = run(&recipe("0.2"));
+    assert!(!fixed.contains("chose"), "{fixed}");
+    assert_eq!(
+        chosen,
+        std::fs::read(dir.join("out/model.safetensors")).unwrap()
+    );
+
+    // One more candidate: only it is scored.
+    let again = run(&recipe("auto [1.0, 0.2, 0.6, 0.4]"));
+    assert_eq!(again.matches("[cached]").count(), 3, "{again}");
+    assert_eq!(again.matches("m: lambda=").count(), 4, "{again}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn obim_candidates_with_rules_and_scale() {
+    let dir = std::env::temp_dir().join(format!("obim-select-obim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string("tests/recipes/ok_auto_forms.obim")
+        .unwrap()
+        .replace("../../examples/demo", demo().to_str().unwrap());
+    std::fs::write(dir.join("r.obim"), text).unwrap();
+    let out = obim(&[
+        "run",
+        "--cache",
+        dir.join("cache").to_str().unwrap(),
+        dir.join("r.obim").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // ta: 4 candidates; ob: 3 × 2 × 2.
+    assert_eq!(stderr.matches("ta: lambda=").count(), 4, "{stderr}");
+    assert_eq!(stderr.matches("ob: c retain=").count(), 12, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("out/ob/obim-report.json")).unwrap(),
+    )
+    .unwrap();
+    let selection = &report["selection"]["ob"];
+    let winner = selection["winner"].as_u64().unwrap() as usize;
+    let means: Vec<f64> = selection["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["mean"].as_f64().unwrap())
+        .collect();
+    assert!(means.iter().all(|m| *m >= means[winner]));
+    assert!(
+        means.iter().any(|m| *m != means[winner]),
+        "the settings changed nothing: {means:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
