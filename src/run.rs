@@ -607,7 +607,13 @@ pub(crate) struct Evaluator<'a> {
     /// Buffers of earlier tensors, reused so that large tensors do not
     /// fault fresh pages in every time.
     pool: Vec<Vec<f32>>,
+    /// Model tensors shared with other evaluators (a selection's candidates).
+    shared: Option<SharedInputs>,
 }
+
+/// Model tensors read once for several evaluators, until cleared.
+pub(crate) type SharedInputs =
+    std::rc::Rc<std::cell::RefCell<HashMap<(ModelId, String), Vec<f32>>>>;
 
 impl<'a> Evaluator<'a> {
     fn buffer(&mut self) -> Vec<f32> {
@@ -615,7 +621,7 @@ impl<'a> Evaluator<'a> {
     }
 
     /// Keeps a finished buffer for reuse (a few, the largest).
-    pub(crate) fn recycle(&mut self, buffer: Vec<f32>) {
+    fn recycle(&mut self, buffer: Vec<f32>) {
         self.pool.push(buffer);
         self.pool.sort_by_key(Vec::capacity);
         if self.pool.len() > 8 {
@@ -642,7 +648,20 @@ impl<'a> Evaluator<'a> {
             hashes: BTreeMap::new(),
             won: BTreeMap::new(),
             pool: Vec::new(),
+            shared: None,
         }
+    }
+
+    /// Drops the buffers kept for reuse (a selection's candidates each have
+    /// an evaluator; their pools together would hold many large tensors).
+    pub(crate) fn release_buffers(&mut self) {
+        self.pool.clear();
+    }
+
+    /// Reads model tensors through `shared` (and leaves them there).
+    pub(crate) fn with_shared(mut self, shared: SharedInputs) -> Self {
+        self.shared = Some(shared);
+        self
     }
 
     /// The merged values of tensor `name` of `merge`.
@@ -682,6 +701,22 @@ impl<'a> Evaluator<'a> {
     }
 
     fn load(&mut self, model: ModelId, name: &str) -> Result<Vec<f32>, RunError> {
+        let Some(shared) = self.shared.clone() else {
+            return self.read(model, name);
+        };
+        let key = (model, name.to_string());
+        if let Some(values) = shared.borrow().get(&key) {
+            let mut copy = self.buffer();
+            copy.clone_from(values);
+            return Ok(copy);
+        }
+        let values = self.read(model, name)?;
+        shared.borrow_mut().insert(key, values.clone());
+        Ok(values)
+    }
+
+    /// One model tensor from its shard, as f32.
+    fn read(&mut self, model: ModelId, name: &str) -> Result<Vec<f32>, RunError> {
         let recipe = &self.c.recipe;
         let info = self.c.inventory.get(model).ok_or_else(|| {
             RunError::Unsupported(format!(

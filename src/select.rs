@@ -4,7 +4,10 @@
 //! tensor as it needs it, so memory holds one merged layer plus the
 //! activations. The score is the mean next-token loss of each selection data
 //! source (the mean over its texts of each text's mean), then the mean over
-//! sources; the lowest wins, the earlier candidate on ties. OBD statistics
+//! sources; the lowest wins, the earlier candidate on ties. Candidates go
+//! through the layers in lockstep, so each input tensor is read once per
+//! layer for all of them (memory: one merged layer per candidate plus their
+//! activations, and the inputs' current layer). OBD statistics
 //! are shared by all candidates, and scores are cached by the candidate's
 //! plan hash and the exact token ids, so adding a candidate scores only it.
 //! Candidates are scored in f32; the written output is then rounded to its dtype.
@@ -56,7 +59,7 @@ impl Source for MergedSource<'_> {
             .output_tensor(self.merge, name)
             .map_err(|e| ForwardError::Source(e.to_string()))?;
         let tensor = Tensor::from_slice(&values, shape, &self.device)?;
-        self.eval.recycle(values);
+        self.eval.release_buffers();
         Ok(tensor)
     }
 
@@ -114,58 +117,78 @@ pub fn select(
         .iter()
         .flat_map(|(_, s)| s.iter().cloned())
         .collect();
-    let mut scores = Vec::new();
-    for choice in merge.candidates() {
+    let choices = merge.candidates();
+    let mut scores: Vec<Option<CandidateScore>> = Vec::with_capacity(choices.len());
+    // Candidates not in the cache: their recipes, plans and cache paths.
+    let mut pending = Vec::new();
+    for (i, choice) in choices.iter().enumerate() {
         let mut c2 = c.clone();
-        c2.recipe.merges[id.0] = merge.with_candidate(&choice);
+        c2.recipe.merges[id.0] = merge.with_candidate(choice);
         let p2 = Plan::lower(&c2.recipe, &c2.inventory);
-        let label = merge.describe(&choice);
+        let label = merge.describe(choice);
         let path = score_path(&options.cache, &p2, id, &all);
         let cached = std::fs::read_to_string(&path)
             .ok()
             .and_then(|t| serde_json::from_str::<CandidateScore>(&t).ok());
-        let score = match cached {
+        match cached {
             Some(mut s) => {
                 s.cached = true;
                 s.candidate = label;
-                s
+                scores.push(Some(s));
             }
             None => {
                 run::calibrate_for(&c2, &p2, id, options, stats, progress)?;
-                let names = p2
-                    .tensors
-                    .get(&id)
-                    .map(|ts| ts.iter().map(|t| t.name.clone()).collect())
-                    .unwrap_or_default();
-                let mut source = MergedSource {
-                    eval: Evaluator::new(&c2, &p2, stats, id),
-                    merge: id,
-                    names,
-                    device: Device::Cpu,
-                };
-                let losses =
-                    stream::nll(&cfg, &mut source, &all).map_err(|e| fail(e.to_string()))?;
-                let mut per_source = Vec::new();
-                let mut at = 0;
-                for (name, seqs) in &sources {
-                    let part = &losses[at..at + seqs.len()];
-                    per_source.push((name.clone(), part.iter().sum::<f64>() / part.len() as f64));
-                    at += seqs.len();
-                }
-                let mean = per_source.iter().map(|(_, l)| l).sum::<f64>() / per_source.len() as f64;
-                let s = CandidateScore {
-                    candidate: label,
-                    losses: per_source,
-                    mean,
-                    cached: false,
-                };
-                if let Some(dir) = path.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-                let _ = std::fs::write(&path, serde_json::to_string(&s).unwrap_or_default());
-                s
+                scores.push(None);
+                pending.push((i, label, path, c2, p2));
             }
+        }
+    }
+    // Every pending candidate advances through the layers in lockstep, so
+    // each input tensor is read once per layer for all of them.
+    let shared = run::SharedInputs::default();
+    let stats: &Statistics = stats;
+    let mut merged: Vec<MergedSource> = pending
+        .iter()
+        .map(|(_, _, _, c2, p2)| MergedSource {
+            eval: Evaluator::new(c2, p2, stats, id).with_shared(shared.clone()),
+            merge: id,
+            names: p2
+                .tensors
+                .get(&id)
+                .map(|ts| ts.iter().map(|t| t.name.clone()).collect())
+                .unwrap_or_default(),
+            device: Device::Cpu,
+        })
+        .collect();
+    let mut refs: Vec<&mut dyn Source> = merged.iter_mut().map(|m| m as &mut dyn Source).collect();
+    let losses = stream::nll_many(&cfg, &mut refs, &all, &mut || shared.borrow_mut().clear())
+        .map_err(|e| fail(e.to_string()))?;
+    for ((i, label, path, _, _), losses) in pending.iter().zip(losses) {
+        let mut per_source = Vec::new();
+        let mut at = 0;
+        for (name, seqs) in &sources {
+            let part = &losses[at..at + seqs.len()];
+            per_source.push((name.clone(), part.iter().sum::<f64>() / part.len() as f64));
+            at += seqs.len();
+        }
+        let mean = per_source.iter().map(|(_, l)| l).sum::<f64>() / per_source.len() as f64;
+        let s = CandidateScore {
+            candidate: label.clone(),
+            losses: per_source,
+            mean,
+            cached: false,
         };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(path, serde_json::to_string(&s).unwrap_or_default());
+        scores[*i] = Some(s);
+    }
+    drop(refs);
+    drop(merged);
+    let scores: Vec<(&Vec<usize>, CandidateScore)> =
+        choices.iter().zip(scores.into_iter().flatten()).collect();
+    for (_, score) in &scores {
         progress(Event::CandidateScored {
             merge: merge.name.clone(),
             candidate: score.candidate.clone(),
@@ -173,7 +196,6 @@ pub fn select(
             mean: score.mean,
             cached: score.cached,
         });
-        scores.push((choice, score));
     }
     let mut winner = 0;
     for (i, (_, s)) in scores.iter().enumerate() {
@@ -181,7 +203,7 @@ pub fn select(
             winner = i;
         }
     }
-    let chosen = merge.with_candidate(&scores[winner].0);
+    let chosen = merge.with_candidate(scores[winner].0);
     let selection = Selection {
         candidates: scores.into_iter().map(|(_, s)| s).collect(),
         winner,

@@ -25,15 +25,11 @@ pub struct Group {
     rope: (Tensor, Tensor),
 }
 
-/// Runs `sequences` through every decoder layer and the final norm.
-/// `observer` sees every linear input, `lm_head`'s included; `progress`
-/// is told each layer as it starts.
-pub fn pass(
+/// Packs `sequences` into groups and looks up their embeddings.
+pub fn embed(
     cfg: &ModelConfig,
     source: &mut dyn Source,
     sequences: &[Vec<u32>],
-    observer: &mut dyn Observer,
-    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Group>> {
     let mut groups = Vec::new();
     let mut start = 0;
@@ -62,20 +58,88 @@ pub fn pass(
         });
         start = end;
     }
-    for l in 0..cfg.num_layers {
-        progress(l, cfg.num_layers);
-        let layer = Layer::load(cfg, l, source)?;
-        for g in &mut groups {
-            g.hidden = layer.forward(cfg, &g.hidden, &g.seqs, &g.rope, None, observer)?;
-        }
+    Ok(groups)
+}
+
+/// Loads decoder layer `l` and runs every group through it.
+pub fn layer(
+    cfg: &ModelConfig,
+    l: usize,
+    source: &mut dyn Source,
+    groups: &mut [Group],
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let layer = Layer::load(cfg, l, source)?;
+    for g in groups {
+        g.hidden = layer.forward(cfg, &g.hidden, &g.seqs, &g.rope, None, observer)?;
     }
+    Ok(())
+}
+
+/// The final norm; `observer` sees its output as `lm_head`'s input.
+pub fn finish(
+    cfg: &ModelConfig,
+    source: &mut dyn Source,
+    groups: &mut [Group],
+    observer: &mut dyn Observer,
+) -> Result<()> {
     let norm = source.get("model.norm.weight", &[cfg.hidden_size])?;
     let head = ["lm_head".to_string()];
-    for g in &mut groups {
+    for g in groups {
         g.hidden = blocks::rms_norm(&g.hidden, &norm, cfg.rms_norm_eps)?;
         observer.observe(&head, &g.hidden)?;
     }
+    Ok(())
+}
+
+/// Runs `sequences` through every decoder layer and the final norm.
+/// `observer` sees every linear input, `lm_head`'s included; `progress`
+/// is told each layer as it starts.
+pub fn pass(
+    cfg: &ModelConfig,
+    source: &mut dyn Source,
+    sequences: &[Vec<u32>],
+    observer: &mut dyn Observer,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Group>> {
+    let mut groups = embed(cfg, source, sequences)?;
+    for l in 0..cfg.num_layers {
+        progress(l, cfg.num_layers);
+        layer(cfg, l, source, &mut groups, observer)?;
+    }
+    finish(cfg, source, &mut groups, observer)?;
     Ok(groups)
+}
+
+/// Each sequence's mean next-token negative log-likelihood (nats) under
+/// each source, the sources advancing in lockstep, one stage (embedding,
+/// a layer, the head) at a time; `between` runs after each stage, so
+/// that what the sources share for one stage can be dropped. Sequences
+/// must have 2 tokens or more.
+pub fn nll_many(
+    cfg: &ModelConfig,
+    sources: &mut [&mut dyn Source],
+    sequences: &[Vec<u32>],
+    between: &mut dyn FnMut(),
+) -> Result<Vec<Vec<f64>>> {
+    let mut groups = Vec::with_capacity(sources.len());
+    for source in sources.iter_mut() {
+        groups.push(embed(cfg, *source, sequences)?);
+    }
+    between();
+    for l in 0..cfg.num_layers {
+        for (source, g) in sources.iter_mut().zip(&mut groups) {
+            layer(cfg, l, *source, g, &mut blocks::Blind)?;
+        }
+        between();
+    }
+    let mut out = Vec::with_capacity(sources.len());
+    for (source, g) in sources.iter_mut().zip(&mut groups) {
+        finish(cfg, *source, g, &mut blocks::Blind)?;
+        out.push(head_nll(cfg, *source, g)?);
+    }
+    between();
+    Ok(out)
 }
 
 /// Each sequence's mean next-token negative log-likelihood (nats), for
@@ -83,6 +147,11 @@ pub fn pass(
 pub fn nll(cfg: &ModelConfig, source: &mut dyn Source, sequences: &[Vec<u32>]) -> Result<Vec<f64>> {
     let usable: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).cloned().collect();
     let groups = pass(cfg, source, &usable, &mut blocks::Blind, &mut |_, _| {})?;
+    head_nll(cfg, source, &groups)
+}
+
+/// The loss of groups whose hidden states are the final norm's output.
+fn head_nll(cfg: &ModelConfig, source: &mut dyn Source, groups: &[Group]) -> Result<Vec<f64>> {
     let head = if cfg.tied_embeddings {
         "model.embed_tokens.weight"
     } else {
@@ -97,7 +166,7 @@ pub fn nll(cfg: &ModelConfig, source: &mut dyn Source, sequences: &[Vec<u32>]) -
     let lm_head = Linear::new(weight, bias);
     let rows = (LOGIT_VALUES / cfg.vocab_size.max(1)).max(1);
     let mut out = Vec::new();
-    for g in &groups {
+    for g in groups {
         let mut picked = Vec::with_capacity(g.ids.len());
         let targets = targets(&g.seqs, &g.ids);
         let mut at = 0;
