@@ -5,7 +5,7 @@
 use crate::codes::Code;
 use crate::diagnostic::{self, Diagnostic};
 use crate::source::SourceMap;
-use crate::{Compilation, compile_file, fmt};
+use crate::{Compilation, fmt};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -33,6 +33,8 @@ pub struct Io<'a> {
     pub out: &'a mut dyn Write,
     pub err: &'a mut dyn Write,
     pub color: bool,
+    /// Limits of the checker that the command line sets.
+    pub limits: crate::Limits,
 }
 
 fn print_diagnostics(io: &mut Io, diagnostics: &[Diagnostic], sources: &SourceMap) {
@@ -44,7 +46,7 @@ fn print_diagnostics(io: &mut Io, diagnostics: &[Diagnostic], sources: &SourceMa
 }
 
 fn compile(io: &mut Io, path: &Path) -> Option<Compilation> {
-    match compile_file(path) {
+    match crate::compile_file_with(path, io.limits) {
         Ok(c) => Some(c),
         Err(e) => {
             let _ = writeln!(io.err, "error: failed to read `{}`: {e}", path.display());

@@ -59,22 +59,53 @@ impl Compilation {
     }
 }
 
+/// What the command line may change in how recipes are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most `auto` candidates one merge may have (E0033).
+    pub max_candidates: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_candidates: recipe::MAX_CANDIDATES,
+        }
+    }
+}
+
 /// Parses, loads imports, checks and opens a recipe file.
 pub fn compile_file(path: &Path) -> std::io::Result<Compilation> {
+    compile_file_with(path, Limits::default())
+}
+
+/// [`compile_file`] with other limits.
+pub fn compile_file_with(path: &Path, limits: Limits) -> std::io::Result<Compilation> {
     let text = std::fs::read_to_string(path)?;
-    Ok(compile_source(
+    Ok(compile_source_with(
         &path.display().to_string(),
         Some(path.to_path_buf()),
         text,
+        limits,
     ))
 }
 
 /// The same for a recipe held in memory; `path` anchors relative paths.
 pub fn compile_source(name: &str, path: Option<PathBuf>, text: String) -> Compilation {
+    compile_source_with(name, path, text, Limits::default())
+}
+
+/// [`compile_source`] with other limits.
+pub fn compile_source_with(
+    name: &str,
+    path: Option<PathBuf>,
+    text: String,
+    limits: Limits,
+) -> Compilation {
     let (program, mut diagnostics) = load::load_source(name, path, text);
     let syntax_ok = !diagnostic::has_errors(&diagnostics);
     let (recipe, inventory) = if syntax_ok {
-        let (recipe, checked) = check::check(&program);
+        let (recipe, checked) = check::check(&program, limits);
         diagnostics.extend(checked);
         let (inventory, opened) = open::open(&recipe);
         diagnostics.extend(opened);

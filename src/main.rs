@@ -19,6 +19,9 @@ struct Cli {
     /// When to color diagnostics.
     #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
     color: Color,
+    /// The most `auto` candidates one merge may have.
+    #[arg(long, global = true, default_value_t = obim::recipe::MAX_CANDIDATES)]
+    max_candidates: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -285,6 +288,9 @@ fn main() {
         out: &mut out,
         err: &mut err,
         color,
+        limits: obim::Limits {
+            max_candidates: cli.max_candidates,
+        },
     };
     let code = match cli.command {
         Command::Check { recipes, format } => commands::check(

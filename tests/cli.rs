@@ -128,3 +128,19 @@ fn help_documents_exit_codes() {
         "{text}"
     );
 }
+
+#[test]
+fn max_candidates_raises_the_limit() {
+    let codes = |extra: &[&str]| -> String {
+        let mut cmd = obim();
+        cmd.args(["check", "--format", "json"]).args(extra);
+        cmd.arg("tests/recipes/e0031_e0033_auto.obim");
+        String::from_utf8_lossy(&cmd.output().expect("runs").stdout).to_string()
+    };
+    assert!(codes(&[]).contains("E0033"));
+    let raised = codes(&["--max-candidates", "81"]);
+    assert!(
+        !raised.contains("E0033") && raised.contains("E0031"),
+        "{raised}"
+    );
+}

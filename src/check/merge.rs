@@ -361,14 +361,13 @@ impl Checker<'_> {
             _ => {}
         }
         let count = merge.candidate_count();
-        if count > crate::recipe::MAX_CANDIDATES {
+        if count > self.max_candidates {
             let mut d = Diagnostic::new(
                 Code::E0033,
                 merge.autos[0].span,
                 format!(
                     "`{}` has {count} candidates, more than {}",
-                    merge.name,
-                    crate::recipe::MAX_CANDIDATES
+                    merge.name, self.max_candidates
                 ),
             )
             .label(format!("{} values", merge.autos[0].values.len()));
@@ -376,7 +375,7 @@ impl Checker<'_> {
                 d = d.with(a.span, format!("× {} values", a.values.len()));
             }
             self.error(
-                d.help("each candidate is a merge scored on the selection data; use fewer values"),
+                d.help("each candidate is a merge scored on the selection data; use fewer values, or raise the limit with `--max-candidates N`"),
             );
         }
     }

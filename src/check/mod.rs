@@ -17,8 +17,9 @@ use std::rc::Rc;
 
 /// Checks a loaded program. The recipe is complete only when the returned
 /// diagnostics hold no error.
-pub fn check(program: &Program) -> (Recipe, Vec<Diagnostic>) {
+pub fn check(program: &Program, limits: crate::Limits) -> (Recipe, Vec<Diagnostic>) {
     let mut checker = Checker::new(program);
+    checker.max_candidates = limits.max_candidates;
     checker.run();
     let mut diagnostics = checker.diagnostics;
     diagnostic::sort(&mut diagnostics);
@@ -138,6 +139,7 @@ struct Checker<'p> {
     auto_invalid: bool,
     /// Names of the inputs of the merge being checked, for `auto` labels.
     current_inputs: Vec<String>,
+    max_candidates: usize,
 }
 
 impl<'p> Checker<'p> {
@@ -162,6 +164,7 @@ impl<'p> Checker<'p> {
             auto_rule_line: None,
             auto_invalid: false,
             current_inputs: Vec::new(),
+            max_candidates: crate::recipe::MAX_CANDIDATES,
         }
     }
 

@@ -126,6 +126,7 @@ impl PlanView<'_> {
                 "by": "loss",
                 "data": s.data.iter().map(|d| &self.recipe.data[d.0].name).collect::<Vec<_>>(),
                 "candidates": merge.candidate_count(),
+                "tokens": self.selection_tokens(merge),
             })
         });
         json!({
@@ -137,6 +138,27 @@ impl PlanView<'_> {
             "select": select,
             "tensors": tensors,
         })
+    }
+
+    /// The tokens of a merge's selection data (texts of 2 tokens or more,
+    /// tokenized by the base's tokenizer), when the base is available.
+    fn selection_tokens(&self, merge: &Merge) -> Option<usize> {
+        let select = merge.select.as_ref()?;
+        let base = merge
+            .base
+            .or_else(|| merge.inputs.first().map(|i| i.model))?;
+        let info = self.inventory.get(self.recipe.shape_source(base)?)?;
+        let tokenizer = crate::data::Tokenizer::from_dir(&info.dir).ok()?;
+        let mut total = 0;
+        for d in &select.data {
+            let seqs = crate::data::sequences(&self.recipe.data[d.0], &tokenizer).ok()?;
+            total += seqs
+                .iter()
+                .filter(|s| s.len() >= 2)
+                .map(Vec::len)
+                .sum::<usize>();
+        }
+        Some(total)
     }
 
     fn tensor_json(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> Value {
@@ -335,11 +357,18 @@ impl PlanView<'_> {
                 .iter()
                 .map(|d| self.recipe.data[d.0].name.as_str())
                 .collect();
+            let n = merge.candidate_count();
+            let cost = match self.selection_tokens(merge) {
+                Some(t) => format!(
+                    "{n} candidates × {t} tokens = {} tokens through a merged model",
+                    n * t
+                ),
+                None => format!("{n} candidates"),
+            };
             let _ = writeln!(
                 out,
-                "  select   by loss({}): {} candidates (tensors below: the first candidate)",
-                names.join(", "),
-                merge.candidate_count()
+                "  select   by loss({}): {cost} (tensors below: the first candidate)",
+                names.join(", ")
             );
         }
         let Some(tensors) = self.plan.tensors.get(&id) else {
