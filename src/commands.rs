@@ -295,6 +295,49 @@ pub struct EvalOptions {
     pub json: bool,
     /// Mean next-token loss of the `field` texts instead of exact match.
     pub loss: Option<String>,
+    /// Where a recipe's merges are materialised to be evaluated.
+    pub cache: PathBuf,
+}
+
+/// `RECIPE.obim` or `RECIPE.obim:MERGE`: the merge (default: the first
+/// output's), computed into the cache.
+fn recipe_merge(io: &mut Io, arg: &str, cache: &Path) -> Option<crate::checkpoint::ModelInfo> {
+    let (path, name) = match arg.split_once(".obim:") {
+        Some((p, m)) => (format!("{p}.obim"), Some(m)),
+        None => (arg.to_string(), None),
+    };
+    let c = compile(io, Path::new(&path))?;
+    print_diagnostics(io, &c.diagnostics, &c.sources);
+    let plan = c.plan()?;
+    let merge = match name {
+        Some(n) => c.recipe.merges.iter().position(|m| m.name == n),
+        None => c.recipe.outputs.first().map(|o| o.merge.0),
+    };
+    let Some(merge) = merge else {
+        let names: Vec<&str> = c.recipe.merges.iter().map(|m| m.name.as_str()).collect();
+        let _ = writeln!(
+            io.err,
+            "error: `{path}` has no merge `{}`; its merges: {}",
+            name.unwrap_or("(no output)"),
+            names.join(", ")
+        );
+        return None;
+    };
+    static NEVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let options = crate::run::RunOptions {
+        force: false,
+        cancel: &NEVER,
+        cache: cache.to_path_buf(),
+        device: "cpu".into(),
+    };
+    let id = crate::recipe::MergeId(merge);
+    match crate::run::materialise_merge(&c, &plan, id, &options, &mut |_| {}) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            let _ = writeln!(io.err, "error: {e}");
+            None
+        }
+    }
 }
 
 /// `obim eval MODEL... --data FILE...`: greedy exact-match accuracy (or,
@@ -338,7 +381,12 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOpt
         let _ = writeln!(io.out, "{header}");
     }
     for model in models {
-        let Some(info) = open_model(io, model) else {
+        let info = if model.ends_with(".obim") || model.contains(".obim:") {
+            recipe_merge(io, model, &options.cache)
+        } else {
+            open_model(io, model)
+        };
+        let Some(info) = info else {
             return exit::FAILURE;
         };
         let generator = match crate::eval::Generator::load(&info, &device) {

@@ -91,9 +91,13 @@ enum Command {
     },
     /// Greedy exact-match accuracy of models on jsonl files (`prompt`, `answer`), or `--loss`.
     Eval {
-        /// Model directories (or Hugging Face ids in the local cache).
+        /// Model directories, Hugging Face ids in the local cache, or a recipe's
+        /// merge as `RECIPE.obim:MERGE` (`RECIPE.obim`: its first output's merge).
         #[arg(required = true)]
         models: Vec<String>,
+        /// Where a recipe's merges are computed (default: as `run`).
+        #[arg(long)]
+        cache: Option<PathBuf>,
         /// jsonl files with `prompt` and `answer` fields (repeatable).
         #[arg(long, required = true)]
         data: Vec<PathBuf>,
@@ -320,12 +324,14 @@ fn main() {
             loss,
             field,
             threads,
+            cache,
         } => {
             set_threads(threads);
             let options = commands::EvalOptions {
                 limit,
                 json: matches!(format, CheckFormat::Json),
                 loss: loss.then_some(field),
+                cache: cache.unwrap_or_else(cache_dir),
             };
             commands::eval(&mut io, &models, &data, &options)
         }

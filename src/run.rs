@@ -209,6 +209,31 @@ pub fn run(
     Ok(())
 }
 
+/// Computes merge `merge` of a recipe (choosing its `auto` settings and
+/// calibrating as needed) and writes it whole, in f32, into the cache;
+/// returns the checkpoint. This is what `obim eval RECIPE:MERGE` evaluates.
+pub fn materialise_merge(
+    c: &Compilation,
+    plan: &Plan,
+    merge: MergeId,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<ModelInfo, RunError> {
+    preflight(c, plan)?;
+    let mut stats = Statistics::default();
+    let mut current = (c.clone(), plan.clone());
+    choose(
+        &mut current,
+        merge,
+        options,
+        &mut stats,
+        &mut BTreeMap::new(),
+        progress,
+    )?;
+    let (c, plan) = &current;
+    materialise(c, plan, merge, options, &mut stats, progress)
+}
+
 /// Chooses the settings of `merge` and of the merges it depends on, where
 /// they have `auto` candidates (dependencies first).
 fn choose(

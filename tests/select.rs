@@ -103,6 +103,38 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
     let again = run(&recipe("auto [1.0, 0.2, 0.6, 0.4]"));
     assert_eq!(again.matches("[cached]").count(), 3, "{again}");
     assert_eq!(again.matches("m: lambda=").count(), 4, "{again}");
+
+    // `obim eval RECIPE:MERGE` evaluates the merge without an output: the
+    // same loss as the written (f32) output.
+    let loss = |model: &str| {
+        let data = demo().join("data/add/calib.jsonl");
+        let out = obim(&[
+            "eval",
+            model,
+            "--loss",
+            "--limit",
+            "16",
+            "--format",
+            "json",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["models"][0]["scores"][0]["loss"].as_f64().unwrap()
+    };
+    let merge_arg = format!("{}:m", dir.join("r.obim").display());
+    let (from_recipe, from_output) = (loss(&merge_arg), loss(dir.join("out").to_str().unwrap()));
+    assert!(
+        (from_recipe - from_output).abs() < 1e-9,
+        "{from_recipe} vs {from_output}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
