@@ -77,21 +77,11 @@ impl Observer for SquareSums {
     }
 }
 
-/// Progress of a calibration, layer by layer.
-pub trait Progress {
-    fn layer(&mut self, done: usize, total: usize);
-}
-
-impl Progress for () {
-    fn layer(&mut self, _: usize, _: usize) {}
-}
-
 /// Runs `sequences` through `model` layer by layer and returns the statistics.
 pub fn calibrate(
     model: &ModelInfo,
     sequences: &[Vec<u32>],
     device: &Device,
-    progress: &mut dyn Progress,
 ) -> Result<ActStats, CalibrationError> {
     let cfg = ModelConfig::of(model).map_err(|source| CalibrationError::Config {
         dir: model.dir.clone(),
@@ -114,11 +104,7 @@ pub fn calibrate(
     }
     let mut weights = Weights::new(model, device.clone());
     let mut observer = SquareSums::default();
-    let total = cfg.num_layers + 1;
-    stream::pass(&cfg, &mut weights, sequences, &mut observer, &mut |l, _| {
-        progress.layer(l, total)
-    })?;
-    progress.layer(cfg.num_layers + 1, cfg.num_layers + 1);
+    stream::pass(&cfg, &mut weights, sequences, &mut observer)?;
     Ok(ActStats {
         sums: observer
             .sums
@@ -194,13 +180,18 @@ pub fn cache_key(model: &ModelInfo, sequences: &[Vec<u32>]) -> String {
     let mut h = blake3::Hasher::new();
     h.update(b"obim actstats v1\0");
     h.update(model.hash.as_bytes());
+    hash_tokens(&mut h, sequences);
+    h.finalize().to_hex()[..32].to_string()
+}
+
+/// Feeds token sequences (with their lengths) into a cache key.
+pub fn hash_tokens(h: &mut blake3::Hasher, sequences: &[Vec<u32>]) {
     for s in sequences {
         h.update(&(s.len() as u64).to_le_bytes());
         for id in s {
             h.update(&id.to_le_bytes());
         }
     }
-    h.finalize().to_hex()[..32].to_string()
 }
 
 /// Where cached statistics of that key live.

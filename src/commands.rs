@@ -476,9 +476,8 @@ pub fn stats(io: &mut Io, model: &str, data: &StatsData, out: &Path) -> i32 {
         .and_then(|tokenizer| crate::data::sequences(&source, &tokenizer))
         .map_err(|e| e.to_string())
         .and_then(|sequences| {
-            let stats =
-                crate::calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu, &mut ())
-                    .map_err(|e| e.to_string())?;
+            let stats = crate::calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu)
+                .map_err(|e| e.to_string())?;
             stats.save(out).map_err(|e| e.to_string())?;
             Ok((sequences.len(), stats))
         });

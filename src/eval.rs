@@ -178,24 +178,13 @@ impl Generator {
     /// Each sequence's mean next-token negative log-likelihood (nats);
     /// sequences shorter than 2 tokens predict nothing and are left out.
     pub fn losses(&self, sequences: &[Vec<u32>]) -> Result<Vec<f64>, EvalError> {
-        let usable: Vec<&Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).collect();
+        let usable: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).cloned().collect();
         let per_group = (LOSS_GROUP_VALUES / self.model.cfg.vocab_size.max(1)).max(1);
         let mut losses = Vec::with_capacity(usable.len());
-        let mut start = 0;
-        while start < usable.len() {
-            let mut end = start + 1;
-            let mut tokens = usable[start].len();
-            while end < usable.len() && tokens + usable[end].len() <= per_group {
-                tokens += usable[end].len();
-                end += 1;
-            }
-            let group = &usable[start..end];
-            let seqs = Sequence::pack(group.iter().map(|s| s.len()));
-            let ids: Vec<u32> = group.iter().flat_map(|s| s.iter().copied()).collect();
+        for (seqs, ids) in stream::packed(&usable, per_group) {
             let logits = self.model.forward(&ids, &seqs, None)?;
             let picked = stream::log_prob(&logits, &stream::targets(&seqs, &ids))?;
             losses.extend(stream::mean_per_sequence(&seqs, &picked));
-            start = end;
         }
         Ok(losses)
     }

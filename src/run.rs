@@ -398,7 +398,7 @@ pub(crate) fn calibrate_for(
                     sequences: sequences.len(),
                     tokens: sequences.iter().map(Vec::len).sum(),
                 });
-                let s = calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu, &mut ())
+                let s = calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu)
                     .map_err(|e| fail(e.to_string()))?;
                 s.save(&path).map_err(|e| fail(e.to_string()))?;
                 (s, false)
@@ -426,12 +426,7 @@ fn materialise(
     stats: &mut Statistics,
     progress: &mut dyn FnMut(Event),
 ) -> Result<ModelInfo, RunError> {
-    let step = plan
-        .steps()
-        .into_iter()
-        .find(|s| s.kind == StepKind::Merge(merge))
-        .map(|s| s.hash.clone())
-        .unwrap_or_default();
+    let step = plan.step_hash(StepKind::Merge(merge)).to_string();
     let dir = options
         .cache
         .join("merges")

@@ -58,9 +58,9 @@ impl Source for MergedSource<'_> {
             .eval
             .output_tensor(self.merge, name)
             .map_err(|e| ForwardError::Source(e.to_string()))?;
-        let tensor = Tensor::from_slice(&values, shape, &self.device)?;
+        // Moved, not copied; no buffer is kept for reuse (see release_buffers).
         self.eval.release_buffers();
-        Ok(tensor)
+        Ok(Tensor::from_vec(values, shape, &self.device)?)
     }
 
     fn has(&self, name: &str) -> bool {
@@ -221,21 +221,10 @@ pub fn select(
 /// Where a candidate's score is cached: its merge step's hash (settings,
 /// inputs, statistics) and the selection tokens.
 fn score_path(cache: &std::path::Path, plan: &Plan, id: MergeId, tokens: &[Vec<u32>]) -> PathBuf {
-    let step = plan
-        .steps()
-        .into_iter()
-        .find(|s| s.kind == StepKind::Merge(id))
-        .map(|s| s.hash.clone())
-        .unwrap_or_default();
     let mut h = blake3::Hasher::new();
     h.update(b"obim candidate loss v1\0");
-    h.update(step.as_bytes());
-    for s in tokens {
-        h.update(&(s.len() as u64).to_le_bytes());
-        for t in s {
-            h.update(&t.to_le_bytes());
-        }
-    }
+    h.update(plan.step_hash(StepKind::Merge(id)).as_bytes());
+    crate::calibrate::hash_tokens(&mut h, tokens);
     cache
         .join("scores")
         .join(format!("{}.json", &h.finalize().to_hex()[..32]))

@@ -3,16 +3,14 @@
 //! README): logits within 1e-4 absolute, statistics within 1e-4 relative.
 #![expect(clippy::unwrap_used, reason = "test helpers")]
 
+mod common;
 use candle_core::Device;
+use common::{demo, obim, temp};
 use obim::calibrate::{self, ActStats};
 use obim::checkpoint;
 use obim::data::{self, Tokenizer};
 use obim::eval::Generator;
 use std::path::{Path, PathBuf};
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
-}
 
 /// The larger `alpha` family, read from the shared fixtures when present.
 fn alpha() -> Option<PathBuf> {
@@ -79,7 +77,7 @@ fn check_actstats(family: &Path) {
                 .iter()
                 .map(|t| tokenizer.encode(t, None).unwrap())
                 .collect();
-            let stats = calibrate::calibrate(&info, &sequences, &Device::Cpu, &mut ()).unwrap();
+            let stats = calibrate::calibrate(&info, &sequences, &Device::Cpu).unwrap();
             let expected = ActStats::load(&reference, &format!("{model}/{task}/")).unwrap();
             assert_eq!(stats.tokens, expected.tokens, "{model}/{task}: tokens");
             assert_eq!(
@@ -161,19 +159,16 @@ fn alpha_eval_reproduces_scores_json() {
 
 #[test]
 fn eval_command_prints_json() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_obim"))
-        .args([
-            "eval",
-            "examples/demo/expert_sort",
-            "--data",
-            "examples/demo/data/sort/test.jsonl",
-            "--limit",
-            "20",
-            "--format",
-            "json",
-        ])
-        .output()
-        .unwrap();
+    let out = obim(&[
+        "eval",
+        "examples/demo/expert_sort",
+        "--data",
+        "examples/demo/data/sort/test.jsonl",
+        "--limit",
+        "20",
+        "--format",
+        "json",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -188,8 +183,7 @@ fn eval_command_prints_json() {
 #[test]
 fn stats_command_matches_the_reference() {
     // The first 64 calibration texts, as the reference used them.
-    let dir = std::env::temp_dir().join(format!("obim-stats-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp("stats");
     let lines: Vec<String> = std::fs::read_to_string(demo().join("data/sort/calib.jsonl"))
         .unwrap()
         .lines()
@@ -198,13 +192,15 @@ fn stats_command_matches_the_reference() {
         .collect();
     std::fs::write(dir.join("first64.jsonl"), lines.join("\n")).unwrap();
     let out_file = dir.join("stats.safetensors");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_obim"))
-        .args(["stats", "examples/demo/expert_sort", "--data"])
-        .arg(dir.join("first64.jsonl"))
-        .arg("-o")
-        .arg(&out_file)
-        .output()
-        .unwrap();
+    let data = dir.join("first64.jsonl");
+    let out = obim(&[
+        "stats",
+        "examples/demo/expert_sort",
+        "--data",
+        data.to_str().unwrap(),
+        "-o",
+        out_file.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -259,7 +255,7 @@ fn check_arch(name: &str) {
         .iter()
         .map(|t| tokenizer.encode(t, None).unwrap())
         .collect();
-    let stats = calibrate::calibrate(&info, &sequences, &Device::Cpu, &mut ()).unwrap();
+    let stats = calibrate::calibrate(&info, &sequences, &Device::Cpu).unwrap();
     let expected = ActStats::load(&reference, "").unwrap();
     assert_eq!(stats.tokens, expected.tokens);
     assert_eq!(

@@ -7,32 +7,14 @@
     reason = "helpers of tests: a failure should stop the test loudly"
 )]
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::{demo, obim, temp};
 use obim::calibrate::{self, ActStats};
 use obim::checkpoint::open_dir;
 use obim::data::{self, Tokenizer};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn obim(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_obim"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("obim-obd-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
-}
+use std::path::Path;
 
 fn load(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()

@@ -7,28 +7,10 @@
     reason = "helpers of tests: a failure should stop the test loudly"
 )]
 
+mod common;
+use common::{demo, obim, temp};
 use obim::checkpoint::open_dir;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn obim(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_obim"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("obim-run-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
-}
+use std::path::Path;
 
 /// Every tensor of a checkpoint as raw bytes, by name.
 fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {

@@ -3,29 +3,12 @@
 //! by the ordinary whole-model forward, the written merge equals the same
 //! merge with the winning value fixed, and scores are cached per candidate.
 
-#![expect(
-    clippy::unwrap_used,
-    reason = "helpers of tests: a failure should stop the test loudly"
-)]
-
+mod common;
 use candle_core::Device;
+use common::{demo, obim, temp};
 use obim::checkpoint::open_dir;
 use obim::data::{self, Tokenizer};
 use obim::eval::Generator;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn obim(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_obim"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
-}
 
 fn recipe(lambda: &str) -> String {
     format!(
@@ -40,9 +23,7 @@ fn recipe(lambda: &str) -> String {
 
 #[test]
 fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
-    let dir = std::env::temp_dir().join(format!("obim-select-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp("select");
     let cache = dir.join("cache");
     let run = |text: &str| {
         std::fs::write(dir.join("r.obim"), text).unwrap();
@@ -140,9 +121,7 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
 
 #[test]
 fn obim_candidates_with_rules_and_scale() {
-    let dir = std::env::temp_dir().join(format!("obim-select-obim-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp("select-obim");
     let text = std::fs::read_to_string("tests/recipes/ok_auto_forms.obim")
         .unwrap()
         .replace("../../examples/demo", demo().to_str().unwrap());

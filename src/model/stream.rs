@@ -32,17 +32,7 @@ pub fn embed(
     sequences: &[Vec<u32>],
 ) -> Result<Vec<Group>> {
     let mut groups = Vec::new();
-    let mut start = 0;
-    while start < sequences.len() {
-        let mut end = start + 1;
-        let mut count = sequences[start].len();
-        while end < sequences.len() && count + sequences[end].len() <= GROUP_TOKENS {
-            count += sequences[end].len();
-            end += 1;
-        }
-        let group = &sequences[start..end];
-        let seqs = Sequence::pack(group.iter().map(Vec::len));
-        let ids: Vec<u32> = group.iter().flatten().copied().collect();
+    for (seqs, ids) in packed(sequences, GROUP_TOKENS) {
         // Embedding rows are read one by one, not the whole table.
         let hidden = source.rows(
             "model.embed_tokens.weight",
@@ -56,9 +46,28 @@ pub fn embed(
             hidden,
             rope,
         });
-        start = end;
     }
     Ok(groups)
+}
+
+/// Consecutive sequences packed into batches of at most `budget` tokens
+/// (a longer sequence goes alone): each batch's layout and token ids.
+pub fn packed(sequences: &[Vec<u32>], budget: usize) -> Vec<(Vec<Sequence>, Vec<u32>)> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < sequences.len() {
+        let mut end = start + 1;
+        let mut count = sequences[start].len();
+        while end < sequences.len() && count + sequences[end].len() <= budget {
+            count += sequences[end].len();
+            end += 1;
+        }
+        let group = &sequences[start..end];
+        let seqs = Sequence::pack(group.iter().map(Vec::len));
+        batches.push((seqs, group.iter().flatten().copied().collect()));
+        start = end;
+    }
+    batches
 }
 
 /// Loads decoder layer `l` and runs every group through it.
@@ -93,18 +102,15 @@ pub fn finish(
 }
 
 /// Runs `sequences` through every decoder layer and the final norm.
-/// `observer` sees every linear input, `lm_head`'s included; `progress`
-/// is told each layer as it starts.
+/// `observer` sees every linear input, `lm_head`'s included.
 pub fn pass(
     cfg: &ModelConfig,
     source: &mut dyn Source,
     sequences: &[Vec<u32>],
     observer: &mut dyn Observer,
-    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Group>> {
     let mut groups = embed(cfg, source, sequences)?;
     for l in 0..cfg.num_layers {
-        progress(l, cfg.num_layers);
         layer(cfg, l, source, &mut groups, observer)?;
     }
     finish(cfg, source, &mut groups, observer)?;
@@ -140,14 +146,6 @@ pub fn nll_many(
     }
     between();
     Ok(out)
-}
-
-/// Each sequence's mean next-token negative log-likelihood (nats), for
-/// sequences of 2 tokens or more, in order.
-pub fn nll(cfg: &ModelConfig, source: &mut dyn Source, sequences: &[Vec<u32>]) -> Result<Vec<f64>> {
-    let usable: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).cloned().collect();
-    let groups = pass(cfg, source, &usable, &mut blocks::Blind, &mut |_, _| {})?;
-    head_nll(cfg, source, &groups)
 }
 
 /// The loss of groups whose hidden states are the final norm's output.

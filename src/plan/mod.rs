@@ -149,6 +149,14 @@ impl Plan {
 
     /// Steps in an order where every step comes after its dependencies
     /// (ties in declaration order).
+    /// The content hash of the step of `kind` (empty when there is none).
+    pub fn step_hash(&self, kind: StepKind) -> &str {
+        self.graph
+            .node_weights()
+            .find(|s| s.kind == kind)
+            .map_or("", |s| s.hash.as_str())
+    }
+
     pub fn steps(&self) -> Vec<&Step> {
         let mut order: Vec<NodeIndex> = Vec::new();
         let mut done = vec![false; self.graph.node_count()];
