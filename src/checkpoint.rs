@@ -1,7 +1,6 @@
 //! Hugging Face model directories, header first: `config.json`, the
 //! safetensors index and every shard's header (names, dtypes, shapes,
-//! offsets), validated without reading any tensor data. Also the local
-//! Hugging Face cache layout, for models given by hub id.
+//! offsets), validated without reading any tensor data.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -311,37 +310,6 @@ pub fn read_header(
     raw.extend_from_slice(&header);
     raw.extend_from_slice(&file_len.to_le_bytes());
     Ok((raw, tensors))
-}
-
-/// The Hugging Face hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
-/// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
-pub fn hub_cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    var("HF_HUB_CACHE")
-        .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
-        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface").join("hub")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache").join("huggingface").join("hub")))
-}
-
-/// The snapshot directory of `id` at `revision` (default `main`) in the
-/// local Hugging Face cache, if it is there.
-pub fn find_cached(id: &str, revision: Option<&str>) -> Option<PathBuf> {
-    let repo = hub_cache_dir()?.join(format!("models--{}", id.replace('/', "--")));
-    let revision = revision.unwrap_or("main");
-    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
-        revision.to_string()
-    } else {
-        std::fs::read_to_string(repo.join("refs").join(revision))
-            .ok()?
-            .trim()
-            .to_string()
-    };
-    let snapshot = repo.join("snapshots").join(commit);
-    snapshot.is_dir().then_some(snapshot)
 }
 
 #[cfg(test)]

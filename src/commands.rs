@@ -55,6 +55,87 @@ fn compile(io: &mut Io, path: &Path) -> Option<Compilation> {
     }
 }
 
+/// Compiles `path`, first downloading the hub models it names that are not
+/// in the local Hugging Face cache (then compiling again, so that `open`
+/// checks their headers). Errors are printed; the exit code is returned.
+fn compile_fetched(
+    io: &mut Io,
+    path: &Path,
+    progress: &mut dyn FnMut(crate::run::Event),
+) -> Result<Compilation, i32> {
+    let c = compile(io, path).ok_or(exit::USAGE)?;
+    if c.has_errors() {
+        return Ok(c);
+    }
+    let missing: Vec<_> = c
+        .recipe
+        .models
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| c.inventory.get(crate::recipe::ModelId(*i)).is_none())
+        .filter_map(|(_, m)| match &m.source {
+            crate::recipe::ModelSource::Hub { id, revision } => {
+                Some((m.name.clone(), id.clone(), revision.clone()))
+            }
+            crate::recipe::ModelSource::Local { .. } => None,
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(c);
+    }
+    for (model, id, revision) in missing {
+        fetch(io, &model, &id, revision.as_deref(), progress).ok_or(exit::FAILURE)?;
+    }
+    compile(io, path).ok_or(exit::USAGE)
+}
+
+/// Downloads one hub model into the local Hugging Face cache.
+fn fetch(
+    io: &mut Io,
+    model: &str,
+    id: &str,
+    revision: Option<&str>,
+    progress: &mut dyn FnMut(crate::run::Event),
+) -> Option<PathBuf> {
+    use crate::run::Event;
+    struct Forward<'a>(&'a mut dyn FnMut(Event));
+    impl crate::hub::DownloadProgress for Forward<'_> {
+        fn start(&mut self, file: &str, bytes: u64) {
+            (self.0)(Event::DownloadStarted {
+                file: file.to_string(),
+                bytes,
+            });
+        }
+        fn advance(&mut self, bytes: u64) {
+            (self.0)(Event::Downloaded { bytes });
+        }
+        fn finish(&mut self) {
+            (self.0)(Event::DownloadFinished);
+        }
+    }
+    let started = std::time::Instant::now();
+    let _ = writeln!(
+        io.err,
+        "{model}: `{id}` is not in the local Hugging Face cache; downloading from {}",
+        crate::hub::endpoint()
+    );
+    match crate::hub::fetch(id, revision, &mut Forward(progress)) {
+        Ok(dir) => {
+            let _ = writeln!(
+                io.err,
+                "{model}: downloaded to {} in {:.1} s",
+                dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Some(dir)
+        }
+        Err(e) => {
+            let _ = writeln!(io.err, "error: {model}: {e}");
+            None
+        }
+    }
+}
+
 /// `obim check RECIPE...`
 pub fn check(io: &mut Io, paths: &[PathBuf], format: Format) -> i32 {
     let mut code = exit::OK;
@@ -135,8 +216,14 @@ pub fn run(
     dry_run: bool,
     progress: &mut dyn FnMut(crate::run::Event),
 ) -> i32 {
-    let Some(c) = compile(io, path) else {
-        return exit::USAGE;
+    let c = if dry_run {
+        compile(io, path).ok_or(exit::USAGE)
+    } else {
+        compile_fetched(io, path, progress)
+    };
+    let c = match c {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     print_diagnostics(io, &c.diagnostics, &c.sources);
     let Some(plan) = c.plan() else {
@@ -265,18 +352,18 @@ fn plural(n: usize, word: &str) -> String {
     format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
 
-/// A model given on the command line: a directory, or a Hugging Face id in
-/// the local cache.
+/// A model given on the command line: a directory, or a Hugging Face id
+/// (`org/name`, `org/name@revision`), from the local cache or downloaded.
 fn open_model(io: &mut Io, model: &str) -> Option<crate::checkpoint::ModelInfo> {
     let path = Path::new(model);
     let dir = if path.exists() {
         path.to_path_buf()
-    } else if let Some(dir) = crate::checkpoint::find_cached(model, None) {
-        dir
+    } else if let Some((id, revision)) = crate::hub::parse_id(model) {
+        fetch(io, model, id, revision, &mut |_| {})?
     } else {
         let _ = writeln!(
             io.err,
-            "error: `{model}` is neither a directory nor a model in the local Hugging Face cache"
+            "error: `{model}` is neither a directory nor a Hugging Face id (`org/name`)"
         );
         return None;
     };
@@ -306,7 +393,7 @@ fn recipe_merge(io: &mut Io, arg: &str, cache: &Path) -> Option<crate::checkpoin
         Some((p, m)) => (format!("{p}.obim"), Some(m)),
         None => (arg.to_string(), None),
     };
-    let c = compile(io, Path::new(&path))?;
+    let c = compile_fetched(io, Path::new(&path), &mut |_| {}).ok()?;
     print_diagnostics(io, &c.diagnostics, &c.sources);
     let plan = c.plan()?;
     let merge = match name {

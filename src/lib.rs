@@ -9,6 +9,7 @@ pub mod data;
 pub mod diagnostic;
 pub mod eval;
 pub mod fmt;
+pub mod hub;
 pub mod load;
 pub mod merge;
 pub mod methods;

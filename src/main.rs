@@ -168,6 +168,29 @@ impl Progress {
     fn event(&mut self, event: obim::run::Event) {
         use obim::run::Event;
         match event {
+            Event::DownloadStarted { file, bytes } => {
+                if self.terminal {
+                    let bar = indicatif::ProgressBar::new(bytes);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg:40!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar.set_message(file);
+                    self.bar = Some(bar);
+                }
+            }
+            Event::Downloaded { bytes } => {
+                if let Some(bar) = &self.bar {
+                    bar.inc(bytes);
+                }
+            }
+            Event::DownloadFinished => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+            }
             Event::OutputStarted {
                 path,
                 tensors,

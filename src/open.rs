@@ -8,6 +8,7 @@ use crate::checkpoint::{self, ModelInfo};
 use crate::codes::Code;
 use crate::data;
 use crate::diagnostic::Diagnostic;
+use crate::hub;
 use crate::methods::Method;
 use crate::model::ModelConfig;
 use crate::recipe::{DataKind, InputRef, ModelId, ModelSource, Recipe};
@@ -39,7 +40,7 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
         .map(|model| {
             let dir = match &model.source {
                 ModelSource::Local { path } => path.clone(),
-                ModelSource::Hub { id, revision } => match checkpoint::find_cached(id, revision.as_deref()) {
+                ModelSource::Hub { id, revision } => match hub::find_cached(id, revision.as_deref()) {
                     Some(dir) => dir,
                     None => {
                         not_local.push(model);
@@ -79,7 +80,7 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
         for m in rest {
             d = d.with(m.span, "not in the cache either");
         }
-        let cache = checkpoint::hub_cache_dir().map_or_else(
+        let cache = hub::cache_dir().map_or_else(
             || "the Hugging Face cache".to_string(),
             |_| "the Hugging Face cache (HF_HUB_CACHE / HF_HOME)".to_string(),
         );

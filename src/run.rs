@@ -64,6 +64,15 @@ pub struct RunOptions<'a> {
 /// What the executor tells its caller; the CLI draws it.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// One file of a hub model being downloaded.
+    DownloadStarted {
+        file: String,
+        bytes: u64,
+    },
+    Downloaded {
+        bytes: u64,
+    },
+    DownloadFinished,
     OutputStarted {
         path: PathBuf,
         tensors: usize,
@@ -473,7 +482,7 @@ fn preflight(c: &Compilation, plan: &Plan) -> Result<(), RunError> {
             };
             let Some(info) = c.inventory.get(model) else {
                 return Err(RunError::Unsupported(format!(
-                    "model `{}` is not available locally; downloading from the Hugging Face hub is not built yet: fetch it with `huggingface-cli download` first",
+                    "model `{}` is not available locally: it is neither a directory nor in the Hugging Face cache",
                     c.recipe.models[model.0].name
                 )));
             };
@@ -900,19 +909,8 @@ fn write_config(dir: &Path, base: &ModelInfo, dtype: Dtype) -> Result<(), RunErr
     .map_err(|source| TensorError::Write { path, source }.into())
 }
 
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-];
-
 fn copy_side_files(base: &Path, tokenizer: &Path, out: &Path) -> Result<(), RunError> {
-    let copies = TOKENIZER_FILES
+    let copies = crate::hub::TOKENIZER_FILES
         .iter()
         .map(|f| (tokenizer, *f))
         .chain([(base, "generation_config.json")]);
