@@ -17,6 +17,7 @@ pub mod model;
 pub mod open;
 pub mod pattern;
 pub mod plan;
+pub mod provenance;
 pub mod recipe;
 pub mod run;
 pub mod select;

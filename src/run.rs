@@ -569,21 +569,49 @@ fn write_output(
         shards: writer.shard_count(),
     });
     let mut eval = Evaluator::new(c, plan, stats, output.merge);
-    let mut bytes = Vec::new();
-    for t in tensors {
-        if options.cancel.load(Ordering::Relaxed) {
-            return Err(RunError::Interrupted(output.path.clone()));
+    // The inputs' file hashes (for the report) are computed on a thread of
+    // their own while the merge runs.
+    let models: std::collections::BTreeSet<ModelId> = eval
+        .uses
+        .keys()
+        .filter_map(|i| match i {
+            InputRef::Model(m) => Some(*m),
+            InputRef::Merge(_) => None,
+        })
+        .collect();
+    let models: Vec<(ModelId, &ModelInfo)> = models
+        .into_iter()
+        .filter_map(|m| c.inventory.get(m).map(|i| (m, i)))
+        .collect();
+    let infos: Vec<&ModelInfo> = models.iter().map(|(_, i)| *i).collect();
+    let stop = AtomicBool::new(false);
+    let (merged, hashes) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| crate::provenance::models(&infos, &options.cache, &stop));
+        let merged = (|| -> Result<Vec<String>, RunError> {
+            let mut bytes = Vec::new();
+            for t in tensors {
+                if options.cancel.load(Ordering::Relaxed) {
+                    return Err(RunError::Interrupted(output.path.clone()));
+                }
+                let values = eval.output_tensor(output.merge, &t.name)?;
+                tensors::from_f32_into(&values, dtype, &mut bytes);
+                eval.recycle(values);
+                writer.write(&t.name, &bytes)?;
+                progress(Event::TensorWritten {
+                    name: t.name.clone(),
+                    bytes: bytes.len() as u64,
+                });
+            }
+            Ok(writer.finish()?)
+        })();
+        if merged.is_err() {
+            stop.store(true, Ordering::Relaxed);
         }
-        let values = eval.output_tensor(output.merge, &t.name)?;
-        tensors::from_f32_into(&values, dtype, &mut bytes);
-        eval.recycle(values);
-        writer.write(&t.name, &bytes)?;
-        progress(Event::TensorWritten {
-            name: t.name.clone(),
-            bytes: bytes.len() as u64,
-        });
-    }
-    let shard_files = writer.finish()?;
+        (merged, hashing.join())
+    });
+    let shard_files = merged?;
+    let hashes =
+        hashes.map_err(|_| RunError::Unsupported("hashing the inputs failed".into()))??;
     let tokenizer_dir = output
         .tokenizer
         .and_then(|t| recipe.shape_source(t))
@@ -591,11 +619,14 @@ fn write_output(
         .map_or(&base_info.dir, |i| &i.dir);
     write_config(staging.dir(), base_info, dtype)?;
     copy_side_files(&base_info.dir, tokenizer_dir, staging.dir())?;
+    let inputs: Vec<(ModelId, Vec<crate::provenance::FileHash>)> =
+        models.iter().map(|(m, _)| *m).zip(hashes).collect();
     let report = report(
         c,
         output,
         hash,
         &eval,
+        &inputs,
         &shard_files,
         total,
         started.elapsed().as_secs_f64(),
@@ -629,8 +660,6 @@ pub(crate) struct Evaluator<'a> {
     uses: HashMap<InputRef, usize>,
     remaining: HashMap<InputRef, usize>,
     memo: HashMap<InputRef, Vec<f32>>,
-    /// blake3 of every input's tensor bytes, in the order read.
-    hashes: BTreeMap<ModelId, blake3::Hasher>,
     /// OBIM: positions each input won, per merge and tensor.
     won: BTreeMap<MergeId, BTreeMap<String, Vec<u64>>>,
     /// Buffers of earlier tensors, reused so that large tensors do not
@@ -674,7 +703,6 @@ impl<'a> Evaluator<'a> {
             uses,
             remaining: HashMap::new(),
             memo: HashMap::new(),
-            hashes: BTreeMap::new(),
             won: BTreeMap::new(),
             pool: Vec::new(),
             shared: None,
@@ -760,10 +788,6 @@ impl<'a> Evaluator<'a> {
             reason: "missing".into(),
         })?;
         let (map, range) = self.shards.bytes(name, t)?;
-        self.hashes
-            .entry(model)
-            .or_default()
-            .update_rayon(&map[range.clone()]);
         let mut values = self.buffer();
         let converted = tensors::to_f32_into(&map[range], &t.dtype, &mut values);
         drop(map);
@@ -933,6 +957,7 @@ fn report(
     output: &Output,
     hash: &str,
     eval: &Evaluator,
+    inputs: &[(ModelId, Vec<crate::provenance::FileHash>)],
     shards: &[String],
     bytes: u64,
     seconds: f64,
@@ -941,16 +966,15 @@ fn report(
 ) -> serde_json::Value {
     let recipe = &c.recipe;
     let root = c.sources.get(recipe.root);
-    let inputs: Vec<serde_json::Value> = eval
-        .hashes
+    let inputs: Vec<serde_json::Value> = inputs
         .iter()
-        .map(|(id, h)| {
+        .map(|(id, files)| {
             let m = &recipe.models[id.0];
             json!({
                 "name": m.name,
                 "source": m.source,
                 "path": c.inventory.get(*id).map(|i| i.dir.display().to_string()),
-                "weights_blake3": h.finalize().to_hex().to_string(),
+                "files": files,
             })
         })
         .collect();

@@ -128,32 +128,47 @@ pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
 }
 
 /// The same into a reused buffer (no page faults for a buffer that has
-/// held a tensor this large before). False for a non-float dtype.
+/// held a tensor this large before; written once, never zero-filled first).
+/// False for a non-float dtype.
 pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
-    let size = match dtype {
-        "BF16" | "F16" => 2,
-        "F32" => 4,
-        _ => return false,
-    };
     out.clear();
-    out.resize(bytes.len() / size, 0.0);
-    out.par_chunks_mut(CHUNK)
-        .zip(bytes.par_chunks(CHUNK * size))
-        .for_each(|(o, b)| match dtype {
-            "BF16" => o
-                .iter_mut()
-                .zip(b.chunks_exact(2))
-                .for_each(|(o, b)| *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            "F16" => o
-                .iter_mut()
-                .zip(b.chunks_exact(2))
-                .for_each(|(o, b)| *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            _ => o
-                .iter_mut()
-                .zip(b.chunks_exact(4))
-                .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        });
+    match dtype {
+        "BF16" => out.par_extend(
+            bytes
+                .par_chunks_exact(2)
+                .with_min_len(CHUNK)
+                .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
+        ),
+        "F16" => out.par_extend(
+            bytes
+                .par_chunks_exact(2)
+                .with_min_len(CHUNK)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        "F32" => out.par_extend(
+            bytes
+                .par_chunks_exact(4)
+                .with_min_len(CHUNK)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        _ => return false,
+    }
     true
+}
+
+/// bf16 bits → f32: the upper half of an f32, exactly.
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// f32 → bf16 bits, rounded to nearest even; NaN stays a (quiet) NaN.
+fn f32_to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) | 0x0040) as u16;
+    }
+    let round = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
 }
 
 /// f32 → little-endian bytes of the output dtype (round to nearest even).
@@ -163,18 +178,22 @@ pub fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
     out
 }
 
-/// The same into a reused buffer.
+/// The same into a reused buffer (zero-filled only where it grows).
 pub fn from_f32_into(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     let size = dtype_bytes(dtype);
-    out.clear();
-    out.resize(values.len() * size, 0);
+    let n = values.len() * size;
+    if out.len() < n {
+        out.resize(n, 0);
+    } else {
+        out.truncate(n);
+    }
     out.par_chunks_mut(CHUNK * size)
         .zip(values.par_chunks(CHUNK))
         .for_each(|(o, v)| match dtype {
             Dtype::Bf16 => o
                 .chunks_exact_mut(2)
                 .zip(v)
-                .for_each(|(o, v)| o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+                .for_each(|(o, v)| o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes())),
             Dtype::F16 => o
                 .chunks_exact_mut(2)
                 .zip(v)
@@ -480,6 +499,43 @@ mod tests {
         assert_eq!(shard_layout(&tensors, 100), vec![vec![0, 1, 2, 3]]);
         assert_eq!(shard_names(1), vec!["model.safetensors"]);
         assert_eq!(shard_names(2)[1], "model-00002-of-00002.safetensors");
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-45,
+        ];
+        let random = (0..200_000).map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            f32::from_bits((state >> 32) as u32)
+        });
+        for v in specials.into_iter().chain(random) {
+            let ours = f32_to_bf16(v);
+            let theirs = half::bf16::from_f32(v);
+            if v.is_nan() {
+                assert!(half::bf16::from_bits(ours).is_nan(), "{v}");
+            } else {
+                assert_eq!(ours, theirs.to_bits(), "{v:e} ({:#x})", v.to_bits());
+            }
+            assert_eq!(
+                bf16_to_f32(theirs.to_bits()).to_bits(),
+                theirs.to_f32().to_bits()
+            );
+        }
+        // Exact ties round to even.
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 mod common;
 use common::{demo, obim, temp};
 use obim::checkpoint::open_dir;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Every tensor of a checkpoint as raw bytes, by name.
 fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
@@ -99,6 +99,16 @@ fn multistage_writes_a_sharded_checkpoint_that_reads_back() {
         4,
         "base and three experts"
     );
+    // Each input's weight files with their blake3, as `b3sum` prints it.
+    for input in report["inputs"].as_array().unwrap() {
+        let dir = PathBuf::from(input["path"].as_str().unwrap());
+        let files = input["files"].as_array().unwrap();
+        assert_eq!(files.len(), 1, "{input}");
+        let file = &files[0];
+        let bytes = std::fs::read(dir.join(file["file"].as_str().unwrap())).unwrap();
+        assert_eq!(file["bytes"], bytes.len() as u64);
+        assert_eq!(file["blake3"], blake3::hash(&bytes).to_hex().as_str());
+    }
     // The first stage streamed into the second: OBIM's allocation is reported for it.
     let won = &report["positions_won"]["pair"]["model.layers.2.mlp.up_proj.weight"];
     let n = 256 * 96;
@@ -220,4 +230,63 @@ fn cuda_is_a_usage_error_in_a_cpu_build() {
     let out = obim(&["run", "--device", "cuda:0", "examples/demo/merge.obim"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("without CUDA"));
+}
+
+/// The report's file hashes are cached by file identity: a file changed on
+/// disk (same length, new contents) is hashed again.
+#[test]
+fn report_hashes_follow_the_files() {
+    let dir = temp("provenance");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(demo().join("expert_add").join(f), model.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("r.obim"),
+        "model m = \"./model\"\nmerge again = linear { m weight 1.0 }\noutput again -> \"out\"\n",
+    )
+    .unwrap();
+    let cache = dir.join("cache");
+    let run = || {
+        let out = obim(&[
+            "run",
+            "--force",
+            "--cache",
+            cache.to_str().unwrap(),
+            dir.join("r.obim").to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap(),
+        )
+        .unwrap();
+        report["inputs"][0]["files"][0]["blake3"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let weights = model.join("model.safetensors");
+    let first = run();
+    assert_eq!(
+        first,
+        blake3::hash(&std::fs::read(&weights).unwrap())
+            .to_hex()
+            .as_str()
+    );
+    assert_eq!(std::fs::read_dir(cache.join("hashes")).unwrap().count(), 1);
+    assert_eq!(run(), first, "cached");
+    // The last byte is tensor data: change it.
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&weights, &bytes).unwrap();
+    let second = run();
+    assert_ne!(second, first);
+    assert_eq!(second, blake3::hash(&bytes).to_hex().as_str());
 }
