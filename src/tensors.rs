@@ -128,31 +128,36 @@ pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
 }
 
 /// The same into a reused buffer (no page faults for a buffer that has
-/// held a tensor this large before; written once, never zero-filled first).
+/// held a tensor this large before; zero-filled only where it grows).
 /// False for a non-float dtype.
 pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
-    out.clear();
-    match dtype {
-        "BF16" => out.par_extend(
-            bytes
-                .par_chunks_exact(2)
-                .with_min_len(CHUNK)
-                .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-        ),
-        "F16" => out.par_extend(
-            bytes
-                .par_chunks_exact(2)
-                .with_min_len(CHUNK)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        "F32" => out.par_extend(
-            bytes
-                .par_chunks_exact(4)
-                .with_min_len(CHUNK)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
+    let size = match dtype {
+        "BF16" | "F16" => 2,
+        "F32" => 4,
         _ => return false,
+    };
+    let n = bytes.len() / size;
+    if out.len() < n {
+        out.resize(n, 0.0);
+    } else {
+        out.truncate(n);
     }
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * size))
+        .for_each(|(o, b)| match dtype {
+            "BF16" => o
+                .iter_mut()
+                .zip(b.chunks_exact(2))
+                .for_each(|(o, b)| *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
+            "F16" => o
+                .iter_mut()
+                .zip(b.chunks_exact(2))
+                .for_each(|(o, b)| *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            _ => o
+                .iter_mut()
+                .zip(b.chunks_exact(4))
+                .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        });
     true
 }
 

@@ -6,7 +6,6 @@
 //! merge allocates little beyond its inputs.
 
 use rayon::prelude::*;
-use std::cmp::Ordering;
 
 const CHUNK: usize = 1 << 15;
 
@@ -33,7 +32,11 @@ pub fn update_chunks(values: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
 
 /// x ← x − base: the task vector, in place.
 pub fn subtract(x: &mut [f32], base: &[f32]) {
-    update(x, |i, v| v - base[i]);
+    update_chunks(x, |start, c| {
+        for (v, b) in c.iter_mut().zip(&base[start..]) {
+            *v -= b;
+        }
+    });
 }
 
 /// A u32 whose order is `f32::total_cmp`'s.
@@ -83,25 +86,6 @@ fn cut(n: usize, key: &(impl Fn(usize) -> Option<u32> + Sync), k: usize) -> Cut 
     // Histograms of a 16-bit digit per block (a few blocks per thread), summed.
     let blocks = (rayon::current_num_threads() * 4).max(1);
     let block = n.div_ceil(blocks).max(1);
-    let histogram = |digit: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Vec<u64> {
-        let partial: Vec<Vec<u32>> = (0..n.div_ceil(block))
-            .into_par_iter()
-            .map(|b| {
-                let mut h = vec![0u32; 1 << 16];
-                for i in b * block..((b + 1) * block).min(n) {
-                    if let Some(d) = key(i).and_then(digit) {
-                        h[d] += 1;
-                    }
-                }
-                h
-            })
-            .collect();
-        let mut total = vec![0u64; 1 << 16];
-        for h in partial {
-            total.iter_mut().zip(h).for_each(|(t, c)| *t += c as u64);
-        }
-        total
-    };
     // From the largest digit down: the digit holding the k-th largest, and the count above it.
     let locate = |h: &[u64], k: u64| -> Option<(usize, u64)> {
         let mut above = 0u64;
@@ -113,11 +97,13 @@ fn cut(n: usize, key: &(impl Fn(usize) -> Option<u32> + Sync), k: usize) -> Cut 
         }
         None
     };
-    let high = histogram(&|key| Some((key >> 16) as usize));
+    let high = histogram(n, block, key, |key| Some((key >> 16) as usize));
     let Some((hi, above_hi)) = locate(&high, k as u64) else {
         return Cut::Everything;
     };
-    let low = histogram(&|key| ((key >> 16) as usize == hi).then_some((key & 0xffff) as usize));
+    let low = histogram(n, block, key, |key| {
+        ((key >> 16) as usize == hi).then_some((key & 0xffff) as usize)
+    });
     let Some((lo, above_lo)) = locate(&low, k as u64 - above_hi) else {
         return Cut::Everything;
     };
@@ -129,14 +115,46 @@ fn cut(n: usize, key: &(impl Fn(usize) -> Option<u32> + Sync), k: usize) -> Cut 
     }
 }
 
-/// Calls `take(i, &mut slots[i])` for the `k` largest `key(i)` among eligible
-/// positions (`None`: not eligible), fewer if fewer are eligible; among equal
-/// keys the lower flat index wins. Returns how many were taken.
+/// Counts of `digit(key(i))` over all positions: per block (a few blocks per
+/// thread), then summed. Generic, so that both closures inline.
+fn histogram(
+    n: usize,
+    block: usize,
+    key: &(impl Fn(usize) -> Option<u32> + Sync),
+    digit: impl Fn(u32) -> Option<usize> + Sync,
+) -> Vec<u64> {
+    let partial: Vec<Vec<u32>> = (0..n.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let mut h = vec![0u32; 1 << 16];
+            for i in b * block..((b + 1) * block).min(n) {
+                if let Some(d) = key(i).and_then(&digit) {
+                    h[d] += 1;
+                }
+            }
+            h
+        })
+        .collect();
+    let mut total = vec![0u64; 1 << 16];
+    for h in partial {
+        total
+            .iter_mut()
+            .zip(h)
+            .for_each(|(t, c)| *t += u64::from(c));
+    }
+    total
+}
+
+/// Calls `take(&mut slots[i], selected)` for every position, `selected` for
+/// the `k` largest `key(i)` among eligible positions (`None`: not eligible),
+/// fewer if fewer are eligible; among equal keys the lower flat index wins.
+/// (`take` sees every position so that it can be a select, not a branch.)
+/// Returns how many were selected.
 pub fn take_top_k<T: Send>(
     slots: &mut [T],
     key: impl Fn(usize) -> Option<u32> + Sync,
     k: usize,
-    take: impl Fn(&mut T) + Sync,
+    take: impl Fn(&mut T, bool) + Sync,
 ) -> u64 {
     let n = slots.len();
     let cut = cut(n, &key, k);
@@ -175,30 +193,25 @@ pub fn take_top_k<T: Send>(
         .map(|(c, chunk)| {
             let mut rank = before.as_ref().map_or(0, |b| b[c]);
             let mut taken = 0u64;
+            // Without branches on the keys: whether a position is eligible
+            // and above or at the threshold is a coin flip in OBIM's rounds.
+            let (threshold, ties_wanted, all) = match cut {
+                Cut::Nothing => (u32::MAX, 0, false),
+                Cut::Everything => (0, 0, true),
+                Cut::At {
+                    threshold,
+                    ties_wanted,
+                    ..
+                } => (threshold, ties_wanted, false),
+            };
+            let nothing = matches!(cut, Cut::Nothing);
             for (j, slot) in chunk.iter_mut().enumerate() {
-                let Some(key) = key(c * CHUNK + j) else {
-                    continue;
-                };
-                let selected = match cut {
-                    Cut::Nothing => false,
-                    Cut::Everything => true,
-                    Cut::At {
-                        threshold,
-                        ties_wanted,
-                        ..
-                    } => match key.cmp(&threshold) {
-                        Ordering::Greater => true,
-                        Ordering::Equal => {
-                            rank += 1;
-                            rank <= ties_wanted
-                        }
-                        Ordering::Less => false,
-                    },
-                };
-                if selected {
-                    take(slot);
-                    taken += 1;
-                }
+                let (eligible, key) = key(c * CHUNK + j).map_or((false, 0), |k| (true, k));
+                let tie = eligible & (key == threshold) & !nothing;
+                rank += usize::from(tie);
+                let selected = eligible & (all | (key > threshold) | (tie & (rank <= ties_wanted)));
+                take(slot, selected);
+                taken += u64::from(selected);
             }
             taken
         })
@@ -212,7 +225,7 @@ pub fn top_k(values: &[f32], eligible: impl Fn(usize) -> bool + Sync, k: usize) 
         &mut selected,
         |i| eligible(i).then(|| order_key(values[i])),
         k,
-        |s| *s = true,
+        |s, selected| *s = selected,
     );
     selected
 }
@@ -236,23 +249,77 @@ pub fn claim(owner: &mut [u8], scores: &[f32], quota: usize, k: u8) -> u64 {
         owner,
         |i| free[i].then(|| order_key(scores[i])),
         quota,
-        |o| *o = k,
+        |o, selected| *o = if selected { k } else { *o },
     )
 }
 
 /// Keeps the `max(1, ⌊density·n⌋)` largest |δ| (mergekit's `magnitude`),
-/// ties to the lower index; zeroes the rest.
-pub fn keep_largest(delta: &mut [f32], density: f64) {
-    if density >= 1.0 {
-        return;
-    }
-    let k = ((density * delta.len() as f64) as usize).max(1);
-    let mut keep = vec![false; delta.len()];
-    {
+/// ties to the lower index; zeroes the rest and multiplies what it keeps by
+/// `weight`. One pass after the cut is found (two when some ties at the
+/// threshold must go).
+pub fn keep_largest(delta: &mut [f32], density: f64, weight: f32) {
+    let n = delta.len();
+    let k = if density >= 1.0 {
+        n
+    } else {
+        ((density * n as f64) as usize).max(1)
+    };
+    // |δ|'s bits order like |δ| (NaN above infinity, as `order_key` has it).
+    let magnitude = |v: f32| v.to_bits() & 0x7fff_ffff;
+    let cut = {
         let d = &*delta;
-        take_top_k(&mut keep, |i| Some(order_key(d[i].abs())), k, |s| *s = true);
+        cut(n, &|i| Some(magnitude(d[i])), k)
+    };
+    match cut {
+        Cut::Nothing => update_chunks(delta, |_, c| c.fill(0.0)),
+        Cut::Everything => update_chunks(delta, |_, c| c.iter_mut().for_each(|v| *v *= weight)),
+        Cut::At {
+            threshold,
+            ties_wanted,
+            ties,
+        } if ties_wanted >= ties => update_chunks(delta, |_, c| {
+            c.iter_mut().for_each(|v| {
+                let keep = magnitude(*v) >= threshold;
+                *v = f32::from_bits((*v * weight).to_bits() & u32::from(keep).wrapping_neg());
+            });
+        }),
+        Cut::At {
+            threshold,
+            ties_wanted,
+            ..
+        } => {
+            // The ties at the threshold before each chunk, then one pass.
+            let per_chunk: Vec<usize> = delta
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().filter(|v| magnitude(**v) == threshold).count())
+                .collect();
+            let mut running = 0;
+            let before: Vec<usize> = per_chunk
+                .iter()
+                .map(|t| {
+                    let b = running;
+                    running += t;
+                    b
+                })
+                .collect();
+            delta
+                .par_chunks_mut(CHUNK)
+                .zip(before)
+                .for_each(|(chunk, mut rank)| {
+                    for v in chunk {
+                        // No branches: in bf16-made deltas many values sit
+                        // at the threshold, so neither test is predictable.
+                        let m = magnitude(*v);
+                        let tie = m == threshold;
+                        rank += usize::from(tie);
+                        let keep = (m > threshold) | (tie & (rank <= ties_wanted));
+                        *v = f32::from_bits(
+                            (*v * weight).to_bits() & u32::from(keep).wrapping_neg(),
+                        );
+                    }
+                });
+        }
     }
-    update(delta, |i, d| if keep[i] { d } else { 0.0 });
 }
 
 /// DARE's keep mask: element i is kept when the i-th output of a SplitMix64
@@ -297,17 +364,6 @@ pub fn rescale_l1(sparse: &mut [f32], original_l1: f64) {
     }
     let factor = (original_l1 / after) as f32;
     update(sparse, |_, x| x * factor);
-}
-
-/// The sign of x as mergekit's `torch.sign`: −1, 0 or 1.
-pub fn sign(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
 }
 
 /// Spherical interpolation of two whole tensors (mergekit 0.1.5 `slerp`),

@@ -86,12 +86,18 @@ pub fn merge_tensor(
             };
             rest.shrink_to_fit();
             // mergekit: result = 0; result += xₖ·wₖ in order; result /= Σw.
-            kernels::update(&mut out, |i, x0| {
-                let mut acc = x0 * weights[0];
+            kernels::update_chunks(&mut out, |start, o| {
+                let len = o.len();
+                o.iter_mut().for_each(|v| *v *= weights[0]);
                 for (k, x) in rest.iter().enumerate() {
-                    acc += x[i] * weights[k + 1];
+                    let w = weights[k + 1];
+                    for (v, x) in o.iter_mut().zip(&x[start..start + len]) {
+                        *v += x * w;
+                    }
                 }
-                if normalize { acc / total } else { acc }
+                if normalize {
+                    o.iter_mut().for_each(|v| *v /= total);
+                }
             });
             Ok(spare(out, rest))
         }
@@ -182,10 +188,16 @@ fn task_arithmetic_family(
     for (k, d) in deltas.iter_mut().enumerate() {
         kernels::subtract(d, &base);
         let density = s.inputs[k].density.unwrap_or(1.0);
+        let w = weights[k];
+        if method == Method::Ties && density < 1.0 && !rescale {
+            // Trim and weight in one pass (the same products as in two).
+            kernels::keep_largest(d, density, w);
+            continue;
+        }
         if sparsifies && density < 1.0 {
             let original = if rescale { kernels::l1(d) } else { 0.0 };
             if method == Method::Ties {
-                kernels::keep_largest(d, density);
+                kernels::keep_largest(d, density, 1.0);
             } else {
                 kernels::keep_random(d, density, dare_stream(seed, ctx.name, k));
             }
@@ -193,8 +205,7 @@ fn task_arithmetic_family(
                 kernels::rescale_l1(d, original);
             }
         }
-        let w = weights[k];
-        kernels::update(d, |_, v| v * w);
+        kernels::update_chunks(d, |_, c| c.iter_mut().for_each(|v| *v *= w));
     }
     kernels::update_chunks(&mut base, |start, b| {
         let len = b.len();
@@ -219,11 +230,13 @@ fn task_arithmetic_family(
                     .zip(part(d, start, len))
                     .zip(&sum)
                 {
-                    let majority = if *s >= 0.0 { 1.0 } else { -1.0 };
-                    if kernels::sign(*d) == majority {
-                        *m += d;
-                        *a += w;
-                    }
+                    // sign(δ) equals the elected sign (+1 when Σ ≥ 0, else −1),
+                    // as a select rather than a branch (agreement is a coin
+                    // flip). Adding +0.0 changes nothing: `m` is never −0.0.
+                    let up = *s >= 0.0;
+                    let agree = (*d > 0.0 && up) | (*d < 0.0 && !up);
+                    *m += if agree { *d } else { 0.0 };
+                    *a += if agree { w } else { 0.0 };
                 }
             }
             if normalize {
@@ -295,7 +308,11 @@ fn obim(
             (Saliency::Obd, Some(ObdStats::Tokens(t))) => {
                 kernels::update(&mut scores, |i, _| (d[i] as f64 * d[i] as f64 * t) as f32)
             }
-            _ => kernels::update(&mut scores, |i, _| d[i] * d[i]),
+            _ => kernels::update_chunks(&mut scores, |start, c| {
+                for (s, d) in c.iter_mut().zip(&d[start..]) {
+                    *s = d * d;
+                }
+            }),
         }
         let quota = kernels::quota(s.inputs[k].retain.unwrap_or(0.0), n);
         won[k] = kernels::claim(&mut owner, &scores, quota, k as u8);
