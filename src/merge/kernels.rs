@@ -238,17 +238,39 @@ pub fn quota(ratio: f64, n: usize) -> usize {
     (ratio * n as f64).round().max(0.0) as usize
 }
 
+/// OBIM's selection keys for one input: `score(i)`'s order key where
+/// position i is free (always ≥ 1; scores are ≥ 0, so in fact ≥ 2³¹), 0
+/// where it is owned. Returns how many positions are free.
+pub fn free_keys(keys: &mut [u32], owner: &[u8], score: impl Fn(usize) -> f32 + Sync) -> usize {
+    keys.par_chunks_mut(CHUNK)
+        .zip(owner.par_chunks(CHUNK))
+        .enumerate()
+        .map(|(c, (keys, owner))| {
+            let mut free = 0;
+            for (j, (key, o)) in keys.iter_mut().zip(owner).enumerate() {
+                let is_free = *o == UNOWNED;
+                free += usize::from(is_free);
+                *key = if is_free {
+                    order_key(score(c * CHUNK + j)).max(1)
+                } else {
+                    0
+                };
+            }
+            free
+        })
+        .sum()
+}
+
 /// One step of OBIM's exclusive iterative masking (DESIGN §3): input `k`
 /// takes, among positions nobody owns yet, the `quota` with the largest
-/// `scores` (fewer if fewer remain). Returns how many it took.
-pub fn claim(owner: &mut [u8], scores: &[f32], quota: usize, k: u8) -> u64 {
-    // Only free positions are eligible; which are free is read before any
-    // owner of this step is written.
-    let free: Vec<bool> = owner.par_iter().map(|o| *o == UNOWNED).collect();
+/// keys (see [`free_keys`]; fewer if fewer remain). Returns how many it
+/// took. With the quota capped at the free count, a key of 0 is never
+/// taken, so no pass has to branch on who owns what.
+pub fn claim(owner: &mut [u8], keys: &[u32], free: usize, quota: usize, k: u8) -> u64 {
     take_top_k(
         owner,
-        |i| free[i].then(|| order_key(scores[i])),
-        quota,
+        |i| Some(keys[i]),
+        quota.min(free),
         |o, selected| *o = if selected { k } else { *o },
     )
 }
@@ -456,11 +478,18 @@ mod tests {
         // Input 1 picks first and takes the two largest of its scores; input 0
         // takes the best two of what is left.
         let mut owner = vec![UNOWNED; 5];
-        assert_eq!(claim(&mut owner, &[0.0, 5.0, 6.0, 0.0, 0.0], 2, 1), 2);
-        assert_eq!(claim(&mut owner, &[9.0, 8.0, 7.0, 1.0, 0.5], 2, 0), 2);
+        let mut keys = vec![0u32; 5];
+        let mut step = |owner: &mut Vec<u8>, scores: [f32; 5], quota, k| {
+            let free = free_keys(&mut keys, owner, |i| scores[i]);
+            claim(owner, &keys, free, quota, k)
+        };
+        assert_eq!(step(&mut owner, [0.0, 5.0, 6.0, 0.0, 0.0], 2, 1), 2);
+        assert_eq!(step(&mut owner, [9.0, 8.0, 7.0, 1.0, 0.5], 2, 0), 2);
         assert_eq!(owner, vec![0, 1, 1, 0, UNOWNED]);
-        // A quota larger than what remains is cut short.
-        assert_eq!(claim(&mut owner, &[1.0; 5], 4, 2), 1);
+        // A quota larger than what remains is cut short; a zero score is
+        // still a free position's, and taken.
+        assert_eq!(step(&mut owner, [1.0, 1.0, 1.0, 1.0, 0.0], 4, 2), 1);
+        assert_eq!(owner, vec![0, 1, 1, 0, 2]);
     }
 
     #[test]

@@ -287,10 +287,10 @@ fn obim(
     }
     let mut owner = vec![kernels::UNOWNED; n];
     let mut won = vec![0u64; deltas.len()];
-    let mut scores = vec![0f32; n];
+    let mut keys = vec![0u32; n];
     for &k in &s.order {
         let d = &deltas[k];
-        match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
+        let free = match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
             (Saliency::Obd, Some(ObdStats::Columns(dj))) => {
                 if dj.len() != cols {
                     return Err(MergeError::Invalid {
@@ -301,21 +301,19 @@ fn obim(
                         ),
                     });
                 }
-                kernels::update(&mut scores, |i, _| {
+                kernels::free_keys(&mut keys, &owner, |i| {
                     (d[i] as f64 * d[i] as f64 * f64::from(dj[i % cols])) as f32
                 })
             }
             (Saliency::Obd, Some(ObdStats::Tokens(t))) => {
-                kernels::update(&mut scores, |i, _| (d[i] as f64 * d[i] as f64 * t) as f32)
+                kernels::free_keys(&mut keys, &owner, |i| {
+                    (d[i] as f64 * d[i] as f64 * t) as f32
+                })
             }
-            _ => kernels::update_chunks(&mut scores, |start, c| {
-                for (s, d) in c.iter_mut().zip(&d[start..]) {
-                    *s = d * d;
-                }
-            }),
-        }
+            _ => kernels::free_keys(&mut keys, &owner, |i| d[i] * d[i]),
+        };
         let quota = kernels::quota(s.inputs[k].retain.unwrap_or(0.0), n);
-        won[k] = kernels::claim(&mut owner, &scores, quota, k as u8);
+        won[k] = kernels::claim(&mut owner, &keys, free, quota, k as u8);
     }
     let scale = s.params.scale.unwrap_or(1.0) as f32;
     kernels::update(&mut base, |i, b| match owner[i] {
