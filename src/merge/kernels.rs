@@ -23,7 +23,7 @@ pub fn update(values: &mut [f32], f: impl Fn(usize, f32) -> f32 + Sync) {
 
 /// `f(start, chunk)` on consecutive chunks of `values`, in parallel, for
 /// loops the compiler can vectorize.
-pub fn update_chunks(values: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+pub fn update_chunks<T: Send>(values: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
     values
         .par_chunks_mut(CHUNK)
         .enumerate()
@@ -41,77 +41,155 @@ pub fn subtract(x: &mut [f32], base: &[f32]) {
 
 /// A u32 whose order is `f32::total_cmp`'s.
 pub fn order_key(v: f32) -> u32 {
+    // Negative: all bits flipped; otherwise the sign bit set. No branch.
     let bits = v.to_bits();
-    if bits & 0x8000_0000 != 0 {
-        !bits
-    } else {
-        bits | 0x8000_0000
-    }
+    bits ^ (((bits as i32) >> 31) as u32 | 0x8000_0000)
 }
 
 /// Where the k largest keys end: everything above `threshold`, and of the
-/// keys equal to it the `ties_wanted` with the lowest indices.
-#[derive(Debug, Clone, Copy)]
+/// keys equal to it the `ties_wanted` with the lowest indices; per chunk of
+/// `CHUNK` positions, the ties before it and in it.
+#[derive(Debug, Clone)]
 enum Cut {
     Nothing,
     Everything,
     At {
         threshold: u32,
         ties_wanted: usize,
-        ties: usize,
+        chunks: Vec<(usize, usize)>,
     },
 }
 
+/// Which keys of one chunk are among the k largest.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    Nothing,
+    /// Every key at least this.
+    From(u32),
+    /// Every key above `threshold`, and of the ties the first up to rank
+    /// `wanted`, counting from `rank` (the ties before the chunk).
+    Ranked {
+        threshold: u32,
+        rank: usize,
+        wanted: usize,
+    },
+}
+
+impl Cut {
+    /// The rule for chunk `c`: chunks before the cut take all their ties,
+    /// chunks after it none, and only the one the cut falls in ranks them.
+    fn rule(&self, c: usize) -> Rule {
+        match *self {
+            Cut::Nothing => Rule::Nothing,
+            Cut::Everything => Rule::From(0),
+            Cut::At {
+                threshold,
+                ties_wanted,
+                ref chunks,
+            } => {
+                let (before, ties) = chunks[c];
+                if before + ties <= ties_wanted {
+                    Rule::From(threshold)
+                } else if before >= ties_wanted {
+                    threshold.checked_add(1).map_or(Rule::Nothing, Rule::From)
+                } else {
+                    Rule::Ranked {
+                        threshold,
+                        rank: before,
+                        wanted: ties_wanted,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Below this many positions, selection sorts partially instead of counting.
+const SMALL: usize = 1 << 20;
+
 /// Finds the cut for the `k` largest of `key(i)` (`None`: not eligible).
-/// O(n) and parallel: a radix select over 16-bit digits (two counting
-/// passes); small inputs use `select_nth_unstable`.
-fn cut(n: usize, key: &(impl Fn(usize) -> Option<u32> + Sync), k: usize) -> Cut {
+/// O(n) and parallel: a radix select over 16-bit digits: a histogram of the
+/// high digits (skipped when the caller counted them: `high`), then per
+/// chunk the low digits of the keys in the chosen high bucket, which give
+/// the threshold and the ties in each chunk. Small inputs use
+/// `select_nth_unstable`.
+fn cut(
+    n: usize,
+    key: &(impl Fn(usize) -> Option<u32> + Sync),
+    k: usize,
+    high: Option<Vec<u64>>,
+) -> Cut {
     if k == 0 {
         return Cut::Nothing;
     }
-    if n < 1 << 20 {
+    let range = |c: usize| c * CHUNK..((c + 1) * CHUNK).min(n);
+    let (threshold, greater, ties): (u32, usize, Vec<usize>) = if n < SMALL {
         let mut keys: Vec<u32> = (0..n).filter_map(key).collect();
         if k >= keys.len() {
             return Cut::Everything;
         }
         let (_, &mut threshold, _) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
         let greater = keys.iter().filter(|x| **x > threshold).count();
-        let ties = keys.iter().filter(|x| **x == threshold).count();
-        return Cut::At {
-            threshold,
-            ties_wanted: k - greater,
-            ties,
-        };
-    }
-    // Histograms of a 16-bit digit per block (a few blocks per thread), summed.
-    let blocks = (rayon::current_num_threads() * 4).max(1);
-    let block = n.div_ceil(blocks).max(1);
-    // From the largest digit down: the digit holding the k-th largest, and the count above it.
-    let locate = |h: &[u64], k: u64| -> Option<(usize, u64)> {
-        let mut above = 0u64;
-        for d in (0..h.len()).rev() {
-            if above + h[d] >= k {
-                return Some((d, above));
+        let ties = (0..n.div_ceil(CHUNK))
+            .map(|c| range(c).filter(|&i| key(i) == Some(threshold)).count())
+            .collect();
+        (threshold, greater, ties)
+    } else {
+        // From the largest digit down: the digit holding the k-th largest,
+        // and the count above it.
+        let locate = |h: &[u64], k: u64| -> Option<(usize, u64)> {
+            let mut above = 0u64;
+            for d in (0..h.len()).rev() {
+                if above + h[d] >= k {
+                    return Some((d, above));
+                }
+                above += h[d];
             }
-            above += h[d];
-        }
-        None
+            None
+        };
+        let high = high.unwrap_or_else(|| {
+            // A few blocks per thread.
+            let block = n.div_ceil((rayon::current_num_threads() * 4).max(1));
+            histogram(n, block, key, |key| Some((key >> 16) as usize))
+        });
+        let Some((hi, above_hi)) = locate(&high, k as u64) else {
+            return Cut::Everything;
+        };
+        let lows: Vec<Vec<u16>> = (0..n.div_ceil(CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                range(c)
+                    .filter_map(|i| key(i).filter(|key| (key >> 16) as usize == hi))
+                    .map(|key| key as u16)
+                    .collect()
+            })
+            .collect();
+        let mut low = vec![0u64; 1 << 16];
+        lows.iter()
+            .flatten()
+            .for_each(|&l| low[usize::from(l)] += 1);
+        let Some((lo, above_lo)) = locate(&low, k as u64 - above_hi) else {
+            return Cut::Everything;
+        };
+        let ties = lows
+            .par_iter()
+            .map(|l| l.iter().filter(|&&l| usize::from(l) == lo).count())
+            .collect();
+        let threshold = ((hi as u32) << 16) | lo as u32;
+        (threshold, (above_hi + above_lo) as usize, ties)
     };
-    let high = histogram(n, block, key, |key| Some((key >> 16) as usize));
-    let Some((hi, above_hi)) = locate(&high, k as u64) else {
-        return Cut::Everything;
-    };
-    let low = histogram(n, block, key, |key| {
-        ((key >> 16) as usize == hi).then_some((key & 0xffff) as usize)
-    });
-    let Some((lo, above_lo)) = locate(&low, k as u64 - above_hi) else {
-        return Cut::Everything;
-    };
-    let greater = (above_hi + above_lo) as usize;
+    let chunks = ties
+        .iter()
+        .scan(0, |running, &t| {
+            let before = *running;
+            *running += t;
+            Some((before, t))
+        })
+        .collect();
     Cut::At {
-        threshold: ((hi as u32) << 16) | lo as u32,
+        threshold,
         ties_wanted: k - greater,
-        ties: low[lo] as usize,
+        chunks,
     }
 }
 
@@ -145,91 +223,6 @@ fn histogram(
     total
 }
 
-/// Calls `take(&mut slots[i], selected)` for every position, `selected` for
-/// the `k` largest `key(i)` among eligible positions (`None`: not eligible),
-/// fewer if fewer are eligible; among equal keys the lower flat index wins.
-/// (`take` sees every position so that it can be a select, not a branch.)
-/// Returns how many were selected.
-pub fn take_top_k<T: Send>(
-    slots: &mut [T],
-    key: impl Fn(usize) -> Option<u32> + Sync,
-    k: usize,
-    take: impl Fn(&mut T, bool) + Sync,
-) -> u64 {
-    let n = slots.len();
-    let cut = cut(n, &key, k);
-    // When some ties must be left out, count the ties before each chunk first.
-    let before: Option<Vec<usize>> = match cut {
-        Cut::At {
-            threshold,
-            ties_wanted,
-            ties,
-        } if ties_wanted < ties => {
-            let per_chunk: Vec<usize> = (0..n.div_ceil(CHUNK))
-                .into_par_iter()
-                .map(|c| {
-                    (c * CHUNK..((c + 1) * CHUNK).min(n))
-                        .filter(|&i| key(i) == Some(threshold))
-                        .count()
-                })
-                .collect();
-            let mut running = 0;
-            Some(
-                per_chunk
-                    .iter()
-                    .map(|t| {
-                        let before = running;
-                        running += t;
-                        before
-                    })
-                    .collect(),
-            )
-        }
-        _ => None,
-    };
-    slots
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .map(|(c, chunk)| {
-            let mut rank = before.as_ref().map_or(0, |b| b[c]);
-            let mut taken = 0u64;
-            // Without branches on the keys: whether a position is eligible
-            // and above or at the threshold is a coin flip in OBIM's rounds.
-            let (threshold, ties_wanted, all) = match cut {
-                Cut::Nothing => (u32::MAX, 0, false),
-                Cut::Everything => (0, 0, true),
-                Cut::At {
-                    threshold,
-                    ties_wanted,
-                    ..
-                } => (threshold, ties_wanted, false),
-            };
-            let nothing = matches!(cut, Cut::Nothing);
-            for (j, slot) in chunk.iter_mut().enumerate() {
-                let (eligible, key) = key(c * CHUNK + j).map_or((false, 0), |k| (true, k));
-                let tie = eligible & (key == threshold) & !nothing;
-                rank += usize::from(tie);
-                let selected = eligible & (all | (key > threshold) | (tie & (rank <= ties_wanted)));
-                take(slot, selected);
-                taken += u64::from(selected);
-            }
-            taken
-        })
-        .sum()
-}
-
-/// Marks the `k` largest `values` among the `eligible` positions; see [`take_top_k`].
-pub fn top_k(values: &[f32], eligible: impl Fn(usize) -> bool + Sync, k: usize) -> Vec<bool> {
-    let mut selected = vec![false; values.len()];
-    take_top_k(
-        &mut selected,
-        |i| eligible(i).then(|| order_key(values[i])),
-        k,
-        |s, selected| *s = selected,
-    );
-    selected
-}
-
 /// No owner.
 pub const UNOWNED: u8 = u8::MAX;
 
@@ -238,41 +231,123 @@ pub fn quota(ratio: f64, n: usize) -> usize {
     (ratio * n as f64).round().max(0.0) as usize
 }
 
-/// OBIM's selection keys for one input: `score(i)`'s order key where
-/// position i is free (always ≥ 1; scores are ≥ 0, so in fact ≥ 2³¹), 0
-/// where it is owned. Returns how many positions are free.
-pub fn free_keys(keys: &mut [u32], owner: &[u8], score: impl Fn(usize) -> f32 + Sync) -> usize {
-    keys.par_chunks_mut(CHUNK)
+/// The keys of one OBIM round: how many positions are free, and for large
+/// tensors the histogram of the keys' high 16 bits (the first counting pass
+/// of the selection, done while the keys are made).
+pub struct Round {
+    free: usize,
+    high: Option<Vec<u64>>,
+}
+
+/// Fills `keys` with claim keys: `saliency(start, chunk)` writes the
+/// saliencies (f32 bits) of a chunk of positions, which become, while the
+/// chunk is in cache, their `order_key`, at least 1, where nobody owns the
+/// position yet, and 0 where somebody does.
+pub fn free_keys(
+    keys: &mut [u32],
+    owner: &[u8],
+    saliency: impl Fn(usize, &mut [u32]) + Sync,
+) -> Round {
+    let count = keys.len() >= SMALL;
+    // Owned positions (key 0) are counted in spare bins past the end, spread
+    // so that the increments do not wait on each other; free keys are
+    // at least 1 << 31, so no free key shares their high digits.
+    const SPARE: usize = 8;
+    let parts: Vec<(usize, Vec<u32>)> = keys
+        .par_chunks_mut(CHUNK)
         .zip(owner.par_chunks(CHUNK))
         .enumerate()
-        .map(|(c, (keys, owner))| {
-            let mut free = 0;
-            for (j, (key, o)) in keys.iter_mut().zip(owner).enumerate() {
-                let is_free = *o == UNOWNED;
-                free += usize::from(is_free);
-                *key = if is_free {
-                    order_key(score(c * CHUNK + j)).max(1)
-                } else {
-                    0
-                };
-            }
-            free
-        })
-        .sum()
+        .fold(
+            || (0, vec![0u32; if count { (1 << 16) + SPARE } else { 0 }]),
+            |(mut free, mut high), (c, (keys, owner))| {
+                saliency(c * CHUNK, keys);
+                let mut n = 0u32;
+                for (key, &o) in keys.iter_mut().zip(owner) {
+                    let is_free = o == UNOWNED;
+                    n += u32::from(is_free);
+                    *key =
+                        order_key(f32::from_bits(*key)).max(1) & u32::from(is_free).wrapping_neg();
+                }
+                free += n as usize;
+                if count {
+                    for (j, &key) in keys.iter().enumerate() {
+                        let bin = if key == 0 {
+                            (1 << 16) + j % SPARE
+                        } else {
+                            (key >> 16) as usize
+                        };
+                        high[bin] += 1;
+                    }
+                }
+                (free, high)
+            },
+        )
+        .collect();
+    let free = parts.iter().map(|(f, _)| f).sum();
+    let high = count.then(|| {
+        let mut total = vec![0u64; 1 << 16];
+        for (_, h) in &parts {
+            total
+                .iter_mut()
+                .zip(h)
+                .for_each(|(t, &c)| *t += u64::from(c));
+        }
+        total
+    });
+    Round { free, high }
 }
 
 /// One step of OBIM's exclusive iterative masking (DESIGN §3): input `k`
 /// takes, among positions nobody owns yet, the `quota` with the largest
-/// keys (see [`free_keys`]; fewer if fewer remain). Returns how many it
-/// took. With the quota capped at the free count, a key of 0 is never
-/// taken, so no pass has to branch on who owns what.
-pub fn claim(owner: &mut [u8], keys: &[u32], free: usize, quota: usize, k: u8) -> u64 {
-    take_top_k(
-        owner,
-        |i| Some(keys[i]),
-        quota.min(free),
-        |o, selected| *o = if selected { k } else { *o },
-    )
+/// keys (see [`free_keys`]; fewer if fewer remain), among equal keys the
+/// lower flat index. Returns how many it took. With the quota capped at the
+/// free count the threshold is at least 1, so an owned position (key 0) is
+/// never taken and no pass branches on who owns what.
+pub fn claim(owner: &mut [u8], keys: &[u32], round: Round, quota: usize, k: u8) -> u64 {
+    let cut = cut(
+        keys.len(),
+        &|i| Some(keys[i]),
+        quota.min(round.free),
+        round.high,
+    );
+    owner
+        .par_chunks_mut(CHUNK)
+        .zip(keys.par_chunks(CHUNK))
+        .enumerate()
+        .map(|(c, (owner, keys))| match cut.rule(c) {
+            Rule::Nothing => 0,
+            // (`Everything` is `From(0)`; owned positions, key 0, stay owned.)
+            Rule::From(t) => take_where(owner, keys, k, |key| key >= t.max(1)),
+            Rule::Ranked {
+                threshold,
+                mut rank,
+                wanted,
+            } => {
+                let mut taken = 0u64;
+                for (o, &key) in owner.iter_mut().zip(keys) {
+                    let tie = key == threshold;
+                    rank += usize::from(tie);
+                    let selected = (key > threshold) | (tie & (rank <= wanted));
+                    *o = if selected { k } else { *o };
+                    taken += u64::from(selected);
+                }
+                taken
+            }
+        })
+        .sum()
+}
+
+/// Gives position `i` to `k` where `selected(keys[i])`; returns how many.
+fn take_where(owner: &mut [u8], keys: &[u32], k: u8, selected: impl Fn(u32) -> bool) -> u64 {
+    let mut taken = 0u32;
+    for (o, &key) in owner.iter_mut().zip(keys) {
+        let selected = selected(key);
+        // A select on bits: with `if`, the compiler may keep a branch.
+        let m = u8::from(selected).wrapping_neg();
+        *o = (k & m) | (*o & !m);
+        taken += u32::from(selected);
+    }
+    u64::from(taken)
 }
 
 /// Keeps the `max(1, ⌊density·n⌋)` largest |δ| (mergekit's `magnitude`),
@@ -290,58 +365,32 @@ pub fn keep_largest(delta: &mut [f32], density: f64, weight: f32) {
     let magnitude = |v: f32| v.to_bits() & 0x7fff_ffff;
     let cut = {
         let d = &*delta;
-        cut(n, &|i| Some(magnitude(d[i])), k)
+        cut(n, &|i| Some(magnitude(d[i])), k, None)
     };
-    match cut {
-        Cut::Nothing => update_chunks(delta, |_, c| c.fill(0.0)),
-        Cut::Everything => update_chunks(delta, |_, c| c.iter_mut().for_each(|v| *v *= weight)),
-        Cut::At {
-            threshold,
-            ties_wanted,
-            ties,
-        } if ties_wanted >= ties => update_chunks(delta, |_, c| {
-            c.iter_mut().for_each(|v| {
-                let keep = magnitude(*v) >= threshold;
-                *v = f32::from_bits((*v * weight).to_bits() & u32::from(keep).wrapping_neg());
-            });
-        }),
-        Cut::At {
-            threshold,
-            ties_wanted,
-            ..
-        } => {
-            // The ties at the threshold before each chunk, then one pass.
-            let per_chunk: Vec<usize> = delta
-                .par_chunks(CHUNK)
-                .map(|c| c.iter().filter(|v| magnitude(**v) == threshold).count())
-                .collect();
-            let mut running = 0;
-            let before: Vec<usize> = per_chunk
-                .iter()
-                .map(|t| {
-                    let b = running;
-                    running += t;
-                    b
-                })
-                .collect();
-            delta
-                .par_chunks_mut(CHUNK)
-                .zip(before)
-                .for_each(|(chunk, mut rank)| {
-                    for v in chunk {
-                        // No branches: in bf16-made deltas many values sit
-                        // at the threshold, so neither test is predictable.
-                        let m = magnitude(*v);
-                        let tie = m == threshold;
-                        rank += usize::from(tie);
-                        let keep = (m > threshold) | (tie & (rank <= ties_wanted));
-                        *v = f32::from_bits(
-                            (*v * weight).to_bits() & u32::from(keep).wrapping_neg(),
-                        );
-                    }
-                });
-        }
-    }
+    // Keeps or zeroes without branches: in bf16-made deltas many values sit
+    // at the threshold, so no test on them is predictable.
+    let keep = |v: f32, keep: bool| {
+        f32::from_bits((v * weight).to_bits() & u32::from(keep).wrapping_neg())
+    };
+    delta
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| match cut.rule(c) {
+            Rule::Nothing => chunk.fill(0.0),
+            Rule::From(t) => chunk
+                .iter_mut()
+                .for_each(|v| *v = keep(*v, magnitude(*v) >= t)),
+            Rule::Ranked {
+                threshold,
+                mut rank,
+                wanted,
+            } => chunk.iter_mut().for_each(|v| {
+                let m = magnitude(*v);
+                let tie = m == threshold;
+                rank += usize::from(tie);
+                *v = keep(*v, (m > threshold) | (tie & (rank <= wanted)));
+            }),
+        });
 }
 
 /// DARE's keep mask: element i is kept when the i-th output of a SplitMix64
@@ -428,6 +477,21 @@ pub fn slerp(t: f64, a: &mut [f32], b: &[f32]) {
 mod tests {
     use super::*;
 
+    /// The `k` largest `values` among the `eligible` positions, by [`claim`].
+    fn top_k(values: &[f32], eligible: impl Fn(usize) -> bool, k: usize) -> Vec<bool> {
+        let mut owner: Vec<u8> = (0..values.len())
+            .map(|i| if eligible(i) { UNOWNED } else { 1 })
+            .collect();
+        let mut keys = vec![0u32; values.len()];
+        let round = free_keys(&mut keys, &owner, |start, keys| {
+            for (key, v) in keys.iter_mut().zip(&values[start..]) {
+                *key = v.to_bits();
+            }
+        });
+        claim(&mut owner, &keys, round, k, 0);
+        owner.iter().map(|o| *o == 0).collect()
+    }
+
     #[test]
     fn top_k_breaks_ties_by_index() {
         let values = [1.0, 3.0, 3.0, 2.0, 3.0];
@@ -474,14 +538,37 @@ mod tests {
     }
 
     #[test]
+    fn keep_largest_agrees_with_sorting() {
+        // The counting path, with ties at the threshold across chunk borders.
+        let n = (1 << 20) + 333;
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 - 400.0).collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
+        for density in [0.001, 0.3, 0.5, 0.999] {
+            let mut kept = values.clone();
+            keep_largest(&mut kept, density, 2.0);
+            let mut expected = vec![0.0f32; n];
+            let k = (density * n as f64) as usize;
+            order[..k]
+                .iter()
+                .for_each(|&i| expected[i] = values[i] * 2.0);
+            assert!(kept == expected, "density {density}");
+        }
+    }
+
+    #[test]
     fn exclusive_claims() {
         // Input 1 picks first and takes the two largest of its scores; input 0
         // takes the best two of what is left.
         let mut owner = vec![UNOWNED; 5];
         let mut keys = vec![0u32; 5];
         let mut step = |owner: &mut Vec<u8>, scores: [f32; 5], quota, k| {
-            let free = free_keys(&mut keys, owner, |i| scores[i]);
-            claim(owner, &keys, free, quota, k)
+            let round = free_keys(&mut keys, owner, |_, keys| {
+                keys.iter_mut()
+                    .zip(scores)
+                    .for_each(|(k, s)| *k = s.to_bits())
+            });
+            claim(owner, &keys, round, quota, k)
         };
         assert_eq!(step(&mut owner, [0.0, 5.0, 6.0, 0.0, 0.0], 2, 1), 2);
         assert_eq!(step(&mut owner, [9.0, 8.0, 7.0, 1.0, 0.5], 2, 0), 2);

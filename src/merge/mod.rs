@@ -6,6 +6,8 @@
 
 pub mod kernels;
 
+use std::cell::RefCell;
+
 use crate::methods::Method;
 use crate::recipe::{Saliency, TakeFrom, TensorSettings};
 
@@ -281,16 +283,60 @@ fn obim(
     ctx: &TensorContext,
 ) -> Result<Merged, MergeError> {
     let n = base.len();
-    let cols = ctx.shape.last().copied().unwrap_or(1).max(1);
     for d in deltas.iter_mut() {
         kernels::subtract(d, &base);
     }
-    let mut owner = vec![kernels::UNOWNED; n];
     let mut won = vec![0u64; deltas.len()];
-    let mut keys = vec![0u32; n];
+    OBIM_SCRATCH.with_borrow_mut(|(owner, keys)| {
+        owner.clear();
+        owner.resize(n, kernels::UNOWNED);
+        keys.resize(n, 0);
+        obim_claims(s, &deltas, ctx, owner, &mut keys[..n], &mut won)?;
+        let scale = s.params.scale.unwrap_or(1.0) as f32;
+        let owner = &owner[..];
+        // Chunk by chunk, every input's winnings, the chunk kept in cache.
+        kernels::update_chunks(&mut base, |start, base| {
+            let owner = &owner[start..start + base.len()];
+            for (k, d) in deltas.iter().enumerate() {
+                let (k, d) = (k as u8, &d[start..start + base.len()]);
+                for ((b, &o), &d) in base.iter_mut().zip(owner).zip(d) {
+                    // A select on bits: the compiler keeps a branch for `if`.
+                    let won = u32::from(o == k).wrapping_neg();
+                    let sum = (*b + scale * d).to_bits();
+                    *b = f32::from_bits((sum & won) | (b.to_bits() & !won));
+                }
+            }
+        });
+        Ok(())
+    })?;
+    Ok(Merged {
+        values: base,
+        won: Some(won),
+        spare: deltas,
+    })
+}
+
+thread_local! {
+    /// OBIM's owner and key buffers, kept between tensors: fresh ones cost
+    /// a page fault per 4 KiB on every tensor.
+    static OBIM_SCRATCH: RefCell<(Vec<u8>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// OBIM's rounds: each input in `s.order` claims its quota of the positions
+/// left (`owner[i]`: the input that won position `i`).
+fn obim_claims(
+    s: &TensorSettings,
+    deltas: &[Vec<f32>],
+    ctx: &TensorContext,
+    owner: &mut [u8],
+    keys: &mut [u32],
+    won: &mut [u64],
+) -> Result<(), MergeError> {
+    let n = owner.len();
+    let cols = ctx.shape.last().copied().unwrap_or(1).max(1);
     for &k in &s.order {
         let d = &deltas[k];
-        let free = match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
+        let round = match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
             (Saliency::Obd, Some(ObdStats::Columns(dj))) => {
                 if dj.len() != cols {
                     return Err(MergeError::Invalid {
@@ -301,31 +347,37 @@ fn obim(
                         ),
                     });
                 }
-                kernels::free_keys(&mut keys, &owner, |i| {
-                    (d[i] as f64 * d[i] as f64 * f64::from(dj[i % cols])) as f32
+                kernels::free_keys(keys, owner, |start, keys| {
+                    // Row by row, so that d_j is a slice too.
+                    let mut i = 0;
+                    while i < keys.len() {
+                        let col = (start + i) % cols;
+                        let len = (cols - col).min(keys.len() - i);
+                        let row = keys[i..i + len].iter_mut().zip(&d[start + i..]);
+                        for ((key, &d), &dj) in row.zip(&dj[col..col + len]) {
+                            *key = ((d as f64 * d as f64 * f64::from(dj)) as f32).to_bits();
+                        }
+                        i += len;
+                    }
                 })
             }
             (Saliency::Obd, Some(ObdStats::Tokens(t))) => {
-                kernels::free_keys(&mut keys, &owner, |i| {
-                    (d[i] as f64 * d[i] as f64 * t) as f32
+                kernels::free_keys(keys, owner, |start, keys| {
+                    for (key, &d) in keys.iter_mut().zip(&d[start..]) {
+                        *key = ((d as f64 * d as f64 * t) as f32).to_bits();
+                    }
                 })
             }
-            _ => kernels::free_keys(&mut keys, &owner, |i| d[i] * d[i]),
+            _ => kernels::free_keys(keys, owner, |start, keys| {
+                for (key, &d) in keys.iter_mut().zip(&d[start..]) {
+                    *key = (d * d).to_bits();
+                }
+            }),
         };
         let quota = kernels::quota(s.inputs[k].retain.unwrap_or(0.0), n);
-        won[k] = kernels::claim(&mut owner, &keys, free, quota, k as u8);
+        won[k] = kernels::claim(owner, keys, round, quota, k as u8);
     }
-    let scale = s.params.scale.unwrap_or(1.0) as f32;
-    kernels::update(&mut base, |i, b| match owner[i] {
-        kernels::UNOWNED => b,
-        k if scale == 1.0 => b + deltas[k as usize][i],
-        k => b + scale * deltas[k as usize][i],
-    });
-    Ok(Merged {
-        values: base,
-        won: Some(won),
-        spare: deltas,
-    })
+    Ok(())
 }
 
 #[cfg(test)]
