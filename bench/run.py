@@ -127,7 +127,7 @@ def main():
             shutil.rmtree(target, ignore_errors=True)
             m_wall, m_rss = measure([mergekit, cfg, target, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
         rows.append((method, o_wall, o_rss, m_wall, m_rss))
-    print(f"\n{sum(1 for _ in EXPERTS)} experts + base; obim {subprocess.check_output([OBIM, '--version']).decode().strip()}, mergekit 0.1.5; {os.cpu_count()} cores\n")
+    print(f"\n{sum(1 for _ in EXPERTS)} experts + base; {subprocess.check_output([OBIM, '--version']).decode().strip()}, mergekit 0.1.5; {os.cpu_count()} cores\n")
     print("| method | obim wall (s) | obim peak RSS (MiB) | mergekit wall (s) | mergekit peak RSS (MiB) | obim / mergekit | obim / floor |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, ow, orss, mw, mrss in rows:
