@@ -164,19 +164,25 @@ struct Progress {
     terminal: bool,
 }
 
+/// A bar counting `total` bytes, with throughput and time left.
+fn bytes_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:40!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 impl Progress {
     fn event(&mut self, event: obim::run::Event) {
         use obim::run::Event;
         match event {
             Event::DownloadStarted { file, bytes } => {
                 if self.terminal {
-                    let bar = indicatif::ProgressBar::new(bytes);
-                    bar.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "{msg:40!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                    );
+                    let bar = bytes_bar(bytes);
                     bar.set_message(file);
                     self.bar = Some(bar);
                 }
@@ -198,13 +204,7 @@ impl Progress {
                 shards,
             } => {
                 if self.terminal {
-                    let bar = indicatif::ProgressBar::new(bytes);
-                    bar.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "{msg:40!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                    );
+                    let bar = bytes_bar(bytes);
                     bar.println(format!(
                         "writing {} ({tensors} tensors, {shards} shard{})",
                         path.display(),
