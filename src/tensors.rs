@@ -131,34 +131,30 @@ pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
 /// held a tensor this large before; zero-filled only where it grows).
 /// False for a non-float dtype.
 pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
-    let size = match dtype {
-        "BF16" | "F16" => 2,
-        "F32" => 4,
+    match dtype {
+        "BF16" => decode(bytes, out, |b| bf16_to_f32(u16::from_le_bytes(b))),
+        "F16" => decode(bytes, out, |b| half::f16::from_le_bytes(b).to_f32()),
+        "F32" => decode(bytes, out, f32::from_le_bytes),
         _ => return false,
-    };
-    let n = bytes.len() / size;
+    }
+    true
+}
+
+/// `out` ← `value` of each `W`-byte element of `bytes`, in parallel chunks.
+fn decode<const W: usize>(bytes: &[u8], out: &mut Vec<f32>, value: impl Fn([u8; W]) -> f32 + Sync) {
+    let n = bytes.len() / W;
     if out.len() < n {
         out.resize(n, 0.0);
     } else {
         out.truncate(n);
     }
     out.par_chunks_mut(CHUNK)
-        .zip(bytes.par_chunks(CHUNK * size))
-        .for_each(|(o, b)| match dtype {
-            "BF16" => o
-                .iter_mut()
-                .zip(b.chunks_exact(2))
-                .for_each(|(o, b)| *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-            "F16" => o
-                .iter_mut()
-                .zip(b.chunks_exact(2))
-                .for_each(|(o, b)| *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            _ => o
-                .iter_mut()
-                .zip(b.chunks_exact(4))
-                .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        .zip(bytes.par_chunks(CHUNK * W))
+        .for_each(|(o, b)| {
+            for (o, &b) in o.iter_mut().zip(b.as_chunks::<W>().0) {
+                *o = value(b);
+            }
         });
-    true
 }
 
 /// bf16 bits → f32: the upper half of an f32, exactly.

@@ -104,6 +104,15 @@ impl Cut {
     }
 }
 
+/// For `Rule::Ranked`: whether each key, in order, is among the k largest.
+fn ranked(threshold: u32, mut rank: usize, wanted: usize) -> impl FnMut(u32) -> bool {
+    move |key| {
+        let tie = key == threshold;
+        rank += usize::from(tie);
+        (key > threshold) | (tie & (rank <= wanted))
+    }
+}
+
 /// Below this many positions, selection sorts partially instead of counting.
 const SMALL: usize = 1 << 20;
 
@@ -213,12 +222,18 @@ fn histogram(
             h
         })
         .collect();
+    sum_counts(partial.iter().map(Vec::as_slice))
+}
+
+/// Per-block counts summed into one histogram of the 2^16 digits (bins past
+/// those are dropped).
+fn sum_counts<'a>(parts: impl Iterator<Item = &'a [u32]>) -> Vec<u64> {
     let mut total = vec![0u64; 1 << 16];
-    for h in partial {
+    for h in parts {
         total
             .iter_mut()
             .zip(h)
-            .for_each(|(t, c)| *t += u64::from(c));
+            .for_each(|(t, &c)| *t += u64::from(c));
     }
     total
 }
@@ -284,16 +299,7 @@ pub fn free_keys(
         )
         .collect();
     let free = parts.iter().map(|(f, _)| f).sum();
-    let high = count.then(|| {
-        let mut total = vec![0u64; 1 << 16];
-        for (_, h) in &parts {
-            total
-                .iter_mut()
-                .zip(h)
-                .for_each(|(t, &c)| *t += u64::from(c));
-        }
-        total
-    });
+    let high = count.then(|| sum_counts(parts.iter().map(|(_, h)| h.as_slice())));
     Round { free, high }
 }
 
@@ -320,25 +326,15 @@ pub fn claim(owner: &mut [u8], keys: &[u32], round: Round, quota: usize, k: u8) 
             Rule::From(t) => take_where(owner, keys, k, |key| key >= t.max(1)),
             Rule::Ranked {
                 threshold,
-                mut rank,
+                rank,
                 wanted,
-            } => {
-                let mut taken = 0u64;
-                for (o, &key) in owner.iter_mut().zip(keys) {
-                    let tie = key == threshold;
-                    rank += usize::from(tie);
-                    let selected = (key > threshold) | (tie & (rank <= wanted));
-                    *o = if selected { k } else { *o };
-                    taken += u64::from(selected);
-                }
-                taken
-            }
+            } => take_where(owner, keys, k, ranked(threshold, rank, wanted)),
         })
         .sum()
 }
 
 /// Gives position `i` to `k` where `selected(keys[i])`; returns how many.
-fn take_where(owner: &mut [u8], keys: &[u32], k: u8, selected: impl Fn(u32) -> bool) -> u64 {
+fn take_where(owner: &mut [u8], keys: &[u32], k: u8, mut selected: impl FnMut(u32) -> bool) -> u64 {
     let mut taken = 0u32;
     for (o, &key) in owner.iter_mut().zip(keys) {
         let selected = selected(key);
@@ -382,27 +378,25 @@ pub fn keep_largest(delta: &mut [f32], density: f64, weight: f32) {
                 .for_each(|v| *v = keep(*v, magnitude(*v) >= t)),
             Rule::Ranked {
                 threshold,
-                mut rank,
+                rank,
                 wanted,
-            } => chunk.iter_mut().for_each(|v| {
-                let m = magnitude(*v);
-                let tie = m == threshold;
-                rank += usize::from(tie);
-                *v = keep(*v, (m > threshold) | (tie & (rank <= wanted)));
-            }),
+            } => {
+                let mut selected = ranked(threshold, rank, wanted);
+                chunk
+                    .iter_mut()
+                    .for_each(|v| *v = keep(*v, selected(magnitude(*v))));
+            }
         });
 }
 
-/// DARE's keep mask: element i is kept when the i-th output of a SplitMix64
-/// stream seeded with `stream` is below `density` (as a uniform in [0, 1)).
-/// The same seed gives the same mask on every run and thread count.
-pub fn keep_random(delta: &mut [f32], density: f64, stream: u64) {
-    if density >= 1.0 {
-        return;
-    }
+/// DARE's keep mask: element i is kept, times `weight`, when the i-th output
+/// of a SplitMix64 stream seeded with `stream` is below `density` (as a
+/// uniform in [0, 1)); the rest is zeroed. The same seed gives the same mask
+/// on every run and thread count.
+pub fn keep_random(delta: &mut [f32], density: f64, stream: u64, weight: f32) {
     update(delta, |i, d| {
         if uniform(stream, i as u64) < density {
-            d
+            d * weight
         } else {
             0.0
         }
@@ -427,14 +421,16 @@ pub fn l1(values: &[f32]) -> f64 {
 }
 
 /// Rescales a sparsified δ to the L1 norm of the original (mergekit's
-/// `rescale`): unchanged when either norm is below 1e-7.
-pub fn rescale_l1(sparse: &mut [f32], original_l1: f64) {
+/// `rescale`; no rescaling when either norm is below 1e-7), then multiplies
+/// by `weight`: (x·factor)·weight, mergekit's products in one pass.
+pub fn rescale_l1(sparse: &mut [f32], original_l1: f64, weight: f32) {
     let after = l1(sparse);
-    if original_l1 < 1e-7 || after < 1e-7 {
-        return;
-    }
-    let factor = (original_l1 / after) as f32;
-    update(sparse, |_, x| x * factor);
+    let factor = if original_l1 < 1e-7 || after < 1e-7 {
+        1.0
+    } else {
+        (original_l1 / after) as f32
+    };
+    update(sparse, |_, x| x * factor * weight);
 }
 
 /// Spherical interpolation of two whole tensors (mergekit 0.1.5 `slerp`),
@@ -588,7 +584,7 @@ mod tests {
                 .unwrap();
             pool.install(|| {
                 let mut a = vec![1.0f32; 100_000];
-                keep_random(&mut a, 0.3, 42);
+                keep_random(&mut a, 0.3, 42, 1.0);
                 a
             })
         };

@@ -191,23 +191,21 @@ fn task_arithmetic_family(
         kernels::subtract(d, &base);
         let density = s.inputs[k].density.unwrap_or(1.0);
         let w = weights[k];
-        if method == Method::Ties && density < 1.0 && !rescale {
-            // Trim and weight in one pass (the same products as in two).
-            kernels::keep_largest(d, density, w);
-            continue;
+        // mergekit's order: trim, rescale, weight; the weight rides on the
+        // last of these passes (the same products as in separate ones).
+        let trim = |d: &mut [f32], weight: f32| match method {
+            Method::Ties => kernels::keep_largest(d, density, weight),
+            _ => kernels::keep_random(d, density, dare_stream(seed, ctx.name, k), weight),
+        };
+        if !(sparsifies && density < 1.0) {
+            kernels::update_chunks(d, |_, c| c.iter_mut().for_each(|v| *v *= w));
+        } else if rescale {
+            let original = kernels::l1(d);
+            trim(d, 1.0);
+            kernels::rescale_l1(d, original, w);
+        } else {
+            trim(d, w);
         }
-        if sparsifies && density < 1.0 {
-            let original = if rescale { kernels::l1(d) } else { 0.0 };
-            if method == Method::Ties {
-                kernels::keep_largest(d, density, 1.0);
-            } else {
-                kernels::keep_random(d, density, dare_stream(seed, ctx.name, k));
-            }
-            if rescale {
-                kernels::rescale_l1(d, original);
-            }
-        }
-        kernels::update_chunks(d, |_, c| c.iter_mut().for_each(|v| *v *= w));
     }
     kernels::update_chunks(&mut base, |start, b| {
         let len = b.len();
