@@ -80,11 +80,9 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
         for m in rest {
             d = d.with(m.span, "not in the cache either");
         }
-        let cache = hub::cache_dir().map_or_else(
-            || "the Hugging Face cache".to_string(),
-            |_| "the Hugging Face cache (HF_HUB_CACHE / HF_HOME)".to_string(),
-        );
-        diagnostics.push(d.help(format!("`obim run` downloads them where the network allows; or fetch them into {cache} with `huggingface-cli download ORG/NAME`")));
+        diagnostics.push(d.help(
+            "`obim run` downloads them where the network allows; or fetch them into the Hugging Face cache (HF_HUB_CACHE / HF_HOME) with `huggingface-cli download ORG/NAME`",
+        ));
     }
     let inventory = Inventory { models };
     diagnostics.extend(compatibility(recipe, &inventory));
