@@ -2,13 +2,16 @@
 //! tensor by tensor: each tensor of the output's merge is computed from the
 //! same tensor of its inputs, recursively through earlier merges (a merge
 //! used by a later one streams into it, one tensor at a time), converted to
-//! the output dtype and appended to the current shard. Inputs are mmap'd and
-//! read per tensor; memory holds a few tensors, never a model. The executor
-//! emits [`Event`]s and never prints.
+//! the output dtype and appended to the current shard (on a writer thread,
+//! while the next tensor is computed). A pointwise merge of models (linear,
+//! task arithmetic) goes from the mapped shards to output bytes chunk by
+//! chunk, with no whole-tensor f32 buffers. Inputs are mmap'd and read per
+//! tensor; memory holds a few tensors, never a model. The executor emits
+//! [`Event`]s and never prints.
 
 use crate::Compilation;
 use crate::calibrate::{self, ActStats};
-use crate::checkpoint::ModelInfo;
+use crate::checkpoint::{ModelInfo, TensorInfo};
 use crate::data;
 use crate::merge::{self, Merged, ObdStats, TensorContext};
 use crate::methods::Method;
@@ -17,9 +20,11 @@ use crate::recipe::{
     DataId, Dtype, InputRef, MergeId, ModelId, Output, Saliency, TakeFrom, TensorSettings,
 };
 use crate::tensors::{self, CheckpointWriter, Shards, Staging, TensorError, TensorSpec};
+use memmap2::Mmap;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -587,23 +592,50 @@ fn write_output(
     let stop = AtomicBool::new(false);
     let (merged, hashes) = std::thread::scope(|scope| {
         let hashing = scope.spawn(|| crate::provenance::models(&infos, &options.cache, &stop));
-        let merged = (|| -> Result<Vec<String>, RunError> {
-            let mut bytes = Vec::new();
+        // The shards are written on a thread of their own, tensor i while
+        // tensor i + 1 is computed; two byte buffers take turns.
+        let (to_writer, written_rx) = std::sync::mpsc::sync_channel::<(&str, Vec<u8>, usize)>(0);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writing = scope.spawn(move || -> Result<Vec<String>, TensorError> {
+            for _ in tensors {
+                // A closed channel: the computing side failed, and its error
+                // is the one reported.
+                let Ok((name, bytes, len)) = written_rx.recv() else {
+                    return Ok(Vec::new());
+                };
+                writer.write(name, &bytes[..len])?;
+                let _ = free_tx.send(bytes);
+            }
+            writer.finish()
+        });
+        let computed = (|| -> Result<(), RunError> {
+            let mut free = vec![Vec::new(), Vec::new()];
             for t in tensors {
                 if options.cancel.load(Ordering::Relaxed) {
                     return Err(RunError::Interrupted(output.path.clone()));
                 }
-                let values = eval.output_tensor(output.merge, &t.name)?;
-                tensors::from_f32_into(&values, dtype, &mut bytes);
-                eval.recycle(values);
-                writer.write(&t.name, &bytes)?;
+                let mut bytes = free
+                    .pop()
+                    .or_else(|| free_rx.recv().ok())
+                    .unwrap_or_default();
+                let len = eval
+                    .encoded(output.merge, &t.name, dtype, &mut bytes)?
+                    .len();
+                if to_writer.send((&t.name, bytes, len)).is_err() {
+                    break; // the writer failed: its error follows
+                }
                 progress(Event::TensorWritten {
                     name: t.name.clone(),
-                    bytes: bytes.len() as u64,
+                    bytes: len as u64,
                 });
             }
-            Ok(writer.finish()?)
+            Ok(())
         })();
+        drop(to_writer);
+        let written = writing
+            .join()
+            .map_err(|_| RunError::Unsupported("the shard writer failed".into()));
+        let merged = computed.and_then(|()| Ok(written??));
         if merged.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
@@ -774,6 +806,22 @@ impl<'a> Evaluator<'a> {
 
     /// One model tensor from its shard, as f32.
     fn read(&mut self, model: ModelId, name: &str) -> Result<Vec<f32>, RunError> {
+        let (map, range, t) = self.mapped(model, name)?;
+        let mut values = self.buffer();
+        let converted = tensors::to_f32_into(&map[range], &t.dtype, &mut values);
+        drop(map);
+        self.shards.release(t);
+        converted
+            .then_some(values)
+            .ok_or_else(|| self.undecodable(model, name, t))
+    }
+
+    /// The mapped bytes of one model tensor, and where they come from.
+    fn mapped(
+        &mut self,
+        model: ModelId,
+        name: &str,
+    ) -> Result<(Arc<Mmap>, std::ops::Range<usize>, &'a TensorInfo), RunError> {
         let recipe = &self.c.recipe;
         let info = self.c.inventory.get(model).ok_or_else(|| {
             RunError::Unsupported(format!(
@@ -788,27 +836,106 @@ impl<'a> Evaluator<'a> {
             reason: "missing".into(),
         })?;
         let (map, range) = self.shards.bytes(name, t)?;
-        let mut values = self.buffer();
-        let converted = tensors::to_f32_into(&map[range], &t.dtype, &mut values);
-        drop(map);
-        self.shards.release(t);
-        converted.then_some(values).ok_or_else(|| RunError::Input {
-            model: recipe.models[model.0].name.clone(),
+        Ok((map, range, t))
+    }
+
+    fn undecodable(&self, model: ModelId, name: &str, t: &TensorInfo) -> RunError {
+        RunError::Input {
+            model: self.c.recipe.models[model.0].name.clone(),
             file: t.file.clone(),
             tensor: name.to_string(),
             reason: format!("dtype {} cannot be merged", t.dtype),
-        })
+        }
     }
 
-    fn merge(&mut self, id: MergeId, name: &str) -> Result<Vec<f32>, RunError> {
+    /// Tensor `name` of merge `id`, encoded in `dtype` into the front of
+    /// `out`. A pointwise merge of models (linear, task arithmetic) streams
+    /// from the mapped shards chunk by chunk; any other computes whole f32
+    /// tensors first.
+    pub(crate) fn encoded<'o>(
+        &mut self,
+        id: MergeId,
+        name: &str,
+        dtype: Dtype,
+        out: &'o mut Vec<u8>,
+    ) -> Result<&'o [u8], RunError> {
+        if let Some((pointwise, models)) = self.pointwise(id, name) {
+            let mut mapped = Vec::with_capacity(models.len());
+            for &m in &models {
+                let (map, range, t) = self.mapped(m, name)?;
+                if tensors::float_width(&t.dtype).is_none() {
+                    return Err(self.undecodable(m, name, t));
+                }
+                mapped.push((map, range, t));
+            }
+            let operands: Vec<(&[u8], &str)> = mapped
+                .iter()
+                .map(|(map, range, t)| (&map[range.clone()], t.dtype.as_str()))
+                .collect();
+            let counts = operands
+                .iter()
+                .map(|(b, d)| b.len() / tensors::float_width(d).unwrap_or(1));
+            if counts.clone().any(|c| Some(c) != counts.clone().next()) {
+                return Err(RunError::Unsupported(format!(
+                    "tensor `{name}`: the inputs' element counts differ"
+                )));
+            }
+            let encoded = tensors::merge_streamed(&operands, dtype, out, |first, rest| {
+                pointwise.apply(first, rest)
+            });
+            for (_, _, t) in mapped {
+                self.shards.release(t);
+            }
+            return Ok(encoded);
+        }
+        let values = self.output_tensor(id, name)?;
+        let encoded = tensors::from_f32_into(&values, dtype, out);
+        self.recycle(values);
+        Ok(encoded)
+    }
+
+    /// The pointwise form of merge `id` at tensor `name` and the models it
+    /// reads (in operand order), when every operand is a model.
+    fn pointwise(&self, id: MergeId, name: &str) -> Option<(merge::Pointwise, Vec<ModelId>)> {
+        if self.shared.is_some() {
+            return None;
+        }
         let merge = &self.c.recipe.merges[id.0];
+        let pointwise = merge::Pointwise::of(merge.method, &self.settings(id, name).0)?;
+        let base = pointwise.uses_base().then_some(merge.base?);
+        let models = base
+            .into_iter()
+            .chain(merge.inputs.iter().map(|i| i.model))
+            .map(|input| match input {
+                InputRef::Model(m) => Some(m),
+                InputRef::Merge(_) => None,
+            })
+            .collect::<Option<Vec<ModelId>>>()?;
+        Some((pointwise, models))
+    }
+
+    /// The settings and shape the plan fixed for tensor `name` of merge `id`.
+    fn settings(
+        &self,
+        id: MergeId,
+        name: &str,
+    ) -> (TensorSettings, Vec<usize>, Option<&'a PlannedTensor>) {
         let planned: Option<&PlannedTensor> = self
             .plan
             .tensors
             .get(&id)
             .and_then(|ts| ts.iter().find(|t| t.name == name));
-        let settings = planned.map_or_else(|| merge.tensor_settings(name), |t| t.settings.clone());
+        let settings = planned.map_or_else(
+            || self.c.recipe.merges[id.0].tensor_settings(name),
+            |t| t.settings.clone(),
+        );
         let shape = planned.map(|t| t.info.shape.clone()).unwrap_or_default();
+        (settings, shape, planned)
+    }
+
+    fn merge(&mut self, id: MergeId, name: &str) -> Result<Vec<f32>, RunError> {
+        let merge = &self.c.recipe.merges[id.0];
+        let (settings, shape, planned) = self.settings(id, name);
         // A `take` needs only the tensor it takes.
         let wanted = |i: usize| settings.take.is_none_or(|t| t == TakeFrom::Input(i));
         let base = match merge.base {

@@ -1,8 +1,9 @@
 //! Tensor data in and out. Input shards are memory-mapped and read one tensor
 //! at a time (converted to f32, the only arithmetic type); outputs are
 //! written shard by shard as tensors arrive, into a staging directory that
-//! is renamed into place only when complete. The only `unsafe` in obim is the
-//! mmap here.
+//! is renamed into place only when complete. Pointwise merges run chunk by
+//! chunk from the mapped bytes to the output bytes. All of obim's `unsafe`
+//! is here: the mmap, an uninitialised decode buffer, and a writeback hint.
 
 use crate::checkpoint::TensorInfo;
 use crate::recipe::Dtype;
@@ -128,33 +129,71 @@ pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
 }
 
 /// The same into a reused buffer (no page faults for a buffer that has
-/// held a tensor this large before; zero-filled only where it grows).
-/// False for a non-float dtype.
+/// held a tensor this large before, and no zero-filling: every element is
+/// written once). False for a non-float dtype.
 pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
-    match dtype {
-        "BF16" => decode(bytes, out, |b| bf16_to_f32(u16::from_le_bytes(b))),
-        "F16" => decode(bytes, out, |b| half::f16::from_le_bytes(b).to_f32()),
-        "F32" => decode(bytes, out, f32::from_le_bytes),
-        _ => return false,
-    }
+    let Some(width) = float_width(dtype).filter(|w| bytes.len().is_multiple_of(*w)) else {
+        return false;
+    };
+    let n = bytes.len() / width;
+    out.clear();
+    out.reserve(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .for_each(|(o, b)| decode_slice(b, dtype, o));
+    // SAFETY: `decode_slice` wrote all `n` elements: `bytes` holds exactly
+    // `n` elements of `width` bytes, and each chunk pairs with its bytes.
+    #[expect(
+        unsafe_code,
+        reason = "skips zero-filling a buffer every element of which is written"
+    )]
+    unsafe {
+        out.set_len(n)
+    };
     true
 }
 
-/// `out` ← `value` of each `W`-byte element of `bytes`, in parallel chunks.
-fn decode<const W: usize>(bytes: &[u8], out: &mut Vec<f32>, value: impl Fn([u8; W]) -> f32 + Sync) {
-    let n = bytes.len() / W;
-    if out.len() < n {
-        out.resize(n, 0.0);
-    } else {
-        out.truncate(n);
+/// Bytes per element of a float dtype obim decodes (bf16, f16, f32).
+pub fn float_width(dtype: &str) -> Option<usize> {
+    match dtype {
+        "BF16" | "F16" => Some(2),
+        "F32" => Some(4),
+        _ => None,
     }
-    out.par_chunks_mut(CHUNK)
-        .zip(bytes.par_chunks(CHUNK * W))
-        .for_each(|(o, b)| {
-            for (o, &b) in o.iter_mut().zip(b.as_chunks::<W>().0) {
-                *o = value(b);
-            }
-        });
+}
+
+/// A place a decoded value goes: an f32, or one not yet initialised.
+trait Slot {
+    fn set(&mut self, value: f32);
+}
+
+impl Slot for f32 {
+    fn set(&mut self, value: f32) {
+        *self = value;
+    }
+}
+
+impl Slot for std::mem::MaybeUninit<f32> {
+    fn set(&mut self, value: f32) {
+        self.write(value);
+    }
+}
+
+/// `out[i]` ← element `i` of `bytes` in `dtype`, for `out.len()` elements
+/// (a non-float dtype writes nothing; callers check `float_width` first).
+fn decode_slice<S: Slot>(bytes: &[u8], dtype: &str, out: &mut [S]) {
+    fn each<const W: usize, S: Slot>(bytes: &[u8], out: &mut [S], value: impl Fn([u8; W]) -> f32) {
+        for (o, &b) in out.iter_mut().zip(bytes.as_chunks::<W>().0) {
+            o.set(value(b));
+        }
+    }
+    match dtype {
+        "BF16" => each(bytes, out, |b| bf16_to_f32(u16::from_le_bytes(b))),
+        "F16" => each(bytes, out, |b| half::f16::from_le_bytes(b).to_f32()),
+        "F32" => each(bytes, out, f32::from_le_bytes),
+        _ => {}
+    }
 }
 
 /// bf16 bits → f32: the upper half of an f32, exactly.
@@ -179,31 +218,92 @@ pub fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
     out
 }
 
-/// The same into a reused buffer (zero-filled only where it grows).
-pub fn from_f32_into(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
+/// The same into a reused buffer, which only grows (so it is zero-filled
+/// once, not per tensor); the encoded bytes are the returned front of it.
+pub fn from_f32_into<'a>(values: &[f32], dtype: Dtype, out: &'a mut Vec<u8>) -> &'a [u8] {
     let size = dtype_bytes(dtype);
-    let n = values.len() * size;
-    if out.len() < n {
-        out.resize(n, 0);
-    } else {
-        out.truncate(n);
-    }
-    out.par_chunks_mut(CHUNK * size)
+    let bytes = front(out, values.len() * size);
+    bytes
+        .par_chunks_mut(CHUNK * size)
         .zip(values.par_chunks(CHUNK))
-        .for_each(|(o, v)| match dtype {
-            Dtype::Bf16 => o
-                .chunks_exact_mut(2)
-                .zip(v)
-                .for_each(|(o, v)| o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes())),
-            Dtype::F16 => o
-                .chunks_exact_mut(2)
-                .zip(v)
-                .for_each(|(o, v)| o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            Dtype::F32 => o
-                .chunks_exact_mut(4)
-                .zip(v)
-                .for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
+        .for_each(|(o, v)| encode_slice(v, dtype, o));
+    bytes
+}
+
+/// The first `n` elements of `buffer`, grown (zero-filled) if it is shorter.
+fn front<T: Clone + Default>(buffer: &mut Vec<T>, n: usize) -> &mut [T] {
+    if buffer.len() < n {
+        buffer.resize(n, T::default());
+    }
+    &mut buffer[..n]
+}
+
+/// `out` ← `values` as little-endian bytes of `dtype`.
+fn encode_slice(values: &[f32], dtype: Dtype, out: &mut [u8]) {
+    match dtype {
+        Dtype::Bf16 => out
+            .chunks_exact_mut(2)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes())),
+        Dtype::F16 => out
+            .chunks_exact_mut(2)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        Dtype::F32 => out
+            .chunks_exact_mut(4)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
+    }
+}
+
+/// Merges one tensor chunk by chunk, straight from its operands' bytes
+/// (`(bytes, dtype)` each, equal element counts) into `out` in `dtype`:
+/// each chunk is decoded into per-thread scratch, merged by `merge(first,
+/// rest)` (which leaves the result in `first`) and encoded while it is in
+/// cache, so no whole-tensor f32 buffer exists. Returns the encoded bytes,
+/// the front of `out` (which only grows).
+pub fn merge_streamed<'a>(
+    operands: &[(&[u8], &str)],
+    dtype: Dtype,
+    out: &'a mut Vec<u8>,
+    merge: impl Fn(&mut [f32], &[&[f32]]) + Sync,
+) -> &'a [u8] {
+    let n = operands
+        .first()
+        .and_then(|(b, d)| Some(b.len() / float_width(d)?))
+        .unwrap_or(0);
+    let size = dtype_bytes(dtype);
+    let bytes = front(out, n * size);
+    bytes
+        .par_chunks_mut(STREAM_CHUNK * size)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let (start, len) = (c * STREAM_CHUNK, o.len() / size);
+            STREAM_SCRATCH.with_borrow_mut(|scratch| {
+                let scratch = front(scratch, operands.len() * STREAM_CHUNK);
+                let mut slots = scratch.chunks_mut(STREAM_CHUNK);
+                let mut decoded = operands.iter().zip(&mut slots).map(|((b, d), slot)| {
+                    let w = float_width(d).unwrap_or(1);
+                    let slot = &mut slot[..len];
+                    decode_slice(&b[start * w..(start + len) * w], d, slot);
+                    slot
+                });
+                let Some(first) = decoded.next() else { return };
+                let rest: Vec<&[f32]> = decoded.map(|s| &*s).collect();
+                merge(first, &rest);
+                encode_slice(first, dtype, o);
+            });
         });
+    bytes
+}
+
+/// Positions per chunk of a streamed merge: a few operands' chunks stay in
+/// the core's cache between decoding, merging and encoding.
+const STREAM_CHUNK: usize = 1 << 14;
+
+thread_local! {
+    /// Each thread's decoded chunks of a streamed merge, kept between chunks.
+    static STREAM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 pub fn dtype_bytes(dtype: Dtype) -> usize {
@@ -269,8 +369,21 @@ pub struct CheckpointWriter {
     names: Vec<String>,
     /// (shard index, position in shard) of the next tensor.
     next: usize,
-    current: Option<(usize, BufWriter<File>)>,
+    current: Option<OpenShard>,
 }
+
+/// The shard being written, and how much of it the kernel was already told
+/// to write back.
+struct OpenShard {
+    index: usize,
+    file: BufWriter<File>,
+    written: u64,
+    handed_back: u64,
+}
+
+/// Bytes between writeback requests: the disk writes while obim computes,
+/// instead of all at the final fsync.
+const WRITEBACK_STEP: u64 = 32 << 20;
 
 impl CheckpointWriter {
     pub fn new(dir: &Path, dtype: Dtype, tensors: Vec<TensorSpec>, shard_size: u64) -> Self {
@@ -324,7 +437,12 @@ impl CheckpointWriter {
         file.write_all(&(json.len() as u64).to_le_bytes())
             .map_err(werr)?;
         file.write_all(&json).map_err(werr)?;
-        self.current = Some((shard, file));
+        self.current = Some(OpenShard {
+            index: shard,
+            file,
+            written: 8 + json.len() as u64,
+            handed_back: 0,
+        });
         Ok(())
     }
 
@@ -349,21 +467,34 @@ impl CheckpointWriter {
             });
         }
         let shard = self.shard_of(index);
-        if self.current.as_ref().map(|(s, _)| *s) != Some(shard) {
+        if self.current.as_ref().map(|s| s.index) != Some(shard) {
             self.finish_shard()?;
             self.open_shard(shard)?;
         }
-        let path = self.dir.join(&self.names[shard]);
-        if let Some((_, file)) = self.current.as_mut() {
-            file.write_all(data)
-                .map_err(|source| TensorError::Write { path, source })?;
+        if let Some(open) = self.current.as_mut() {
+            let werr = |source| TensorError::Write {
+                path: self.dir.join(&self.names[shard]),
+                source,
+            };
+            open.file.write_all(data).map_err(werr)?;
+            open.written += data.len() as u64;
+            if open.written - open.handed_back >= WRITEBACK_STEP {
+                open.file.flush().map_err(werr)?;
+                start_writeback(open.file.get_ref(), open.handed_back, open.written);
+                open.handed_back = open.written;
+            }
         }
         self.next += 1;
         Ok(())
     }
 
     fn finish_shard(&mut self) -> Result<(), TensorError> {
-        if let Some((shard, mut file)) = self.current.take() {
+        if let Some(OpenShard {
+            index: shard,
+            mut file,
+            ..
+        }) = self.current.take()
+        {
             let path = self.dir.join(&self.names[shard]);
             file.flush().map_err(|source| TensorError::Write {
                 path: path.clone(),
@@ -407,6 +538,29 @@ impl CheckpointWriter {
         }
         Ok(self.names)
     }
+}
+
+/// Asks the kernel to start writing bytes `from..to` of `file` to disk now,
+/// without waiting (Linux; elsewhere the final fsync does it all).
+fn start_writeback(file: &File, from: u64, to: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor with in-range
+        // offsets; it only schedules writeback, and an error is harmless
+        // (the final fsync still writes everything and reports failures).
+        #[expect(unsafe_code, reason = "sync_file_range has no safe wrapper in std")]
+        let _ = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                from as libc::off64_t,
+                (to - from) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, from, to);
 }
 
 /// A directory being written beside its final place: removed if dropped
@@ -484,6 +638,57 @@ impl Drop for Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::Pointwise;
+
+    /// A streamed merge (chunk by chunk from bytes) equals decoding whole
+    /// tensors, merging them and encoding the result: across chunk borders,
+    /// a short last chunk, mixed input dtypes and an output buffer that
+    /// starts dirty and too short.
+    #[test]
+    fn streamed_merge_equals_whole_tensor_merge() {
+        let n = 3 * STREAM_CHUNK + 5;
+        let operand = |k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + k * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+                .collect()
+        };
+        let bytes = [
+            from_f32(&operand(0), Dtype::Bf16),
+            from_f32(&operand(1), Dtype::F32),
+            from_f32(&operand(2), Dtype::F16),
+        ];
+        let operands: Vec<(&[u8], &str)> = bytes
+            .iter()
+            .zip(["BF16", "F32", "F16"])
+            .map(|(b, d)| (b.as_slice(), d))
+            .collect();
+        let merges = [
+            Pointwise::Linear {
+                weights: vec![0.5, 1.0, 2.0],
+                normalize: true,
+            },
+            Pointwise::TaskArithmetic {
+                weights: vec![0.3, 0.7],
+                divisor: Some(1.0),
+                lambda: 0.9,
+            },
+        ];
+        for merge in merges {
+            for dtype in [Dtype::Bf16, Dtype::F32] {
+                let mut out = vec![0xAA; 7];
+                let streamed =
+                    merge_streamed(&operands, dtype, &mut out, |f, r| merge.apply(f, r)).to_vec();
+                let decoded: Vec<Vec<f32>> = operands
+                    .iter()
+                    .map(|(b, d)| to_f32(b, d).unwrap())
+                    .collect();
+                let mut first = decoded[0].clone();
+                let rest: Vec<&[f32]> = decoded[1..].iter().map(Vec::as_slice).collect();
+                merge.apply(&mut first, &rest);
+                assert_eq!(streamed, from_f32(&first, dtype), "{merge:?} {dtype:?}");
+            }
+        }
+    }
 
     #[test]
     fn layouts() {

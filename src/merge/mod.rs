@@ -69,40 +69,31 @@ pub fn merge_tensor(
         Some(TakeFrom::Input(_)) => return Err(invalid("`take` names a missing input")),
         None => {}
     }
-    let weights: Vec<f32> = s
-        .inputs
-        .iter()
-        .map(|x| x.weight.unwrap_or(1.0) as f32)
-        .collect();
+    if let Some(p) = Pointwise::of(method, s) {
+        let (mut out, rest) = if p.uses_base() {
+            (
+                base.ok_or_else(|| invalid("this method needs a base"))?,
+                inputs,
+            )
+        } else if inputs.is_empty() {
+            return Err(invalid("linear needs an input"));
+        } else {
+            let rest = inputs.split_off(1);
+            (inputs.swap_remove(0), rest)
+        };
+        kernels::update_chunks(&mut out, |start, o| {
+            let rest: Vec<&[f32]> = rest.iter().map(|x| &x[start..start + o.len()]).collect();
+            p.apply(o, &rest);
+        });
+        return Ok(spare(out, rest));
+    }
+    let weights = weights(s);
     match method {
         Method::Obim => {
             let base = base.ok_or_else(|| invalid("obim needs a base"))?;
             obim(s, base, inputs, ctx)
         }
-        Method::Linear => {
-            let normalize = s.params.normalize.unwrap_or(true);
-            let total: f32 = weights.iter().sum();
-            let mut rest = inputs.split_off(1.min(inputs.len()));
-            let Some(mut out) = inputs.pop() else {
-                return Err(invalid("linear needs an input"));
-            };
-            rest.shrink_to_fit();
-            // mergekit: result = 0; result += xₖ·wₖ in order; result /= Σw.
-            kernels::update_chunks(&mut out, |start, o| {
-                let len = o.len();
-                o.iter_mut().for_each(|v| *v *= weights[0]);
-                for (k, x) in rest.iter().enumerate() {
-                    let w = weights[k + 1];
-                    for (v, x) in o.iter_mut().zip(&x[start..start + len]) {
-                        *v += x * w;
-                    }
-                }
-                if normalize {
-                    o.iter_mut().for_each(|v| *v /= total);
-                }
-            });
-            Ok(spare(out, rest))
-        }
+        Method::Linear => Err(invalid("linear needs an input")),
         Method::Slerp => {
             let mut base = base.ok_or_else(|| invalid("slerp needs a base"))?;
             let other = inputs
@@ -116,6 +107,120 @@ pub fn merge_tensor(
             Ok(task_arithmetic_family(
                 method, s, base, inputs, &weights, ctx,
             ))
+        }
+    }
+}
+
+/// The inputs' weights (default 1), in input order.
+fn weights(s: &TensorSettings) -> Vec<f32> {
+    s.inputs
+        .iter()
+        .map(|x| x.weight.unwrap_or(1.0) as f32)
+        .collect()
+}
+
+/// mergekit's normalizer of task arithmetic: Σw, or 1 where Σw ≈ 0.
+fn divisor(weights: &[f32]) -> f32 {
+    let total: f32 = weights.iter().sum();
+    if total.abs() < 1e-8 { 1.0 } else { total }
+}
+
+/// A boolean parameter as set, else the method's default.
+fn flag(method: Method, set: Option<bool>, name: &str) -> bool {
+    set.unwrap_or_else(|| {
+        matches!(
+            method.param(name).and_then(|p| p.default),
+            Some(crate::methods::Default::Bool(true))
+        )
+    })
+}
+
+/// A merge in which each output position depends only on the inputs at that
+/// position: `linear`, and task arithmetic without sparsification or sign
+/// election (also TIES-free DARE-linear at density 1). It runs on chunks of
+/// positions, so the executor can merge a tensor straight from the mapped
+/// shards while each chunk is in cache, with no whole-tensor buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pointwise {
+    /// mergekit's `linear`: Σ xₖ·wₖ in input order, / Σw when normalizing.
+    Linear { weights: Vec<f32>, normalize: bool },
+    /// b + λ·(Σ (xₖ − b)·wₖ / divisor), in mergekit's order of operations.
+    TaskArithmetic {
+        weights: Vec<f32>,
+        divisor: Option<f32>,
+        lambda: f32,
+    },
+}
+
+impl Pointwise {
+    /// The pointwise form of `method` under settings `s`, if it has one
+    /// (`take` rules are not merges and have none).
+    pub fn of(method: Method, s: &TensorSettings) -> Option<Pointwise> {
+        if s.take.is_some() {
+            return None;
+        }
+        let weights = weights(s);
+        let normalize = flag(method, s.params.normalize, "normalize");
+        let dense = s.inputs.iter().all(|x| x.density.unwrap_or(1.0) >= 1.0);
+        match method {
+            Method::Linear => Some(Pointwise::Linear { weights, normalize }),
+            Method::TaskArithmetic | Method::DareLinear
+                if method == Method::TaskArithmetic || dense =>
+            {
+                Some(Pointwise::TaskArithmetic {
+                    divisor: normalize.then(|| divisor(&weights)),
+                    weights,
+                    lambda: s.params.lambda.unwrap_or(1.0) as f32,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the first operand is the base (else: the first input).
+    pub fn uses_base(&self) -> bool {
+        matches!(self, Pointwise::TaskArithmetic { .. })
+    }
+
+    /// `first` ← the merge at these positions of `first` (the base, or
+    /// linear's first input) and `rest` (the other inputs, in order).
+    pub fn apply(&self, first: &mut [f32], rest: &[&[f32]]) {
+        let len = first.len();
+        match self {
+            Pointwise::Linear { weights, normalize } => {
+                // mergekit: result = 0; result += xₖ·wₖ in order; result /= Σw.
+                first.iter_mut().for_each(|v| *v *= weights[0]);
+                for (x, w) in rest.iter().zip(&weights[1..]) {
+                    for (v, x) in first.iter_mut().zip(&x[..len]) {
+                        *v += x * w;
+                    }
+                }
+                if *normalize {
+                    let total: f32 = weights.iter().sum();
+                    first.iter_mut().for_each(|v| *v /= total);
+                }
+            }
+            Pointwise::TaskArithmetic {
+                weights,
+                divisor,
+                lambda,
+            } => {
+                let mut mixed = vec![0f32; len];
+                for (x, w) in rest.iter().zip(weights) {
+                    for ((m, x), b) in mixed.iter_mut().zip(&x[..len]).zip(first.iter()) {
+                        *m += (x - b) * w;
+                    }
+                }
+                for (m, b) in mixed.iter_mut().zip(first.iter_mut()) {
+                    if let Some(d) = divisor {
+                        *m /= d;
+                    }
+                    if *lambda != 1.0 {
+                        *m *= lambda;
+                    }
+                    *b += *m;
+                }
+            }
         }
     }
 }
@@ -141,52 +246,13 @@ fn task_arithmetic_family(
     weights: &[f32],
     ctx: &TensorContext,
 ) -> Merged {
-    let default_true = |name: &str| {
-        matches!(
-            method.param(name).and_then(|p| p.default),
-            Some(crate::methods::Default::Bool(true))
-        )
-    };
-    let normalize = s
-        .params
-        .normalize
-        .unwrap_or_else(|| default_true("normalize"));
-    let rescale = s.params.rescale.unwrap_or_else(|| default_true("rescale"));
+    let normalize = flag(method, s.params.normalize, "normalize");
+    let rescale = flag(method, s.params.rescale, "rescale");
     let lambda = s.params.lambda.unwrap_or(1.0) as f32;
     let seed = s.params.seed.unwrap_or(0);
     let sparsifies = matches!(method, Method::Ties | Method::DareTies | Method::DareLinear);
     let consensus = matches!(method, Method::Ties | Method::DareTies);
-    let total: f32 = weights.iter().sum();
-    let divisor = if total.abs() < 1e-8 { 1.0 } else { total };
-    let dense = !sparsifies || s.inputs.iter().all(|x| x.density.unwrap_or(1.0) >= 1.0);
-    if dense && !consensus {
-        // Task arithmetic (and DARE-linear at density 1): one fused pass, in
-        // mergekit's order of operations: Σ (xₖ − b)·wₖ, / Σw, ·λ, + b.
-        let inputs = deltas;
-        kernels::update_chunks(&mut base, |start, b| {
-            let mut mixed = vec![0f32; b.len()];
-            for (k, x) in inputs.iter().enumerate() {
-                let w = weights[k];
-                for ((m, x), b) in mixed
-                    .iter_mut()
-                    .zip(&x[start..start + b.len()])
-                    .zip(b.iter())
-                {
-                    *m += (x - b) * w;
-                }
-            }
-            for (m, b) in mixed.iter_mut().zip(b.iter_mut()) {
-                if normalize {
-                    *m /= divisor;
-                }
-                if lambda != 1.0 {
-                    *m *= lambda;
-                }
-                *b += *m;
-            }
-        });
-        return spare(base, inputs);
-    }
+    let divisor = divisor(weights);
     for (k, d) in deltas.iter_mut().enumerate() {
         kernels::subtract(d, &base);
         let density = s.inputs[k].density.unwrap_or(1.0);
