@@ -4,6 +4,10 @@ the I/O floor. Prints a markdown table (wall time, peak RSS, obim/mergekit).
 
     python3 bench/run.py            # makes bench/.venv (mergekit 0.1.5) and bench/data, then measures
 
+Every input is read once untimed, so all runs start with the files in the
+page cache; each measurement is the median wall time of OBIM_BENCH_REPEAT
+runs (default 3) and their largest peak RSS.
+
 Methods: task_arithmetic, ties (density 0.5), linear, and obim (magnitude,
 3 experts, obim only). Both tools compute in float32 and write bfloat16.
 The floor reads every input byte once and writes an output of the same
@@ -25,6 +29,7 @@ VENV = os.environ.get("OBIM_BENCH_VENV", os.path.join(HERE, ".venv"))
 DATA = os.environ.get("OBIM_BENCH_DATA", os.path.join(HERE, "data"))
 OBIM = os.path.join(ROOT, "target", "release", "obim")
 EXPERTS = ["expert_a", "expert_b", "expert_c"]
+REPEAT = int(os.environ.get("OBIM_BENCH_REPEAT", "3"))
 
 
 def sh(cmd, **kw):
@@ -115,30 +120,43 @@ def floor(out):
     return time.monotonic() - start
 
 
+def median(runs):
+    """The median wall time of repeated runs, and their largest peak RSS."""
+    walls = sorted(w for w, _ in runs)
+    rss = [r for _, r in runs if r is not None]
+    return walls[len(walls) // 2], max(rss) if rss else None
+
+
 def main():
     py = setup()
     mergekit = os.path.join(VENV, "bin", "mergekit-yaml")
     out = os.path.join(DATA, "out")
     os.makedirs(out, exist_ok=True)
+    # Every input into the page cache first, untimed: all runs start warm.
+    floor(os.path.join(out, "floor.bin"))
     rows = []
-    fl = floor(os.path.join(out, "floor.bin"))
+    fl, _ = median([(floor(os.path.join(out, "floor.bin")), None) for _ in range(REPEAT)])
     rows.append(("floor (read inputs, write output)", fl, None, None, None))
     for method in ["task_arithmetic", "ties", "linear", "obim"]:
         recipe = os.path.join(DATA, f"{method}.obim")
         open(recipe, "w").write(obim_recipe(method))
-        # Like mergekit's below, obim writes into a fresh place: removing a
-        # previous output is not part of the measured time.
-        shutil.rmtree(os.path.join(out, f"obim-{method}"), ignore_errors=True)
-        o_wall, o_rss = measure([OBIM, "run", recipe])
+        def obim_run():
+            # Like mergekit's below, obim writes into a fresh place: removing
+            # a previous output is not part of the measured time.
+            shutil.rmtree(os.path.join(out, f"obim-{method}"), ignore_errors=True)
+            return measure([OBIM, "run", recipe])
+        o_wall, o_rss = median([obim_run() for _ in range(REPEAT)])
         m_wall = m_rss = None
         if method != "obim":
             cfg = os.path.join(DATA, f"{method}.yml")
             json.dump(mergekit_config(method), open(cfg, "w"))
             target = os.path.join(out, f"mergekit-{method}")
-            shutil.rmtree(target, ignore_errors=True)
-            m_wall, m_rss = measure([mergekit, cfg, target, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
+            def mergekit_run():
+                shutil.rmtree(target, ignore_errors=True)
+                return measure([mergekit, cfg, target, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"])
+            m_wall, m_rss = median([mergekit_run() for _ in range(REPEAT)])
         rows.append((method, o_wall, o_rss, m_wall, m_rss))
-    print(f"\n{sum(1 for _ in EXPERTS)} experts + base; {subprocess.check_output([OBIM, '--version']).decode().strip()}, mergekit 0.1.5; {os.cpu_count()} cores\n")
+    print(f"\n{sum(1 for _ in EXPERTS)} experts + base; median of {REPEAT} runs each; {subprocess.check_output([OBIM, '--version']).decode().strip()}, mergekit 0.1.5; {os.cpu_count()} cores\n")
     print("| method | obim wall (s) | obim peak RSS (MiB) | mergekit wall (s) | mergekit peak RSS (MiB) | obim / mergekit | obim / floor |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, ow, orss, mw, mrss in rows:

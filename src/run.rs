@@ -902,7 +902,11 @@ impl<'a> Evaluator<'a> {
         }
         let merge = &self.c.recipe.merges[id.0];
         let pointwise = merge::Pointwise::of(merge.method, &self.settings(id, name).0)?;
-        let base = pointwise.uses_base().then_some(merge.base?);
+        let base = if pointwise.uses_base() {
+            Some(merge.base?)
+        } else {
+            None
+        };
         let models = base
             .into_iter()
             .chain(merge.inputs.iter().map(|i| i.model))
@@ -1146,4 +1150,49 @@ fn report(
         "positions_won": won,
         "selection": selections,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Linear (with no base) and task arithmetic over models stream from the
+    /// shards; a sparsifying merge, a `take` and a merge of a merge do not.
+    #[test]
+    fn which_merges_stream() {
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo");
+        let dir = std::env::temp_dir().join(format!("obim-streams-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let recipe = dir.join("r.obim");
+        let model = |name: &str, m: &str| format!("{name} = \"{}\"\n", demo.join(m).display());
+        let text = [
+            model("base llama", "base"),
+            model("model add", "expert_add"),
+            model("model sort", "expert_sort"),
+            "merge lin = linear { add weight 1  sort weight 1 }\n".into(),
+            "merge ta = task_arithmetic(base: llama) { add weight 1  sort weight 1 layers \"*norm*\" { take base } }\n".into(),
+            "merge ti = ties(base: llama, density: 0.5) { add weight 1  sort weight 1 }\n".into(),
+            "merge nested = task_arithmetic(base: llama) { lin weight 1 }\n".into(),
+            "output lin -> \"a\"\noutput ta -> \"b\"\noutput ti -> \"c\"\noutput nested -> \"d\"\n".into(),
+        ]
+        .concat();
+        std::fs::write(&recipe, text).unwrap();
+        let c = crate::compile_file(&recipe).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let plan = c.plan().expect("the recipe checks");
+        let stats = Statistics::default();
+        let merge =
+            |name: &str| MergeId(c.recipe.merges.iter().position(|m| m.name == name).unwrap());
+        let streams = |name: &str, tensor: &str| {
+            let eval = Evaluator::new(&c, &plan, &stats, merge(name));
+            eval.pointwise(merge(name), tensor).is_some()
+        };
+        let weight = "model.layers.0.mlp.up_proj.weight";
+        let norm = "model.layers.0.input_layernorm.weight";
+        assert!(streams("lin", weight));
+        assert!(streams("ta", weight));
+        assert!(!streams("ta", norm), "a `take` is no merge");
+        assert!(!streams("ti", weight));
+        assert!(!streams("nested", weight));
+    }
 }
