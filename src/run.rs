@@ -503,7 +503,7 @@ fn preflight(c: &Compilation, plan: &Plan) -> Result<(), RunError> {
                 let Some(found) = info.tensors.get(&t.name) else {
                     continue;
                 };
-                if !matches!(found.dtype.as_str(), "BF16" | "F16" | "F32") {
+                if tensors::float_width(&found.dtype).is_none() {
                     return Err(input_err(format!(
                         "dtype {} cannot be merged (bf16, f16 and f32 can)",
                         found.dtype
@@ -862,27 +862,21 @@ impl<'a> Evaluator<'a> {
         if let Some((pointwise, models)) = self.pointwise(id, name) {
             let mut mapped = Vec::with_capacity(models.len());
             for &m in &models {
-                let (map, range, t) = self.mapped(m, name)?;
-                if tensors::float_width(&t.dtype).is_none() {
-                    return Err(self.undecodable(m, name, t));
-                }
-                mapped.push((map, range, t));
+                mapped.push(self.mapped(m, name)?);
             }
             let operands: Vec<(&[u8], &str)> = mapped
                 .iter()
                 .map(|(map, range, t)| (&map[range.clone()], t.dtype.as_str()))
                 .collect();
-            let counts = operands
-                .iter()
-                .map(|(b, d)| b.len() / tensors::float_width(d).unwrap_or(1));
-            if counts.clone().any(|c| Some(c) != counts.clone().next()) {
-                return Err(RunError::Unsupported(format!(
-                    "tensor `{name}`: the inputs' element counts differ"
-                )));
-            }
+            // The preflight and the open stage checked dtypes and shapes.
             let encoded = tensors::merge_streamed(&operands, dtype, out, |first, rest| {
                 pointwise.apply(first, rest)
-            });
+            })
+            .ok_or_else(|| {
+                RunError::Unsupported(format!(
+                    "tensor `{name}`: its inputs' dtypes or sizes cannot be merged"
+                ))
+            })?;
             for (_, _, t) in mapped {
                 self.shards.release(t);
             }
@@ -897,9 +891,6 @@ impl<'a> Evaluator<'a> {
     /// The pointwise form of merge `id` at tensor `name` and the models it
     /// reads (in operand order), when every operand is a model.
     fn pointwise(&self, id: MergeId, name: &str) -> Option<(merge::Pointwise, Vec<ModelId>)> {
-        if self.shared.is_some() {
-            return None;
-        }
         let merge = &self.c.recipe.merges[id.0];
         let pointwise = merge::Pointwise::of(merge.method, &self.settings(id, name).0)?;
         let base = if pointwise.uses_base() {

@@ -154,13 +154,13 @@ pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
     true
 }
 
-/// Bytes per element of a float dtype obim decodes (bf16, f16, f32).
+/// Bytes per element of a float dtype obim decodes (bf16, f16, f32); `None`
+/// for any other dtype.
 pub fn float_width(dtype: &str) -> Option<usize> {
-    match dtype {
-        "BF16" | "F16" => Some(2),
-        "F32" => Some(4),
-        _ => None,
-    }
+    matches!(dtype, "BF16" | "F16" | "F32")
+        .then(|| crate::checkpoint::dtype_size(dtype))
+        .flatten()
+        .map(|w| w as usize)
 }
 
 /// A place a decoded value goes: an f32, or one not yet initialised.
@@ -257,21 +257,26 @@ fn encode_slice(values: &[f32], dtype: Dtype, out: &mut [u8]) {
 }
 
 /// Merges one tensor chunk by chunk, straight from its operands' bytes
-/// (`(bytes, dtype)` each, equal element counts) into `out` in `dtype`:
-/// each chunk is decoded into per-thread scratch, merged by `merge(first,
-/// rest)` (which leaves the result in `first`) and encoded while it is in
-/// cache, so no whole-tensor f32 buffer exists. Returns the encoded bytes,
-/// the front of `out` (which only grows).
+/// (`(bytes, dtype)` each) into `out` in `dtype`: each chunk is decoded into
+/// per-thread scratch, merged by `merge(first, rest)` (which leaves the
+/// result in `first`) and encoded while it is in cache, so no whole-tensor
+/// f32 buffer exists. Returns the encoded bytes, the front of `out` (which
+/// only grows); `None` when an operand is not a float dtype or the operands'
+/// element counts differ.
 pub fn merge_streamed<'a>(
     operands: &[(&[u8], &str)],
     dtype: Dtype,
     out: &'a mut Vec<u8>,
     merge: impl Fn(&mut [f32], &[&[f32]]) + Sync,
-) -> &'a [u8] {
-    let n = operands
-        .first()
-        .and_then(|(b, d)| Some(b.len() / float_width(d)?))
-        .unwrap_or(0);
+) -> Option<&'a [u8]> {
+    let counts = operands
+        .iter()
+        .map(|(b, d)| Some(b.len() / float_width(d)?))
+        .collect::<Option<Vec<usize>>>()?;
+    let n = counts.first().copied().unwrap_or(0);
+    if counts.iter().any(|&c| c != n) {
+        return None;
+    }
     let size = dtype_bytes(dtype);
     let bytes = front(out, n * size);
     bytes
@@ -294,7 +299,7 @@ pub fn merge_streamed<'a>(
                 encode_slice(first, dtype, o);
             });
         });
-    bytes
+    Some(bytes)
 }
 
 /// Positions per chunk of a streamed merge: a few operands' chunks stay in
@@ -676,8 +681,9 @@ mod tests {
         for merge in merges {
             for dtype in [Dtype::Bf16, Dtype::F32] {
                 let mut out = vec![0xAA; 7];
-                let streamed =
-                    merge_streamed(&operands, dtype, &mut out, |f, r| merge.apply(f, r)).to_vec();
+                let streamed = merge_streamed(&operands, dtype, &mut out, |f, r| merge.apply(f, r))
+                    .unwrap()
+                    .to_vec();
                 let decoded: Vec<Vec<f32>> = operands
                     .iter()
                     .map(|(b, d)| to_f32(b, d).unwrap())

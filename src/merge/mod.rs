@@ -93,6 +93,7 @@ pub fn merge_tensor(
             let base = base.ok_or_else(|| invalid("obim needs a base"))?;
             obim(s, base, inputs, ctx)
         }
+        // Always pointwise (merged above) unless a `take` (returned earlier).
         Method::Linear => Err(invalid("linear needs an input")),
         Method::Slerp => {
             let mut base = base.ok_or_else(|| invalid("slerp needs a base"))?;
