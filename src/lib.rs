@@ -26,6 +26,7 @@ pub mod stdlib;
 pub mod syntax;
 pub mod tensors;
 
+pub use check::Limits;
 use diagnostic::Diagnostic;
 use std::path::{Path, PathBuf};
 
@@ -58,21 +59,6 @@ impl Compilation {
     /// The plan, when the recipe has no errors.
     pub fn plan(&self) -> Option<plan::Plan> {
         (!self.has_errors()).then(|| plan::Plan::lower(&self.recipe, &self.inventory))
-    }
-}
-
-/// What the command line may change in how recipes are checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// The most `auto` candidates one merge may have (E0033).
-    pub max_candidates: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_candidates: recipe::MAX_CANDIDATES,
-        }
     }
 }
 

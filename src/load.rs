@@ -26,16 +26,6 @@ pub struct Program {
     pub modules: Vec<LoadedModule>,
 }
 
-/// Loads a recipe file from disk.
-pub fn load_file(path: &Path) -> std::io::Result<(Program, Vec<Diagnostic>)> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(load_source(
-        &path.display().to_string(),
-        Some(path.to_path_buf()),
-        text,
-    ))
-}
-
 /// Loads a recipe given as text; `path` (if any) anchors relative imports.
 pub fn load_source(name: &str, path: Option<PathBuf>, text: String) -> (Program, Vec<Diagnostic>) {
     let mut loader = Loader {

@@ -15,9 +15,24 @@ use crate::syntax::ast::{self, Expr, ExprKind, ItemKind};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
+/// What the command line may change in how recipes are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most `auto` candidates one merge may have (E0033).
+    pub max_candidates: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_candidates: crate::recipe::MAX_CANDIDATES,
+        }
+    }
+}
+
 /// Checks a loaded program. The recipe is complete only when the returned
 /// diagnostics hold no error.
-pub fn check(program: &Program, limits: crate::Limits) -> (Recipe, Vec<Diagnostic>) {
+pub fn check(program: &Program, limits: Limits) -> (Recipe, Vec<Diagnostic>) {
     let mut checker = Checker::new(program);
     checker.max_candidates = limits.max_candidates;
     checker.run();
