@@ -36,7 +36,7 @@ pub enum CheckpointError {
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TensorInfo {
-    pub dtype: String,
+    pub dtype: TensorDtype,
     pub shape: Vec<usize>,
     /// The shard holding the tensor.
     pub file: PathBuf,
@@ -70,24 +70,114 @@ impl ModelInfo {
         self.tensors.values().map(TensorInfo::numel).sum()
     }
     /// The dtypes of the tensors, most common first.
-    pub fn dtype(&self) -> Option<&str> {
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    pub fn dtype(&self) -> Option<TensorDtype> {
+        let mut counts: BTreeMap<TensorDtype, usize> = BTreeMap::new();
         for t in self.tensors.values() {
-            *counts.entry(&t.dtype).or_default() += 1;
+            *counts.entry(t.dtype).or_default() += 1;
         }
         counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
     }
 }
 
-/// Bytes per element of a safetensors dtype.
-pub fn dtype_size(dtype: &str) -> Option<u64> {
-    Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
-        "I16" | "U16" | "F16" | "BF16" => 2,
-        "I32" | "U32" | "F32" => 4,
-        "I64" | "U64" | "F64" => 8,
-        _ => return None,
-    })
+/// A tensor's dtype as a safetensors header names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TensorDtype {
+    Bool,
+    U8,
+    I8,
+    F8E4M3,
+    F8E5M2,
+    I16,
+    U16,
+    F16,
+    Bf16,
+    I32,
+    U32,
+    F32,
+    I64,
+    U64,
+    F64,
+}
+
+impl TensorDtype {
+    pub const ALL: &'static [TensorDtype] = &[
+        TensorDtype::Bool,
+        TensorDtype::U8,
+        TensorDtype::I8,
+        TensorDtype::F8E4M3,
+        TensorDtype::F8E5M2,
+        TensorDtype::I16,
+        TensorDtype::U16,
+        TensorDtype::F16,
+        TensorDtype::Bf16,
+        TensorDtype::I32,
+        TensorDtype::U32,
+        TensorDtype::F32,
+        TensorDtype::I64,
+        TensorDtype::U64,
+        TensorDtype::F64,
+    ];
+
+    /// The header's spelling (`BF16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorDtype::Bool => "BOOL",
+            TensorDtype::U8 => "U8",
+            TensorDtype::I8 => "I8",
+            TensorDtype::F8E4M3 => "F8_E4M3",
+            TensorDtype::F8E5M2 => "F8_E5M2",
+            TensorDtype::I16 => "I16",
+            TensorDtype::U16 => "U16",
+            TensorDtype::F16 => "F16",
+            TensorDtype::Bf16 => "BF16",
+            TensorDtype::I32 => "I32",
+            TensorDtype::U32 => "U32",
+            TensorDtype::F32 => "F32",
+            TensorDtype::I64 => "I64",
+            TensorDtype::U64 => "U64",
+            TensorDtype::F64 => "F64",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<TensorDtype> {
+        TensorDtype::ALL.iter().copied().find(|d| d.name() == name)
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            TensorDtype::Bool
+            | TensorDtype::U8
+            | TensorDtype::I8
+            | TensorDtype::F8E4M3
+            | TensorDtype::F8E5M2 => 1,
+            TensorDtype::I16 | TensorDtype::U16 | TensorDtype::F16 | TensorDtype::Bf16 => 2,
+            TensorDtype::I32 | TensorDtype::U32 | TensorDtype::F32 => 4,
+            TensorDtype::I64 | TensorDtype::U64 | TensorDtype::F64 => 8,
+        }
+    }
+
+    /// Bytes per element of the float dtypes obim decodes and merges (bf16,
+    /// f16, f32); `None` for any other.
+    pub fn float_width(self) -> Option<usize> {
+        matches!(
+            self,
+            TensorDtype::Bf16 | TensorDtype::F16 | TensorDtype::F32
+        )
+        .then_some(self.size())
+    }
+}
+
+impl std::fmt::Display for TensorDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for TensorDtype {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 /// Opens a model directory: config.json (optional), then the index and
@@ -251,8 +341,9 @@ pub fn read_header(
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| tensor_err("no `dtype`".into()))?;
-        let size =
-            dtype_size(dtype).ok_or_else(|| tensor_err(format!("unsupported dtype `{dtype}`")))?;
+        let dtype = TensorDtype::parse(dtype)
+            .ok_or_else(|| tensor_err(format!("unsupported dtype `{dtype}`")))?;
+        let size = dtype.size() as u64;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(Value::as_array)
@@ -283,7 +374,7 @@ pub fn read_header(
         tensors.insert(
             name.clone(),
             TensorInfo {
-                dtype: dtype.to_string(),
+                dtype,
                 shape,
                 file: path.to_path_buf(),
                 offsets: (begin, end),

@@ -300,6 +300,74 @@ E0033 => "too many candidates", r#"The `auto` settings of one merge form a cross
 candidates; each is merged and scored, so the cost grows with the product.
 Use fewer values or fewer `auto` settings."#;
 
+E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
+directory (relative to the recipe file) or a Hugging Face id that is in the
+local cache or can be downloaded. `obim check` only notes a hub model it cannot
+see (N0001); at run time it is an error.
+
+Fix: correct the path, or download the model first
+(`huggingface-cli download ORG/NAME`), or unset `HF_HUB_OFFLINE`."#;
+
+E0102 => "tensor missing at run time", r#"A model lacks a tensor that the merge needs. `obim check` compares every
+input's tensor names with its base when the headers are readable (E0024); this
+error comes from a model whose headers could not be compared before the run,
+or whose files changed since.
+
+Fix: use checkpoints of the same architecture, or restrict the merge with
+`layers` rules that `take` the tensor from a model that has it."#;
+
+E0103 => "tensor cannot be merged", r#"A tensor's dtype is not a floating-point type obim merges (bf16, f16, f32),
+or the inputs of one tensor have sizes or dtypes that do not fit together.
+Quantised checkpoints (int8, fp8, GPTQ, AWQ) cannot be merged.
+
+Fix: use the unquantised checkpoint, or convert it to bf16."#;
+
+E0104 => "checkpoint cannot be read", r#"Reading an input failed while running: a shard could not be opened or mapped,
+a tensor's bytes lie outside its file, or a merge materialised in the cache
+could not be opened again. The message names the file and the tensor.
+
+Fix: re-download or re-create the checkpoint; for the cache, remove the
+directory the message names (`obim run` recomputes it)."#;
+
+E0105 => "output cannot be written", r#"Writing the output failed: the directory could not be created, the disk is
+full, or a file could not be renamed into place. The output is written into
+a staging directory beside the target and renamed only when complete, so an
+existing output is left as it was.
+
+Fix: check permissions and free space at the path the message names."#;
+
+E0106 => "output exists", r#"The output directory exists and was not written by this plan. obim never
+replaces an output silently.
+
+Fix: pass `--force` to replace it, or choose another path in the `output`
+statement."#;
+
+E0107 => "merge failed", r#"A tensor could not be merged with its settings, for example a `take` that
+names an input the merge does not have for that tensor, or a method that
+needs a base and got none. The message names the tensor.
+
+Fix: check the merge's `layers` rules for the tensor named."#;
+
+E0108 => "interrupted", r#"The run was stopped (Ctrl-C) between two tensors. Nothing was written to the
+output path: the staging directory is removed and an existing output is left
+as it was.
+
+Fix: run the recipe again."#;
+
+E0109 => "calibration failed", r#"The activation statistics an `obd` merge needs could not be computed: the
+data could not be read or tokenized, the model has no forward pass, a token is
+outside the vocabulary, or the cached statistics file is unreadable.
+
+Fix: see the cause in the message; `obim stats MODEL --data FILE -o OUT`
+runs the same calibration on its own."#;
+
+E0110 => "selection failed", r#"A merge's `auto` candidates could not be scored: its base is not available,
+its architecture has no forward pass, the `select by loss(...)` data has no
+text of two tokens or more, or a forward pass failed.
+
+Fix: see the cause in the message; `obim eval MODEL --data FILE --loss`
+runs the same scoring on a single model."#;
+
 W0001 => "unused definition", r#"A definition is never used: a model or data source no merge uses, a merge no
 output or later merge uses, a `let` or an import nobody reads. Unused models
 are still opened by `obim plan`, so it is worth removing them.

@@ -61,7 +61,7 @@ fn compile(io: &mut Io, path: &Path) -> Option<Compilation> {
 fn compile_fetched(
     io: &mut Io,
     path: &Path,
-    progress: &mut dyn FnMut(crate::run::Event),
+    progress: &mut dyn FnMut(crate::exec::Event),
 ) -> Result<Compilation, i32> {
     let c = compile(io, path).ok_or(exit::USAGE)?;
     if c.has_errors() {
@@ -95,9 +95,9 @@ fn fetch(
     model: &str,
     id: &str,
     revision: Option<&str>,
-    progress: &mut dyn FnMut(crate::run::Event),
+    progress: &mut dyn FnMut(crate::exec::Event),
 ) -> Option<PathBuf> {
-    use crate::run::Event;
+    use crate::exec::Event;
     struct Forward<'a>(&'a mut dyn FnMut(Event));
     impl crate::hub::DownloadProgress for Forward<'_> {
         fn start(&mut self, file: &str, bytes: u64) {
@@ -212,9 +212,9 @@ pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
 pub fn run(
     io: &mut Io,
     path: &Path,
-    options: &crate::run::RunOptions,
+    options: &crate::exec::RunOptions,
     dry_run: bool,
-    progress: &mut dyn FnMut(crate::run::Event),
+    progress: &mut dyn FnMut(crate::exec::Event),
 ) -> i32 {
     let c = if dry_run {
         compile(io, path).ok_or(exit::USAGE)
@@ -249,17 +249,17 @@ pub fn run(
         return exit::OK;
     }
     if dry_run {
-        for (path, hash, state) in crate::run::output_states(&c, &plan) {
+        for (path, hash, state) in crate::exec::output_states(&c, &plan) {
             let what = match state {
-                crate::run::OutputState::UpToDate => {
+                crate::exec::OutputState::UpToDate => {
                     "up to date (written by this plan), nothing to do"
                 }
-                crate::run::OutputState::Exists => "exists from another plan: would need --force",
-                crate::run::OutputState::Missing => "would be written",
+                crate::exec::OutputState::Exists => "exists from another plan: would need --force",
+                crate::exec::OutputState::Missing => "would be written",
             };
             let _ = writeln!(io.out, "{}: {what} [plan {}]", path.display(), &hash[..12]);
         }
-        for line in crate::run::calibration_states(&c, &plan, &options.cache) {
+        for line in crate::exec::calibration_states(&c, &plan, &options.cache) {
             let _ = writeln!(io.out, "{line}");
         }
         let view = c.view(&plan);
@@ -268,10 +268,10 @@ pub fn run(
         let _ = writeln!(io.out, "\nsteps:\n{steps}");
         return exit::OK;
     }
-    match crate::run::run(&c, &plan, options, progress) {
+    match crate::exec::run(&c, &plan, options, progress) {
         Ok(()) => exit::OK,
         Err(e) => {
-            let _ = writeln!(io.err, "error: {e}");
+            print_diagnostics(io, &[e.to_diagnostic()], &c.sources);
             exit::FAILURE
         }
     }
@@ -384,11 +384,17 @@ pub struct EvalOptions {
     pub loss: Option<String>,
     /// Where a recipe's merges are materialised to be evaluated.
     pub cache: PathBuf,
+    /// Where the models run.
+    pub device: crate::device::Device,
 }
 
 /// `RECIPE.obim` or `RECIPE.obim:MERGE`: the merge (default: the first
 /// output's), computed into the cache.
-fn recipe_merge(io: &mut Io, arg: &str, cache: &Path) -> Option<crate::checkpoint::ModelInfo> {
+fn recipe_merge(
+    io: &mut Io,
+    arg: &str,
+    options: &EvalOptions,
+) -> Option<crate::checkpoint::ModelInfo> {
     let (path, name) = match arg.split_once(".obim:") {
         Some((p, m)) => (format!("{p}.obim"), Some(m)),
         None => (arg.to_string(), None),
@@ -411,17 +417,17 @@ fn recipe_merge(io: &mut Io, arg: &str, cache: &Path) -> Option<crate::checkpoin
         return None;
     };
     static NEVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let options = crate::run::RunOptions {
+    let run = crate::exec::RunOptions {
         force: false,
         cancel: &NEVER,
-        cache: cache.to_path_buf(),
-        device: "cpu".into(),
+        cache: options.cache.clone(),
+        device: &options.device,
     };
     let id = crate::recipe::MergeId(merge);
-    match crate::run::materialise_merge(&c, &plan, id, &options, &mut |_| {}) {
+    match crate::exec::materialise_merge(&c, &plan, id, &run, &mut |_| {}) {
         Ok(info) => Some(info),
         Err(e) => {
-            let _ = writeln!(io.err, "error: {e}");
+            print_diagnostics(io, &[e.to_diagnostic()], &c.sources);
             None
         }
     }
@@ -430,7 +436,6 @@ fn recipe_merge(io: &mut Io, arg: &str, cache: &Path) -> Option<crate::checkpoin
 /// `obim eval MODEL... --data FILE...`: greedy exact-match accuracy (or,
 /// with `--loss`, the mean next-token loss) of each model on each file.
 pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOptions) -> i32 {
-    let device = candle_core::Device::Cpu;
     enum Set {
         Examples(Vec<crate::eval::Example>),
         Texts(Vec<String>),
@@ -469,14 +474,14 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOpt
     }
     for model in models {
         let info = if model.ends_with(".obim") || model.contains(".obim:") {
-            recipe_merge(io, model, &options.cache)
+            recipe_merge(io, model, options)
         } else {
             open_model(io, model)
         };
         let Some(info) = info else {
             return exit::FAILURE;
         };
-        let generator = match crate::eval::Generator::load(&info, &device) {
+        let generator = match crate::eval::Generator::load(&info, options.device.candle()) {
             Ok(g) => g,
             Err(e) => {
                 let _ = writeln!(io.err, "error: {e}");
@@ -538,7 +543,13 @@ pub struct StatsData {
 }
 
 /// `obim stats MODEL --data FILE -o OUT`: calibration statistics alone.
-pub fn stats(io: &mut Io, model: &str, data: &StatsData, out: &Path) -> i32 {
+pub fn stats(
+    io: &mut Io,
+    model: &str,
+    data: &StatsData,
+    out: &Path,
+    device: &crate::device::Device,
+) -> i32 {
     let Some(info) = open_model(io, model) else {
         return exit::FAILURE;
     };
@@ -563,7 +574,7 @@ pub fn stats(io: &mut Io, model: &str, data: &StatsData, out: &Path) -> i32 {
         .and_then(|tokenizer| crate::data::sequences(&source, &tokenizer))
         .map_err(|e| e.to_string())
         .and_then(|sequences| {
-            let stats = crate::calibrate::calibrate(&info, &sequences, &candle_core::Device::Cpu)
+            let stats = crate::calibrate::calibrate(&info, &sequences, device.candle())
                 .map_err(|e| e.to_string())?;
             stats.save(out).map_err(|e| e.to_string())?;
             Ok((sequences.len(), stats))

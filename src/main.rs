@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use obim::commands::{self, Format, Io};
+use obim::device::{Device, DeviceRequest};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,9 +74,9 @@ enum Command {
     /// Run a recipe: merge and write every output.
     Run {
         recipe: PathBuf,
-        /// `auto`, `cpu` or `cuda[:N]`. Merging runs on the CPU; CUDA comes with the GPU issue.
+        /// Where forward passes run (calibration, selection; merging runs on the CPU): `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
         #[arg(long, default_value = "auto")]
-        device: String,
+        device: DeviceRequest,
         /// Worker threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -112,6 +113,9 @@ enum Command {
         /// With --loss: the jsonl field holding the text.
         #[arg(long, default_value = "text")]
         field: String,
+        /// Where forward passes run: `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "auto")]
+        device: DeviceRequest,
         /// Worker threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -138,6 +142,9 @@ enum Command {
         /// Where to write the statistics (safetensors).
         #[arg(short, long)]
         output: PathBuf,
+        /// Where forward passes run: `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+        #[arg(long, default_value = "auto")]
+        device: DeviceRequest,
         /// Worker threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -177,8 +184,8 @@ fn bytes_bar(total: u64) -> indicatif::ProgressBar {
 }
 
 impl Progress {
-    fn event(&mut self, event: obim::run::Event) {
-        use obim::run::Event;
+    fn event(&mut self, event: obim::exec::Event) {
+        use obim::exec::Event;
         match event {
             Event::DownloadStarted { file, bytes } => {
                 if self.terminal {
@@ -303,6 +310,14 @@ fn cache_dir() -> PathBuf {
         .join("obim")
 }
 
+/// Opens the device the user asked for, or exits with a usage error.
+fn open_device(request: DeviceRequest) -> Device {
+    Device::open(request).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(commands::exit::USAGE);
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let color = match cli.color {
@@ -347,6 +362,7 @@ fn main() {
             loss,
             field,
             threads,
+            device,
             cache,
         } => {
             set_threads(threads);
@@ -355,6 +371,7 @@ fn main() {
                 json: matches!(format, CheckFormat::Json),
                 loss: loss.then_some(field),
                 cache: cache.unwrap_or_else(cache_dir),
+                device: open_device(device),
             };
             commands::eval(&mut io, &models, &data, &options)
         }
@@ -367,8 +384,10 @@ fn main() {
             seed,
             output,
             threads,
+            device,
         } => {
             set_threads(threads);
+            let device = open_device(device);
             let data = commands::StatsData {
                 path: data,
                 field,
@@ -376,7 +395,7 @@ fn main() {
                 seq_len,
                 seed,
             };
-            commands::stats(&mut io, &model, &data, &output)
+            commands::stats(&mut io, &model, &data, &output, &device)
         }
         Command::Run {
             recipe,
@@ -386,25 +405,15 @@ fn main() {
             force,
             dry_run,
         } => {
-            let device = match device.as_str() {
-                "auto" | "cpu" => "cpu".to_string(),
-                other if other.starts_with("cuda") => {
-                    eprintln!("error: --device {other}: this obim was built without CUDA support");
-                    std::process::exit(commands::exit::USAGE);
-                }
-                other => {
-                    eprintln!("error: --device {other}: expected auto, cpu or cuda[:N]");
-                    std::process::exit(commands::exit::USAGE);
-                }
-            };
+            let device = open_device(device);
             set_threads(threads);
             static CANCEL: AtomicBool = AtomicBool::new(false);
             let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
-            let options = obim::run::RunOptions {
+            let options = obim::exec::RunOptions {
                 force,
                 cancel: &CANCEL,
                 cache: cache.unwrap_or_else(cache_dir),
-                device,
+                device: &device,
             };
             let mut progress = Progress {
                 bar: None,

@@ -28,7 +28,7 @@ pub struct Recipe {
 }
 
 /// Where a model's files are.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelSource {
     /// A directory, resolved against the recipe's directory.
@@ -270,6 +270,26 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
             Dtype::F16 => "f16",
             Dtype::F32 => "f32",
+        }
+    }
+
+    /// The name `config.json` uses (`torch_dtype`, `dtype`).
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bfloat16",
+            Dtype::F16 => "float16",
+            Dtype::F32 => "float32",
+        }
+    }
+
+    /// The output dtype that keeps a checkpoint's own (its safetensors
+    /// dtype): f16 and f32 stay, anything else becomes bf16.
+    pub fn of_checkpoint(dtype: Option<crate::checkpoint::TensorDtype>) -> Dtype {
+        use crate::checkpoint::TensorDtype;
+        match dtype {
+            Some(TensorDtype::F16) => Dtype::F16,
+            Some(TensorDtype::F32) => Dtype::F32,
+            _ => Dtype::Bf16,
         }
     }
 }

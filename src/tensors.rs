@@ -5,7 +5,7 @@
 //! chunk from the mapped bytes to the output bytes. All of obim's `unsafe`
 //! is here: the mmap, an uninitialised decode buffer, and a writeback hint.
 
-use crate::checkpoint::TensorInfo;
+use crate::checkpoint::{TensorDtype, TensorInfo};
 use crate::recipe::Dtype;
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -109,7 +109,7 @@ impl Shards {
     /// One tensor as f32.
     pub fn load_f32(&mut self, name: &str, info: &TensorInfo) -> Result<Vec<f32>, TensorError> {
         let (map, range) = self.bytes(name, info)?;
-        to_f32(&map[range], &info.dtype).ok_or_else(|| TensorError::Tensor {
+        to_f32(&map[range], info.dtype).ok_or_else(|| TensorError::Tensor {
             path: info.file.clone(),
             tensor: name.to_string(),
             reason: format!(
@@ -123,7 +123,7 @@ impl Shards {
 const CHUNK: usize = 1 << 16;
 
 /// Little-endian bytes of a floating-point dtype → f32.
-pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
+pub fn to_f32(bytes: &[u8], dtype: TensorDtype) -> Option<Vec<f32>> {
     let mut out = Vec::new();
     to_f32_into(bytes, dtype, &mut out).then_some(out)
 }
@@ -131,8 +131,11 @@ pub fn to_f32(bytes: &[u8], dtype: &str) -> Option<Vec<f32>> {
 /// The same into a reused buffer (no page faults for a buffer that has
 /// held a tensor this large before, and no zero-filling: every element is
 /// written once). False for a non-float dtype.
-pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
-    let Some(width) = float_width(dtype).filter(|w| bytes.len().is_multiple_of(*w)) else {
+pub fn to_f32_into(bytes: &[u8], dtype: TensorDtype, out: &mut Vec<f32>) -> bool {
+    let Some(width) = dtype
+        .float_width()
+        .filter(|w| bytes.len().is_multiple_of(*w))
+    else {
         return false;
     };
     let n = bytes.len() / width;
@@ -154,15 +157,6 @@ pub fn to_f32_into(bytes: &[u8], dtype: &str, out: &mut Vec<f32>) -> bool {
     true
 }
 
-/// Bytes per element of a float dtype obim decodes (bf16, f16, f32); `None`
-/// for any other dtype.
-pub fn float_width(dtype: &str) -> Option<usize> {
-    matches!(dtype, "BF16" | "F16" | "F32")
-        .then(|| crate::checkpoint::dtype_size(dtype))
-        .flatten()
-        .map(|w| w as usize)
-}
-
 /// A place a decoded value goes: an f32, or one not yet initialised.
 trait Slot {
     fn set(&mut self, value: f32);
@@ -182,16 +176,16 @@ impl Slot for std::mem::MaybeUninit<f32> {
 
 /// `out[i]` ← element `i` of `bytes` in `dtype`, for `out.len()` elements
 /// (a non-float dtype writes nothing; callers check `float_width` first).
-fn decode_slice<S: Slot>(bytes: &[u8], dtype: &str, out: &mut [S]) {
+fn decode_slice<S: Slot>(bytes: &[u8], dtype: TensorDtype, out: &mut [S]) {
     fn each<const W: usize, S: Slot>(bytes: &[u8], out: &mut [S], value: impl Fn([u8; W]) -> f32) {
         for (o, &b) in out.iter_mut().zip(bytes.as_chunks::<W>().0) {
             o.set(value(b));
         }
     }
     match dtype {
-        "BF16" => each(bytes, out, |b| bf16_to_f32(u16::from_le_bytes(b))),
-        "F16" => each(bytes, out, |b| half::f16::from_le_bytes(b).to_f32()),
-        "F32" => each(bytes, out, f32::from_le_bytes),
+        TensorDtype::Bf16 => each(bytes, out, |b| bf16_to_f32(u16::from_le_bytes(b))),
+        TensorDtype::F16 => each(bytes, out, |b| half::f16::from_le_bytes(b).to_f32()),
+        TensorDtype::F32 => each(bytes, out, f32::from_le_bytes),
         _ => {}
     }
 }
@@ -264,14 +258,14 @@ fn encode_slice(values: &[f32], dtype: Dtype, out: &mut [u8]) {
 /// only grows); `None` when an operand is not a float dtype or the operands'
 /// element counts differ.
 pub fn merge_streamed<'a>(
-    operands: &[(&[u8], &str)],
+    operands: &[(&[u8], TensorDtype)],
     dtype: Dtype,
     out: &'a mut Vec<u8>,
     merge: impl Fn(&mut [f32], &[&[f32]]) + Sync,
 ) -> Option<&'a [u8]> {
     let counts = operands
         .iter()
-        .map(|(b, d)| Some(b.len() / float_width(d)?))
+        .map(|(b, d)| Some(b.len() / d.float_width()?))
         .collect::<Option<Vec<usize>>>()?;
     let n = counts.first().copied().unwrap_or(0);
     if counts.iter().any(|&c| c != n) {
@@ -288,9 +282,9 @@ pub fn merge_streamed<'a>(
                 let scratch = front(scratch, operands.len() * STREAM_CHUNK);
                 let mut slots = scratch.chunks_mut(STREAM_CHUNK);
                 let mut decoded = operands.iter().zip(&mut slots).map(|((b, d), slot)| {
-                    let w = float_width(d).unwrap_or(1);
+                    let w = d.float_width().unwrap_or(1);
                     let slot = &mut slot[..len];
-                    decode_slice(&b[start * w..(start + len) * w], d, slot);
+                    decode_slice(&b[start * w..(start + len) * w], *d, slot);
                     slot
                 });
                 let Some(first) = decoded.next() else { return };
@@ -318,11 +312,11 @@ pub fn dtype_bytes(dtype: Dtype) -> usize {
     }
 }
 
-pub fn safetensors_dtype(dtype: Dtype) -> &'static str {
+pub fn safetensors_dtype(dtype: Dtype) -> TensorDtype {
     match dtype {
-        Dtype::Bf16 => "BF16",
-        Dtype::F16 => "F16",
-        Dtype::F32 => "F32",
+        Dtype::Bf16 => TensorDtype::Bf16,
+        Dtype::F16 => TensorDtype::F16,
+        Dtype::F32 => TensorDtype::F32,
     }
 }
 
@@ -662,9 +656,9 @@ mod tests {
             from_f32(&operand(1), Dtype::F32),
             from_f32(&operand(2), Dtype::F16),
         ];
-        let operands: Vec<(&[u8], &str)> = bytes
+        let operands: Vec<(&[u8], TensorDtype)> = bytes
             .iter()
-            .zip(["BF16", "F32", "F16"])
+            .zip([TensorDtype::Bf16, TensorDtype::F32, TensorDtype::F16])
             .map(|(b, d)| (b.as_slice(), d))
             .collect();
         let merges = [
@@ -686,7 +680,7 @@ mod tests {
                     .to_vec();
                 let decoded: Vec<Vec<f32>> = operands
                     .iter()
-                    .map(|(b, d)| to_f32(b, d).unwrap())
+                    .map(|(b, d)| to_f32(b, *d).unwrap())
                     .collect();
                 let mut first = decoded[0].clone();
                 let rest: Vec<&[f32]> = decoded[1..].iter().map(Vec::as_slice).collect();

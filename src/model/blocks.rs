@@ -82,7 +82,7 @@ impl Source for Weights<'_> {
     fn rows(&mut self, name: &str, shape: [usize; 2], ids: &[u32]) -> Result<Tensor> {
         let [rows, cols] = shape;
         let info = self.info(name, &shape)?;
-        let size = crate::checkpoint::dtype_size(&info.dtype).unwrap_or(0) as usize;
+        let size = info.dtype.size();
         let (map, range) = self.shards.bytes(name, info)?;
         let table = &map[range];
         let mut values = Vec::with_capacity(ids.len() * cols);
@@ -92,7 +92,7 @@ impl Source for Weights<'_> {
             let ok = id < rows
                 && crate::tensors::to_f32_into(
                     &table[id * cols * size..(id + 1) * cols * size],
-                    &info.dtype,
+                    info.dtype,
                     &mut row,
                 );
             if !ok {

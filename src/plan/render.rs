@@ -78,7 +78,7 @@ impl PlanView<'_> {
                     "architecture": info.and_then(|i| i.architecture.clone()),
                     "tensors": info.map(|i| i.tensors.len()),
                     "params": info.map(|i| i.params()),
-                    "dtype": info.and_then(|i| i.dtype().map(String::from)),
+                    "dtype": info.and_then(|i| i.dtype().map(|d| d.name())),
                 })
             })
             .collect();
@@ -268,7 +268,7 @@ impl PlanView<'_> {
                         i.architecture.as_deref().unwrap_or("unknown architecture"),
                         i.tensors.len(),
                         thousands(i.params()),
-                        i.dtype().unwrap_or("?")
+                        i.dtype().map_or("?", |d| d.name())
                     ),
                     None => format!("{}: not available locally", self.source(&m.source)),
                 }

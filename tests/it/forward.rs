@@ -3,9 +3,8 @@
 //! README): logits within 1e-4 absolute, statistics within 1e-4 relative.
 #![expect(clippy::unwrap_used, reason = "test helpers")]
 
-mod common;
+use crate::common::{demo, obim, temp};
 use candle_core::Device;
-use common::{demo, obim, temp};
 use obim::calibrate::{self, ActStats};
 use obim::checkpoint;
 use obim::data::{self, Tokenizer};

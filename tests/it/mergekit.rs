@@ -27,10 +27,7 @@ fn read(path: &Path) -> BTreeMap<String, Vec<f32>> {
         .map(|(name, t)| {
             let range =
                 (t.data_start + t.offsets.0) as usize..(t.data_start + t.offsets.1) as usize;
-            (
-                name,
-                obim::tensors::to_f32(&bytes[range], &t.dtype).unwrap(),
-            )
+            (name, obim::tensors::to_f32(&bytes[range], t.dtype).unwrap())
         })
         .collect()
 }
@@ -46,13 +43,14 @@ fn run(name: &str) -> BTreeMap<String, Vec<f32>> {
     );
     let plan = c.plan().unwrap();
     let cancel = AtomicBool::new(false);
-    let options = obim::run::RunOptions {
+    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).unwrap();
+    let options = obim::exec::RunOptions {
         force: true,
         cancel: &cancel,
         cache: std::env::temp_dir(),
-        device: "cpu".into(),
+        device: &device,
     };
-    obim::run::run(&c, &plan, &options, &mut |_| {}).unwrap();
+    obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap();
     read(
         &Path::new(DIR)
             .join("out")

@@ -5,9 +5,7 @@
 //! test's own; then used from that cache with no server.
 #![expect(clippy::unwrap_used, reason = "test helpers")]
 
-mod common;
-
-use common::{demo, obim, temp};
+use crate::common::{demo, obim, temp};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};

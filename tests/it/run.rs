@@ -7,8 +7,7 @@
     reason = "helpers of tests: a failure should stop the test loudly"
 )]
 
-mod common;
-use common::{demo, obim, temp};
+use crate::common::{demo, obim, temp};
 use obim::checkpoint::open_dir;
 use std::path::{Path, PathBuf};
 
@@ -81,7 +80,7 @@ fn multistage_writes_a_sharded_checkpoint_that_reads_back() {
     );
     for (name, t) in &merged.tensors {
         assert_eq!(t.shape, base.tensors[name].shape, "{name}");
-        assert_eq!(t.dtype, "BF16");
+        assert_eq!(t.dtype, obim::checkpoint::TensorDtype::Bf16);
     }
     assert_eq!(merged.config["dtype"], "bfloat16");
     assert_eq!(merged.config["architectures"], base.config["architectures"]);

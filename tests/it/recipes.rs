@@ -46,7 +46,7 @@ fn filter_hashes(text: &str) -> String {
 
 #[test]
 fn fixture_recipes() {
-    insta::glob!("recipes/*.obim", |path| {
+    insta::glob!("..", "recipes/*.obim", |path| {
         let path = relative(path);
         let text = std::fs::read_to_string(path).unwrap();
         let c = obim::compile_file(path).unwrap();

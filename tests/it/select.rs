@@ -3,9 +3,8 @@
 //! by the ordinary whole-model forward, the written merge equals the same
 //! merge with the winning value fixed, and scores are cached per candidate.
 
-mod common;
+use crate::common::{demo, obim, temp};
 use candle_core::Device;
-use common::{demo, obim, temp};
 use obim::checkpoint::open_dir;
 use obim::data::{self, Tokenizer};
 use obim::eval::Generator;

@@ -7,9 +7,8 @@
     reason = "helpers of tests: a failure should stop the test loudly"
 )]
 
-mod common;
+use crate::common::{demo, obim, temp};
 use candle_core::{DType, Device, Tensor};
-use common::{demo, obim, temp};
 use obim::calibrate::{self, ActStats};
 use obim::checkpoint::open_dir;
 use obim::data::{self, Tokenizer};

@@ -235,7 +235,27 @@ fn integer_tensor_cannot_be_merged() {
         };
         model(d, &[a, t("model.layers.0.mlp.up_proj.weight", PROJ)], None);
     });
-    case.fails_with(&["model.embed_tokens.weight", "I16 cannot be merged"]);
+    case.fails_with(&["E0103", "model.embed_tokens.weight", "I16 cannot be merged"]);
+}
+
+/// A runtime error renders as a diagnostic: its code, the model's declaration
+/// as the primary label, the step that failed as a secondary one, a help line.
+#[test]
+fn runtime_errors_render_as_diagnostics() {
+    let case = Case::new("render", |d| {
+        let a = Tensor {
+            name: "model.embed_tokens.weight",
+            dtype: "I16",
+            shape: EMBED,
+            offsets: None,
+        };
+        model(d, &[a, t("model.layers.0.mlp.up_proj.weight", PROJ)], None);
+    });
+    let out = case.run(&[]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(&case.dir.display().to_string(), "[DIR]");
+    insta::assert_snapshot!(stderr);
 }
 
 #[test]
@@ -324,6 +344,7 @@ fn existing_output_needs_force() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("already exists; pass --force"), "{stderr}");
+    assert!(stderr.contains("E0106"), "{stderr}");
     assert_eq!(
         std::fs::read_to_string(case.dir.join("out/m/obim-report.json")).unwrap(),
         report

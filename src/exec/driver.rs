@@ -1,0 +1,457 @@
+//! The driver: the one place that orders the work of a run. For every
+//! output it chooses the `auto` settings of the merges it needs
+//! (dependencies first), computes the calibration statistics they need
+//! (materialising a merge in the cache when a merge is itself calibrated),
+//! then writes the output. Outputs already written by the same plan are
+//! left alone unless `--force`.
+
+use super::RunOptions;
+use super::error::{CalibrationFailure, ExecError};
+use super::event::Event;
+use super::select::{Selection, Selector};
+use super::stats::Statistics;
+use super::writer::{self, Report};
+use crate::Compilation;
+use crate::calibrate::{self, ActStats};
+use crate::checkpoint::ModelInfo;
+use crate::data;
+use crate::methods::Method;
+use crate::plan::{Plan, StepKind};
+use crate::recipe::{DataId, Dtype, InputRef, MergeId, Output, Saliency};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `--dry-run` reports for each output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputState {
+    /// Written by the same plan: nothing to do.
+    UpToDate,
+    /// Exists, from another plan: needs `--force`.
+    Exists,
+    Missing,
+}
+
+/// The state of every output of the plan, in plan order.
+pub fn output_states(c: &Compilation, plan: &Plan) -> Vec<(PathBuf, String, OutputState)> {
+    writes(plan)
+        .into_iter()
+        .map(|(index, hash)| {
+            let o = &c.recipe.outputs[index];
+            let state = if written_by(&o.path, &hash) {
+                OutputState::UpToDate
+            } else if o.path.exists() {
+                OutputState::Exists
+            } else {
+                OutputState::Missing
+            };
+            (o.path.clone(), hash, state)
+        })
+        .collect()
+}
+
+/// The plan's write steps: output index and step hash.
+fn writes(plan: &Plan) -> Vec<(usize, String)> {
+    plan.steps()
+        .into_iter()
+        .filter_map(|s| match s.kind {
+            StepKind::Write(i) => Some((i, s.hash.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `dir` holds an output written by the plan step with `hash`.
+fn written_by(dir: &Path, hash: &str) -> bool {
+    Report::read(dir).is_some_and(|r| r.plan_hash == hash)
+}
+
+/// Runs every output of the plan.
+pub fn run(
+    c: &Compilation,
+    plan: &Plan,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(), ExecError> {
+    preflight(c, plan)?;
+    let mut driver = Driver::new(c, plan, options, progress);
+    for (index, hash) in writes(plan) {
+        let output = &c.recipe.outputs[index];
+        let step = format!("write:{}", output.written);
+        driver
+            .output(output, &hash)
+            .map_err(|e| e.in_step(step, output.span))?;
+    }
+    Ok(())
+}
+
+/// Computes merge `merge` of a recipe (choosing its `auto` settings and
+/// calibrating as needed) and writes it whole, in f32, into the cache;
+/// returns the checkpoint. This is what `obim eval RECIPE:MERGE` evaluates.
+pub fn materialise_merge(
+    c: &Compilation,
+    plan: &Plan,
+    merge: MergeId,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<ModelInfo, ExecError> {
+    preflight(c, plan)?;
+    let m = &c.recipe.merges[merge.0];
+    let (step, span) = (format!("merge:{}", m.name), m.span);
+    let mut driver = Driver::new(c, plan, options, progress);
+    let run = |driver: &mut Driver| {
+        driver.choose(merge)?;
+        let (c, plan) = driver.current.clone();
+        driver.materialise(&c, &plan, merge)
+    };
+    run(&mut driver).map_err(|e| e.in_step(step, span))
+}
+
+/// The state of one run: the recipe and plan as selection has made them so
+/// far, the statistics computed, the selections made.
+struct Driver<'o, 'p> {
+    /// The recipe and its plan; a merge with `auto` settings is replaced by
+    /// its winner once chosen, and the plan lowered again.
+    current: (Compilation, Plan),
+    options: &'o RunOptions<'o>,
+    stats: Statistics,
+    selections: BTreeMap<String, Selection>,
+    progress: &'p mut dyn FnMut(Event),
+}
+
+impl<'o, 'p> Driver<'o, 'p> {
+    fn new(
+        c: &Compilation,
+        plan: &Plan,
+        options: &'o RunOptions<'o>,
+        progress: &'p mut dyn FnMut(Event),
+    ) -> Self {
+        Driver {
+            current: (c.clone(), plan.clone()),
+            options,
+            stats: Statistics::default(),
+            selections: BTreeMap::new(),
+            progress,
+        }
+    }
+
+    /// Chooses, calibrates and writes one output.
+    fn output(&mut self, output: &Output, hash: &str) -> Result<(), ExecError> {
+        if !self.options.force && written_by(&output.path, hash) {
+            (self.progress)(Event::UpToDate {
+                path: output.path.clone(),
+            });
+            return Ok(());
+        }
+        self.choose(output.merge)?;
+        let (c, plan) = self.current.clone();
+        self.calibrate_for(&c, &plan, output.merge)?;
+        let job = writer::Job {
+            c: &c,
+            plan: &plan,
+            output,
+            hash,
+            stats: &self.stats,
+            selections: &self.selections,
+        };
+        writer::write_output(&job, self.options, self.progress)
+    }
+
+    /// Chooses the settings of `merge` and of the merges it depends on,
+    /// where they have `auto` candidates (dependencies first).
+    fn choose(&mut self, merge: MergeId) -> Result<(), ExecError> {
+        let deps: Vec<MergeId> = self.current.0.recipe.merges[merge.0]
+            .dependencies()
+            .filter_map(|d| match d {
+                InputRef::Merge(m) => Some(m),
+                InputRef::Model(_) => None,
+            })
+            .collect();
+        for dep in deps {
+            self.choose(dep)?;
+        }
+        let c = self.current.0.clone();
+        let m = &c.recipe.merges[merge.0];
+        if m.autos.is_empty() {
+            return Ok(());
+        }
+        let span = m.select.as_ref().map_or(m.span, |s| s.span);
+        let chosen = (|| {
+            let mut selector = Selector::new(&c, merge, &self.options.cache)?;
+            let pending: Vec<(Compilation, Plan)> = selector.pending().cloned().collect();
+            for (variant, plan) in &pending {
+                self.calibrate_for(variant, plan, merge)?;
+            }
+            selector.score(&self.stats, self.options.device)?;
+            Ok(selector.finish(self.progress))
+        })();
+        let (winner, selection) =
+            chosen.map_err(|e: ExecError| e.in_step(format!("select:{}", m.name), span))?;
+        self.selections.insert(winner.name.clone(), selection);
+        self.current.0.recipe.merges[merge.0] = winner;
+        self.current.1 = Plan::lower(&self.current.0.recipe, &self.current.0.inventory);
+        Ok(())
+    }
+
+    /// Computes (or reads from the cache) every statistic `merge` needs. An
+    /// input that is itself a merge is first written whole into the cache.
+    fn calibrate_for(
+        &mut self,
+        c: &Compilation,
+        plan: &Plan,
+        merge: MergeId,
+    ) -> Result<(), ExecError> {
+        for (input, data) in calibrations(c, plan, merge) {
+            if self.stats.contains(input, data) {
+                continue;
+            }
+            let stats = self.calibrate(c, plan, input, data).map_err(|e| {
+                e.in_step(calibrate_step(c, input, data), c.recipe.data[data.0].span)
+            })?;
+            self.stats.insert(input, data, stats);
+        }
+        Ok(())
+    }
+
+    /// The statistics of `input` on `data`, from the cache or computed.
+    fn calibrate(
+        &mut self,
+        c: &Compilation,
+        plan: &Plan,
+        input: InputRef,
+        data: DataId,
+    ) -> Result<ActStats, ExecError> {
+        let recipe = &c.recipe;
+        let source = &recipe.data[data.0];
+        let fail = |failure: CalibrationFailure| ExecError::Calibration {
+            input: recipe.input_name(input).to_string(),
+            data: source.name.clone(),
+            source: Box::new(failure),
+        };
+        let info = match input {
+            InputRef::Model(m) => c
+                .inventory
+                .get(m)
+                .cloned()
+                .ok_or_else(|| fail(CalibrationFailure::Unavailable))?,
+            InputRef::Merge(m) => self.materialise(c, plan, m)?,
+        };
+        // The model's own tokenizer, else its base's.
+        let tokenizer_dir = if info.dir.join("tokenizer.json").is_file() {
+            info.dir.clone()
+        } else {
+            recipe
+                .shape_source(input)
+                .and_then(|m| c.inventory.get(m))
+                .map_or_else(|| info.dir.clone(), |i| i.dir.clone())
+        };
+        let tokenizer = data::Tokenizer::from_dir(&tokenizer_dir).map_err(|e| fail(e.into()))?;
+        let sequences = data::sequences(source, &tokenizer).map_err(|e| fail(e.into()))?;
+        let key = calibrate::cache_key(&info, &sequences);
+        let path = calibrate::cache_path(&self.options.cache, &key);
+        let started = Instant::now();
+        let (result, cached) = match ActStats::load(&path, "") {
+            Ok(s) => (s, true),
+            Err(_) => {
+                (self.progress)(Event::CalibrationStarted {
+                    input: recipe.input_name(input).to_string(),
+                    data: source.name.clone(),
+                    sequences: sequences.len(),
+                    tokens: sequences.iter().map(Vec::len).sum(),
+                });
+                let s = calibrate::calibrate(&info, &sequences, self.options.device.candle())
+                    .map_err(|e| fail(e.into()))?;
+                s.save(&path).map_err(|e| fail(e.into()))?;
+                (s, false)
+            }
+        };
+        (self.progress)(Event::Calibrated {
+            input: recipe.input_name(input).to_string(),
+            data: source.name.clone(),
+            tokens: result.tokens,
+            seconds: started.elapsed().as_secs_f64(),
+            cached,
+        });
+        Ok(result)
+    }
+
+    /// Writes a merge whole into the cache (keyed by its plan step's hash)
+    /// so that it can be calibrated, and opens it.
+    fn materialise(
+        &mut self,
+        c: &Compilation,
+        plan: &Plan,
+        merge: MergeId,
+    ) -> Result<ModelInfo, ExecError> {
+        let step = plan.step_hash(StepKind::Merge(merge)).to_string();
+        let dir = self
+            .options
+            .cache
+            .join("merges")
+            .join(&step[..step.len().min(32)]);
+        if !written_by(&dir, &step) {
+            self.calibrate_for(c, plan, merge)?;
+            let output = Output {
+                merge,
+                path: dir.clone(),
+                written: dir.display().to_string(),
+                dtype: Some(Dtype::F32),
+                shard_size: u64::MAX,
+                tokenizer: None,
+                span: c.recipe.merges[merge.0].span,
+            };
+            let forced = RunOptions {
+                force: true,
+                cache: self.options.cache.clone(),
+                ..*self.options
+            };
+            let job = writer::Job {
+                c,
+                plan,
+                output: &output,
+                hash: &step,
+                stats: &self.stats,
+                selections: &BTreeMap::new(),
+            };
+            writer::write_output(&job, &forced, self.progress)?;
+        }
+        crate::checkpoint::open_dir(&dir).map_err(ExecError::Materialised)
+    }
+}
+
+fn calibrate_step(c: &Compilation, input: InputRef, data: DataId) -> String {
+    format!(
+        "calibrate:{}@{}",
+        c.recipe.input_name(input),
+        c.recipe.data[data.0].name
+    )
+}
+
+/// For `--dry-run`: each calibration the outputs need, and whether the cache
+/// already holds its statistics.
+pub fn calibration_states(c: &Compilation, plan: &Plan, cache: &Path) -> Vec<String> {
+    let mut needed = Vec::new();
+    for (index, _) in writes(plan) {
+        for pair in calibrations(c, plan, c.recipe.outputs[index].merge) {
+            if !needed.contains(&pair) {
+                needed.push(pair);
+            }
+        }
+    }
+    needed
+        .into_iter()
+        .map(|(input, data)| {
+            let recipe = &c.recipe;
+            let state = match input {
+                InputRef::Merge(_) => {
+                    "computed after the merge is materialised in the cache".to_string()
+                }
+                InputRef::Model(m) => match c.inventory.get(m) {
+                    None => "model not available locally".to_string(),
+                    Some(info) => {
+                        let sequences = data::Tokenizer::from_dir(&info.dir)
+                            .and_then(|t| data::sequences(&recipe.data[data.0], &t));
+                        match sequences {
+                            Err(e) => format!("cannot tokenize: {e}"),
+                            Ok(seqs) => {
+                                let key = calibrate::cache_key(info, &seqs);
+                                let tokens: usize = seqs.iter().map(Vec::len).sum();
+                                if calibrate::cache_path(cache, &key).is_file() {
+                                    format!("in the cache ({tokens} tokens)")
+                                } else {
+                                    format!(
+                                        "would be computed ({} sequences, {tokens} tokens)",
+                                        seqs.len()
+                                    )
+                                }
+                            }
+                        }
+                    }
+                },
+            };
+            format!("{}: {state}", calibrate_step(c, input, data))
+        })
+        .collect()
+}
+
+/// The (input, data) pairs whose statistics OBD needs to compute `merge`,
+/// the merges it depends on first, each once.
+fn calibrations(c: &Compilation, plan: &Plan, merge: MergeId) -> Vec<(InputRef, DataId)> {
+    let mut out = Vec::new();
+    collect_calibrations(c, plan, merge, &mut out);
+    out
+}
+
+fn collect_calibrations(
+    c: &Compilation,
+    plan: &Plan,
+    merge: MergeId,
+    out: &mut Vec<(InputRef, DataId)>,
+) {
+    let m = &c.recipe.merges[merge.0];
+    for dep in m.dependencies() {
+        if let InputRef::Merge(inner) = dep {
+            collect_calibrations(c, plan, inner, out);
+        }
+    }
+    if m.method != Method::Obim {
+        return;
+    }
+    for t in plan
+        .tensors
+        .get(&merge)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if t.settings.take.is_some() || t.saliency().0 != Saliency::Obd {
+            continue;
+        }
+        for (input, settings) in m.inputs.iter().zip(&t.settings.inputs) {
+            if let Some(data) = settings.using
+                && !out.contains(&(input.model, data))
+            {
+                out.push((input.model, data));
+            }
+        }
+    }
+}
+
+/// Before any tensor is computed: every input must be available locally
+/// with float tensors (names and shapes were checked by `open`).
+fn preflight(c: &Compilation, plan: &Plan) -> Result<(), ExecError> {
+    for (&id, tensors) in &plan.tensors {
+        let merge = &c.recipe.merges[id.0];
+        let step = format!("merge:{}", merge.name);
+        for input in merge.dependencies() {
+            let Some(model) = c.recipe.shape_source(input) else {
+                continue;
+            };
+            let declared = &c.recipe.models[model.0];
+            let Some(info) = c.inventory.get(model) else {
+                return Err(ExecError::ModelUnavailable {
+                    model: declared.name.clone(),
+                    span: declared.span,
+                }
+                .in_step(step, merge.span));
+            };
+            // Names and shapes were compared with the base by the open
+            // stage (E0024, E0025); what it does not know is what can be merged.
+            for t in tensors {
+                let Some(found) = info.tensors.get(&t.name) else {
+                    continue;
+                };
+                if found.dtype.float_width().is_none() {
+                    return Err(ExecError::Unmergeable {
+                        model: declared.name.clone(),
+                        file: found.file.clone(),
+                        tensor: t.name.clone(),
+                        dtype: found.dtype,
+                        span: declared.span,
+                    }
+                    .in_step(step, merge.span));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! Computes one tensor of a merge from its inputs: model tensors read from
+//! mmap'd shards (decoded to f32), merges of merges computed recursively, a
+//! tensor used several times read once and kept until its last use. A
+//! pointwise merge of models (linear, task arithmetic) goes from the mapped
+//! shards to output bytes chunk by chunk, with no whole-tensor f32 buffers.
+
+use super::error::ExecError;
+use super::stats::Statistics;
+use crate::Compilation;
+use crate::checkpoint::TensorInfo;
+use crate::merge::{self, Merged, TensorContext};
+use crate::methods::Method;
+use crate::plan::{Plan, PlannedTensor};
+use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Saliency, TakeFrom, TensorSettings};
+use crate::tensors::{self, Shards};
+use memmap2::Mmap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Computes tensors into owned buffers (merges update them in place). A
+/// model or merge that one tensor's computation needs several times is read
+/// or computed once and kept until its last use.
+pub(super) struct Evaluator<'a> {
+    c: &'a Compilation,
+    plan: &'a Plan,
+    stats: &'a Statistics,
+    shards: Shards,
+    /// How often each input is used while computing one tensor of the output.
+    uses: HashMap<InputRef, usize>,
+    remaining: HashMap<InputRef, usize>,
+    memo: HashMap<InputRef, Vec<f32>>,
+    /// OBIM: positions each input won, per merge and tensor.
+    won: BTreeMap<MergeId, BTreeMap<String, Vec<u64>>>,
+    /// Buffers of earlier tensors, reused so that large tensors do not
+    /// fault fresh pages in every time.
+    pool: Vec<Vec<f32>>,
+    /// Model tensors shared with other evaluators (a selection's candidates).
+    shared: Option<SharedInputs>,
+}
+
+/// Model tensors read once for several evaluators, until cleared.
+pub(super) type SharedInputs =
+    std::rc::Rc<std::cell::RefCell<HashMap<(ModelId, String), Vec<f32>>>>;
+
+impl<'a> Evaluator<'a> {
+    fn buffer(&mut self) -> Vec<f32> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    /// Keeps a finished buffer for reuse (a few, the largest).
+    fn recycle(&mut self, buffer: Vec<f32>) {
+        self.pool.push(buffer);
+        self.pool.sort_by_key(Vec::capacity);
+        if self.pool.len() > 8 {
+            self.pool.remove(0);
+        }
+    }
+
+    pub(super) fn new(
+        c: &'a Compilation,
+        plan: &'a Plan,
+        stats: &'a Statistics,
+        output: MergeId,
+    ) -> Self {
+        let mut uses = HashMap::new();
+        count_uses(c, output, &mut uses);
+        Evaluator {
+            c,
+            plan,
+            stats,
+            shards: Shards::default(),
+            uses,
+            remaining: HashMap::new(),
+            memo: HashMap::new(),
+            won: BTreeMap::new(),
+            pool: Vec::new(),
+            shared: None,
+        }
+    }
+
+    /// The models (not merges) whose tensors the output reads.
+    pub(super) fn models_read(&self) -> std::collections::BTreeSet<ModelId> {
+        self.uses
+            .keys()
+            .filter_map(|i| match i {
+                InputRef::Model(m) => Some(*m),
+                InputRef::Merge(_) => None,
+            })
+            .collect()
+    }
+
+    /// OBIM: how many positions each input won, per merge and tensor.
+    pub(super) fn positions_won(&self) -> &BTreeMap<MergeId, BTreeMap<String, Vec<u64>>> {
+        &self.won
+    }
+
+    /// Drops the buffers kept for reuse (a selection's candidates each have
+    /// an evaluator; their pools together would hold many large tensors).
+    pub(super) fn release_buffers(&mut self) {
+        self.pool.clear();
+    }
+
+    /// Reads model tensors through `shared` (and leaves them there).
+    pub(super) fn with_shared(mut self, shared: SharedInputs) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The merged values of tensor `name` of `merge`.
+    pub(super) fn output_tensor(
+        &mut self,
+        merge: MergeId,
+        name: &str,
+    ) -> Result<Vec<f32>, ExecError> {
+        self.memo.clear();
+        self.remaining = self.uses.clone();
+        self.merge(merge, name)
+    }
+
+    fn tensor(&mut self, input: InputRef, name: &str) -> Result<Vec<f32>, ExecError> {
+        let left = self.remaining.get(&input).copied().unwrap_or(1);
+        self.remaining.insert(input, left.saturating_sub(1));
+        if self.memo.contains_key(&input) {
+            if left > 1 {
+                let mut copy = self.buffer();
+                if let Some(v) = self.memo.get(&input) {
+                    copy.clone_from(v);
+                }
+                return Ok(copy);
+            }
+            return Ok(self.memo.remove(&input).unwrap_or_default());
+        }
+        let values = match input {
+            InputRef::Model(m) => self.load(m, name)?,
+            InputRef::Merge(m) => self.merge(m, name)?,
+        };
+        if left > 1 {
+            let mut copy = self.buffer();
+            copy.clone_from(&values);
+            self.memo.insert(input, copy);
+        }
+        Ok(values)
+    }
+
+    fn load(&mut self, model: ModelId, name: &str) -> Result<Vec<f32>, ExecError> {
+        let Some(shared) = self.shared.clone() else {
+            return self.read(model, name);
+        };
+        let key = (model, name.to_string());
+        if let Some(values) = shared.borrow().get(&key) {
+            let mut copy = self.buffer();
+            copy.clone_from(values);
+            return Ok(copy);
+        }
+        let values = self.read(model, name)?;
+        shared.borrow_mut().insert(key, values.clone());
+        Ok(values)
+    }
+
+    /// One model tensor from its shard, as f32.
+    fn read(&mut self, model: ModelId, name: &str) -> Result<Vec<f32>, ExecError> {
+        let (map, range, t) = self.mapped(model, name)?;
+        let mut values = self.buffer();
+        let converted = tensors::to_f32_into(&map[range], t.dtype, &mut values);
+        drop(map);
+        self.shards.release(t);
+        converted
+            .then_some(values)
+            .ok_or_else(|| self.undecodable(model, name, t))
+    }
+
+    /// The mapped bytes of one model tensor, and where they come from.
+    fn mapped(
+        &mut self,
+        model: ModelId,
+        name: &str,
+    ) -> Result<(Arc<Mmap>, std::ops::Range<usize>, &'a TensorInfo), ExecError> {
+        let recipe = &self.c.recipe;
+        let declared = &recipe.models[model.0];
+        let info = self
+            .c
+            .inventory
+            .get(model)
+            .ok_or_else(|| ExecError::ModelUnavailable {
+                model: declared.name.clone(),
+                span: declared.span,
+            })?;
+        let t = info
+            .tensors
+            .get(name)
+            .ok_or_else(|| ExecError::TensorMissing {
+                model: declared.name.clone(),
+                file: info.dir.clone(),
+                tensor: name.to_string(),
+                span: declared.span,
+            })?;
+        let (map, range) = self.shards.bytes(name, t)?;
+        Ok((map, range, t))
+    }
+
+    fn undecodable(&self, model: ModelId, name: &str, t: &TensorInfo) -> ExecError {
+        let declared = &self.c.recipe.models[model.0];
+        ExecError::Unmergeable {
+            model: declared.name.clone(),
+            file: t.file.clone(),
+            tensor: name.to_string(),
+            dtype: t.dtype,
+            span: declared.span,
+        }
+    }
+
+    /// Tensor `name` of merge `id`, encoded in `dtype` into the front of
+    /// `out`. A pointwise merge of models (linear, task arithmetic) streams
+    /// from the mapped shards chunk by chunk; any other computes whole f32
+    /// tensors first.
+    pub(super) fn encoded<'o>(
+        &mut self,
+        id: MergeId,
+        name: &str,
+        dtype: Dtype,
+        out: &'o mut Vec<u8>,
+    ) -> Result<&'o [u8], ExecError> {
+        if let Some((pointwise, models)) = self.pointwise(id, name) {
+            let mut mapped = Vec::with_capacity(models.len());
+            for &m in &models {
+                mapped.push(self.mapped(m, name)?);
+            }
+            let operands: Vec<(&[u8], crate::checkpoint::TensorDtype)> = mapped
+                .iter()
+                .map(|(map, range, t)| (&map[range.clone()], t.dtype))
+                .collect();
+            // The preflight and the open stage checked dtypes and shapes.
+            let encoded = tensors::merge_streamed(&operands, dtype, out, |first, rest| {
+                pointwise.apply(first, rest)
+            })
+            .ok_or_else(|| ExecError::Operands {
+                tensor: name.to_string(),
+            })?;
+            for (_, _, t) in mapped {
+                self.shards.release(t);
+            }
+            return Ok(encoded);
+        }
+        let values = self.output_tensor(id, name)?;
+        let encoded = tensors::from_f32_into(&values, dtype, out);
+        self.recycle(values);
+        Ok(encoded)
+    }
+
+    /// The pointwise form of merge `id` at tensor `name` and the models it
+    /// reads (in operand order), when every operand is a model.
+    fn pointwise(&self, id: MergeId, name: &str) -> Option<(merge::Pointwise, Vec<ModelId>)> {
+        let merge = &self.c.recipe.merges[id.0];
+        let pointwise = merge::Pointwise::of(merge.method, &self.settings(id, name).0)?;
+        let base = if pointwise.uses_base() {
+            Some(merge.base?)
+        } else {
+            None
+        };
+        let models = base
+            .into_iter()
+            .chain(merge.inputs.iter().map(|i| i.model))
+            .map(|input| match input {
+                InputRef::Model(m) => Some(m),
+                InputRef::Merge(_) => None,
+            })
+            .collect::<Option<Vec<ModelId>>>()?;
+        Some((pointwise, models))
+    }
+
+    /// The settings and shape the plan fixed for tensor `name` of merge `id`.
+    fn settings(
+        &self,
+        id: MergeId,
+        name: &str,
+    ) -> (TensorSettings, Vec<usize>, Option<&'a PlannedTensor>) {
+        let planned: Option<&PlannedTensor> = self
+            .plan
+            .tensors
+            .get(&id)
+            .and_then(|ts| ts.iter().find(|t| t.name == name));
+        let settings = planned.map_or_else(
+            || self.c.recipe.merges[id.0].tensor_settings(name),
+            |t| t.settings.clone(),
+        );
+        let shape = planned.map(|t| t.info.shape.clone()).unwrap_or_default();
+        (settings, shape, planned)
+    }
+
+    fn merge(&mut self, id: MergeId, name: &str) -> Result<Vec<f32>, ExecError> {
+        let merge = &self.c.recipe.merges[id.0];
+        let (settings, shape, planned) = self.settings(id, name);
+        // A `take` needs only the tensor it takes.
+        let wanted = |i: usize| settings.take.is_none_or(|t| t == TakeFrom::Input(i));
+        let base = match merge.base {
+            Some(b) if settings.take.is_none_or(|t| t == TakeFrom::Base) => {
+                Some(self.tensor(b, name)?)
+            }
+            _ => None,
+        };
+        let mut inputs = Vec::with_capacity(merge.inputs.len());
+        for (i, input) in merge.inputs.iter().enumerate() {
+            inputs.push(if wanted(i) {
+                self.tensor(input.model, name)?
+            } else {
+                Vec::new()
+            });
+        }
+        let uses_obd = merge.method == Method::Obim
+            && settings.take.is_none()
+            && planned.is_some_and(|t| t.saliency().0 == Saliency::Obd);
+        let obd = if uses_obd {
+            self.stats.obd(&self.c.recipe, merge, &settings, name)?
+        } else {
+            vec![None; merge.inputs.len()]
+        };
+        let ctx = TensorContext {
+            name,
+            shape: &shape,
+            obd: &obd,
+        };
+        let Merged { values, won, spare } =
+            merge::merge_tensor(merge.method, &settings, base, inputs, &ctx)?;
+        for buffer in spare {
+            self.recycle(buffer);
+        }
+        if let Some(won) = won {
+            self.won
+                .entry(id)
+                .or_default()
+                .insert(name.to_string(), won);
+        }
+        Ok(values)
+    }
+}
+
+/// How often each input is requested while one tensor of `merge` is computed
+/// (a merge's own inputs are counted once, when it is first computed).
+fn count_uses(c: &Compilation, merge: MergeId, uses: &mut HashMap<InputRef, usize>) {
+    for dep in c.recipe.merges[merge.0].dependencies() {
+        let count = uses.entry(dep).or_default();
+        *count += 1;
+        if let (1, InputRef::Merge(m)) = (*count, dep) {
+            count_uses(c, m, uses);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Linear (with no base) and task arithmetic over models stream from the
+    /// shards; a sparsifying merge, a `take` and a merge of a merge do not.
+    #[test]
+    fn which_merges_stream() {
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo");
+        let dir = std::env::temp_dir().join(format!("obim-streams-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let recipe = dir.join("r.obim");
+        let model = |name: &str, m: &str| format!("{name} = \"{}\"\n", demo.join(m).display());
+        let text = [
+            model("base llama", "base"),
+            model("model add", "expert_add"),
+            model("model sort", "expert_sort"),
+            "merge lin = linear { add weight 1  sort weight 1 }\n".into(),
+            "merge ta = task_arithmetic(base: llama) { add weight 1  sort weight 1 layers \"*norm*\" { take base } }\n".into(),
+            "merge ti = ties(base: llama, density: 0.5) { add weight 1  sort weight 1 }\n".into(),
+            "merge nested = task_arithmetic(base: llama) { lin weight 1 }\n".into(),
+            "output lin -> \"a\"\noutput ta -> \"b\"\noutput ti -> \"c\"\noutput nested -> \"d\"\n".into(),
+        ]
+        .concat();
+        std::fs::write(&recipe, text).unwrap();
+        let c = crate::compile_file(&recipe).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let plan = c.plan().expect("the recipe checks");
+        let stats = Statistics::default();
+        let merge =
+            |name: &str| MergeId(c.recipe.merges.iter().position(|m| m.name == name).unwrap());
+        let streams = |name: &str, tensor: &str| {
+            let eval = Evaluator::new(&c, &plan, &stats, merge(name));
+            eval.pointwise(merge(name), tensor).is_some()
+        };
+        let weight = "model.layers.0.mlp.up_proj.weight";
+        let norm = "model.layers.0.input_layernorm.weight";
+        assert!(streams("lin", weight));
+        assert!(streams("ta", weight));
+        assert!(!streams("ta", norm), "a `take` is no merge");
+        assert!(!streams("ti", weight));
+        assert!(!streams("nested", weight));
+    }
+}

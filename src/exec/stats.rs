@@ -1,0 +1,62 @@
+//! Calibration statistics by input and data source, as the driver computed
+//! or read them, and OBD's view of them for one tensor.
+
+use super::error::{CalibrationFailure, ExecError};
+use crate::calibrate::ActStats;
+use crate::merge::ObdStats;
+use crate::recipe::{DataId, InputRef, Merge, Recipe, TensorSettings};
+use std::collections::HashMap;
+
+#[derive(Default)]
+pub struct Statistics {
+    stats: HashMap<(InputRef, DataId), ActStats>,
+}
+
+impl Statistics {
+    pub fn contains(&self, input: InputRef, data: DataId) -> bool {
+        self.stats.contains_key(&(input, data))
+    }
+
+    pub fn insert(&mut self, input: InputRef, data: DataId, stats: ActStats) {
+        self.stats.insert((input, data), stats);
+    }
+
+    /// Each input's OBD statistics for tensor `name` of `merge` (`None`:
+    /// the input has no `using` data, so magnitude).
+    pub fn obd<'s>(
+        &'s self,
+        recipe: &Recipe,
+        merge: &Merge,
+        settings: &TensorSettings,
+        name: &str,
+    ) -> Result<Vec<Option<ObdStats<'s>>>, ExecError> {
+        merge
+            .inputs
+            .iter()
+            .zip(&settings.inputs)
+            .map(|(input, s)| {
+                let Some(data) = s.using else { return Ok(None) };
+                let fail = |source| ExecError::Calibration {
+                    input: recipe.input_name(input.model).to_string(),
+                    data: recipe.data[data.0].name.clone(),
+                    source: Box::new(source),
+                };
+                let found = self
+                    .stats
+                    .get(&(input.model, data))
+                    .ok_or_else(|| fail(CalibrationFailure::NotComputed))?;
+                if name.ends_with(".bias") {
+                    return Ok(Some(ObdStats::Tokens(found.tokens as f64)));
+                }
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                let sums = found.sums.get(module).ok_or_else(|| {
+                    fail(CalibrationFailure::NoModule {
+                        tensor: name.to_string(),
+                        module: module.to_string(),
+                    })
+                })?;
+                Ok(Some(ObdStats::Columns(sums)))
+            })
+            .collect()
+    }
+}

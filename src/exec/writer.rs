@@ -1,0 +1,362 @@
+//! Writes one output: tensors computed by the [`Evaluator`] are encoded and
+//! appended to staged shards on a thread of their own (tensor i is written
+//! while tensor i + 1 is computed), the inputs' file hashes are computed on
+//! another; then `config.json`, the tokenizer and generation files and the
+//! typed [`Report`] are added and the staging directory is renamed into place.
+
+use super::RunOptions;
+use super::error::ExecError;
+use super::evaluator::Evaluator;
+use super::event::Event;
+use super::select::Selection;
+use super::stats::Statistics;
+use crate::Compilation;
+use crate::checkpoint::ModelInfo;
+use crate::plan::{Plan, PlannedTensor};
+use crate::provenance::FileHash;
+use crate::recipe::{Dtype, ModelId, ModelSource, Output};
+use crate::tensors::{self, CheckpointWriter, Staging, TensorError, TensorSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// `obim-report.json`: what was written, from what, how.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub obim_version: String,
+    pub recipe: RecipeRecord,
+    /// The merge written.
+    pub merge: String,
+    /// The content hash of the plan's write step: an output with the same
+    /// hash is up to date.
+    pub plan_hash: String,
+    pub device: String,
+    pub threads: usize,
+    pub seconds: f64,
+    pub bytes: u64,
+    pub shards: Vec<String>,
+    pub inputs: Vec<InputRecord>,
+    /// OBIM: merge → tensor → input → positions the input won.
+    pub positions_won: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+    /// `auto` merges: every candidate's score and the winner, by merge.
+    pub selection: BTreeMap<String, Selection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecipeRecord {
+    pub path: String,
+    pub blake3: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputRecord {
+    pub name: String,
+    pub source: ModelSource,
+    pub path: Option<String>,
+    pub files: Vec<FileHash>,
+}
+
+impl Report {
+    pub const FILE: &'static str = "obim-report.json";
+
+    /// The report of the output in `dir`, if it has a readable one.
+    pub fn read(dir: &Path) -> Option<Report> {
+        let text = std::fs::read_to_string(dir.join(Report::FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// One output to write, and what computing it needs.
+pub(super) struct Job<'a> {
+    pub c: &'a Compilation,
+    pub plan: &'a Plan,
+    pub output: &'a Output,
+    /// The write step's hash.
+    pub hash: &'a str,
+    pub stats: &'a Statistics,
+    pub selections: &'a BTreeMap<String, Selection>,
+}
+
+/// Writes `job`'s output into a staging directory and renames it into place.
+pub(super) fn write_output(
+    job: &Job,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(), ExecError> {
+    let started = Instant::now();
+    let Job { c, output, .. } = *job;
+    let tensors = job
+        .plan
+        .tensors
+        .get(&output.merge)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let base = base_of(c, output)?;
+    let dtype = output
+        .dtype
+        .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
+    let staging = Staging::new(&output.path, options.force)?;
+    let mut eval = Evaluator::new(c, job.plan, job.stats, output.merge);
+    let models: Vec<(ModelId, &ModelInfo)> = eval
+        .models_read()
+        .into_iter()
+        .filter_map(|m| c.inventory.get(m).map(|i| (m, i)))
+        .collect();
+    let infos: Vec<&ModelInfo> = models.iter().map(|(_, i)| *i).collect();
+    let stop = AtomicBool::new(false);
+    // The inputs' file hashes (for the report) are computed on a thread of
+    // their own while the merge runs.
+    let (shards, hashes) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| crate::provenance::models(&infos, &options.cache, &stop));
+        let shards = stream(
+            &mut eval,
+            Target {
+                dir: staging.dir(),
+                dtype,
+                shard_size: output.shard_size,
+                output,
+                tensors,
+            },
+            options.cancel,
+            progress,
+        );
+        if shards.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        (shards, hashing.join())
+    });
+    let shards = shards?;
+    let hashes = hashes.map_err(|_| ExecError::Thread("input hashing"))??;
+    let tokenizer_dir = output
+        .tokenizer
+        .and_then(|t| c.recipe.shape_source(t))
+        .and_then(|m| c.inventory.get(m))
+        .map_or(&base.dir, |i| &i.dir);
+    write_config(staging.dir(), base, dtype)?;
+    copy_side_files(&base.dir, tokenizer_dir, staging.dir())?;
+    let bytes = shard_bytes(tensors, dtype);
+    let inputs = models
+        .iter()
+        .map(|(m, _)| *m)
+        .zip(hashes)
+        .map(|(m, files)| {
+            let declared = &c.recipe.models[m.0];
+            InputRecord {
+                name: declared.name.clone(),
+                source: declared.source.clone(),
+                path: c.inventory.get(m).map(|i| i.dir.display().to_string()),
+                files,
+            }
+        })
+        .collect();
+    let root = c.sources.get(c.recipe.root);
+    let report = Report {
+        obim_version: env!("CARGO_PKG_VERSION").into(),
+        recipe: RecipeRecord {
+            path: root.name.clone(),
+            blake3: blake3::hash(root.text.as_bytes()).to_hex().to_string(),
+            text: root.text.clone(),
+        },
+        merge: c.recipe.merges[output.merge.0].name.clone(),
+        plan_hash: job.hash.to_string(),
+        device: options.device.name().to_string(),
+        threads: rayon::current_num_threads(),
+        seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        bytes,
+        shards,
+        inputs,
+        positions_won: positions_won(c, &eval),
+        selection: job.selections.clone(),
+    };
+    let path = staging.dir().join(Report::FILE);
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )
+    .map_err(|source| TensorError::Write { path, source })?;
+    staging.commit()?;
+    progress(Event::OutputWritten {
+        path: output.path.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+        bytes,
+    });
+    Ok(())
+}
+
+/// The checkpoint whose config, tokenizer and dtype the output takes: the
+/// merge's base, else its first input (through merges to a model).
+fn base_of<'c>(c: &'c Compilation, output: &Output) -> Result<&'c ModelInfo, ExecError> {
+    let recipe = &c.recipe;
+    let merge = &recipe.merges[output.merge.0];
+    let model = merge
+        .base
+        .or_else(|| merge.inputs.first().map(|i| i.model))
+        .and_then(|b| recipe.shape_source(b));
+    let declared = model.map(|m| &recipe.models[m.0]);
+    model
+        .and_then(|m| c.inventory.get(m))
+        .ok_or_else(|| ExecError::ModelUnavailable {
+            model: declared.map_or_else(|| merge.name.clone(), |m| m.name.clone()),
+            span: declared.map_or(merge.span, |m| m.span),
+        })
+}
+
+fn shard_bytes(tensors: &[PlannedTensor], dtype: Dtype) -> u64 {
+    tensors
+        .iter()
+        .map(|t| (t.info.numel() * tensors::dtype_bytes(dtype)) as u64)
+        .sum()
+}
+
+/// Where the tensors go.
+struct Target<'a> {
+    dir: &'a Path,
+    dtype: Dtype,
+    shard_size: u64,
+    output: &'a Output,
+    tensors: &'a [PlannedTensor],
+}
+
+/// Computes every tensor and writes it into the staged shards; returns the
+/// shard file names.
+fn stream(
+    eval: &mut Evaluator,
+    target: Target,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(Event),
+) -> Result<Vec<String>, ExecError> {
+    let Target {
+        dir,
+        dtype,
+        shard_size,
+        output,
+        tensors,
+    } = target;
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            shape: t.info.shape.clone(),
+            bytes: (t.info.numel() * tensors::dtype_bytes(dtype)) as u64,
+        })
+        .collect();
+    let mut writer = CheckpointWriter::new(dir, dtype, specs, shard_size);
+    progress(Event::OutputStarted {
+        path: output.path.clone(),
+        tensors: tensors.len(),
+        bytes: shard_bytes(tensors, dtype),
+        shards: writer.shard_count(),
+    });
+    std::thread::scope(|scope| {
+        // Two byte buffers take turns between this thread and the writer's.
+        let (to_writer, written_rx) = std::sync::mpsc::sync_channel::<(&str, Vec<u8>, usize)>(0);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writing = scope.spawn(move || -> Result<Vec<String>, TensorError> {
+            for _ in tensors {
+                // A closed channel: the computing side failed, and its error
+                // is the one reported.
+                let Ok((name, bytes, len)) = written_rx.recv() else {
+                    return Ok(Vec::new());
+                };
+                writer.write(name, &bytes[..len])?;
+                let _ = free_tx.send(bytes);
+            }
+            writer.finish()
+        });
+        let computed = (|| -> Result<(), ExecError> {
+            let mut free = vec![Vec::new(), Vec::new()];
+            for t in tensors {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(ExecError::Interrupted(output.path.clone()));
+                }
+                let mut bytes = free
+                    .pop()
+                    .or_else(|| free_rx.recv().ok())
+                    .unwrap_or_default();
+                let len = eval
+                    .encoded(output.merge, &t.name, dtype, &mut bytes)?
+                    .len();
+                if to_writer.send((&t.name, bytes, len)).is_err() {
+                    break; // the writer failed: its error follows
+                }
+                progress(Event::TensorWritten {
+                    name: t.name.clone(),
+                    bytes: len as u64,
+                });
+            }
+            Ok(())
+        })();
+        drop(to_writer);
+        let written = writing
+            .join()
+            .map_err(|_| ExecError::Thread("shard writer"))?;
+        computed?;
+        Ok(written?)
+    })
+}
+
+/// The base's config.json with the output dtype.
+fn write_config(dir: &Path, base: &ModelInfo, dtype: Dtype) -> Result<(), ExecError> {
+    let mut config = base.config.clone();
+    if let Some(object) = config.as_object_mut() {
+        let has_dtype = object.contains_key("dtype");
+        if has_dtype || !object.contains_key("torch_dtype") {
+            object.insert("dtype".into(), dtype.config_name().into());
+        }
+        if object.contains_key("torch_dtype") {
+            object.insert("torch_dtype".into(), dtype.config_name().into());
+        }
+    }
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&config).unwrap_or_default() + "\n",
+    )
+    .map_err(|source| TensorError::Write { path, source }.into())
+}
+
+/// The tokenizer files (from `tokenizer`) and `generation_config.json` (from the base).
+fn copy_side_files(base: &Path, tokenizer: &Path, out: &Path) -> Result<(), ExecError> {
+    let copies = crate::hub::TOKENIZER_FILES
+        .iter()
+        .map(|f| (tokenizer, *f))
+        .chain([(base, "generation_config.json")]);
+    for (dir, file) in copies {
+        let from = dir.join(file);
+        if from.is_file() {
+            let to = out.join(file);
+            std::fs::copy(&from, &to).map_err(|source| TensorError::Write { path: to, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// The evaluator's OBIM counts, by merge, tensor and input name.
+fn positions_won(
+    c: &Compilation,
+    eval: &Evaluator,
+) -> BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> {
+    let recipe = &c.recipe;
+    eval.positions_won()
+        .iter()
+        .map(|(id, per_tensor)| {
+            let merge = &recipe.merges[id.0];
+            let tensors = per_tensor
+                .iter()
+                .map(|(tensor, counts)| {
+                    let by_input = merge
+                        .inputs
+                        .iter()
+                        .map(|i| recipe.input_name(i.model).to_string())
+                        .zip(counts.iter().copied())
+                        .collect();
+                    (tensor.clone(), by_input)
+                })
+                .collect();
+            (merge.name.clone(), tensors)
+        })
+        .collect()
+}

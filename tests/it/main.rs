@@ -1,0 +1,15 @@
+//! The integration tests, as one binary (one link of candle and tokenizers
+//! instead of one per file). Each module tests one surface; fixtures live
+//! beside this folder (`tests/recipes`, `tests/goldens`, `tests/archs`).
+
+mod cli;
+mod common;
+mod forward;
+mod hub;
+mod mergekit;
+mod mutations;
+mod obd;
+mod recipes;
+mod run;
+mod run_errors;
+mod select;
