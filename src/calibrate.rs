@@ -18,7 +18,8 @@ use crate::checkpoint::ModelInfo;
 use crate::model::ModelConfig;
 use crate::model::blocks::{self, ForwardError, Observer, Weights};
 use crate::model::stream;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -116,26 +117,36 @@ pub fn calibrate(
 }
 
 impl ActStats {
-    /// Writes the statistics as safetensors (via a temporary file, renamed).
+    /// Writes the statistics as safetensors (via a temporary file, renamed):
+    /// one F32 vector per module and the token count as I64 `n_tokens`.
     pub fn save(&self, path: &Path) -> Result<(), CalibrationError> {
         let fail = |reason: String| CalibrationError::File {
             path: path.to_path_buf(),
             reason,
         };
-        let mut tensors = HashMap::new();
-        for (name, sums) in &self.sums {
-            let t = Tensor::from_slice(sums, sums.len(), &Device::Cpu)
-                .map_err(|e| fail(e.to_string()))?;
-            tensors.insert(name.clone(), t);
-        }
-        let n = Tensor::from_slice(&[self.tokens as i64], 1, &Device::Cpu)
-            .map_err(|e| fail(e.to_string()))?;
-        tensors.insert("n_tokens".to_string(), n);
+        let mut bytes: Vec<(String, Dtype, usize, Vec<u8>)> = self
+            .sums
+            .iter()
+            .map(|(name, sums)| {
+                let data = sums.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (name.clone(), Dtype::F32, sums.len(), data)
+            })
+            .collect();
+        let n = (self.tokens as i64).to_le_bytes().to_vec();
+        bytes.push(("n_tokens".to_string(), Dtype::I64, 1, n));
+        let views = bytes
+            .iter()
+            .map(|(name, dtype, len, data)| {
+                TensorView::new(*dtype, vec![*len], data)
+                    .map(|v| (name.as_str(), v))
+                    .map_err(|e| fail(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
         }
         let tmp = path.with_extension("safetensors.partial");
-        candle_core::safetensors::save(&tensors, &tmp).map_err(|e| fail(e.to_string()))?;
+        safetensors::serialize_to_file(views, None, &tmp).map_err(|e| fail(e.to_string()))?;
         std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))
     }
 
@@ -146,25 +157,31 @@ impl ActStats {
             path: path.to_path_buf(),
             reason,
         };
-        let all =
-            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| fail(e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
         let mut sums = BTreeMap::new();
         let mut tokens = None;
-        for (key, t) in all {
+        for (key, t) in file.tensors() {
             let Some(name) = key.strip_prefix(prefix) else {
                 continue;
             };
-            if name == "n_tokens" {
-                let n = t
-                    .to_dtype(DType::I64)
-                    .and_then(|t| t.flatten_all()?.to_vec1::<i64>());
-                tokens = n.ok().and_then(|v| v.first().copied());
-            } else if !name.contains('/') {
-                let v = t
-                    .to_dtype(DType::F32)
-                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                    .map_err(|e| fail(format!("`{key}`: {e}")))?;
-                sums.insert(name.to_string(), v);
+            match (name, t.dtype()) {
+                ("n_tokens", Dtype::I64) => {
+                    tokens = t.data().first_chunk::<8>().map(|b| i64::from_le_bytes(*b));
+                }
+                (_, Dtype::F32) if !name.contains('/') => {
+                    let (chunks, _) = t.data().as_chunks::<4>();
+                    sums.insert(
+                        name.to_string(),
+                        chunks.iter().map(|b| f32::from_le_bytes(*b)).collect(),
+                    );
+                }
+                (_, dtype) if !name.contains('/') => {
+                    return Err(fail(format!(
+                        "`{key}` is {dtype:?}, expected F32 (I64 for n_tokens)"
+                    )));
+                }
+                _ => {}
             }
         }
         let tokens = tokens.ok_or_else(|| fail(format!("no `{prefix}n_tokens`")))?;
