@@ -3,6 +3,7 @@
 //! and three experts. `cargo bench --bench kernels [-- N]`.
 use obim::merge::{TensorContext, merge_tensor};
 use obim::methods::Method;
+use obim::plan::Op;
 use obim::recipe::{InputSettings, MergeParams, Saliency, TensorSettings};
 use std::time::Instant;
 
@@ -62,11 +63,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             params: MergeParams::default(),
             rule_lines: vec![],
         };
+        let op = Op::resolve(method, &s, true);
         let mut best = f64::MAX;
         for _ in 0..3 {
             let (b, e) = (base.clone(), experts.clone());
             let t = Instant::now();
-            let m = merge_tensor(method, &s, Some(b), e, &ctx)?;
+            let m = merge_tensor(&op, Some(b), e, &ctx)?;
             best = best.min(t.elapsed().as_secs_f64());
             std::hint::black_box(m);
         }

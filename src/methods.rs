@@ -59,8 +59,46 @@ pub enum Scope {
     Input,
 }
 
+/// Every parameter any method takes, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamName {
+    Base,
+    Weight,
+    Density,
+    Retain,
+    Using,
+    Scale,
+    Normalize,
+    Rescale,
+    Lambda,
+    Int8Mask,
+    Seed,
+    T,
+}
+
+impl ParamName {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ParamName::Base => "base",
+            ParamName::Weight => "weight",
+            ParamName::Density => "density",
+            ParamName::Retain => "retain",
+            ParamName::Using => "using",
+            ParamName::Scale => "scale",
+            ParamName::Normalize => "normalize",
+            ParamName::Rescale => "rescale",
+            ParamName::Lambda => "lambda",
+            ParamName::Int8Mask => "int8_mask",
+            ParamName::Seed => "seed",
+            ParamName::T => "t",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Param {
+    pub key: ParamName,
+    /// `key`'s spelling in recipes.
     pub name: &'static str,
     pub kind: Kind,
     pub scope: Scope,
@@ -78,14 +116,15 @@ pub enum Default {
 }
 
 const fn p(
-    name: &'static str,
+    key: ParamName,
     kind: Kind,
     scope: Scope,
     default: Option<Default>,
     doc: &'static str,
 ) -> Param {
     Param {
-        name,
+        key,
+        name: key.as_str(),
         kind,
         scope,
         default,
@@ -94,42 +133,42 @@ const fn p(
 }
 
 const BASE: Param = p(
-    "base",
+    ParamName::Base,
     Kind::Model,
     Scope::Merge,
     None,
     "the model task vectors are taken against",
 );
 const WEIGHT: Param = p(
-    "weight",
+    ParamName::Weight,
     Kind::Number,
     Scope::Input,
     None,
     "the input's weight",
 );
 const DENSITY: Param = p(
-    "density",
+    ParamName::Density,
     Kind::Fraction,
     Scope::Input,
     Some(Default::Number(1.0)),
     "fraction of the task vector kept",
 );
 const INT8_MASK: Param = p(
-    "int8_mask",
+    ParamName::Int8Mask,
     Kind::Bool,
     Scope::Merge,
     Some(Default::Bool(false)),
     "accepted for mergekit compatibility; masks are always exact",
 );
 const LAMBDA: Param = p(
-    "lambda",
+    ParamName::Lambda,
     Kind::Number,
     Scope::Merge,
     Some(Default::Number(1.0)),
     "scales the merged task vector",
 );
 const SEED: Param = p(
-    "seed",
+    ParamName::Seed,
     Kind::Seed,
     Scope::Merge,
     Some(Default::Number(0.0)),
@@ -138,7 +177,7 @@ const SEED: Param = p(
 
 const fn normalize(default: bool) -> Param {
     p(
-        "normalize",
+        ParamName::Normalize,
         Kind::Bool,
         Scope::Merge,
         Some(Default::Bool(default)),
@@ -147,7 +186,7 @@ const fn normalize(default: bool) -> Param {
 }
 const fn rescale(default: bool) -> Param {
     p(
-        "rescale",
+        ParamName::Rescale,
         Kind::Bool,
         Scope::Merge,
         Some(Default::Bool(default)),
@@ -187,21 +226,21 @@ impl Method {
         const OBIM: &[Param] = &[
             BASE,
             p(
-                "retain",
+                ParamName::Retain,
                 Kind::Fraction,
                 Scope::Input,
                 None,
                 "fraction of positions the input keeps (nₖ)",
             ),
             p(
-                "using",
+                ParamName::Using,
                 Kind::Data,
                 Scope::Input,
                 Some(Default::Unset),
                 "calibration data for `obd` saliency",
             ),
             p(
-                "scale",
+                ParamName::Scale,
                 Kind::Number,
                 Scope::Merge,
                 Some(Default::Number(1.0)),
@@ -240,7 +279,7 @@ impl Method {
         const SLERP: &[Param] = &[
             BASE,
             p(
-                "t",
+                ParamName::T,
                 Kind::Unit,
                 Scope::Merge,
                 None,
@@ -259,6 +298,23 @@ impl Method {
 
     pub fn param(self, name: &str) -> Option<&'static Param> {
         self.params().iter().find(|p| p.name == name)
+    }
+
+    /// The method's default for a numeric parameter (the table above is the
+    /// one place defaults are written); `None` when it has none.
+    pub fn default_number(self, key: ParamName) -> Option<f64> {
+        match self.params().iter().find(|p| p.key == key)?.default? {
+            Default::Number(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The method's default for a boolean parameter.
+    pub fn default_bool(self, key: ParamName) -> Option<bool> {
+        match self.params().iter().find(|p| p.key == key)?.default? {
+            Default::Bool(b) => Some(b),
+            _ => None,
+        }
     }
 
     /// `order` and `saliency` statements belong to OBIM alone.

@@ -15,8 +15,7 @@ use crate::Compilation;
 use crate::calibrate::{self, ActStats};
 use crate::checkpoint::ModelInfo;
 use crate::data;
-use crate::methods::Method;
-use crate::plan::{Plan, StepKind};
+use crate::plan::{Op, Plan, StepKind};
 use crate::recipe::{DataId, Dtype, InputRef, MergeId, Output, Saliency};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,37 +96,35 @@ pub fn materialise_merge(
 ) -> Result<ModelInfo, ExecError> {
     preflight(c, plan)?;
     let m = &c.recipe.merges[merge.0];
-    let (step, span) = (format!("merge:{}", m.name), m.span);
     let mut driver = Driver::new(c, plan, options, progress);
-    let run = |driver: &mut Driver| {
-        driver.choose(merge)?;
-        let (c, plan) = driver.current.clone();
-        driver.materialise(&c, &plan, merge)
-    };
-    run(&mut driver).map_err(|e| e.in_step(step, span))
+    driver
+        .choose(merge)
+        .and_then(|()| driver.materialise(merge))
+        .map_err(|e| e.in_step(format!("merge:{}", m.name), m.span))
 }
 
-/// The state of one run: the recipe and plan as selection has made them so
-/// far, the statistics computed, the selections made.
-struct Driver<'o, 'p> {
-    /// The recipe and its plan; a merge with `auto` settings is replaced by
-    /// its winner once chosen, and the plan lowered again.
-    current: (Compilation, Plan),
+/// The state of one run: the plan as selection has made it so far (each
+/// merge with `auto` settings gets its winner once chosen), the statistics
+/// computed, the selections made.
+struct Driver<'c, 'o, 'p> {
+    c: &'c Compilation,
+    plan: Plan,
     options: &'o RunOptions<'o>,
     stats: Statistics,
     selections: BTreeMap<String, Selection>,
     progress: &'p mut dyn FnMut(Event),
 }
 
-impl<'o, 'p> Driver<'o, 'p> {
+impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
     fn new(
-        c: &Compilation,
+        c: &'c Compilation,
         plan: &Plan,
         options: &'o RunOptions<'o>,
         progress: &'p mut dyn FnMut(Event),
     ) -> Self {
         Driver {
-            current: (c.clone(), plan.clone()),
+            c,
+            plan: plan.clone(),
             options,
             stats: Statistics::default(),
             selections: BTreeMap::new(),
@@ -144,11 +141,10 @@ impl<'o, 'p> Driver<'o, 'p> {
             return Ok(());
         }
         self.choose(output.merge)?;
-        let (c, plan) = self.current.clone();
-        self.calibrate_for(&c, &plan, output.merge)?;
+        self.calibrate_for(output.merge)?;
         let job = writer::Job {
-            c: &c,
-            plan: &plan,
+            c: self.c,
+            plan: &self.plan,
             output,
             hash,
             stats: &self.stats,
@@ -158,54 +154,45 @@ impl<'o, 'p> Driver<'o, 'p> {
     }
 
     /// Chooses the settings of `merge` and of the merges it depends on,
-    /// where they have `auto` candidates (dependencies first).
+    /// where they have `auto` candidates (dependencies first), and puts each
+    /// winner in place in the plan.
     fn choose(&mut self, merge: MergeId) -> Result<(), ExecError> {
-        let deps: Vec<MergeId> = self.current.0.recipe.merges[merge.0]
-            .dependencies()
-            .filter_map(|d| match d {
-                InputRef::Merge(m) => Some(m),
-                InputRef::Model(_) => None,
-            })
-            .collect();
-        for dep in deps {
-            self.choose(dep)?;
-        }
-        let c = self.current.0.clone();
+        let c = self.c;
         let m = &c.recipe.merges[merge.0];
-        if m.autos.is_empty() {
+        for dep in m.dependencies() {
+            if let InputRef::Merge(inner) = dep {
+                self.choose(inner)?;
+            }
+        }
+        if m.autos.is_empty() || self.selections.contains_key(&m.name) {
             return Ok(());
         }
         let span = m.select.as_ref().map_or(m.span, |s| s.span);
-        let chosen = (|| {
-            let mut selector = Selector::new(&c, merge, &self.options.cache)?;
-            let pending: Vec<(Compilation, Plan)> = selector.pending().cloned().collect();
-            for (variant, plan) in &pending {
-                self.calibrate_for(variant, plan, merge)?;
-            }
-            selector.score(&self.stats, self.options.device)?;
-            Ok(selector.finish(self.progress))
-        })();
-        let (winner, selection) =
-            chosen.map_err(|e: ExecError| e.in_step(format!("select:{}", m.name), span))?;
-        self.selections.insert(winner.name.clone(), selection);
-        self.current.0.recipe.merges[merge.0] = winner;
-        self.current.1 = Plan::lower(&self.current.0.recipe, &self.current.0.inventory);
+        let in_step = |e: ExecError| e.in_step(format!("select:{}", m.name), span);
+        let mut selector =
+            Selector::new(c, &self.plan, merge, &self.options.cache).map_err(in_step)?;
+        if selector.has_pending() {
+            // `auto` values are numbers: every candidate needs the same statistics.
+            self.calibrate_for(merge)?;
+            selector
+                .score(&self.plan, &self.stats, self.options.device)
+                .map_err(in_step)?;
+        }
+        let (winner, selection) = selector.finish(self.progress);
+        self.selections.insert(m.name.clone(), selection);
+        self.plan.choose(merge, winner);
         Ok(())
     }
 
     /// Computes (or reads from the cache) every statistic `merge` needs. An
     /// input that is itself a merge is first written whole into the cache.
-    fn calibrate_for(
-        &mut self,
-        c: &Compilation,
-        plan: &Plan,
-        merge: MergeId,
-    ) -> Result<(), ExecError> {
-        for (input, data) in calibrations(c, plan, merge) {
+    fn calibrate_for(&mut self, merge: MergeId) -> Result<(), ExecError> {
+        let c = self.c;
+        for (input, data) in calibrations(c, &self.plan, merge) {
             if self.stats.contains(input, data) {
                 continue;
             }
-            let stats = self.calibrate(c, plan, input, data).map_err(|e| {
+            let stats = self.calibrate(input, data).map_err(|e| {
                 e.in_step(calibrate_step(c, input, data), c.recipe.data[data.0].span)
             })?;
             self.stats.insert(input, data, stats);
@@ -214,13 +201,8 @@ impl<'o, 'p> Driver<'o, 'p> {
     }
 
     /// The statistics of `input` on `data`, from the cache or computed.
-    fn calibrate(
-        &mut self,
-        c: &Compilation,
-        plan: &Plan,
-        input: InputRef,
-        data: DataId,
-    ) -> Result<ActStats, ExecError> {
+    fn calibrate(&mut self, input: InputRef, data: DataId) -> Result<ActStats, ExecError> {
+        let c = self.c;
         let recipe = &c.recipe;
         let source = &recipe.data[data.0];
         let fail = |failure: CalibrationFailure| ExecError::Calibration {
@@ -234,7 +216,7 @@ impl<'o, 'p> Driver<'o, 'p> {
                 .get(m)
                 .cloned()
                 .ok_or_else(|| fail(CalibrationFailure::Unavailable))?,
-            InputRef::Merge(m) => self.materialise(c, plan, m)?,
+            InputRef::Merge(m) => self.materialise(m)?,
         };
         // The model's own tokenizer, else its base's.
         let tokenizer_dir = if info.dir.join("tokenizer.json").is_file() {
@@ -277,20 +259,15 @@ impl<'o, 'p> Driver<'o, 'p> {
 
     /// Writes a merge whole into the cache (keyed by its plan step's hash)
     /// so that it can be calibrated, and opens it.
-    fn materialise(
-        &mut self,
-        c: &Compilation,
-        plan: &Plan,
-        merge: MergeId,
-    ) -> Result<ModelInfo, ExecError> {
-        let step = plan.step_hash(StepKind::Merge(merge)).to_string();
+    fn materialise(&mut self, merge: MergeId) -> Result<ModelInfo, ExecError> {
+        let step = self.plan.step_hash(StepKind::Merge(merge)).to_string();
         let dir = self
             .options
             .cache
             .join("merges")
             .join(&step[..step.len().min(32)]);
         if !written_by(&dir, &step) {
-            self.calibrate_for(c, plan, merge)?;
+            self.calibrate_for(merge)?;
             let output = Output {
                 merge,
                 path: dir.clone(),
@@ -298,7 +275,7 @@ impl<'o, 'p> Driver<'o, 'p> {
                 dtype: Some(Dtype::F32),
                 shard_size: u64::MAX,
                 tokenizer: None,
-                span: c.recipe.merges[merge.0].span,
+                span: self.c.recipe.merges[merge.0].span,
             };
             let forced = RunOptions {
                 force: true,
@@ -306,8 +283,8 @@ impl<'o, 'p> Driver<'o, 'p> {
                 ..*self.options
             };
             let job = writer::Job {
-                c,
-                plan,
+                c: self.c,
+                plan: &self.plan,
                 output: &output,
                 hash: &step,
                 stats: &self.stats,
@@ -394,20 +371,18 @@ fn collect_calibrations(
             collect_calibrations(c, plan, inner, out);
         }
     }
-    if m.method != Method::Obim {
-        return;
-    }
     for t in plan
         .tensors
         .get(&merge)
         .map(Vec::as_slice)
         .unwrap_or_default()
     {
-        if t.settings.take.is_some() || t.saliency().0 != Saliency::Obd {
+        let Op::Obim(p) = &t.op else { continue };
+        if p.saliency != Saliency::Obd {
             continue;
         }
-        for (input, settings) in m.inputs.iter().zip(&t.settings.inputs) {
-            if let Some(data) = settings.using
+        for (input, using) in m.inputs.iter().zip(&p.using) {
+            if let Some(data) = *using
                 && !out.contains(&(input.model, data))
             {
                 out.push((input.model, data));

@@ -9,9 +9,8 @@ use super::stats::Statistics;
 use crate::Compilation;
 use crate::checkpoint::TensorInfo;
 use crate::merge::{self, Merged, TensorContext};
-use crate::methods::Method;
-use crate::plan::{Plan, PlannedTensor};
-use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Saliency, TakeFrom, TensorSettings};
+use crate::plan::{Op, Plan, PlannedTensor};
+use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Saliency, TakeFrom};
 use crate::tensors::{self, Shards};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
@@ -36,6 +35,8 @@ pub(super) struct Evaluator<'a> {
     pool: Vec<Vec<f32>>,
     /// Model tensors shared with other evaluators (a selection's candidates).
     shared: Option<SharedInputs>,
+    /// A selection candidate: these tensors replace the plan's for one merge.
+    variant: Option<(MergeId, &'a [PlannedTensor])>,
 }
 
 /// Model tensors read once for several evaluators, until cleared.
@@ -75,6 +76,7 @@ impl<'a> Evaluator<'a> {
             won: BTreeMap::new(),
             pool: Vec::new(),
             shared: None,
+            variant: None,
         }
     }
 
@@ -98,6 +100,12 @@ impl<'a> Evaluator<'a> {
     /// an evaluator; their pools together would hold many large tensors).
     pub(super) fn release_buffers(&mut self) {
         self.pool.clear();
+    }
+
+    /// Computes merge `id` with a selection candidate's tensors.
+    pub(super) fn with_variant(mut self, id: MergeId, tensors: &'a [PlannedTensor]) -> Self {
+        self.variant = Some((id, tensors));
+        self
     }
 
     /// Reads model tensors through `shared` (and leaves them there).
@@ -251,7 +259,7 @@ impl<'a> Evaluator<'a> {
     /// reads (in operand order), when every operand is a model.
     fn pointwise(&self, id: MergeId, name: &str) -> Option<(merge::Pointwise, Vec<ModelId>)> {
         let merge = &self.c.recipe.merges[id.0];
-        let pointwise = merge::Pointwise::of(merge.method, &self.settings(id, name).0)?;
+        let pointwise = merge::Pointwise::of(&self.planned(id, name).ok()?.op)?;
         let base = if pointwise.uses_base() {
             Some(merge.base?)
         } else {
@@ -268,34 +276,35 @@ impl<'a> Evaluator<'a> {
         Some((pointwise, models))
     }
 
-    /// The settings and shape the plan fixed for tensor `name` of merge `id`.
-    fn settings(
-        &self,
-        id: MergeId,
-        name: &str,
-    ) -> (TensorSettings, Vec<usize>, Option<&'a PlannedTensor>) {
-        let planned: Option<&PlannedTensor> = self
-            .plan
-            .tensors
-            .get(&id)
-            .and_then(|ts| ts.iter().find(|t| t.name == name));
-        let settings = planned.map_or_else(
-            || self.c.recipe.merges[id.0].tensor_settings(name),
-            |t| t.settings.clone(),
-        );
-        let shape = planned.map(|t| t.info.shape.clone()).unwrap_or_default();
-        (settings, shape, planned)
+    /// What the plan fixed for tensor `name` of merge `id` (a selection
+    /// candidate's tensors where one is set).
+    fn planned(&self, id: MergeId, name: &str) -> Result<&'a PlannedTensor, ExecError> {
+        let tensors: &'a [PlannedTensor] = match self.variant {
+            Some((merge, tensors)) if merge == id => tensors,
+            _ => self.plan.tensors.get(&id).map_or(&[], Vec::as_slice),
+        };
+        tensors.iter().find(|t| t.name == name).ok_or_else(|| {
+            ExecError::Merge(merge::MergeError::Invalid {
+                tensor: name.to_string(),
+                reason: format!(
+                    "not in the plan of merge `{}`",
+                    self.c.recipe.merges[id.0].name
+                ),
+            })
+        })
     }
 
     fn merge(&mut self, id: MergeId, name: &str) -> Result<Vec<f32>, ExecError> {
         let merge = &self.c.recipe.merges[id.0];
-        let (settings, shape, planned) = self.settings(id, name);
+        let planned = self.planned(id, name)?;
+        let take = match planned.op {
+            Op::Take(from) => Some(from),
+            _ => None,
+        };
         // A `take` needs only the tensor it takes.
-        let wanted = |i: usize| settings.take.is_none_or(|t| t == TakeFrom::Input(i));
+        let wanted = |i: usize| take.is_none_or(|t| t == TakeFrom::Input(i));
         let base = match merge.base {
-            Some(b) if settings.take.is_none_or(|t| t == TakeFrom::Base) => {
-                Some(self.tensor(b, name)?)
-            }
+            Some(b) if take.is_none_or(|t| t == TakeFrom::Base) => Some(self.tensor(b, name)?),
             _ => None,
         };
         let mut inputs = Vec::with_capacity(merge.inputs.len());
@@ -306,21 +315,18 @@ impl<'a> Evaluator<'a> {
                 Vec::new()
             });
         }
-        let uses_obd = merge.method == Method::Obim
-            && settings.take.is_none()
-            && planned.is_some_and(|t| t.saliency().0 == Saliency::Obd);
-        let obd = if uses_obd {
-            self.stats.obd(&self.c.recipe, merge, &settings, name)?
-        } else {
-            vec![None; merge.inputs.len()]
+        let obd = match &planned.op {
+            Op::Obim(p) if p.saliency == Saliency::Obd => {
+                self.stats.obd(&self.c.recipe, merge, &p.using, name)?
+            }
+            _ => vec![None; merge.inputs.len()],
         };
         let ctx = TensorContext {
             name,
-            shape: &shape,
+            shape: &planned.info.shape,
             obd: &obd,
         };
-        let Merged { values, won, spare } =
-            merge::merge_tensor(merge.method, &settings, base, inputs, &ctx)?;
+        let Merged { values, won, spare } = merge::merge_tensor(&planned.op, base, inputs, &ctx)?;
         for buffer in spare {
             self.recycle(buffer);
         }

@@ -24,8 +24,8 @@ use crate::device::Device;
 use crate::model::ModelConfig;
 use crate::model::blocks::{self, ForwardError, Source};
 use crate::model::stream;
-use crate::plan::{Plan, StepKind};
-use crate::recipe::{Merge, MergeId};
+use crate::plan::{Plan, Variant};
+use crate::recipe::MergeId;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -50,16 +50,14 @@ pub struct Selection {
     pub seconds: f64,
 }
 
-/// One candidate: its choice of values, and its score once known.
+/// One candidate (an index into the plan's variants of the merge) and its
+/// score once known.
 struct Candidate {
-    choice: Vec<usize>,
+    variant: usize,
     label: String,
     score: Option<CandidateScore>,
     /// Where its score is cached.
     path: PathBuf,
-    /// The recipe with the candidate's values in place, and its plan, while
-    /// the candidate waits to be scored.
-    pending: Option<(Compilation, Plan)>,
 }
 
 /// The selection of one merge's settings.
@@ -74,8 +72,14 @@ pub(super) struct Selector<'a> {
 }
 
 impl<'a> Selector<'a> {
-    /// Reads the selection data and every cached score of merge `id`'s candidates.
-    pub(super) fn new(c: &'a Compilation, id: MergeId, cache: &Path) -> Result<Self, ExecError> {
+    /// Reads the selection data and every cached score of merge `id`'s
+    /// candidates (the plan's variants of it).
+    pub(super) fn new(
+        c: &'a Compilation,
+        plan: &Plan,
+        id: MergeId,
+        cache: &Path,
+    ) -> Result<Self, ExecError> {
         let started = Instant::now();
         let recipe = &c.recipe;
         let merge = &recipe.merges[id.0];
@@ -114,27 +118,21 @@ impl<'a> Selector<'a> {
             candidates: Vec::new(),
         };
         let all = selector.tokens();
-        for choice in merge.candidates() {
-            let mut variant = c.clone();
-            variant.recipe.merges[id.0] = merge.with_candidate(&choice);
-            let plan = Plan::lower(&variant.recipe, &variant.inventory);
-            let label = merge.describe(&choice);
-            let path = score_path(cache, &plan, id, &all);
+        for (index, variant) in variants(plan, id).iter().enumerate() {
+            let path = score_path(cache, &variant.hash, &all);
             let cached = std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|t| serde_json::from_str::<CandidateScore>(&t).ok())
                 .map(|s| CandidateScore {
                     cached: true,
-                    candidate: label.clone(),
+                    candidate: variant.label.clone(),
                     ..s
                 });
-            let pending = cached.is_none().then_some((variant, plan));
             selector.candidates.push(Candidate {
-                choice,
-                label,
+                variant: index,
+                label: variant.label.clone(),
                 score: cached,
                 path,
-                pending,
             });
         }
         Ok(selector)
@@ -147,31 +145,39 @@ impl<'a> Selector<'a> {
             .collect()
     }
 
-    /// The candidates not in the cache, as recipes with their plans: what
-    /// the driver calibrates before [`Selector::score`].
-    pub(super) fn pending(&self) -> impl Iterator<Item = &(Compilation, Plan)> {
-        self.candidates.iter().filter_map(|c| c.pending.as_ref())
+    /// Whether some candidate is not in the cache (so the driver must
+    /// calibrate what the merge needs before [`Selector::score`]).
+    pub(super) fn has_pending(&self) -> bool {
+        self.candidates.iter().any(|c| c.score.is_none())
     }
 
     /// Scores every pending candidate (all advance through the layers in
     /// lockstep, so each input tensor is read once per layer for all of
     /// them) and caches the scores.
-    pub(super) fn score(&mut self, stats: &Statistics, device: &Device) -> Result<(), ExecError> {
+    pub(super) fn score(
+        &mut self,
+        plan: &Plan,
+        stats: &Statistics,
+        device: &Device,
+    ) -> Result<(), ExecError> {
         let id = self.id;
         let merge_name = self.c.recipe.merges[id.0].name.clone();
         let all = self.tokens();
         let shared = SharedInputs::default();
         let mut merged: Vec<MergedSource> = self
-            .pending()
-            .map(|(variant, plan)| MergedSource {
-                eval: Evaluator::new(variant, plan, stats, id).with_shared(shared.clone()),
-                merge: id,
-                names: plan
-                    .tensors
-                    .get(&id)
-                    .map(|ts| ts.iter().map(|t| t.name.clone()).collect())
-                    .unwrap_or_default(),
-                device: device.candle().clone(),
+            .candidates
+            .iter()
+            .filter(|c| c.score.is_none())
+            .map(|c| {
+                let tensors = &variants(plan, id)[c.variant].tensors;
+                MergedSource {
+                    eval: Evaluator::new(self.c, plan, stats, id)
+                        .with_variant(id, tensors)
+                        .with_shared(shared.clone()),
+                    merge: id,
+                    names: tensors.iter().map(|t| t.name.clone()).collect(),
+                    device: device.candle().clone(),
+                }
             })
             .collect();
         if merged.is_empty() {
@@ -188,7 +194,7 @@ impl<'a> Selector<'a> {
         })?;
         drop(refs);
         drop(merged);
-        let pending = self.candidates.iter_mut().filter(|c| c.pending.is_some());
+        let pending = self.candidates.iter_mut().filter(|c| c.score.is_none());
         for (candidate, losses) in pending.zip(losses) {
             let mut per_source = Vec::new();
             let mut at = 0;
@@ -213,21 +219,20 @@ impl<'a> Selector<'a> {
                 serde_json::to_string(&score).unwrap_or_default(),
             );
             candidate.score = Some(score);
-            candidate.pending = None;
         }
         Ok(())
     }
 
-    /// The winner (the merge with its values in place) and the record of
-    /// the selection. Call after [`Selector::score`].
-    pub(super) fn finish(self, progress: &mut dyn FnMut(Event)) -> (Merge, Selection) {
+    /// The winner (an index into the plan's variants of the merge) and the
+    /// record of the selection. Call after [`Selector::score`].
+    pub(super) fn finish(self, progress: &mut dyn FnMut(Event)) -> (usize, Selection) {
         let merge = &self.c.recipe.merges[self.id.0];
-        let scored: Vec<(Vec<usize>, CandidateScore)> = self
+        let (indices, scored): (Vec<usize>, Vec<CandidateScore>) = self
             .candidates
             .into_iter()
-            .filter_map(|c| Some((c.choice, c.score?)))
-            .collect();
-        for (_, score) in &scored {
+            .filter_map(|c| Some((c.variant, c.score?)))
+            .unzip();
+        for score in &scored {
             progress(Event::CandidateScored {
                 merge: merge.name.clone(),
                 candidate: score.candidate.clone(),
@@ -237,16 +242,13 @@ impl<'a> Selector<'a> {
             });
         }
         let mut winner = 0;
-        for (i, (_, s)) in scored.iter().enumerate() {
-            if s.mean < scored[winner].1.mean {
+        for (i, s) in scored.iter().enumerate() {
+            if s.mean < scored[winner].mean {
                 winner = i;
             }
         }
-        let chosen = scored
-            .get(winner)
-            .map_or_else(|| merge.clone(), |(choice, _)| merge.with_candidate(choice));
         let selection = Selection {
-            candidates: scored.into_iter().map(|(_, s)| s).collect(),
+            candidates: scored,
             winner,
             seconds: self.started.elapsed().as_secs_f64(),
         };
@@ -258,8 +260,13 @@ impl<'a> Selector<'a> {
                 seconds: selection.seconds,
             });
         }
-        (chosen, selection)
+        (indices.get(winner).copied().unwrap_or(0), selection)
     }
+}
+
+/// The plan's candidates of merge `id`.
+fn variants(plan: &Plan, id: MergeId) -> &[Variant] {
+    plan.variants.get(&id).map_or(&[], Vec::as_slice)
 }
 
 /// A merge computed tensor by tensor as a forward pass asks for it.
@@ -288,10 +295,10 @@ impl Source for MergedSource<'_> {
 
 /// Where a candidate's score is cached: its merge step's hash (settings,
 /// inputs, statistics) and the selection tokens.
-fn score_path(cache: &Path, plan: &Plan, id: MergeId, tokens: &[Vec<u32>]) -> PathBuf {
+fn score_path(cache: &Path, merge_hash: &str, tokens: &[Vec<u32>]) -> PathBuf {
     let mut h = blake3::Hasher::new();
-    h.update(b"obim candidate loss v1\0");
-    h.update(plan.step_hash(StepKind::Merge(id)).as_bytes());
+    h.update(b"obim candidate loss v2\0");
+    h.update(merge_hash.as_bytes());
     crate::calibrate::hash_tokens(&mut h, tokens);
     cache
         .join("scores")

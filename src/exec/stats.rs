@@ -4,7 +4,7 @@
 use super::error::{CalibrationFailure, ExecError};
 use crate::calibrate::ActStats;
 use crate::merge::ObdStats;
-use crate::recipe::{DataId, InputRef, Merge, Recipe, TensorSettings};
+use crate::recipe::{DataId, InputRef, Merge, Recipe};
 use std::collections::HashMap;
 
 #[derive(Default)]
@@ -21,21 +21,21 @@ impl Statistics {
         self.stats.insert((input, data), stats);
     }
 
-    /// Each input's OBD statistics for tensor `name` of `merge` (`None`:
-    /// the input has no `using` data, so magnitude).
+    /// Each input's OBD statistics for tensor `name` of `merge`, given each
+    /// input's `using` data (`None`: no data, so magnitude).
     pub fn obd<'s>(
         &'s self,
         recipe: &Recipe,
         merge: &Merge,
-        settings: &TensorSettings,
+        using: &[Option<DataId>],
         name: &str,
     ) -> Result<Vec<Option<ObdStats<'s>>>, ExecError> {
         merge
             .inputs
             .iter()
-            .zip(&settings.inputs)
-            .map(|(input, s)| {
-                let Some(data) = s.using else { return Ok(None) };
+            .zip(using)
+            .map(|(input, using)| {
+                let Some(data) = *using else { return Ok(None) };
                 let fail = |source| ExecError::Calibration {
                     input: recipe.input_name(input.model).to_string(),
                     data: recipe.data[data.0].name.clone(),

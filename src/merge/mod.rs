@@ -1,5 +1,5 @@
 //! Merge one tensor with one method, given the base's and the inputs'
-//! values in f32 and the settings `Merge::tensor_settings` chose for it.
+//! values in f32 and the [`Op`] the plan resolved for it.
 //! Every method is written with the kernels of `kernels.rs`; the definitions
 //! follow mergekit 0.1.5 (`generalized_task_arithmetic.py`, `sparsify.py`,
 //! `linear.py`, `slerp.py`) and, for `obim`, DESIGN §3.
@@ -8,8 +8,8 @@ pub mod kernels;
 
 use std::cell::RefCell;
 
-use crate::methods::Method;
-use crate::recipe::{Saliency, TakeFrom, TensorSettings};
+use crate::plan::{ObimParams, Op, Sparsify, TaskVectorParams};
+use crate::recipe::{Saliency, TakeFrom};
 
 /// One merged tensor, and for OBIM how many positions each input won.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,8 +45,7 @@ pub enum MergeError {
 /// Merges one tensor. `base` is `None` only for `linear` without a base.
 /// The buffers are consumed: task vectors are computed in place.
 pub fn merge_tensor(
-    method: Method,
-    s: &TensorSettings,
+    op: &Op,
     base: Option<Vec<f32>>,
     mut inputs: Vec<Vec<f32>>,
     ctx: &TensorContext,
@@ -55,21 +54,21 @@ pub fn merge_tensor(
         tensor: ctx.name.to_string(),
         reason: reason.to_string(),
     };
-    match s.take {
-        Some(TakeFrom::Base) => {
+    match op {
+        Op::Take(TakeFrom::Base) => {
             return base
                 .map(|b| spare(b, inputs))
                 .ok_or_else(|| invalid("`take base` in a merge without a base"));
         }
-        Some(TakeFrom::Input(i)) if i < inputs.len() => {
-            let taken = inputs.swap_remove(i);
+        Op::Take(TakeFrom::Input(i)) if *i < inputs.len() => {
+            let taken = inputs.swap_remove(*i);
             inputs.extend(base);
             return Ok(spare(taken, inputs));
         }
-        Some(TakeFrom::Input(_)) => return Err(invalid("`take` names a missing input")),
-        None => {}
+        Op::Take(TakeFrom::Input(_)) => return Err(invalid("`take` names a missing input")),
+        _ => {}
     }
-    if let Some(p) = Pointwise::of(method, s) {
+    if let Some(p) = Pointwise::of(op) {
         let (mut out, rest) = if p.uses_base() {
             (
                 base.ok_or_else(|| invalid("this method needs a base"))?,
@@ -87,53 +86,37 @@ pub fn merge_tensor(
         });
         return Ok(spare(out, rest));
     }
-    let weights = weights(s);
-    match method {
-        Method::Obim => {
+    match op {
+        Op::Obim(p) => {
             let base = base.ok_or_else(|| invalid("obim needs a base"))?;
-            obim(s, base, inputs, ctx)
+            obim(p, base, inputs, ctx)
         }
-        // Always pointwise (merged above) unless a `take` (returned earlier).
-        Method::Linear => Err(invalid("linear needs an input")),
-        Method::Slerp => {
+        Op::Slerp(p) => {
             let mut base = base.ok_or_else(|| invalid("slerp needs a base"))?;
             let other = inputs
                 .first()
                 .ok_or_else(|| invalid("slerp needs one input"))?;
-            kernels::slerp(s.params.t.unwrap_or(0.5), &mut base, other);
+            kernels::slerp(p.t, &mut base, other);
             Ok(spare(base, inputs))
         }
-        Method::TaskArithmetic | Method::Ties | Method::DareTies | Method::DareLinear => {
+        Op::TaskVectors(p) => {
             let base = base.ok_or_else(|| invalid("this method needs a base"))?;
-            Ok(task_arithmetic_family(
-                method, s, base, inputs, &weights, ctx,
-            ))
+            Ok(task_arithmetic_family(p, base, inputs, ctx))
         }
+        // Always pointwise (merged above); a `take` returned earlier.
+        Op::Linear(_) | Op::Take(_) => Err(invalid("linear needs an input")),
     }
 }
 
-/// The inputs' weights (default 1), in input order.
-fn weights(s: &TensorSettings) -> Vec<f32> {
-    s.inputs
-        .iter()
-        .map(|x| x.weight.unwrap_or(1.0) as f32)
-        .collect()
+/// Weights as the kernels take them.
+fn f32s(weights: &[f64]) -> Vec<f32> {
+    weights.iter().map(|w| *w as f32).collect()
 }
 
 /// mergekit's normalizer of task arithmetic: Σw, or 1 where Σw ≈ 0.
 fn divisor(weights: &[f32]) -> f32 {
     let total: f32 = weights.iter().sum();
     if total.abs() < 1e-8 { 1.0 } else { total }
-}
-
-/// A boolean parameter as set, else the method's default.
-fn flag(method: Method, set: Option<bool>, name: &str) -> bool {
-    set.unwrap_or_else(|| {
-        matches!(
-            method.param(name).and_then(|p| p.default),
-            Some(crate::methods::Default::Bool(true))
-        )
-    })
 }
 
 /// A merge in which each output position depends only on the inputs at that
@@ -154,24 +137,23 @@ pub enum Pointwise {
 }
 
 impl Pointwise {
-    /// The pointwise form of `method` under settings `s`, if it has one
-    /// (`take` rules are not merges and have none).
-    pub fn of(method: Method, s: &TensorSettings) -> Option<Pointwise> {
-        if s.take.is_some() {
-            return None;
-        }
-        let weights = weights(s);
-        let normalize = flag(method, s.params.normalize, "normalize");
-        let dense = s.inputs.iter().all(|x| x.density.unwrap_or(1.0) >= 1.0);
-        match method {
-            Method::Linear => Some(Pointwise::Linear { weights, normalize }),
-            Method::TaskArithmetic | Method::DareLinear
-                if method == Method::TaskArithmetic || dense =>
+    /// The pointwise form of `op`, if it has one (`take` is no merge and
+    /// has none; neither has a merge that sparsifies or elects signs).
+    pub fn of(op: &Op) -> Option<Pointwise> {
+        match op {
+            Op::Linear(p) => Some(Pointwise::Linear {
+                weights: f32s(&p.weights),
+                normalize: p.normalize,
+            }),
+            Op::TaskVectors(p)
+                if !p.elect_signs
+                    && (p.sparsify == Sparsify::Keep || p.densities.iter().all(|d| *d >= 1.0)) =>
             {
+                let weights = f32s(&p.weights);
                 Some(Pointwise::TaskArithmetic {
-                    divisor: normalize.then(|| divisor(&weights)),
+                    divisor: p.normalize.then(|| divisor(&weights)),
                     weights,
-                    lambda: s.params.lambda.unwrap_or(1.0) as f32,
+                    lambda: p.lambda as f32,
                 })
             }
             _ => None,
@@ -240,29 +222,26 @@ fn spare(values: Vec<f32>, spare: Vec<Vec<f32>>) -> Merged {
 /// The arithmetic is done in mergekit's order, so results agree to the bit
 /// wherever no tie in |δ| is broken differently.
 fn task_arithmetic_family(
-    method: Method,
-    s: &TensorSettings,
+    p: &TaskVectorParams,
     mut base: Vec<f32>,
     mut deltas: Vec<Vec<f32>>,
-    weights: &[f32],
     ctx: &TensorContext,
 ) -> Merged {
-    let normalize = flag(method, s.params.normalize, "normalize");
-    let rescale = flag(method, s.params.rescale, "rescale");
-    let lambda = s.params.lambda.unwrap_or(1.0) as f32;
-    let seed = s.params.seed.unwrap_or(0);
-    let sparsifies = matches!(method, Method::Ties | Method::DareTies | Method::DareLinear);
-    let consensus = matches!(method, Method::Ties | Method::DareTies);
+    let weights = &f32s(&p.weights)[..];
+    let (normalize, rescale) = (p.normalize, p.rescale);
+    let lambda = p.lambda as f32;
+    let sparsifies = p.sparsify != Sparsify::Keep;
+    let consensus = p.elect_signs;
     let divisor = divisor(weights);
     for (k, d) in deltas.iter_mut().enumerate() {
         kernels::subtract(d, &base);
-        let density = s.inputs[k].density.unwrap_or(1.0);
+        let density = p.densities[k];
         let w = weights[k];
         // mergekit's order: trim, rescale, weight; the weight rides on the
         // last of these passes (the same products as in separate ones).
-        let trim = |d: &mut [f32], weight: f32| match method {
-            Method::Ties => kernels::keep_largest(d, density, weight),
-            _ => kernels::keep_random(d, density, dare_stream(seed, ctx.name, k), weight),
+        let trim = |d: &mut [f32], weight: f32| match p.sparsify {
+            Sparsify::Magnitude => kernels::keep_largest(d, density, weight),
+            _ => kernels::keep_random(d, density, dare_stream(p.seed, ctx.name, k), weight),
         };
         if !(sparsifies && density < 1.0) {
             kernels::update_chunks(d, |_, c| c.iter_mut().for_each(|v| *v *= w));
@@ -342,7 +321,7 @@ pub fn dare_stream(seed: u64, tensor: &str, k: usize) -> u64 {
 /// OBIM (DESIGN §3): in the tensor's order, input k claims round(retainₖ·N)
 /// unowned positions by saliency; merged = θ_B + Σ 1[owner = k]·δₖ.
 fn obim(
-    s: &TensorSettings,
+    p: &ObimParams,
     mut base: Vec<f32>,
     mut deltas: Vec<Vec<f32>>,
     ctx: &TensorContext,
@@ -356,8 +335,8 @@ fn obim(
         owner.clear();
         owner.resize(n, kernels::UNOWNED);
         keys.resize(n, 0);
-        obim_claims(s, &deltas, ctx, owner, &mut keys[..n], &mut won)?;
-        let scale = s.params.scale.unwrap_or(1.0) as f32;
+        obim_claims(p, &deltas, ctx, owner, &mut keys[..n], &mut won)?;
+        let scale = p.scale as f32;
         let owner = &owner[..];
         // Chunk by chunk, every input's winnings, the chunk kept in cache.
         kernels::update_chunks(&mut base, |start, base| {
@@ -387,10 +366,10 @@ thread_local! {
     static OBIM_SCRATCH: RefCell<(Vec<u8>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// OBIM's rounds: each input in `s.order` claims its quota of the positions
+/// OBIM's rounds: each input in `p.order` claims its quota of the positions
 /// left (`owner[i]`: the input that won position `i`).
 fn obim_claims(
-    s: &TensorSettings,
+    p: &ObimParams,
     deltas: &[Vec<f32>],
     ctx: &TensorContext,
     owner: &mut [u8],
@@ -399,9 +378,9 @@ fn obim_claims(
 ) -> Result<(), MergeError> {
     let n = owner.len();
     let cols = ctx.shape.last().copied().unwrap_or(1).max(1);
-    for &k in &s.order {
+    for &k in &p.order {
         let d = &deltas[k];
-        let round = match (s.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
+        let round = match (p.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
             (Saliency::Obd, Some(ObdStats::Columns(dj))) => {
                 if dj.len() != cols {
                     return Err(MergeError::Invalid {
@@ -439,7 +418,7 @@ fn obim_claims(
                 }
             }),
         };
-        let quota = kernels::quota(s.inputs[k].retain.unwrap_or(0.0), n);
+        let quota = kernels::quota(p.retain[k], n);
         won[k] = kernels::claim(owner, keys, round, quota, k as u8);
     }
     Ok(())
@@ -448,42 +427,25 @@ fn obim_claims(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recipe::{InputSettings, MergeParams};
-
-    fn settings(inputs: Vec<InputSettings>, order: Vec<usize>) -> TensorSettings {
-        TensorSettings {
-            take: None,
-            order,
-            saliency: Saliency::Magnitude,
-            inputs,
-            params: MergeParams::default(),
-            rule_lines: vec![],
-        }
-    }
 
     #[test]
     fn obim_by_hand() {
         let base = [0.0f32; 4];
         let a = [1.0f32, 0.0, 3.0, 0.5];
         let b = [2.0f32, 2.0, 0.1, 0.0];
-        let input = |r| InputSettings {
-            retain: Some(r),
-            ..Default::default()
-        };
-        let s = settings(vec![input(0.5), input(0.5)], vec![0, 1]);
+        let op = Op::Obim(ObimParams {
+            order: vec![0, 1],
+            saliency: Saliency::Magnitude,
+            retain: vec![0.5, 0.5],
+            using: vec![None, None],
+            scale: 1.0,
+        });
         let ctx = TensorContext {
             name: "x",
             shape: &[4],
             obd: &[None, None],
         };
-        let m = merge_tensor(
-            Method::Obim,
-            &s,
-            Some(base.to_vec()),
-            vec![a.to_vec(), b.to_vec()],
-            &ctx,
-        )
-        .unwrap();
+        let m = merge_tensor(&op, Some(base.to_vec()), vec![a.to_vec(), b.to_vec()], &ctx).unwrap();
         // a picks 2 of 4: positions 2 (9.0) and 0 (1.0); b gets 1 (4.0) and 3 (0.0).
         assert_eq!(m.values, vec![1.0, 2.0, 3.0, 0.0]);
         assert_eq!(m.won, Some(vec![2, 2]));
@@ -494,25 +456,23 @@ mod tests {
         let base = [0.0f32; 3];
         let a = [1.0f32, -2.0, 0.5];
         let b = [3.0f32, 1.0, -0.5];
-        let input = || InputSettings {
-            weight: Some(1.0),
-            density: Some(1.0),
-            ..Default::default()
-        };
-        let s = settings(vec![input(), input()], vec![]);
+        let op = Op::TaskVectors(TaskVectorParams {
+            sparsify: Sparsify::Magnitude,
+            elect_signs: true,
+            weights: vec![1.0, 1.0],
+            densities: vec![1.0, 1.0],
+            normalize: true,
+            rescale: false,
+            lambda: 1.0,
+            seed: 0,
+            int8_mask: false,
+        });
         let ctx = TensorContext {
             name: "x",
             shape: &[3],
             obd: &[None, None],
         };
-        let m = merge_tensor(
-            Method::Ties,
-            &s,
-            Some(base.to_vec()),
-            vec![a.to_vec(), b.to_vec()],
-            &ctx,
-        )
-        .unwrap();
+        let m = merge_tensor(&op, Some(base.to_vec()), vec![a.to_vec(), b.to_vec()], &ctx).unwrap();
         // Signs: + (both), − (−2+1), + (tie → +: 0.5 agrees). Normalized by agreeing weights.
         assert_eq!(m.values, vec![2.0, -2.0, 0.5]);
     }

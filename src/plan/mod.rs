@@ -4,17 +4,21 @@
 //! key of its cache entry). petgraph stays behind [`Plan`]. Rendering to
 //! text, JSON and dot lives in `render.rs`.
 
+mod hash;
+mod params;
 mod render;
 
+pub use params::{LinearParams, ObimParams, Op, SlerpParams, Sparsify, TaskVectorParams};
 pub use render::PlanView;
 
 use crate::checkpoint::TensorInfo;
-use crate::methods::{Default as ParamDefault, Method, Scope as ParamScope};
+use crate::methods::Method;
 use crate::open::Inventory;
 use crate::recipe::{
-    DataId, InputRef, MergeId, ModelId, ModelSource, Recipe, Saliency, TensorSettings,
+    Choice, DataId, InputRef, MergeId, ModelId, ModelSource, Recipe, Saliency, TensorSettings,
 };
 use crate::source::Span;
+use hash::{ContentHash, Hashed};
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::collections::{BTreeMap, HashMap};
 
@@ -55,7 +59,25 @@ pub struct Step {
 pub struct Plan {
     graph: DiGraph<Step, ()>,
     /// Tensors of every planned merge, with the settings that govern them.
+    /// A merge with `auto` settings has its first candidate here until
+    /// [`Plan::choose`] puts the winner in place.
     pub tensors: HashMap<MergeId, Vec<PlannedTensor>>,
+    /// The candidates of every merge with `auto` settings, in the order of
+    /// `Merge::candidates`.
+    pub variants: HashMap<MergeId, Vec<Variant>>,
+}
+
+/// One `auto` candidate of a merge: its values and what each tensor gets.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// An index into each `auto` site's values.
+    pub choice: Choice,
+    /// `lambda=0.5, add retain=0.2`.
+    pub label: String,
+    pub tensors: Vec<PlannedTensor>,
+    /// The merge step's hash with these values written in (the key of the
+    /// candidate's cached score).
+    pub hash: String,
 }
 
 /// One tensor of a merge's output.
@@ -63,7 +85,11 @@ pub struct Plan {
 pub struct PlannedTensor {
     pub name: String,
     pub info: TensorInfo,
+    /// The settings as written, after the `layers` rules (for showing where a
+    /// value came from).
     pub settings: TensorSettings,
+    /// What the executor does with the tensor, every parameter resolved.
+    pub op: Op,
     /// Whether OBD saliency can apply (the tensor is a linear layer's weight or bias).
     pub has_linear_input: bool,
 }
@@ -112,6 +138,7 @@ impl Plan {
             graph: DiGraph::new(),
             nodes: HashMap::new(),
             tensors: HashMap::new(),
+            variants: HashMap::new(),
         };
         for (i, merge) in recipe.merges.iter().enumerate() {
             if merge.span.file == recipe.root {
@@ -121,15 +148,16 @@ impl Plan {
         for (i, output) in recipe.outputs.iter().enumerate() {
             let merge = lowering.merge(output.merge);
             let tokenizer = output.tokenizer.map(|t| lowering.input(t));
-            let hash = hash_of(&[
-                &lowering.graph[merge].hash,
-                &format!(
-                    "{:?}|{}|{:?}",
-                    output.dtype,
-                    output.shard_size,
-                    tokenizer.map(|t| &lowering.graph[t].hash)
-                ),
-            ]);
+            let mut h = ContentHash::new("obim write v2");
+            h.str(&lowering.graph[merge].hash)
+                .opt(output.dtype, |h, d| {
+                    h.str(d.name());
+                })
+                .u64(output.shard_size)
+                .opt(tokenizer, |h, t| {
+                    h.str(&lowering.graph[t].hash);
+                });
+            let hash = h.finish();
             let id = format!("write:{}", output.written);
             lowering.add(
                 Step {
@@ -144,6 +172,23 @@ impl Plan {
         Plan {
             graph: lowering.graph,
             tensors: lowering.tensors,
+            variants: lowering.variants,
+        }
+    }
+
+    /// Puts candidate `index` of merge `id` in place of the first (after
+    /// selection): its tensors and its hash.
+    pub fn choose(&mut self, id: MergeId, index: usize) {
+        let Some(variant) = self.variants.get(&id).and_then(|v| v.get(index)) else {
+            return;
+        };
+        self.tensors.insert(id, variant.tensors.clone());
+        if let Some(step) = self
+            .graph
+            .node_weights_mut()
+            .find(|s| s.kind == StepKind::Merge(id))
+        {
+            step.hash = variant.hash.clone();
         }
     }
 
@@ -205,6 +250,7 @@ struct Lowering<'a> {
     graph: DiGraph<Step, ()>,
     nodes: HashMap<StepKind, NodeIndex>,
     tensors: HashMap<MergeId, Vec<PlannedTensor>>,
+    variants: HashMap<MergeId, Vec<Variant>>,
 }
 
 impl Lowering<'_> {
@@ -263,12 +309,11 @@ impl Lowering<'_> {
         }
         let model = self.input(input);
         let d = &self.recipe.data[data.0];
-        let content = data_content_hash(d);
-        let spec = format!(
-            "{:?}|{}|{}|{:?}|{}|{}|{content}",
-            d.kind, d.pattern, d.field, d.samples, d.seq_len, d.seed
-        );
-        let hash = hash_of(&[&self.graph[model].hash, &spec]);
+        let mut h = ContentHash::new("obim calibrate v2");
+        h.str(&self.graph[model].hash);
+        d.hash_into(&mut h);
+        h.str(&data_content_hash(d));
+        let hash = h.finish();
         let id = format!("calibrate:{}@{}", self.recipe.input_name(input), d.name);
 
         self.add(
@@ -287,23 +332,20 @@ impl Lowering<'_> {
             return *n;
         }
         let merge = &self.recipe.merges[id.0];
-        let mut deps: Vec<Option<NodeIndex>> =
-            merge.dependencies().map(|d| Some(self.input(d))).collect();
-        let tensors = self.tensors_of(id);
+        let inputs: Vec<NodeIndex> = merge.dependencies().map(|d| self.input(d)).collect();
+        let tensors = self.tensors_of(merge);
         // Calibrations: every (input, data) pair some tensor needs for OBD.
         let mut needed: Vec<(usize, DataId)> = Vec::new();
         for t in &tensors {
-            if merge.method != Method::Obim
-                || t.settings.take.is_some()
-                || t.saliency().0 != Saliency::Obd
+            if let Op::Obim(p) = &t.op
+                && p.saliency == Saliency::Obd
             {
-                continue;
-            }
-            for (i, s) in t.settings.inputs.iter().enumerate() {
-                if let Some(d) = s.using
-                    && !needed.contains(&(i, d))
-                {
-                    needed.push((i, d));
+                for (i, using) in p.using.iter().enumerate() {
+                    if let Some(d) = *using
+                        && !needed.contains(&(i, d))
+                    {
+                        needed.push((i, d));
+                    }
                 }
             }
         }
@@ -319,47 +361,34 @@ impl Lowering<'_> {
             }
         }
         needed.sort();
-        for (i, data) in needed {
-            deps.push(Some(self.calibrate(merge.inputs[i].model, data)));
-        }
-        let mut parts: Vec<String> = deps
+        let calibrations: Vec<NodeIndex> = needed
+            .into_iter()
+            .map(|(i, data)| self.calibrate(merge.inputs[i].model, data))
+            .collect();
+        let deps: Vec<String> = inputs
             .iter()
-            .flatten()
+            .chain(&calibrations)
             .map(|n| self.graph[*n].hash.clone())
             .collect();
-        parts.push(format!(
-            "{}|{:?}|{:?}",
-            merge.method,
-            merge.settings,
-            merge.inputs.iter().map(|i| i.model).collect::<Vec<_>>()
-        ));
-        for rule in &merge.rules {
-            let patterns: Vec<&str> = rule.patterns.iter().map(|p| p.as_str()).collect();
-            parts.push(format!("{patterns:?}|{:?}", rule.settings));
-        }
-        for site in &merge.autos {
-            parts.push(format!(
-                "auto {:?} {:?} {:?} {:?}",
-                site.rule, site.input, site.field, site.values
-            ));
-        }
-        if let Some(select) = &merge.select {
-            for d in &select.data {
-                let data = &self.recipe.data[d.0];
-                parts.push(format!(
-                    "select {}|{}|{:?}|{}|{}|{}",
-                    data.pattern,
-                    data.field,
-                    data.samples,
-                    data.seq_len,
-                    data.seed,
-                    data_content_hash(data)
-                ));
-            }
-        }
-        parts.push(format!("obim {}", env!("CARGO_PKG_VERSION")));
-        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-        let hash = hash_of(&refs);
+        // `auto` values change no dependency (they are numbers, never a
+        // `using` or a `take`), so every candidate shares these.
+        let variants: Vec<Variant> = merge
+            .candidates()
+            .into_iter()
+            .filter(|_| !merge.autos.is_empty())
+            .map(|choice| {
+                let fixed = merge.with_candidate(&choice);
+                Variant {
+                    label: merge.describe(&choice),
+                    tensors: self.tensors_of(&fixed),
+                    hash: self.merge_hash(&fixed, &deps),
+                    choice,
+                }
+            })
+            .collect();
+        let hash = self.merge_hash(merge, &deps);
+        let all: Vec<Option<NodeIndex>> =
+            inputs.into_iter().chain(calibrations).map(Some).collect();
         let node = self.add(
             Step {
                 id: format!("merge:{}", merge.name),
@@ -367,14 +396,57 @@ impl Lowering<'_> {
                 span: merge.span,
                 hash,
             },
-            &deps,
+            &all,
         );
         self.tensors.insert(id, tensors);
+        if !variants.is_empty() {
+            self.variants.insert(id, variants);
+        }
         node
     }
 
-    fn tensors_of(&self, id: MergeId) -> Vec<PlannedTensor> {
-        let merge = &self.recipe.merges[id.0];
+    /// What determines a merge's result: its dependencies' hashes (inputs
+    /// in order, then calibrations), method, settings, rules, `auto`
+    /// candidates and selection data, and obim's version.
+    fn merge_hash(&self, merge: &crate::recipe::Merge, deps: &[String]) -> String {
+        let mut h = ContentHash::new("obim merge v2");
+        h.u64(deps.len() as u64);
+        for d in deps {
+            h.str(d);
+        }
+        h.str(merge.method.name());
+        merge.settings.hash_into(&mut h);
+        h.u64(merge.rules.len() as u64);
+        for rule in &merge.rules {
+            rule.hash_into(&mut h);
+        }
+        h.u64(merge.autos.len() as u64);
+        for site in &merge.autos {
+            h.opt(site.rule, |h, r| {
+                h.u64(r as u64);
+            })
+            .opt(site.input, |h, i| {
+                h.u64(i as u64);
+            });
+            site.field.hash_into(&mut h);
+            h.u64(site.values.len() as u64);
+            for v in &site.values {
+                h.f64(*v);
+            }
+        }
+        h.opt(merge.select.as_ref(), |h, select| {
+            h.u64(select.data.len() as u64);
+            for d in &select.data {
+                let data = &self.recipe.data[d.0];
+                data.hash_into(h);
+                h.str(&data_content_hash(data));
+            }
+        });
+        h.str(env!("CARGO_PKG_VERSION"));
+        h.finish()
+    }
+
+    fn tensors_of(&self, merge: &crate::recipe::Merge) -> Vec<PlannedTensor> {
         let Some(base) = merge.base.or_else(|| merge.inputs.first().map(|i| i.model)) else {
             return Vec::new();
         };
@@ -387,11 +459,14 @@ impl Lowering<'_> {
             .into_iter()
             .map(|name| {
                 let t = &info.tensors[name];
+                let settings = merge.tensor_settings(name);
+                let linear = has_linear_input(name, t, &info.tensors);
                 PlannedTensor {
                     name: name.clone(),
                     info: t.clone(),
-                    settings: merge.tensor_settings(name),
-                    has_linear_input: has_linear_input(name, t, &info.tensors),
+                    op: Op::resolve(merge.method, &settings, linear),
+                    settings,
+                    has_linear_input: linear,
                 }
             })
             .collect()
@@ -430,37 +505,6 @@ fn natural_key(name: &str) -> Vec<(u64, String)> {
         .map(|part| {
             part.parse::<u64>()
                 .map_or((u64::MAX, part.to_string()), |n| (n, String::new()))
-        })
-        .collect()
-}
-
-/// A merge parameter's value on a tensor, with the method's default.
-pub fn effective_params(
-    method: Method,
-    settings: &TensorSettings,
-) -> Vec<(&'static str, serde_json::Value)> {
-    let p = &settings.params;
-    method
-        .params()
-        .iter()
-        .filter(|param| param.scope == ParamScope::Merge && param.name != "base")
-        .filter_map(|param| {
-            let given = match param.name {
-                "normalize" => p.normalize.map(serde_json::Value::from),
-                "rescale" => p.rescale.map(serde_json::Value::from),
-                "int8_mask" => p.int8_mask.map(serde_json::Value::from),
-                "lambda" => p.lambda.map(serde_json::Value::from),
-                "t" => p.t.map(serde_json::Value::from),
-                "seed" => p.seed.map(serde_json::Value::from),
-                "scale" => p.scale.map(serde_json::Value::from),
-                _ => None,
-            };
-            let value = given.or(match param.default {
-                Some(ParamDefault::Bool(b)) => Some(b.into()),
-                Some(ParamDefault::Number(n)) => Some(n.into()),
-                _ => None,
-            })?;
-            Some((param.name, value))
         })
         .collect()
 }

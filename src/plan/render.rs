@@ -2,7 +2,7 @@
 //! JSON for scripts (keys documented in the README and kept stable), dot for
 //! graphviz.
 
-use super::{Plan, PlannedTensor, Step, StepKind, effective_params};
+use super::{Plan, PlannedTensor, Step, StepKind};
 use crate::methods::Method;
 use crate::open::Inventory;
 use crate::recipe::{Merge, MergeId, ModelSource, Recipe, TakeFrom};
@@ -182,7 +182,7 @@ impl PlanView<'_> {
             "saliency": per_input(&|i| obim.then(|| Value::from(saliency.name())).filter(|_| i < names.len())),
             "weight": per_input(&|i| if obim { None } else { s.inputs[i].weight.map(Value::from) }),
             "density": per_input(&|i| if merge.method.param("density").is_some() { Some(Value::from(s.inputs[i].density.unwrap_or(1.0))) } else { None }),
-            "params": effective_params(merge.method, s).into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<String, Value>>(),
+            "params": t.op.merge_params(merge.method).into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<String, Value>>(),
             "rule_lines": s.rule_lines,
         })
     }
@@ -450,10 +450,11 @@ impl PlanView<'_> {
                     p
                 })
                 .collect();
-            let params: Vec<String> = effective_params(merge.method, s)
-                .into_iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect();
+            let params: Vec<String> =
+                t.op.merge_params(merge.method)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
             format!("{} | {}", parts.join(", "), params.join(", "))
         };
         [t.name.clone(), shape, what, rules]
