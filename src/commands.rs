@@ -262,10 +262,8 @@ pub fn run(
         for line in crate::exec::calibration_states(&c, &plan, &options.cache) {
             let _ = writeln!(io.out, "{line}");
         }
-        let view = c.view(&plan);
-        let text = view.to_text();
-        let steps = text.split("\n\n").nth(1).unwrap_or_default();
-        let _ = writeln!(io.out, "\nsteps:\n{steps}");
+        let steps = c.view(&plan).steps_text();
+        let _ = write!(io.out, "\nsteps:\n{steps}");
         return exit::OK;
     }
     match crate::exec::run(&c, &plan, options, progress) {

@@ -170,7 +170,7 @@ fn compatibility(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
     let mut diagnostics = Vec::new();
     let mut reported: HashSet<(ModelId, ModelId)> = HashSet::new();
     for merge in &recipe.merges {
-        let Some(base_ref) = merge.base.or_else(|| merge.inputs.first().map(|i| i.model)) else {
+        let Some(base_ref) = merge.shape_input() else {
             continue;
         };
         let Some(base_id) = recipe.shape_source(base_ref) else {

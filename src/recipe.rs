@@ -437,6 +437,12 @@ impl Merge {
         }
     }
 
+    /// The input whose tensor names, shapes, config and tokenizer the
+    /// merge's output has: its base, else its first input.
+    pub fn shape_input(&self) -> Option<InputRef> {
+        self.base.or_else(|| self.inputs.first().map(|i| i.model))
+    }
+
     /// Every input and the base.
     pub fn dependencies(&self) -> impl Iterator<Item = InputRef> + '_ {
         self.base
@@ -481,10 +487,7 @@ impl Recipe {
             match current {
                 InputRef::Model(m) => return Some(m),
                 InputRef::Merge(m) => {
-                    let merge = &self.merges[m.0];
-                    current = merge
-                        .base
-                        .or_else(|| merge.inputs.first().map(|i| i.model))?;
+                    current = self.merges[m.0].shape_input()?;
                 }
             }
         }

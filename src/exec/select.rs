@@ -88,8 +88,7 @@ impl<'a> Selector<'a> {
             source: Box::new(source),
         };
         let base = merge
-            .base
-            .or_else(|| merge.inputs.first().map(|i| i.model))
+            .shape_input()
             .and_then(|b| recipe.shape_source(b))
             .and_then(|m| c.inventory.get(m))
             .ok_or_else(|| fail(SelectionFailure::BaseUnavailable))?;

@@ -191,10 +191,7 @@ pub(super) fn write_output(
 fn base_of<'c>(c: &'c Compilation, output: &Output) -> Result<&'c ModelInfo, ExecError> {
     let recipe = &c.recipe;
     let merge = &recipe.merges[output.merge.0];
-    let model = merge
-        .base
-        .or_else(|| merge.inputs.first().map(|i| i.model))
-        .and_then(|b| recipe.shape_source(b));
+    let model = merge.shape_input().and_then(|b| recipe.shape_source(b));
     let declared = model.map(|m| &recipe.models[m.0]);
     model
         .and_then(|m| c.inventory.get(m))

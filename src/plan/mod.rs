@@ -447,7 +447,7 @@ impl Lowering<'_> {
     }
 
     fn tensors_of(&self, merge: &crate::recipe::Merge) -> Vec<PlannedTensor> {
-        let Some(base) = merge.base.or_else(|| merge.inputs.first().map(|i| i.model)) else {
+        let Some(base) = merge.shape_input() else {
             return Vec::new();
         };
         let Some(info) = self.inventory.of_input(self.recipe, base) else {

@@ -144,9 +144,7 @@ impl PlanView<'_> {
     /// tokenized by the base's tokenizer), when the base is available.
     fn selection_tokens(&self, merge: &Merge) -> Option<usize> {
         let select = merge.select.as_ref()?;
-        let base = merge
-            .base
-            .or_else(|| merge.inputs.first().map(|i| i.model))?;
+        let base = merge.shape_input()?;
         let info = self.inventory.get(self.recipe.shape_source(base)?)?;
         let tokenizer = crate::data::Tokenizer::from_dir(&info.dir).ok()?;
         let mut total = 0;
@@ -225,6 +223,19 @@ impl PlanView<'_> {
             count("merge"),
             count("write")
         );
+        out.push_str(&self.steps_text());
+        for id in self.merges() {
+            out.push('\n');
+            self.merge_text(&mut out, id);
+        }
+        out
+    }
+
+    /// One line per step, in execution order: number, id, hash, recipe
+    /// line, dependencies, what it does.
+    pub fn steps_text(&self) -> String {
+        let mut out = String::new();
+        let steps = self.plan.steps();
         let width = steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
         for (i, s) in steps.iter().enumerate() {
             let deps: Vec<String> = self
@@ -249,10 +260,6 @@ impl PlanView<'_> {
                 deps,
                 self.describe(s)
             );
-        }
-        for id in self.merges() {
-            out.push('\n');
-            self.merge_text(&mut out, id);
         }
         out
     }
