@@ -46,6 +46,16 @@ pub enum CalibrationError {
     Vocab { id: u32, vocab: usize, dir: PathBuf },
     #[error("statistics file `{path}`: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error("statistics file `{path}`")]
+    FileIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("statistics file `{path}`")]
+    Format {
+        path: PathBuf,
+        source: safetensors::SafeTensorError,
+    },
 }
 
 /// Accumulates Σ x² per input feature of every observed module.
@@ -143,11 +153,16 @@ impl ActStats {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let tmp = path.with_extension("safetensors.partial");
-        safetensors::serialize_to_file(views, None, &tmp).map_err(|e| fail(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))
+        safetensors::serialize_to_file(views, None, &tmp).map_err(|source| {
+            CalibrationError::Format {
+                path: tmp.clone(),
+                source,
+            }
+        })?;
+        std::fs::rename(&tmp, path).map_err(io(path))
     }
 
     /// Reads statistics written by [`ActStats::save`]; keys under `prefix`
@@ -157,8 +172,11 @@ impl ActStats {
             path: path.to_path_buf(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|source| CalibrationError::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut sums = BTreeMap::new();
         let mut tokens = None;
         for (key, t) in file.tensors() {
@@ -189,6 +207,14 @@ impl ActStats {
             sums,
             tokens: tokens as u64,
         })
+    }
+}
+
+/// An I/O error on `path` as a calibration error.
+fn io(path: &Path) -> impl Fn(std::io::Error) -> CalibrationError + '_ {
+    move |source| CalibrationError::FileIo {
+        path: path.to_path_buf(),
+        source,
     }
 }
 

@@ -130,7 +130,7 @@ fn fetch(
             Some(dir)
         }
         Err(e) => {
-            let _ = writeln!(io.err, "error: {model}: {e}");
+            let _ = writeln!(io.err, "error: {model}: {}", crate::errors::with_causes(&e));
             None
         }
     }
@@ -368,7 +368,7 @@ fn open_model(io: &mut Io, model: &str) -> Option<crate::checkpoint::ModelInfo> 
     match crate::checkpoint::open_dir(&dir) {
         Ok(info) => Some(info),
         Err(e) => {
-            let _ = writeln!(io.err, "error: {e}");
+            let _ = writeln!(io.err, "error: {}", crate::errors::with_causes(&e));
             None
         }
     }
@@ -450,7 +450,7 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOpt
         match read {
             Ok(set) => sets.push((file.display().to_string(), set)),
             Err(e) => {
-                let _ = writeln!(io.err, "error: {e}");
+                let _ = writeln!(io.err, "error: {}", crate::errors::with_causes(&e));
                 return exit::FAILURE;
             }
         }
@@ -482,7 +482,7 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOpt
         let generator = match crate::eval::Generator::load(&info, options.device.candle()) {
             Ok(g) => g,
             Err(e) => {
-                let _ = writeln!(io.err, "error: {e}");
+                let _ = writeln!(io.err, "error: {}", crate::errors::with_causes(&e));
                 return exit::FAILURE;
             }
         };
@@ -512,7 +512,7 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOpt
                     scores.push(value);
                 }
                 Err(e) => {
-                    let _ = writeln!(io.err, "error: {model}: {e}");
+                    let _ = writeln!(io.err, "error: {model}: {}", crate::errors::with_causes(&e));
                     return exit::FAILURE;
                 }
             }
@@ -568,15 +568,13 @@ pub fn stats(
         span: Default::default(),
     };
     let started = std::time::Instant::now();
-    let result = crate::data::Tokenizer::from_dir(&info.dir)
-        .and_then(|tokenizer| crate::data::sequences(&source, &tokenizer))
-        .map_err(|e| e.to_string())
-        .and_then(|sequences| {
-            let stats = crate::calibrate::calibrate(&info, &sequences, device.candle())
-                .map_err(|e| e.to_string())?;
-            stats.save(out).map_err(|e| e.to_string())?;
-            Ok((sequences.len(), stats))
-        });
+    let result = (|| -> Result<_, Box<dyn std::error::Error>> {
+        let tokenizer = crate::data::Tokenizer::from_dir(&info.dir)?;
+        let sequences = crate::data::sequences(&source, &tokenizer)?;
+        let stats = crate::calibrate::calibrate(&info, &sequences, device.candle())?;
+        stats.save(out)?;
+        Ok((sequences.len(), stats))
+    })();
     match result {
         Ok((n, stats)) => {
             let secs = started.elapsed().as_secs_f64();
@@ -592,7 +590,7 @@ pub fn stats(
             exit::OK
         }
         Err(e) => {
-            let _ = writeln!(io.err, "error: {e}");
+            let _ = writeln!(io.err, "error: {}", crate::errors::with_causes(e.as_ref()));
             exit::FAILURE
         }
     }

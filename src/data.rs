@@ -17,8 +17,16 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read `{path}`: {reason}")]
-    Read { path: PathBuf, reason: String },
+    #[error("cannot read `{path}`")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not a valid glob")]
+    Glob {
+        path: PathBuf,
+        source: glob::PatternError,
+    },
     #[error("`{path}` line {line}: {reason}")]
     Line {
         path: PathBuf,
@@ -27,8 +35,11 @@ pub enum DataError {
     },
     #[error("`{0}` holds no text")]
     Empty(PathBuf),
-    #[error("tokenizer `{path}`: {reason}")]
-    Tokenizer { path: PathBuf, reason: String },
+    #[error("tokenizer `{path}`")]
+    Tokenizer {
+        path: PathBuf,
+        source: tokenizers::Error,
+    },
 }
 
 /// The texts of a jsonl file's `field`, one per non-empty line.
@@ -59,9 +70,9 @@ pub fn jsonl_texts(path: &Path, field: &str) -> Result<Vec<String>, DataError> {
 }
 
 fn read(path: &Path) -> Result<String, DataError> {
-    std::fs::read_to_string(path).map_err(|e| DataError::Read {
+    std::fs::read_to_string(path).map_err(|source| DataError::Read {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -72,9 +83,9 @@ pub fn source_texts(data: &Data) -> Result<Vec<String>, DataError> {
         DataKind::Text => {
             let pattern = data.path.to_string_lossy();
             let mut files: Vec<PathBuf> = glob::glob(&pattern)
-                .map_err(|e| DataError::Read {
+                .map_err(|source| DataError::Glob {
                     path: data.path.clone(),
-                    reason: e.to_string(),
+                    source,
                 })?
                 .filter_map(Result::ok)
                 .filter(|p| p.is_file())
@@ -133,7 +144,7 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer {
             path: path.clone(),
-            reason: e.to_string(),
+            source: e,
         })?;
         Ok(Tokenizer { inner, path })
     }
@@ -155,7 +166,7 @@ impl Tokenizer {
             .encode(text, special)
             .map_err(|e| DataError::Tokenizer {
                 path: self.path.clone(),
-                reason: e.to_string(),
+                source: e,
             })?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -165,7 +176,7 @@ impl Tokenizer {
             .decode(ids, true)
             .map_err(|e| DataError::Tokenizer {
                 path: self.path.clone(),
-                reason: e.to_string(),
+                source: e,
             })
     }
 

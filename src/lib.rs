@@ -8,6 +8,7 @@ pub mod commands;
 pub mod data;
 pub mod device;
 pub mod diagnostic;
+pub mod errors;
 pub mod eval;
 pub mod exec;
 pub mod fmt;

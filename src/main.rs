@@ -313,7 +313,7 @@ fn cache_dir() -> PathBuf {
 /// Opens the device the user asked for, or exits with a usage error.
 fn open_device(request: DeviceRequest) -> Device {
     Device::open(request).unwrap_or_else(|e| {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", obim::errors::with_causes(&e));
         std::process::exit(commands::exit::USAGE);
     })
 }

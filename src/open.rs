@@ -55,7 +55,7 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
                         checkpoint::CheckpointError::NotFound(_) | checkpoint::CheckpointError::NoWeights(_) => Code::E0021,
                         _ => Code::E0022,
                     };
-                    let mut d = Diagnostic::new(code, model.span, format!("cannot open model `{}`", model.name)).label(e.to_string());
+                    let mut d = Diagnostic::new(code, model.span, format!("cannot open model `{}`", model.name)).label(crate::errors::with_causes(&e));
                     if code == Code::E0021 {
                         d = d.help("local directories are relative to the recipe; a Hugging Face id looks like `org/name`");
                     }
@@ -118,7 +118,7 @@ fn calibration(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
                     source.span,
                     format!("data source `{}` gives no calibration text", source.name),
                 )
-                .label(e.to_string())
+                .label(crate::errors::with_causes(&e))
                 .help(match source.kind {
                     DataKind::Jsonl => "every line must be a JSON object with the `field` (default `text`) as a string",
                     DataKind::Text => "text files are split at blank lines; each non-blank paragraph is one text",

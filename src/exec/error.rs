@@ -15,7 +15,6 @@ use crate::model::ConfigError;
 use crate::model::blocks::ForwardError;
 use crate::source::Span;
 use crate::tensors::TensorError;
-use std::error::Error as _;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -183,16 +182,7 @@ impl ExecError {
             steps.push((*span, step.as_str()));
             current = source;
         }
-        let mut message = current.to_string();
-        let mut cause = current.source();
-        while let Some(c) = cause {
-            // Transparent variants repeat their source's text.
-            let text = c.to_string();
-            if !message.ends_with(&text) {
-                message = format!("{message}: {text}");
-            }
-            cause = c.source();
-        }
+        let message = crate::errors::with_causes(current);
         let (primary, rest) = match (current.own_span(), steps.split_last()) {
             (Some(span), _) => (span, &steps[..]),
             (None, Some((last, rest))) => (last.0, rest),

@@ -281,7 +281,7 @@ impl Source for MergedSource<'_> {
         let values = self
             .eval
             .output_tensor(self.merge, name)
-            .map_err(|e| ForwardError::Source(e.to_string()))?;
+            .map_err(|e| ForwardError::Source(Box::new(e)))?;
         // Moved, not copied; no buffer is kept for reuse (see release_buffers).
         self.eval.release_buffers();
         Ok(Tensor::from_vec(values, shape, &self.device)?)

@@ -28,8 +28,9 @@ pub enum ForwardError {
     },
     #[error("forward pass failed: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("{0}")]
-    Source(String),
+    /// The weights' source failed (a merge computed on the fly).
+    #[error("computing the weights")]
+    Source(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T> = std::result::Result<T, ForwardError>;
