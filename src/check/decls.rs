@@ -2,7 +2,7 @@
 
 use super::{Checker, Def, Scope};
 use crate::codes::Code;
-use crate::diagnostic::{Diagnostic, closest};
+use crate::diagnostic::{Diagnostic, closest, did_you_mean};
 use crate::recipe::{Data, DataKind, Dtype, InputRef, Model, ModelSource, Output};
 use crate::source::Span;
 use crate::syntax::ast::{self, ItemKind, KeyValue};
@@ -192,7 +192,7 @@ impl Checker<'_> {
         .label(format!("not a {what}"))
         .note(format!("known: {}", known.join(", ")));
         if let Some(c) = closest(&option.key.name, known.iter().copied()) {
-            d = d.help(format!("did you mean `{c}`?"));
+            d = d.help(did_you_mean(c));
         }
         self.error(d);
     }

@@ -4,7 +4,7 @@
 
 use super::{Checker, Found, Scope, StageArgs, Val};
 use crate::codes::Code;
-use crate::diagnostic::{Diagnostic, closest};
+use crate::diagnostic::{Diagnostic, closest, did_you_mean};
 use crate::methods::{Kind, Method, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
@@ -79,7 +79,7 @@ impl Checker<'_> {
                     &decl.method.to_string(),
                     candidates.iter().map(String::as_str),
                 ) {
-                    d = d.help(format!("did you mean `{c}`?"));
+                    d = d.help(did_you_mean(c));
                 }
                 self.error(d);
                 None
@@ -121,7 +121,7 @@ impl Checker<'_> {
                 .label("unknown parameter")
                 .with(stage.params_span, "the stage's parameters");
                 if let Some(c) = closest(&arg.key.name, params.iter().copied()) {
-                    d = d.help(format!("did you mean `{c}`?"));
+                    d = d.help(did_you_mean(c));
                 }
                 self.error(d);
             }
@@ -442,7 +442,7 @@ impl Checker<'_> {
             .label("unknown parameter")
             .note(format!("`{method}` takes: {}", known.join(", ")));
             if let Some(c) = closest(&key.name, known.iter().copied()) {
-                d = d.help(format!("did you mean `{c}`?"));
+                d = d.help(did_you_mean(c));
             }
             d
         } else {

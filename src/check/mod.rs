@@ -7,7 +7,7 @@ mod decls;
 mod merge;
 
 use crate::codes::Code;
-use crate::diagnostic::{self, Diagnostic, closest};
+use crate::diagnostic::{self, Diagnostic, closest, did_you_mean};
 use crate::load::Program;
 use crate::recipe::{DataId, InputRef, MergeId, ModelId, Recipe};
 use crate::source::Span;
@@ -337,7 +337,7 @@ impl<'p> Checker<'p> {
                     Diagnostic::new(Code::E0002, q.span, format!("no import named `{}`", q.name))
                         .label("not an import alias");
                 d = match closest(&q.name, aliases.iter().map(String::as_str)) {
-                    Some(c) => d.help(format!("did you mean `{c}`?")),
+                    Some(c) => d.help(did_you_mean(c)),
                     None => d.help(format!(
                         "import the recipe first: `import \"./{}.obim\" as {}`",
                         q.name, q.name
@@ -362,7 +362,7 @@ impl<'p> Checker<'p> {
                 )
                 .label("unknown name");
                 if let Some(c) = closest(&path.name.name, names.iter().map(String::as_str)) {
-                    d = d.help(format!("did you mean `{}.{c}`?", q.name));
+                    d = d.help(did_you_mean(&format!("{}.{c}", q.name)));
                 }
                 self.error(d);
                 return None;
@@ -544,7 +544,7 @@ impl<'p> Checker<'p> {
         let mut d = Diagnostic::new(Code::E0002, span, format!("unknown name `{name}`"))
             .label("not defined");
         if let Some(c) = closest(name, names.iter().map(String::as_str)) {
-            d = d.help(format!("did you mean `{c}`?"));
+            d = d.help(did_you_mean(c));
         } else {
             d = d.help(
                 "define it with `model`, `data`, `merge` or `let`, or import a module that does",
@@ -671,7 +671,7 @@ impl<'p> Checker<'p> {
                 let mut d = Diagnostic::new(Code::E0008, expr.span, format!("`{w}` is not {what}"))
                     .label(format!("expected {}", or_list(allowed)));
                 if let Some(c) = closest(&w, allowed.iter().copied()) {
-                    d = d.help(format!("did you mean `{c}`?"));
+                    d = d.help(did_you_mean(c));
                 }
                 self.error(d);
                 None
