@@ -2,9 +2,9 @@
 //! method, parameters, inputs and their settings, `order`, `saliency`,
 //! `take`, `layers` rules, and OBIM's retention budget.
 
+use super::error::{self, Kept, Problem};
 use super::{Checker, Found, Scope, StageArgs, Val};
-use crate::codes::Code;
-use crate::diagnostic::{Diagnostic, closest, did_you_mean};
+use crate::diagnostic;
 use crate::methods::{Kind, Method, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
@@ -54,34 +54,23 @@ impl Checker<'_> {
                 self.instantiate(scope, decl, def)
             }
             Some(_) => {
-                let d = Diagnostic::new(
-                    Code::E0005,
-                    decl.method.span,
-                    format!("`{}` is not a merge method", decl.method),
-                )
-                .label("not a method or stage")
-                .help(format!("methods: {}", method_names()));
-                self.error(d);
+                self.report(Problem::NotAMethod {
+                    span: decl.method.span,
+                    name: decl.method.to_string(),
+                });
                 None
             }
             None => {
                 let mut candidates: Vec<String> =
                     Method::ALL.iter().map(|m| m.name().to_string()).collect();
                 candidates.extend(self.visible_names(scope));
-                let mut d = Diagnostic::new(
-                    Code::E0005,
-                    decl.method.span,
-                    format!("unknown merge method `{}`", decl.method),
-                )
-                .label("not a method or stage")
-                .note(format!("methods: {}", method_names()));
-                if let Some(c) = closest(
-                    &decl.method.to_string(),
-                    candidates.iter().map(String::as_str),
-                ) {
-                    d = d.help(did_you_mean(c));
-                }
-                self.error(d);
+                let name = decl.method.to_string();
+                let suggestion = diagnostic::suggest(&name, candidates.iter().map(String::as_str));
+                self.report(Problem::UnknownMethod {
+                    span: decl.method.span,
+                    name,
+                    suggestion,
+                });
                 None
             }
         }
@@ -95,13 +84,10 @@ impl Checker<'_> {
             return None;
         };
         if self.instantiating.contains(&def) {
-            let d = Diagnostic::new(
-                Code::E0014,
-                decl.method.span,
-                format!("stage `{}` instantiates itself", stage.name.name),
-            )
-            .label("recursive stage");
-            self.error(d);
+            self.report(Problem::RecursiveStage {
+                span: decl.method.span,
+                stage: stage.name.name.clone(),
+            });
             return None;
         }
         let params: Vec<&str> = stage.params.iter().map(|p| p.name.as_str()).collect();
@@ -110,65 +96,42 @@ impl Checker<'_> {
             if params.contains(&arg.key.name.as_str()) {
                 values.insert(arg.key.name.clone(), arg.value.clone());
             } else {
-                let mut d = Diagnostic::new(
-                    Code::E0006,
-                    arg.key.span,
-                    format!(
-                        "stage `{}` has no parameter `{}`",
-                        stage.name.name, arg.key.name
-                    ),
-                )
-                .label("unknown parameter")
-                .with(stage.params_span, "the stage's parameters");
-                if let Some(c) = closest(&arg.key.name, params.iter().copied()) {
-                    d = d.help(did_you_mean(c));
-                }
-                self.error(d);
+                self.report(Problem::UnknownStageParam {
+                    span: arg.key.span,
+                    stage: stage.name.name.clone(),
+                    param: arg.key.name.clone(),
+                    params: stage.params_span,
+                    suggestion: diagnostic::suggest(&arg.key.name, params.iter().copied()),
+                });
             }
         }
-        let missing: Vec<&str> = params
+        let missing: Vec<String> = params
             .iter()
-            .copied()
-            .filter(|p| !values.contains_key(*p))
+            .filter(|p| !values.contains_key(**p))
+            .map(|p| p.to_string())
             .collect();
         if !missing.is_empty() {
-            let list = missing
-                .iter()
-                .map(|m| format!("`{m}: ...`"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let d = Diagnostic::new(
-                Code::E0007,
-                decl.method.span,
-                format!("stage `{}` needs {}", stage.name.name, list),
-            )
-            .label("missing arguments")
-            .with(stage.params_span, "declared here")
-            .help("pass every parameter of the stage by name");
-            self.error(d);
+            self.report(Problem::MissingStageArgs {
+                span: decl.method.span,
+                stage: stage.name.name.clone(),
+                missing,
+                params: stage.params_span,
+            });
             return None;
         }
         if let Some(body) = &decl.body {
-            let d = Diagnostic::new(
-                Code::E0019,
-                body.span,
-                "a stage's merge body is fixed by the stage",
-            )
-            .label("remove this body")
-            .with(stage.name.span, "the stage defines the body");
-            self.error(d);
+            self.report(Problem::StageBody {
+                span: body.span,
+                stage: stage.name.span,
+            });
         }
         let Some(method) =
             Method::from_name(&stage.method.name.name).filter(|_| stage.method.qualifier.is_none())
         else {
-            let d = Diagnostic::new(
-                Code::E0005,
-                stage.method.span,
-                format!("a stage's method must be built in, not `{}`", stage.method),
-            )
-            .label("not a built-in method")
-            .note(format!("methods: {}", method_names()));
-            self.error(d);
+            self.report(Problem::StageMethodNotBuiltIn {
+                span: stage.method.span,
+                method: stage.method.to_string(),
+            });
             return None;
         };
         let stage_scope = Scope {
@@ -191,10 +154,8 @@ impl Checker<'_> {
         // Problems inside the stage are reported where it is used as well.
         for d in &mut self.diagnostics[before..] {
             if d.primary.span.file != decl.name.span.file {
-                d.secondary.push(crate::diagnostic::Label {
-                    span: decl.method.span,
-                    message: format!("in this use of stage `{}`", stage.name.name),
-                });
+                d.secondary
+                    .push(error::in_stage_use(decl.method.span, &stage.name.name));
             }
         }
         merge.span = decl.name.span;
@@ -255,32 +216,21 @@ impl Checker<'_> {
                 continue;
             };
             if let Some(other) = merge.inputs.iter().find(|i| i.model == input) {
-                let d = Diagnostic::new(
-                    Code::E0010,
-                    model.span,
-                    format!("`{model}` is an input of `{}` twice", src.name.name),
-                )
-                .label("listed again here")
-                .with(other.span, "first listed here")
-                .help("list each input once");
-                self.error(d);
+                self.report(Problem::InputTwice {
+                    span: model.span,
+                    input: model.to_string(),
+                    merge: src.name.name.clone(),
+                    first: other.span,
+                });
                 continue;
             }
             if merge.base == Some(input) {
-                let mut d = Diagnostic::new(
-                    Code::E0010,
-                    model.span,
-                    format!(
-                        "`{model}` is both the base and an input of `{}`",
-                        src.name.name
-                    ),
-                )
-                .label("listed as an input");
-                if let Some(s) = base_span {
-                    d = d.with(s, "the base");
-                }
-                d = d.help("the base's task vector is zero; remove it from the inputs");
-                self.error(d);
+                self.report(Problem::BaseAsInput {
+                    span: model.span,
+                    input: model.to_string(),
+                    merge: src.name.name.clone(),
+                    base: base_span,
+                });
                 continue;
             }
             self.current_inputs.push(model.to_string());
@@ -338,45 +288,28 @@ impl Checker<'_> {
     /// product stays within the limit.
     fn candidates(&mut self, merge: &Merge) {
         match (merge.autos.first(), &merge.select) {
-            (Some(first), None) => {
-                let d = Diagnostic::new(
-                    Code::E0032,
-                    first.span,
-                    format!("`{}` has `auto` candidates but no `select`", merge.name),
-                )
-                .label("candidates with no judge")
-                .help("add `select by loss(DATA, ...)` to the merge, naming held-out data sources");
-                self.error(d);
-            }
-            (None, Some(select)) => {
-                let d = Diagnostic::new(
-                    Code::W0004,
-                    select.span,
-                    format!("`{}` has a `select` but nothing to choose", merge.name),
-                )
-                .label("no `auto` setting in this merge")
-                .help("give a setting candidates, e.g. `retain auto [0.2, 0.3]`, or remove the `select`");
-                self.error(d);
-            }
+            (Some(first), None) => self.report(Problem::AutoWithoutSelect {
+                span: first.span,
+                merge: merge.name.clone(),
+            }),
+            (None, Some(select)) => self.report(Problem::SelectWithoutAuto {
+                span: select.span,
+                merge: merge.name.clone(),
+            }),
             _ => {}
         }
         let count = merge.candidate_count();
         if count > self.max_candidates {
-            let mut d = Diagnostic::new(
-                Code::E0033,
-                merge.autos[0].span,
-                format!(
-                    "`{}` has {count} candidates, more than {}",
-                    merge.name, self.max_candidates
-                ),
-            )
-            .label(format!("{} values", merge.autos[0].values.len()));
-            for a in &merge.autos[1..] {
-                d = d.with(a.span, format!("× {} values", a.values.len()));
-            }
-            self.error(
-                d.help("each candidate is a merge scored on the selection data; use fewer values, or raise the limit with `--max-candidates N`"),
-            );
+            self.report(Problem::TooManyCandidates {
+                merge: merge.name.clone(),
+                count,
+                limit: self.max_candidates,
+                sites: merge
+                    .autos
+                    .iter()
+                    .map(|a| (a.span, a.values.len()))
+                    .collect(),
+            });
         }
     }
 
@@ -405,16 +338,7 @@ impl Checker<'_> {
                 settings.defaults = defaults;
             }
             ParamScope::Merge => match key {
-                "base" => {
-                    let d = Diagnostic::new(
-                        Code::E0019,
-                        kv.key.span,
-                        "`base` belongs in the merge's parameter list",
-                    )
-                    .label("not allowed here")
-                    .help("write it as `METHOD(base: MODEL)`");
-                    self.error(d);
-                }
+                "base" => self.report(Problem::BaseNotInParams { span: kv.key.span }),
                 "normalize" => settings.params.normalize = self.boolean(scope, &kv.value),
                 "rescale" => settings.params.rescale = self.boolean(scope, &kv.value),
                 "int8_mask" => settings.params.int8_mask = self.boolean(scope, &kv.value),
@@ -427,38 +351,28 @@ impl Checker<'_> {
     }
 
     fn not_a_param(&mut self, method: Method, key: &ast::Ident) {
-        let elsewhere: Vec<&str> = Method::ALL
+        let used_by: Vec<Method> = Method::ALL
             .iter()
+            .copied()
             .filter(|m| m.param(&key.name).is_some())
-            .map(|m| m.name())
             .collect();
-        let known: Vec<&str> = method.params().iter().map(|p| p.name).collect();
-        let d = if elsewhere.is_empty() {
-            let mut d = Diagnostic::new(
-                Code::E0006,
-                key.span,
-                format!("`{method}` has no parameter `{}`", key.name),
-            )
-            .label("unknown parameter")
-            .note(format!("`{method}` takes: {}", known.join(", ")));
-            if let Some(c) = closest(&key.name, known.iter().copied()) {
-                d = d.help(did_you_mean(c));
+        let problem = if used_by.is_empty() {
+            let known = method.params().iter().map(|p| p.name);
+            Problem::UnknownParam {
+                span: key.span,
+                method,
+                key: key.name.clone(),
+                suggestion: diagnostic::suggest(&key.name, known),
             }
-            d
         } else {
-            Diagnostic::new(
-                Code::E0019,
-                key.span,
-                format!("`{method}` does not use `{}`", key.name),
-            )
-            .label(format!(
-                "`{}` is a parameter of {}",
-                key.name,
-                elsewhere.join(", ")
-            ))
-            .note(format!("`{method}` takes: {}", known.join(", ")))
+            Problem::OtherMethodsParam {
+                span: key.span,
+                method,
+                key: key.name.clone(),
+                used_by,
+            }
         };
-        self.error(d);
+        self.report(problem);
     }
 
     /// `MODEL weight 1.0` and friends, and their defaults in a parameter list.
@@ -503,10 +417,10 @@ impl Checker<'_> {
             "density" => {
                 target.density = self.setting(scope, kv, Kind::Fraction, index);
                 if !method.sparsifies() && in_rule.is_none() {
-                    let d = Diagnostic::new(Code::W0003, kv.key.span, format!("`density` has no effect in `{method}`"))
-                        .label("ignored")
-                        .help("`ties`, `dare_ties` and `dare_linear` sparsify task vectors; `task_arithmetic` adds them whole");
-                    self.error(d);
+                    self.report(Problem::DensityIgnored {
+                        span: kv.key.span,
+                        method,
+                    });
                 }
             }
             "retain" => {
@@ -526,16 +440,10 @@ impl Checker<'_> {
                     spans.using.insert(i, kv.key.span);
                 }
             }
-            _ => {
-                let d = Diagnostic::new(
-                    Code::E0019,
-                    kv.key.span,
-                    format!("`{key}` is set for the whole merge, not per input"),
-                )
-                .label("not a per-input setting")
-                .help(format!("write `{key}: ...` in the parameter list"));
-                self.error(d);
-            }
+            _ => self.report(Problem::MergeWideSetting {
+                span: kv.key.span,
+                key: key.to_string(),
+            }),
         }
     }
 
@@ -598,18 +506,12 @@ impl Checker<'_> {
         if ok {
             return Some(n);
         }
-        let d = Diagnostic::new(
-            Code::E0009,
-            expr.span,
-            format!("`{name}` must be {}", kind.describe()),
-        )
-        .label(format!("{n} is out of range"))
-        .help(match name {
-            "retain" => "retain is the fraction of a tensor's positions the input keeps",
-            "density" => "density is the fraction of the task vector kept",
-            _ => "t = 0 gives the base, t = 1 the other model",
+        self.report(Problem::OutOfRange {
+            span: expr.span,
+            name: name.to_string(),
+            kind,
+            value: n,
         });
-        self.error(d);
         None
     }
 
@@ -623,15 +525,12 @@ impl Checker<'_> {
         spans: &mut Spans,
     ) {
         let method = merge.method;
-        let obim_only = |this: &mut Self, what: &str| {
-            let d = Diagnostic::new(
-                Code::E0019,
-                stmt.span,
-                format!("`{what}` applies to `obim` merges only"),
-            )
-            .label(format!("`{method}` has no {what}"))
-            .help("remove it, or use `obim`");
-            this.error(d);
+        let obim_only = |this: &mut Self, what| {
+            this.report(Problem::ObimOnly {
+                span: stmt.span,
+                what,
+                method,
+            });
         };
         match &stmt.kind {
             StmtKind::Param(kv) => self.param(scope, method, kv, settings, spans, None),
@@ -677,28 +576,18 @@ impl Checker<'_> {
     /// `select by loss(data, ...)`, at the merge level only.
     fn select_stmt(&mut self, scope: &Scope, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
         if self.auto_rule.is_some() {
-            let d = Diagnostic::new(
-                Code::E0019,
-                stmt.span,
-                "`select` belongs to the whole merge",
-            )
-            .label("inside a `layers` rule")
-            .help("move it to the merge's body");
-            self.error(d);
+            self.report(Problem::SelectInRule { span: stmt.span });
             return;
         }
         if judge.name != "loss" {
-            let d = Diagnostic::new(Code::E0006, judge.span, format!("unknown judge `{}`", judge.name))
-                .label("not a judge")
-                .help("candidates are judged by `loss(DATA, ...)`: the mean next-token loss on held-out data");
-            self.error(d);
+            self.report(Problem::UnknownJudge {
+                span: judge.span,
+                judge: judge.name.clone(),
+            });
             return;
         }
         if data.is_empty() {
-            let d = Diagnostic::new(Code::E0007, stmt.span, "`select by loss()` names no data")
-                .label("no data sources")
-                .help("name held-out `data` sources: `select by loss(val_a, val_b)`");
-            self.error(d);
+            self.report(Problem::SelectWithoutData { span: stmt.span });
             return;
         }
         let mut ids = Vec::new();
@@ -724,7 +613,7 @@ impl Checker<'_> {
         scope: &Scope,
         merge: &Merge,
         path: &ast::Path,
-        role: &str,
+        role: &'static str,
     ) -> Option<usize> {
         let expr = ast::Expr {
             kind: ExprKind::Path(path.clone()),
@@ -733,19 +622,19 @@ impl Checker<'_> {
         let input = self.input_ref(scope, &expr)?;
         let found = merge.inputs.iter().position(|i| i.model == input);
         if found.is_none() {
-            let names: Vec<String> = merge
+            let inputs = merge
                 .inputs
                 .iter()
                 .map(|i| self.recipe.input_name(i.model).to_string())
                 .collect();
-            let d = Diagnostic::new(
-                Code::E0027,
-                path.span,
-                format!("`{path}` is not an input of `{}`", merge.name),
-            )
-            .label(format!("{role} names a model outside the merge"))
-            .with(merge.span, format!("inputs: {}", names.join(", ")));
-            self.error(d);
+            self.report(Problem::NotAnInputOf {
+                span: path.span,
+                name: path.to_string(),
+                merge: merge.name.clone(),
+                role,
+                merge_span: merge.span,
+                inputs,
+            });
         }
         found
     }
@@ -754,14 +643,10 @@ impl Checker<'_> {
         match take {
             ast::Take::Base(span) => {
                 if merge.base.is_none() && merge.method.param("base").is_none() {
-                    let d = Diagnostic::new(
-                        Code::E0027,
-                        *span,
-                        format!("`{}` has no base", merge.method),
-                    )
-                    .label("nothing to take")
-                    .help("take one of the inputs instead");
-                    self.error(d);
+                    self.report(Problem::NoBase {
+                        span: *span,
+                        method: merge.method,
+                    });
                     return None;
                 }
                 Some(TakeFrom::Base)
@@ -793,13 +678,10 @@ impl Checker<'_> {
                 for path in paths {
                     match self.input_index(scope, merge, path, "`order`") {
                         Some(i) if indices.contains(&i) => {
-                            let d = Diagnostic::new(
-                                Code::E0012,
-                                path.span,
-                                format!("`{path}` appears twice in the order"),
-                            )
-                            .label("listed again");
-                            self.error(d);
+                            self.report(Problem::OrderRepeats {
+                                span: path.span,
+                                name: path.to_string(),
+                            });
                             ok = false;
                         }
                         Some(i) => indices.push(i),
@@ -808,17 +690,13 @@ impl Checker<'_> {
                 }
                 let missing: Vec<String> = (0..merge.inputs.len())
                     .filter(|i| !indices.contains(i))
-                    .map(|i| format!("`{}`", self.recipe.input_name(merge.inputs[i].model)))
+                    .map(|i| self.recipe.input_name(merge.inputs[i].model).to_string())
                     .collect();
                 if ok && !missing.is_empty() {
-                    let d = Diagnostic::new(
-                        Code::E0012,
-                        *span,
-                        format!("the order leaves out {}", missing.join(", ")),
-                    )
-                    .label("incomplete order")
-                    .help("an order lists every input of the merge once");
-                    self.error(d);
+                    self.report(Problem::OrderIncomplete {
+                        span: *span,
+                        missing,
+                    });
                     ok = false;
                 }
                 ok.then_some(OrderSpec::Fixed(indices))
@@ -862,14 +740,10 @@ impl Checker<'_> {
                     } else {
                         vspan
                     };
-                    let d = Diagnostic::new(
-                        Code::E0018,
-                        at,
-                        format!("invalid layer pattern: {}", e.message),
-                    )
-                    .label(e.message.clone())
-                    .help("patterns use `*`, `?`, `{a..b}` (inclusive) and `{x,y}`");
-                    self.error(d);
+                    self.report(Problem::BadPattern {
+                        span: at,
+                        message: e.message,
+                    });
                 }
             }
         }
@@ -898,12 +772,7 @@ impl Checker<'_> {
                     }
                     settings.inputs.insert(index, own);
                 }
-                StmtKind::Layers { .. } => {
-                    let d = Diagnostic::new(Code::E0019, stmt.span, "`layers` rules cannot be nested")
-                        .label("nested rule")
-                        .help("write a separate rule with a narrower pattern after this one; later rules win");
-                    self.error(d);
-                }
+                StmtKind::Layers { .. } => self.report(Problem::NestedRule { span: stmt.span }),
                 StmtKind::Param(kv) => self.param(
                     scope,
                     merge.method,
@@ -938,17 +807,12 @@ impl Checker<'_> {
         let (min, max) = method.input_count();
         let n = merge.inputs.len();
         if (n < min && written_entries < min) || max.is_some_and(|m| n > m) {
-            let expected = match max {
-                Some(m) if m == min => format!("exactly {m}"),
-                _ => format!("at least {min}"),
-            };
-            let d = Diagnostic::new(Code::E0020, src.name.span, format!("`{}` has {n} input{}; `{method}` needs {expected}", src.name.name, if n == 1 { "" } else { "s" }))
-                .label("here")
-                .help(match method {
-                    Method::Slerp => "slerp interpolates between its `base:` and one other model: `slerp(base: a, t: 0.5) { b }`",
-                    _ => "list the input models in the merge body: `{ math weight 1.0 }`",
-                });
-            self.error(d);
+            self.report(Problem::InputCount {
+                span: src.name.span,
+                merge: src.name.name.clone(),
+                count: n,
+                method,
+            });
         }
         for param in method.params().iter().filter(|p| p.default.is_none()) {
             match param.scope {
@@ -958,17 +822,12 @@ impl Checker<'_> {
                         name => spans.written.contains(&(None, name.to_string())),
                     };
                     if !given {
-                        let d = Diagnostic::new(
-                            Code::E0007,
-                            src.name.span,
-                            format!("`{method}` needs `{}:`", param.name),
-                        )
-                        .label(format!("no `{}` given", param.name))
-                        .help(format!(
-                            "add `{}: ...` to the parameter list ({})",
-                            param.name, param.doc
-                        ));
-                        self.error(d);
+                        self.report(Problem::MissingParam {
+                            span: src.name.span,
+                            method,
+                            param: param.name,
+                            doc: param.doc,
+                        });
                     }
                 }
                 ParamScope::Input => {
@@ -988,11 +847,11 @@ impl Checker<'_> {
                                 _ => true,
                             };
                         if !given {
-                            let name = self.recipe.input_name(input.model).to_string();
-                            let d = Diagnostic::new(Code::E0007, input.span, format!("input `{name}` has no `{}`", param.name))
-                                .label(format!("needs a {}", param.name))
-                                .help(format!("write `{name} {} ...`, or `{}: ...` in the parameter list for every input", param.name, param.name));
-                            self.error(d);
+                            self.report(Problem::MissingInputSetting {
+                                span: input.span,
+                                input: self.recipe.input_name(input.model).to_string(),
+                                param: param.name,
+                            });
                         }
                     }
                 }
@@ -1030,22 +889,16 @@ impl Checker<'_> {
             let written = spans.written.contains(&(Some(i), "using".to_string()))
                 || spans.written.contains(&(None, "using".to_string()));
             if any_obd && using.is_none() && !written {
-                let d = Diagnostic::new(Code::E0011, input.span, format!("input `{name}` has no calibration data for `obd` saliency"))
-                    .label("no `using DATA`")
-                    .help(format!("add `using DATA` (the expert's own data): `{name} retain ... using DATA`, or set `saliency magnitude`"));
-                self.error(d);
+                self.report(Problem::NoCalibrationData {
+                    span: input.span,
+                    input: name,
+                });
             }
             if !any_obd && let Some(s) = spans.using.get(&i) {
-                let d = Diagnostic::new(
-                    Code::W0003,
-                    *s,
-                    format!(
-                        "`using` has no effect: `{}` uses `magnitude` saliency everywhere",
-                        merge.name
-                    ),
-                )
-                .label("calibration data not needed");
-                self.error(d);
+                self.report(Problem::UsingIgnored {
+                    span: *s,
+                    merge: merge.name.clone(),
+                });
             }
         }
         // Σ retain > 1, for the merge itself and under every rule that changes a ratio.
@@ -1092,58 +945,32 @@ impl Checker<'_> {
         spans: &Spans,
         rule: Option<&LayerRule>,
     ) {
-        let sum: f64 = retains.iter().flatten().sum();
-        if sum <= 1.0 + 1e-9 {
+        let ratios: Vec<f64> = retains.iter().flatten().copied().collect();
+        if ratios.iter().sum::<f64>() <= 1.0 + 1e-9 {
             return;
         }
-        let parts: Vec<String> = retains.iter().flatten().map(|r| format!("{r}")).collect();
-        let where_ = rule.map_or(String::new(), |r| {
-            format!(" for tensors matching the rule on line {}", r.line)
+        let kept = merge
+            .inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, input)| {
+                let span = spans.retain.get(&i).or(spans.retain_default.as_ref())?;
+                Some(Kept {
+                    span: *span,
+                    input: self.recipe.input_name(input.model).to_string(),
+                    merge_level: merge_level[i],
+                    here: retains[i],
+                })
+            })
+            .collect();
+        self.report(Problem::RetentionOverBudget {
+            span: rule.map_or(merge.span, |r| r.span),
+            merge: merge.name.clone(),
+            rule_line: rule.map(|r| r.line),
+            ratios,
+            kept,
         });
-        let primary = rule.map_or(merge.span, |r| r.span);
-        let mut d = Diagnostic::new(
-            Code::E0013,
-            primary,
-            format!(
-                "retention ratios of `{}` sum to {} > 1{where_}",
-                merge.name,
-                round(sum)
-            ),
-        )
-        .label(format!("{} = {}", parts.join(" + "), round(sum)));
-        for (i, input) in merge.inputs.iter().enumerate() {
-            if let Some(s) = spans.retain.get(&i).or(spans.retain_default.as_ref()) {
-                let name = self.recipe.input_name(input.model);
-                let show = |r: Option<f64>| r.map_or_else(String::new, |r| format!("{r}"));
-                let label = if retains[i] == merge_level[i] {
-                    format!("`{name}` keeps {}", show(retains[i]))
-                } else {
-                    format!(
-                        "`{name}` keeps {}, {} under this rule",
-                        show(merge_level[i]),
-                        show(retains[i])
-                    )
-                };
-                d = d.with(*s, label);
-            }
-        }
-        d = d
-            .note("OBIM gives each position to one input, in order: with Σ retain > 1 the last inputs get fewer positions than asked, or none; the paper reports a catastrophic drop here")
-            .help("lower the ratios so that they sum to at most 1 (the paper uses 0.40 + 0.45 + 0.10)");
-        self.error(d);
     }
-}
-
-fn round(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
-}
-
-fn method_names() -> String {
-    Method::ALL
-        .iter()
-        .map(|m| m.name())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 impl Merge {
