@@ -1,6 +1,8 @@
 //! Checks of `merge` declarations (and of the stages they instantiate):
 //! method, parameters, inputs and their settings, `order`, `saliency`,
-//! `take`, `layers` rules, and OBIM's retention budget.
+//! `take`, `layers` rules, `auto` candidates and `select`, and OBIM's
+//! retention budget. Each merge gets a [`MergeChecker`] of its own, which
+//! holds what that merge gathers while it is checked.
 
 use super::error::{self, Kept, Problem};
 use super::{Checker, Found, Scope, StageArgs, Val};
@@ -162,10 +164,65 @@ impl Checker<'_> {
         Some(merge)
     }
 
+    /// Checks a merge: one [`MergeChecker`] per merge holds what the merge
+    /// gathers while its parts are checked.
     fn merge(&mut self, scope: &Scope, src: &MergeSource) -> Merge {
+        MergeChecker::new(self, scope.clone(), src.method).check(src)
+    }
+}
+
+/// One merge being checked: where its names resolve, its method, and what it
+/// gathers on the way (input names, `auto` sites, the `select`, the `layers`
+/// rule being checked). Names are resolved and problems reported through the
+/// outer [`Checker`], which it borrows for as long as the merge is checked.
+struct MergeChecker<'c, 'p> {
+    checker: &'c mut Checker<'p>,
+    scope: Scope,
+    method: Method,
+    /// Names of the inputs accepted so far, for `auto` labels.
+    inputs: Vec<String>,
+    /// The `layers` rule being checked; `None` at the merge level.
+    current_rule: Option<RuleAt>,
+    /// `auto` sites, in the order they were written.
+    autos: Vec<AutoSite>,
+    select: Option<Select>,
+    /// An `auto` had no valid candidate (already reported): the candidate
+    /// checks would only add noise.
+    auto_invalid: bool,
+}
+
+/// A `layers` rule by index in its merge and line in its file.
+#[derive(Debug, Clone, Copy)]
+struct RuleAt {
+    index: usize,
+    line: usize,
+}
+
+impl<'c, 'p> MergeChecker<'c, 'p> {
+    fn new(checker: &'c mut Checker<'p>, scope: Scope, method: Method) -> Self {
+        MergeChecker {
+            checker,
+            scope,
+            method,
+            inputs: Vec::new(),
+            current_rule: None,
+            autos: Vec::new(),
+            select: None,
+            auto_invalid: false,
+        }
+    }
+
+    fn report(&mut self, problem: Problem) {
+        self.checker.report(problem);
+    }
+
+    /// The merge's parameters, inputs, statements and rules, then its
+    /// candidates and what its method requires.
+    fn check(mut self, src: &MergeSource) -> Merge {
         let method = src.method;
         let mut merge = Merge {
             name: self
+                .checker
                 .recipe
                 .merges
                 .iter()
@@ -180,10 +237,6 @@ impl Checker<'_> {
             autos: Vec::new(),
             select: None,
         };
-        let outer_autos = std::mem::take(&mut self.autos);
-        let outer_select = self.select.take();
-        let outer_inputs = std::mem::take(&mut self.current_inputs);
-        let outer_invalid = std::mem::replace(&mut self.auto_invalid, false);
         let mut spans = Spans::default();
         let mut base_span = None;
         // What was written, resolved or not, so a bad name is not reported twice.
@@ -195,10 +248,10 @@ impl Checker<'_> {
         });
         for kv in src.params.iter().flat_map(|b| &b.items) {
             if kv.key.name == "base" && method.param("base").is_some() {
-                merge.base = self.input_ref(scope, &kv.value);
+                merge.base = self.checker.input_ref(&self.scope, &kv.value);
                 base_span = Some(kv.value.span);
             } else {
-                self.param(scope, method, kv, &mut merge.settings, &mut spans, None);
+                self.param(kv, &mut merge.settings, &mut spans, None);
             }
         }
         let body: &[Stmt] = src.body.map_or(&[], |b| &b.items);
@@ -212,7 +265,7 @@ impl Checker<'_> {
                 kind: ExprKind::Path(model.clone()),
                 span: model.span,
             };
-            let Some(input) = self.input_ref(scope, &expr) else {
+            let Some(input) = self.checker.input_ref(&self.scope, &expr) else {
                 continue;
             };
             if let Some(other) = merge.inputs.iter().find(|i| i.model == input) {
@@ -233,7 +286,7 @@ impl Checker<'_> {
                 });
                 continue;
             }
-            self.current_inputs.push(model.to_string());
+            self.inputs.push(model.to_string());
             merge.inputs.push(Input {
                 model: input,
                 span: model.span,
@@ -243,31 +296,30 @@ impl Checker<'_> {
         for (index, settings) in entry_settings {
             let mut own = InputSettings::default();
             for kv in settings {
-                self.input_setting(scope, method, kv, &mut own, &mut spans, index, None);
+                self.input_setting(kv, &mut own, &mut spans, index, None);
             }
             merge.settings.inputs.insert(index, own);
         }
         for stmt in body {
             if let StmtKind::Layers { pattern, body } = &stmt.kind {
-                self.auto_rule = Some(merge.rules.len());
-                self.auto_rule_line = Some(self.program.sources.line(stmt.span));
-                let rule = self.rule(scope, &merge, pattern, body, stmt.span);
-                self.auto_rule = None;
-                self.auto_rule_line = None;
+                self.current_rule = Some(RuleAt {
+                    index: merge.rules.len(),
+                    line: self.checker.program.sources.line(stmt.span),
+                });
+                let rule = self.rule(&merge, pattern, body, stmt.span);
+                self.current_rule = None;
                 if let Some(rule) = rule {
                     merge.rules.push(rule);
                 }
             } else if !matches!(stmt.kind, StmtKind::Entry { .. }) {
                 let mut settings = std::mem::take(&mut merge.settings);
-                self.statement(scope, &merge, stmt, &mut settings, &mut spans);
+                self.statement(&merge, stmt, &mut settings, &mut spans);
                 merge.settings = settings;
             }
         }
-        merge.autos = std::mem::replace(&mut self.autos, outer_autos);
-        merge.select = std::mem::replace(&mut self.select, outer_select);
-        self.current_inputs = outer_inputs;
-        let invalid = std::mem::replace(&mut self.auto_invalid, outer_invalid);
-        if !invalid {
+        merge.autos = std::mem::take(&mut self.autos);
+        merge.select = self.select.take();
+        if !self.auto_invalid {
             self.candidates(&merge);
         }
         // Σ retain is checked for the worst candidate: every retain at its largest.
@@ -299,11 +351,11 @@ impl Checker<'_> {
             _ => {}
         }
         let count = merge.candidate_count();
-        if count > self.max_candidates {
+        if count > self.checker.max_candidates {
             self.report(Problem::TooManyCandidates {
                 merge: merge.name.clone(),
                 count,
-                limit: self.max_candidates,
+                limit: self.checker.max_candidates,
                 sites: merge
                     .autos
                     .iter()
@@ -316,8 +368,6 @@ impl Checker<'_> {
     /// `key: value` in a parameter list, a body or a rule.
     fn param(
         &mut self,
-        scope: &Scope,
-        method: Method,
         kv: &KeyValue,
         settings: &mut Settings,
         spans: &mut Spans,
@@ -327,30 +377,35 @@ impl Checker<'_> {
         if in_rule.is_none() {
             spans.written.insert((None, key.to_string()));
         }
-        let Some(param) = method.param(key) else {
-            self.not_a_param(method, &kv.key);
+        let Some(param) = self.method.param(key) else {
+            self.not_a_param(&kv.key);
             return;
         };
         match param.scope {
             ParamScope::Input => {
                 let mut defaults = std::mem::take(&mut settings.defaults);
-                self.input_value(scope, method, kv, &mut defaults, spans, None, in_rule);
+                self.input_value(kv, &mut defaults, spans, None, in_rule);
                 settings.defaults = defaults;
             }
             ParamScope::Merge => match key {
                 "base" => self.report(Problem::BaseNotInParams { span: kv.key.span }),
-                "normalize" => settings.params.normalize = self.boolean(scope, &kv.value),
-                "rescale" => settings.params.rescale = self.boolean(scope, &kv.value),
-                "int8_mask" => settings.params.int8_mask = self.boolean(scope, &kv.value),
-                "lambda" => settings.params.lambda = self.setting(scope, kv, Kind::Number, None),
-                "t" => settings.params.t = self.setting(scope, kv, Kind::Unit, None),
-                "scale" => settings.params.scale = self.setting(scope, kv, Kind::Number, None),
-                _ => settings.params.seed = self.seed(scope, &kv.value),
+                "normalize" => {
+                    settings.params.normalize = self.checker.boolean(&self.scope, &kv.value)
+                }
+                "rescale" => settings.params.rescale = self.checker.boolean(&self.scope, &kv.value),
+                "int8_mask" => {
+                    settings.params.int8_mask = self.checker.boolean(&self.scope, &kv.value)
+                }
+                "lambda" => settings.params.lambda = self.setting(kv, Kind::Number, None),
+                "t" => settings.params.t = self.setting(kv, Kind::Unit, None),
+                "scale" => settings.params.scale = self.setting(kv, Kind::Number, None),
+                _ => settings.params.seed = self.checker.seed(&self.scope, &kv.value),
             },
         }
     }
 
-    fn not_a_param(&mut self, method: Method, key: &ast::Ident) {
+    fn not_a_param(&mut self, key: &ast::Ident) {
+        let method = self.method;
         let used_by: Vec<Method> = Method::ALL
             .iter()
             .copied()
@@ -376,32 +431,23 @@ impl Checker<'_> {
     }
 
     /// `MODEL weight 1.0` and friends, and their defaults in a parameter list.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site per level; a struct would only rename the arguments"
-    )]
     fn input_setting(
         &mut self,
-        scope: &Scope,
-        method: Method,
         kv: &KeyValue,
         own: &mut InputSettings,
         spans: &mut Spans,
         index: usize,
         in_rule: Option<Span>,
     ) {
-        if method.param(&kv.key.name).is_none() {
-            self.not_a_param(method, &kv.key);
+        if self.method.param(&kv.key.name).is_none() {
+            self.not_a_param(&kv.key);
             return;
         }
-        self.input_value(scope, method, kv, own, spans, Some(index), in_rule);
+        self.input_value(kv, own, spans, Some(index), in_rule);
     }
 
-    #[expect(clippy::too_many_arguments, reason = "see input_setting")]
     fn input_value(
         &mut self,
-        scope: &Scope,
-        method: Method,
         kv: &KeyValue,
         target: &mut InputSettings,
         spans: &mut Spans,
@@ -413,18 +459,18 @@ impl Checker<'_> {
             spans.written.insert((index, key.to_string()));
         }
         match key {
-            "weight" => target.weight = self.setting(scope, kv, Kind::Number, index),
+            "weight" => target.weight = self.setting(kv, Kind::Number, index),
             "density" => {
-                target.density = self.setting(scope, kv, Kind::Fraction, index);
-                if !method.sparsifies() && in_rule.is_none() {
+                target.density = self.setting(kv, Kind::Fraction, index);
+                if !self.method.sparsifies() && in_rule.is_none() {
                     self.report(Problem::DensityIgnored {
                         span: kv.key.span,
-                        method,
+                        method: self.method,
                     });
                 }
             }
             "retain" => {
-                target.retain = self.setting(scope, kv, Kind::Fraction, index);
+                target.retain = self.setting(kv, Kind::Fraction, index);
                 if in_rule.is_none() {
                     match index {
                         Some(i) => {
@@ -435,7 +481,7 @@ impl Checker<'_> {
                 }
             }
             "using" => {
-                target.using = self.data_ref(scope, &kv.value);
+                target.using = self.checker.data_ref(&self.scope, &kv.value);
                 if let (Some(i), None) = (index, in_rule) {
                     spans.using.insert(i, kv.key.span);
                 }
@@ -450,16 +496,10 @@ impl Checker<'_> {
     /// A numeric setting: a number, or `auto` candidates (each checked
     /// against the domain, recorded as a site of the merge; the first is
     /// the value the settings hold).
-    fn setting(
-        &mut self,
-        scope: &Scope,
-        kv: &KeyValue,
-        kind: Kind,
-        input: Option<usize>,
-    ) -> Option<f64> {
+    fn setting(&mut self, kv: &KeyValue, kind: Kind, input: Option<usize>) -> Option<f64> {
         let name = kv.key.name.as_str();
-        let Some(Val::Auto(values)) = self.eval(scope, &kv.value) else {
-            return self.ranged(scope, &kv.value, name, kind);
+        let Some(Val::Auto(values)) = self.checker.eval(&self.scope, &kv.value) else {
+            return self.ranged(&kv.value, name, kind);
         };
         let mut ok = Vec::new();
         for (n, span) in values {
@@ -467,7 +507,7 @@ impl Checker<'_> {
                 kind: ExprKind::Number(n),
                 span,
             };
-            if let Some(v) = self.ranged(scope, &expr, name, kind) {
+            if let Some(v) = self.ranged(&expr, name, kind) {
                 ok.push(v);
             }
         }
@@ -476,28 +516,21 @@ impl Checker<'_> {
             self.auto_invalid = true;
             return None;
         };
-        let who = input.and_then(|i| self.current_inputs.get(i).cloned());
-        let mut label = match who {
-            Some(w) => format!("{w} {name}"),
-            None => name.to_string(),
-        };
-        if let Some(r) = self.auto_rule_line {
-            label = format!("line {r}: {label}");
-        }
+        let who = input.and_then(|i| self.inputs.get(i)).map(String::as_str);
         self.autos.push(AutoSite {
-            rule: self.auto_rule,
+            rule: self.current_rule.map(|r| r.index),
             input,
             field,
             values: ok,
-            label,
+            label: auto_label(who, name, self.current_rule.map(|r| r.line)),
             span: kv.value.span,
         });
         Some(first)
     }
 
     /// A number checked against its parameter's domain.
-    fn ranged(&mut self, scope: &Scope, expr: &ast::Expr, name: &str, kind: Kind) -> Option<f64> {
-        let n = self.number(scope, expr, kind.describe())?;
+    fn ranged(&mut self, expr: &ast::Expr, name: &str, kind: Kind) -> Option<f64> {
+        let n = self.checker.number(&self.scope, expr, kind.describe())?;
         let ok = match kind {
             Kind::Fraction => n > 0.0 && n <= 1.0,
             Kind::Unit => (0.0..=1.0).contains(&n),
@@ -518,7 +551,6 @@ impl Checker<'_> {
     /// `order`, `saliency`, `take` and `key: value` statements.
     fn statement(
         &mut self,
-        scope: &Scope,
         merge: &Merge,
         stmt: &Stmt,
         settings: &mut Settings,
@@ -533,9 +565,9 @@ impl Checker<'_> {
             });
         };
         match &stmt.kind {
-            StmtKind::Param(kv) => self.param(scope, method, kv, settings, spans, None),
+            StmtKind::Param(kv) => self.param(kv, settings, spans, None),
             StmtKind::Order(order) if method.has_order() => {
-                settings.order = self.order(scope, merge, order)
+                settings.order = self.order(merge, order)
             }
             StmtKind::Order(_) => obim_only(self, "order"),
             StmtKind::Saliency(word) if method.has_order() => {
@@ -547,35 +579,32 @@ impl Checker<'_> {
                     }),
                     span: word.span,
                 };
-                settings.saliency =
-                    self.word(&expr, &["obd", "magnitude"], "a saliency")
-                        .map(|w| {
-                            if w == "obd" {
-                                Saliency::Obd
-                            } else {
-                                Saliency::Magnitude
-                            }
-                        });
+                settings.saliency = self
+                    .checker
+                    .word(&expr, &["obd", "magnitude"], "a saliency")
+                    .map(|w| {
+                        if w == "obd" {
+                            Saliency::Obd
+                        } else {
+                            Saliency::Magnitude
+                        }
+                    });
             }
             StmtKind::Saliency(_) => obim_only(self, "saliency"),
-            StmtKind::Take(take) => settings.take = self.take(scope, merge, take),
-            StmtKind::Scale(kv) if method == Method::Obim => self.param(
-                scope,
-                method,
-                kv,
-                settings,
-                spans,
-                self.auto_rule.map(|_| stmt.span),
-            ),
+            StmtKind::Take(take) => settings.take = self.take(merge, take),
+            StmtKind::Scale(kv) if method == Method::Obim => {
+                let in_rule = self.current_rule.map(|_| stmt.span);
+                self.param(kv, settings, spans, in_rule)
+            }
             StmtKind::Scale(_) => obim_only(self, "scale"),
-            StmtKind::Select { judge, data } => self.select_stmt(scope, stmt, judge, data),
+            StmtKind::Select { judge, data } => self.select_stmt(stmt, judge, data),
             StmtKind::Entry { .. } | StmtKind::Layers { .. } => {}
         }
     }
 
     /// `select by loss(data, ...)`, at the merge level only.
-    fn select_stmt(&mut self, scope: &Scope, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
-        if self.auto_rule.is_some() {
+    fn select_stmt(&mut self, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
+        if self.current_rule.is_some() {
             self.report(Problem::SelectInRule { span: stmt.span });
             return;
         }
@@ -596,7 +625,7 @@ impl Checker<'_> {
                 kind: ExprKind::Path(path.clone()),
                 span: path.span,
             };
-            if let Some(id) = self.data_ref(scope, &expr) {
+            if let Some(id) = self.checker.data_ref(&self.scope, &expr) {
                 ids.push(id);
             }
         }
@@ -610,7 +639,6 @@ impl Checker<'_> {
 
     fn input_index(
         &mut self,
-        scope: &Scope,
         merge: &Merge,
         path: &ast::Path,
         role: &'static str,
@@ -619,13 +647,13 @@ impl Checker<'_> {
             kind: ExprKind::Path(path.clone()),
             span: path.span,
         };
-        let input = self.input_ref(scope, &expr)?;
+        let input = self.checker.input_ref(&self.scope, &expr)?;
         let found = merge.inputs.iter().position(|i| i.model == input);
         if found.is_none() {
             let inputs = merge
                 .inputs
                 .iter()
-                .map(|i| self.recipe.input_name(i.model).to_string())
+                .map(|i| self.checker.recipe.input_name(i.model).to_string())
                 .collect();
             self.report(Problem::NotAnInputOf {
                 span: path.span,
@@ -639,7 +667,7 @@ impl Checker<'_> {
         found
     }
 
-    fn take(&mut self, scope: &Scope, merge: &Merge, take: &ast::Take) -> Option<TakeFrom> {
+    fn take(&mut self, merge: &Merge, take: &ast::Take) -> Option<TakeFrom> {
         match take {
             ast::Take::Base(span) => {
                 if merge.base.is_none() && merge.method.param("base").is_none() {
@@ -656,27 +684,27 @@ impl Checker<'_> {
                     kind: ExprKind::Path(path.clone()),
                     span: path.span,
                 };
-                if merge.base.is_some() && self.eval(scope, &expr) == Some(Val::Input(merge.base?))
+                if merge.base.is_some()
+                    && self.checker.eval(&self.scope, &expr) == Some(Val::Input(merge.base?))
                 {
                     return Some(TakeFrom::Base);
                 }
-                self.input_index(scope, merge, path, "`take`")
-                    .map(TakeFrom::Input)
+                self.input_index(merge, path, "`take`").map(TakeFrom::Input)
             }
         }
     }
 
-    fn order(&mut self, scope: &Scope, merge: &Merge, order: &ast::Order) -> Option<OrderSpec> {
+    fn order(&mut self, merge: &Merge, order: &ast::Order) -> Option<OrderSpec> {
         match order {
             ast::Order::Rotate(_) => Some(OrderSpec::Rotate),
             ast::Order::First(path) => self
-                .input_index(scope, merge, path, "`order`")
+                .input_index(merge, path, "`order`")
                 .map(OrderSpec::First),
             ast::Order::List(paths, span) => {
                 let mut indices: Vec<usize> = Vec::new();
                 let mut ok = true;
                 for path in paths {
-                    match self.input_index(scope, merge, path, "`order`") {
+                    match self.input_index(merge, path, "`order`") {
                         Some(i) if indices.contains(&i) => {
                             self.report(Problem::OrderRepeats {
                                 span: path.span,
@@ -690,7 +718,12 @@ impl Checker<'_> {
                 }
                 let missing: Vec<String> = (0..merge.inputs.len())
                     .filter(|i| !indices.contains(i))
-                    .map(|i| self.recipe.input_name(merge.inputs[i].model).to_string())
+                    .map(|i| {
+                        self.checker
+                            .recipe
+                            .input_name(merge.inputs[i].model)
+                            .to_string()
+                    })
                     .collect();
                 if ok && !missing.is_empty() {
                     self.report(Problem::OrderIncomplete {
@@ -706,23 +739,22 @@ impl Checker<'_> {
 
     fn rule(
         &mut self,
-        scope: &Scope,
         merge: &Merge,
         pattern: &ast::Expr,
         body: &Block<Stmt>,
         span: Span,
     ) -> Option<LayerRule> {
         let mut patterns = Vec::new();
-        let values = match self.eval(scope, pattern)? {
+        let values = match self.checker.eval(&self.scope, pattern)? {
             Val::List(items) => items,
             other => vec![(other, pattern.span)],
         };
         for (value, vspan) in values {
             let Val::Str(text) = value else {
                 if let Val::Word(w) = &value {
-                    self.unknown_name(scope, w, vspan);
+                    self.checker.unknown_name(&self.scope, w, vspan);
                 } else {
-                    self.type_error(vspan, "a pattern string", &value);
+                    self.checker.type_error(vspan, "a pattern string", &value);
                 }
                 continue;
             };
@@ -730,7 +762,7 @@ impl Checker<'_> {
                 Ok(p) => patterns.push(p),
                 Err(e) => {
                     // Point into the string literal when the pattern is written inline.
-                    let literal = self.program.sources.snippet(vspan).starts_with('"');
+                    let literal = self.checker.program.sources.snippet(vspan).starts_with('"');
                     let at = if literal {
                         Span::new(
                             vspan.file,
@@ -755,36 +787,21 @@ impl Checker<'_> {
                     model,
                     settings: kvs,
                 } => {
-                    let Some(index) = self.input_index(scope, merge, model, "a rule") else {
+                    let Some(index) = self.input_index(merge, model, "a rule") else {
                         continue;
                     };
                     let mut own = settings.inputs.remove(&index).unwrap_or_default();
                     for kv in kvs {
-                        self.input_setting(
-                            scope,
-                            merge.method,
-                            kv,
-                            &mut own,
-                            &mut spans,
-                            index,
-                            Some(span),
-                        );
+                        self.input_setting(kv, &mut own, &mut spans, index, Some(span));
                     }
                     settings.inputs.insert(index, own);
                 }
                 StmtKind::Layers { .. } => self.report(Problem::NestedRule { span: stmt.span }),
-                StmtKind::Param(kv) => self.param(
-                    scope,
-                    merge.method,
-                    kv,
-                    &mut settings,
-                    &mut spans,
-                    Some(span),
-                ),
-                _ => self.statement(scope, merge, stmt, &mut settings, &mut spans),
+                StmtKind::Param(kv) => self.param(kv, &mut settings, &mut spans, Some(span)),
+                _ => self.statement(merge, stmt, &mut settings, &mut spans),
             }
         }
-        let line = self.program.sources.line(span);
+        let line = self.checker.program.sources.line(span);
         Some(LayerRule {
             patterns,
             line,
@@ -849,7 +866,7 @@ impl Checker<'_> {
                         if !given {
                             self.report(Problem::MissingInputSetting {
                                 span: input.span,
-                                input: self.recipe.input_name(input.model).to_string(),
+                                input: self.checker.recipe.input_name(input.model).to_string(),
                                 param: param.name,
                             });
                         }
@@ -885,7 +902,7 @@ impl Checker<'_> {
                             .or(r.settings.defaults.using)
                     })
                 });
-            let name = self.recipe.input_name(input.model).to_string();
+            let name = self.checker.recipe.input_name(input.model).to_string();
             let written = spans.written.contains(&(Some(i), "using".to_string()))
                 || spans.written.contains(&(None, "using".to_string()));
             if any_obd && using.is_none() && !written {
@@ -957,7 +974,7 @@ impl Checker<'_> {
                 let span = spans.retain.get(&i).or(spans.retain_default.as_ref())?;
                 Some(Kept {
                     span: *span,
-                    input: self.recipe.input_name(input.model).to_string(),
+                    input: self.checker.recipe.input_name(input.model).to_string(),
                     merge_level: merge_level[i],
                     here: retains[i],
                 })
@@ -973,6 +990,19 @@ impl Checker<'_> {
     }
 }
 
+/// How an `auto` site is named for people: `lambda`, `add retain`, and in
+/// a rule `line 12: add retain`.
+fn auto_label(input: Option<&str>, setting: &str, rule_line: Option<usize>) -> String {
+    let label = match input {
+        Some(input) => format!("{input} {setting}"),
+        None => setting.to_string(),
+    };
+    match rule_line {
+        Some(line) => format!("line {line}: {label}"),
+        None => label,
+    }
+}
+
 impl Merge {
     /// The input's setting for tensors no rule matches.
     pub fn input_settings(&self, index: usize) -> InputSettings {
@@ -981,5 +1011,131 @@ impl Merge {
             s.overlay(own);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_label;
+    use crate::check::{Limits, check};
+    use crate::codes::Code;
+    use crate::diagnostic::Diagnostic;
+    use crate::recipe::Recipe;
+
+    /// Checks recipe text; data paths are relative to the crate root.
+    fn checked(text: &str) -> (Recipe, Vec<Diagnostic>) {
+        let (program, diagnostics) = crate::load::load_source("test.obim", None, text.to_string());
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        check(&program, Limits::default())
+    }
+
+    fn codes(diagnostics: &[Diagnostic]) -> Vec<Code> {
+        diagnostics.iter().map(|d| d.code).collect()
+    }
+
+    const MODELS: &str = r#"
+base b = "./b"
+model x = "./x"
+model y = "./y"
+data v = jsonl("examples/demo/data/add/calib.jsonl")
+"#;
+
+    #[test]
+    fn auto_labels_name_the_input_and_the_rule() {
+        assert_eq!(auto_label(None, "lambda", None), "lambda");
+        assert_eq!(auto_label(Some("add"), "retain", None), "add retain");
+        assert_eq!(
+            auto_label(Some("add"), "retain", Some(12)),
+            "line 12: add retain"
+        );
+        assert_eq!(auto_label(None, "scale", Some(3)), "line 3: scale");
+    }
+
+    #[test]
+    fn auto_sites_record_their_input_and_rule() {
+        let text = format!(
+            "{MODELS}
+merge m = obim(base: b) {{
+    x retain auto [0.1, 0.2] using v
+    y retain 0.3 using v
+    scale auto [0.5, 1.0]
+    layers \"*mlp*\" {{ y retain auto [0.2, 0.3] }}
+    select by loss(v)
+}}
+"
+        );
+        let (recipe, diagnostics) = checked(&text);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        let sites: Vec<_> = recipe.merges[0]
+            .autos
+            .iter()
+            .map(|a| (a.rule, a.input, a.label.as_str(), a.values.clone()))
+            .collect();
+        assert_eq!(
+            sites,
+            [
+                (None, Some(0), "x retain", vec![0.1, 0.2]),
+                (None, None, "scale", vec![0.5, 1.0]),
+                // MODELS takes lines 1 to 6; the rule is line 11.
+                (Some(0), Some(1), "line 11: y retain", vec![0.2, 0.3]),
+            ]
+        );
+        assert!(recipe.merges[0].select.is_some());
+    }
+
+    #[test]
+    fn each_merge_gathers_only_its_own_candidates() {
+        // `a` has candidates and a judge; `c` has neither; `d` has a judge
+        // only. Nothing of `a` may leak into the merges checked after it.
+        let text = format!(
+            "{MODELS}
+merge a = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {{
+    x weight 1.0
+    select by loss(v)
+}}
+merge c = task_arithmetic(base: b) {{ x weight 1.0 }}
+merge d = task_arithmetic(base: b) {{
+    x weight 1.0
+    select by loss(v)
+}}
+"
+        );
+        let (recipe, diagnostics) = checked(&text);
+        assert_eq!(recipe.merges[0].autos.len(), 1);
+        assert!(recipe.merges[1].autos.is_empty());
+        assert!(recipe.merges[1].select.is_none());
+        assert!(recipe.merges[2].autos.is_empty());
+        assert_eq!(codes(&diagnostics), [Code::W0004]);
+        assert!(diagnostics[0].message.starts_with("`d` has a `select`"));
+    }
+
+    #[test]
+    fn an_invalid_auto_silences_only_its_own_merge() {
+        // `a`'s `auto []` is reported once (E0031), without "no `select`";
+        // `c` after it still gets its own E0032.
+        let text = format!(
+            "{MODELS}
+merge a = task_arithmetic(base: b, lambda: auto []) {{ x weight 1.0 }}
+merge c = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {{ x weight 1.0 }}
+"
+        );
+        let (_, diagnostics) = checked(&text);
+        assert_eq!(codes(&diagnostics), [Code::E0031, Code::E0032]);
+        assert!(diagnostics[1].message.starts_with("`c` has `auto`"));
+    }
+
+    #[test]
+    fn select_inside_a_rule_is_refused() {
+        let text = format!(
+            "{MODELS}
+merge m = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {{
+    x weight 1.0
+    layers \"*\" {{ select by loss(v) }}
+}}
+"
+        );
+        let (recipe, diagnostics) = checked(&text);
+        assert!(recipe.merges[0].select.is_none());
+        assert_eq!(codes(&diagnostics), [Code::E0032, Code::E0019]);
     }
 }

@@ -145,16 +145,6 @@ struct Checker<'p> {
     diagnostics: Vec<Diagnostic>,
     /// Stage instantiations in progress (recursion guard).
     instantiating: Vec<usize>,
-    /// `auto` sites of the merge being checked, its `select`, and the index
-    /// of the `layers` rule being checked (`None`: the merge level).
-    autos: Vec<crate::recipe::AutoSite>,
-    select: Option<crate::recipe::Select>,
-    auto_rule: Option<usize>,
-    auto_rule_line: Option<usize>,
-    /// An `auto` of the merge being checked had no valid candidate (already reported).
-    auto_invalid: bool,
-    /// Names of the inputs of the merge being checked, for `auto` labels.
-    current_inputs: Vec<String>,
     max_candidates: usize,
 }
 
@@ -174,12 +164,6 @@ impl<'p> Checker<'p> {
             },
             diagnostics: Vec::new(),
             instantiating: Vec::new(),
-            autos: Vec::new(),
-            select: None,
-            auto_rule: None,
-            auto_rule_line: None,
-            auto_invalid: false,
-            current_inputs: Vec::new(),
             max_candidates: crate::recipe::MAX_CANDIDATES,
         }
     }
