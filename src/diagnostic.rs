@@ -1,6 +1,7 @@
 //! Diagnostics as data: a code, a message, a primary span with its label,
 //! secondary labels, notes and a help line. Every stage returns them; this
-//! module alone turns them into text (ariadne) or JSON.
+//! module alone turns them into text (ariadne) or JSON. It also owns the one
+//! "did you mean" ([`closest`], [`suggest`], [`did_you_mean`]).
 
 use crate::codes::Code;
 use crate::source::{SourceMap, Span};

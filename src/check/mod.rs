@@ -1,7 +1,8 @@
 //! Syntax tree → checked [`Recipe`]: resolves names across imports, types
 //! and range-checks every value, and reports every problem it finds (not
-//! just the first) as a [`Diagnostic`]. Merges are checked in `merge.rs`;
-//! data sources and outputs in `decls.rs`.
+//! just the first) as a [`Diagnostic`]. This file owns names, scopes and
+//! values; merges are checked in `merge.rs`, data sources and outputs in
+//! `decls.rs`, and every problem is worded in `error.rs`.
 
 mod decls;
 mod error;
@@ -132,6 +133,8 @@ impl Val {
     }
 }
 
+/// The whole program's checking state: definitions and scopes, what is used,
+/// the recipe being built and the diagnostics reported so far.
 struct Checker<'p> {
     program: &'p Program,
     defs: Vec<Def>,
@@ -172,6 +175,7 @@ impl<'p> Checker<'p> {
         &self.program.modules[def.module].ast.items[def.item]
     }
 
+    /// Every problem the checker finds goes through here.
     fn report(&mut self, problem: Problem) {
         self.diagnostics.push(problem.into_diagnostic());
     }
