@@ -1,6 +1,7 @@
 //! Diagnostics as data: a code, a message, a primary span with its label,
 //! secondary labels, notes and a help line. Every stage returns them; this
-//! module alone turns them into text (ariadne) or JSON.
+//! module alone turns them into text (ariadne) or JSON. It also owns the one
+//! "did you mean" ([`closest`], [`suggest`], [`did_you_mean`]).
 
 use crate::codes::Code;
 use crate::source::{SourceMap, Span};
@@ -64,6 +65,13 @@ impl Diagnostic {
         self.help = Some(help.into());
         self
     }
+    /// "did you mean `x`?" as the help, when there is a suggestion.
+    pub fn suggest(self, suggestion: Option<&str>) -> Self {
+        match suggestion {
+            Some(s) => self.help(did_you_mean(s)),
+            None => self,
+        }
+    }
     pub fn severity(&self) -> Severity {
         match self.code.as_str().as_bytes()[0] {
             b'E' => Severity::Error,
@@ -92,14 +100,11 @@ pub fn has_errors(diagnostics: &[Diagnostic]) -> bool {
     diagnostics.iter().any(Diagnostic::is_error)
 }
 
-/// "did you mean `x`?" for the closest of `candidates`, if any is close.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<String> {
-    closest(word, candidates).map(|c| format!("did you mean `{c}`?"))
-}
-
+/// The candidate a misspelt `word` most likely meant, if one is close.
+/// Case is ignored and `word` itself is never suggested. The edit distance
+/// (Damerau–Levenshtein) may be at most a third of the longer word, but at
+/// least one edit is allowed; it must stay below `word`'s length. Ties go
+/// to the first candidate in alphabetical order.
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
@@ -113,6 +118,16 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1) && *d < word.len())
         .min()
         .map(|(_, c)| c)
+}
+
+/// [`closest`], owned: what a problem carries as its suggestion.
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    closest(word, candidates).map(str::to_string)
+}
+
+/// The help line for a suggestion; the one place its wording lives.
+pub fn did_you_mean(suggestion: &str) -> String {
+    format!("did you mean `{suggestion}`?")
 }
 
 /// Renders diagnostics as a person reads them (ariadne), colored or not.
@@ -249,4 +264,52 @@ pub fn to_json<'a>(
             help: d.help.as_deref(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_takes_one_edit_in_short_words() {
+        assert_eq!(closest("tie", ["ties", "linear"]), Some("ties"));
+        assert_eq!(closest("slrp", ["slerp", "linear"]), Some("slerp"));
+    }
+
+    #[test]
+    fn closest_allows_a_third_of_the_longer_word() {
+        // 9 letters: up to 3 edits.
+        assert_eq!(closest("magntd", ["magnitude"]), Some("magnitude"));
+        assert_eq!(closest("mgntd", ["magnitude"]), None);
+        // A swap of neighbours is one edit (Damerau).
+        assert_eq!(closest("denisty", ["density"]), Some("density"));
+    }
+
+    #[test]
+    fn closest_never_rewrites_a_whole_word() {
+        // One letter is one edit away from any other single letter.
+        assert_eq!(closest("a", ["b"]), None);
+        assert_eq!(closest("ab", ["cd"]), None);
+    }
+
+    #[test]
+    fn closest_ignores_case_but_not_the_word_itself() {
+        assert_eq!(closest("Retain", ["retain"]), Some("retain"));
+        assert_eq!(closest("retain", ["retain"]), None);
+    }
+
+    #[test]
+    fn closest_prefers_fewer_edits_then_alphabetical() {
+        assert_eq!(closest("weigh", ["weights", "weight"]), Some("weight"));
+        assert_eq!(closest("cat", ["bat", "hat", "eat"]), Some("bat"));
+    }
+
+    #[test]
+    fn suggest_renders_once() {
+        let d = Diagnostic::new(Code::E0002, Span::default(), "unknown name `tie`")
+            .suggest(suggest("tie", ["ties"]).as_deref());
+        assert_eq!(d.help.as_deref(), Some("did you mean `ties`?"));
+        let none = Diagnostic::new(Code::E0002, Span::default(), "x").suggest(None);
+        assert_eq!(none.help, None);
+    }
 }

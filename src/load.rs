@@ -3,7 +3,7 @@
 //! Import cycles are reported with the whole path.
 
 use crate::codes::Code;
-use crate::diagnostic::{Diagnostic, did_you_mean};
+use crate::diagnostic::{self, Diagnostic};
 use crate::source::{FileId, SourceMap, Span};
 use crate::stdlib;
 use crate::syntax::{self, ast};
@@ -85,13 +85,11 @@ impl Loader {
         let (key, name, path, text) = if target.starts_with("std/") {
             let Some(text) = stdlib::get(target) else {
                 let names: Vec<String> = stdlib::names().collect();
-                let mut d =
-                    Diagnostic::new(Code::E0016, span, format!("no stdlib module `{target}`"))
-                        .label("not a stdlib module")
-                        .note(format!("stdlib modules: {}", names.join(", ")));
-                if let Some(h) = did_you_mean(target, names.iter().map(String::as_str)) {
-                    d = d.help(h);
-                }
+                let suggestion = diagnostic::suggest(target, names.iter().map(String::as_str));
+                let d = Diagnostic::new(Code::E0016, span, format!("no stdlib module `{target}`"))
+                    .label("not a stdlib module")
+                    .note(format!("stdlib modules: {}", names.join(", ")))
+                    .suggest(suggestion.as_deref());
                 self.diagnostics.push(d);
                 return None;
             };

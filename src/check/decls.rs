@@ -1,8 +1,8 @@
 //! Checks of `base`/`model`, `data` and `output` declarations.
 
+use super::error::Problem;
 use super::{Checker, Def, Scope};
-use crate::codes::Code;
-use crate::diagnostic::{Diagnostic, closest};
+use crate::diagnostic;
 use crate::recipe::{Data, DataKind, Dtype, InputRef, Model, ModelSource, Output};
 use crate::source::Span;
 use crate::syntax::ast::{self, ItemKind, KeyValue};
@@ -28,14 +28,7 @@ impl Checker<'_> {
         let dir = self.file_dir(def.module);
         let source = if is_local(written, &dir) {
             if let Some(rev) = &decl.revision {
-                let d = Diagnostic::new(
-                    Code::W0003,
-                    rev.span,
-                    "a revision has no effect on a local directory",
-                )
-                .label("ignored")
-                .help("revisions select a branch, tag or commit of a Hugging Face repository");
-                self.error(d);
+                self.report(Problem::RevisionIgnored { span: rev.span });
             }
             ModelSource::Local {
                 path: normalize(&dir.join(expand_home(written))),
@@ -92,16 +85,10 @@ impl Checker<'_> {
                         data.field = s;
                     }
                 }
-                "field" => {
-                    let d = Diagnostic::new(
-                        Code::E0019,
-                        option.key.span,
-                        "`field` applies to `jsonl` data only",
-                    )
-                    .label("`text` sources read whole files")
-                    .with(decl.kind.span, "this source is `text`");
-                    self.error(d);
-                }
+                "field" => self.report(Problem::FieldOnText {
+                    span: option.key.span,
+                    kind: decl.kind.span,
+                }),
                 "samples" => data.samples = self.positive_int(&scope, option).or(data.samples),
                 "seq_len" => {
                     data.seq_len = self.positive_int(&scope, option).unwrap_or(data.seq_len)
@@ -133,23 +120,12 @@ impl Checker<'_> {
                 .unwrap_or(false),
         };
         if !found {
-            let what = if data.kind == DataKind::Text {
-                "no file matches"
-            } else {
-                "no such file"
-            };
-            let d = Diagnostic::new(
-                Code::E0026,
+            self.report(Problem::DataNotFound {
                 span,
-                format!(
-                    "data source `{}` not found: {what} `{}`",
-                    data.name,
-                    data.path.display()
-                ),
-            )
-            .label(what)
-            .help("paths and globs are relative to the recipe's directory");
-            self.error(d);
+                name: data.name.clone(),
+                path: data.path.clone(),
+                kind: data.kind,
+            });
         }
     }
 
@@ -158,13 +134,11 @@ impl Checker<'_> {
         if n >= 1.0 && n.fract() == 0.0 && n <= 1e15 {
             return Some(n as u64);
         }
-        let d = Diagnostic::new(
-            Code::E0009,
-            option.value.span,
-            format!("`{}` must be a positive integer", option.key.name),
-        )
-        .label(format!("{n} is not a positive integer"));
-        self.error(d);
+        self.report(Problem::NotPositiveInt {
+            span: option.value.span,
+            key: option.key.name.clone(),
+            value: n,
+        });
         None
     }
 
@@ -173,28 +147,26 @@ impl Checker<'_> {
         if n >= 0.0 && n.fract() == 0.0 && n <= 9.0e15 {
             return Some(n as u64);
         }
-        let d = Diagnostic::new(
-            Code::E0009,
-            expr.span,
-            "a seed must be a non-negative integer",
-        )
-        .label(format!("{n} is not a non-negative integer"));
-        self.error(d);
+        self.report(Problem::BadSeed {
+            span: expr.span,
+            value: n,
+        });
         None
     }
 
-    pub(super) fn unknown_option(&mut self, option: &KeyValue, known: &[&str], what: &str) {
-        let mut d = Diagnostic::new(
-            Code::E0006,
-            option.key.span,
-            format!("unknown {what} `{}`", option.key.name),
-        )
-        .label(format!("not a {what}"))
-        .note(format!("known: {}", known.join(", ")));
-        if let Some(c) = closest(&option.key.name, known.iter().copied()) {
-            d = d.help(format!("did you mean `{c}`?"));
-        }
-        self.error(d);
+    fn unknown_option(
+        &mut self,
+        option: &KeyValue,
+        known: &'static [&'static str],
+        what: &'static str,
+    ) {
+        self.report(Problem::UnknownOption {
+            span: option.key.span,
+            key: option.key.name.clone(),
+            what,
+            known,
+            suggestion: diagnostic::suggest(&option.key.name, known.iter().copied()),
+        });
     }
 
     /// The root file's outputs: each names a merge and a directory.
@@ -220,14 +192,10 @@ impl Checker<'_> {
             let merge = match target {
                 Some(InputRef::Merge(m)) => Some(m),
                 Some(InputRef::Model(_)) => {
-                    let d = Diagnostic::new(
-                        Code::E0004,
-                        decl.merge.span,
-                        format!("`{}` is a model, not a merge", decl.merge),
-                    )
-                    .label("an output writes the result of a merge")
-                    .help("a model directory is already a checkpoint; merge it to write a new one");
-                    self.error(d);
+                    self.report(Problem::OutputOfModel {
+                        span: decl.merge.span,
+                        name: decl.merge.to_string(),
+                    });
                     None
                 }
                 None => None,
@@ -237,15 +205,11 @@ impl Checker<'_> {
                 .iter()
                 .find(|(p, _)| p.starts_with(&path) || path.starts_with(p))
             {
-                let d = Diagnostic::new(
-                    Code::E0017,
-                    decl.path.span,
-                    "two outputs write to the same directory",
-                )
-                .label(format!("`{}`", path.display()))
-                .with(*other, "this output writes there too")
-                .help("give every output its own directory");
-                self.error(d);
+                self.report(Problem::OutputsShareDirectory {
+                    span: decl.path.span,
+                    path: path.clone(),
+                    other: *other,
+                });
             }
             seen.push((path.clone(), decl.path.span));
             self.output_over_input(&path, decl.path.span);
@@ -273,11 +237,10 @@ impl Checker<'_> {
                         if let Some(text) = self.string(&scope, &option.value) {
                             match parse_size(&text) {
                                 Some(n) => output.shard_size = n,
-                                None => {
-                                    let d = Diagnostic::new(Code::E0008, option.value.span, format!("`{text}` is not a size"))
-                                        .label("expected a size such as \"5GB\", \"500MiB\" or \"1000000\"");
-                                    self.error(d);
-                                }
+                                None => self.report(Problem::NotASize {
+                                    span: option.value.span,
+                                    text,
+                                }),
                             }
                         }
                     }
@@ -302,16 +265,12 @@ impl Checker<'_> {
             }
             _ => None,
         });
-        if let Some((name, model_span)) = clash {
-            let d = Diagnostic::new(
-                Code::E0028,
+        if let Some((model, model_span)) = clash {
+            self.report(Problem::OutputOverModel {
                 span,
-                format!("this output would overwrite model `{name}`"),
-            )
-            .label("output directory")
-            .with(model_span, "the model's directory")
-            .help("write the output to a directory of its own");
-            self.error(d);
+                model,
+                model_span,
+            });
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Checks of `merge` declarations (and of the stages they instantiate):
 //! method, parameters, inputs and their settings, `order`, `saliency`,
-//! `take`, `layers` rules, and OBIM's retention budget.
+//! `take`, `layers` rules, `auto` candidates and `select`, and OBIM's
+//! retention budget. Each merge gets a [`MergeChecker`] of its own, which
+//! holds what that merge gathers while it is checked.
 
+use super::error::{self, Kept, Problem};
 use super::{Checker, Found, Scope, StageArgs, Val};
-use crate::codes::Code;
-use crate::diagnostic::{Diagnostic, closest};
+use crate::diagnostic;
 use crate::methods::{Kind, Method, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
@@ -54,34 +56,23 @@ impl Checker<'_> {
                 self.instantiate(scope, decl, def)
             }
             Some(_) => {
-                let d = Diagnostic::new(
-                    Code::E0005,
-                    decl.method.span,
-                    format!("`{}` is not a merge method", decl.method),
-                )
-                .label("not a method or stage")
-                .help(format!("methods: {}", method_names()));
-                self.error(d);
+                self.report(Problem::NotAMethod {
+                    span: decl.method.span,
+                    name: decl.method.to_string(),
+                });
                 None
             }
             None => {
                 let mut candidates: Vec<String> =
                     Method::ALL.iter().map(|m| m.name().to_string()).collect();
                 candidates.extend(self.visible_names(scope));
-                let mut d = Diagnostic::new(
-                    Code::E0005,
-                    decl.method.span,
-                    format!("unknown merge method `{}`", decl.method),
-                )
-                .label("not a method or stage")
-                .note(format!("methods: {}", method_names()));
-                if let Some(c) = closest(
-                    &decl.method.to_string(),
-                    candidates.iter().map(String::as_str),
-                ) {
-                    d = d.help(format!("did you mean `{c}`?"));
-                }
-                self.error(d);
+                let name = decl.method.to_string();
+                let suggestion = diagnostic::suggest(&name, candidates.iter().map(String::as_str));
+                self.report(Problem::UnknownMethod {
+                    span: decl.method.span,
+                    name,
+                    suggestion,
+                });
                 None
             }
         }
@@ -95,13 +86,10 @@ impl Checker<'_> {
             return None;
         };
         if self.instantiating.contains(&def) {
-            let d = Diagnostic::new(
-                Code::E0014,
-                decl.method.span,
-                format!("stage `{}` instantiates itself", stage.name.name),
-            )
-            .label("recursive stage");
-            self.error(d);
+            self.report(Problem::RecursiveStage {
+                span: decl.method.span,
+                stage: stage.name.name.clone(),
+            });
             return None;
         }
         let params: Vec<&str> = stage.params.iter().map(|p| p.name.as_str()).collect();
@@ -110,65 +98,42 @@ impl Checker<'_> {
             if params.contains(&arg.key.name.as_str()) {
                 values.insert(arg.key.name.clone(), arg.value.clone());
             } else {
-                let mut d = Diagnostic::new(
-                    Code::E0006,
-                    arg.key.span,
-                    format!(
-                        "stage `{}` has no parameter `{}`",
-                        stage.name.name, arg.key.name
-                    ),
-                )
-                .label("unknown parameter")
-                .with(stage.params_span, "the stage's parameters");
-                if let Some(c) = closest(&arg.key.name, params.iter().copied()) {
-                    d = d.help(format!("did you mean `{c}`?"));
-                }
-                self.error(d);
+                self.report(Problem::UnknownStageParam {
+                    span: arg.key.span,
+                    stage: stage.name.name.clone(),
+                    param: arg.key.name.clone(),
+                    params: stage.params_span,
+                    suggestion: diagnostic::suggest(&arg.key.name, params.iter().copied()),
+                });
             }
         }
-        let missing: Vec<&str> = params
+        let missing: Vec<String> = params
             .iter()
-            .copied()
-            .filter(|p| !values.contains_key(*p))
+            .filter(|p| !values.contains_key(**p))
+            .map(|p| p.to_string())
             .collect();
         if !missing.is_empty() {
-            let list = missing
-                .iter()
-                .map(|m| format!("`{m}: ...`"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let d = Diagnostic::new(
-                Code::E0007,
-                decl.method.span,
-                format!("stage `{}` needs {}", stage.name.name, list),
-            )
-            .label("missing arguments")
-            .with(stage.params_span, "declared here")
-            .help("pass every parameter of the stage by name");
-            self.error(d);
+            self.report(Problem::MissingStageArgs {
+                span: decl.method.span,
+                stage: stage.name.name.clone(),
+                missing,
+                params: stage.params_span,
+            });
             return None;
         }
         if let Some(body) = &decl.body {
-            let d = Diagnostic::new(
-                Code::E0019,
-                body.span,
-                "a stage's merge body is fixed by the stage",
-            )
-            .label("remove this body")
-            .with(stage.name.span, "the stage defines the body");
-            self.error(d);
+            self.report(Problem::StageBody {
+                span: body.span,
+                stage: stage.name.span,
+            });
         }
         let Some(method) =
             Method::from_name(&stage.method.name.name).filter(|_| stage.method.qualifier.is_none())
         else {
-            let d = Diagnostic::new(
-                Code::E0005,
-                stage.method.span,
-                format!("a stage's method must be built in, not `{}`", stage.method),
-            )
-            .label("not a built-in method")
-            .note(format!("methods: {}", method_names()));
-            self.error(d);
+            self.report(Problem::StageMethodNotBuiltIn {
+                span: stage.method.span,
+                method: stage.method.to_string(),
+            });
             return None;
         };
         let stage_scope = Scope {
@@ -191,20 +156,73 @@ impl Checker<'_> {
         // Problems inside the stage are reported where it is used as well.
         for d in &mut self.diagnostics[before..] {
             if d.primary.span.file != decl.name.span.file {
-                d.secondary.push(crate::diagnostic::Label {
-                    span: decl.method.span,
-                    message: format!("in this use of stage `{}`", stage.name.name),
-                });
+                d.secondary
+                    .push(error::in_stage_use(decl.method.span, &stage.name.name));
             }
         }
         merge.span = decl.name.span;
         Some(merge)
     }
 
+    /// Checks a merge: one [`MergeChecker`] per merge holds what the merge
+    /// gathers while its parts are checked.
     fn merge(&mut self, scope: &Scope, src: &MergeSource) -> Merge {
+        MergeChecker::new(self, scope.clone(), src.method).check(src)
+    }
+}
+
+/// One merge being checked: where its names resolve, its method, and what it
+/// gathers on the way (input names, `auto` sites, the `select`, the `layers`
+/// rule being checked). Names are resolved and problems reported through the
+/// outer [`Checker`], which it borrows for as long as the merge is checked.
+struct MergeChecker<'c, 'p> {
+    checker: &'c mut Checker<'p>,
+    scope: Scope,
+    method: Method,
+    /// Names of the inputs accepted so far, for `auto` labels.
+    inputs: Vec<String>,
+    /// The `layers` rule being checked; `None` at the merge level.
+    current_rule: Option<RuleAt>,
+    /// `auto` sites, in the order they were written.
+    autos: Vec<AutoSite>,
+    select: Option<Select>,
+    /// An `auto` had no valid candidate (already reported): the candidate
+    /// checks would only add noise.
+    auto_invalid: bool,
+}
+
+/// A `layers` rule by index in its merge and line in its file.
+#[derive(Debug, Clone, Copy)]
+struct RuleAt {
+    index: usize,
+    line: usize,
+}
+
+impl<'c, 'p> MergeChecker<'c, 'p> {
+    fn new(checker: &'c mut Checker<'p>, scope: Scope, method: Method) -> Self {
+        MergeChecker {
+            checker,
+            scope,
+            method,
+            inputs: Vec::new(),
+            current_rule: None,
+            autos: Vec::new(),
+            select: None,
+            auto_invalid: false,
+        }
+    }
+
+    fn report(&mut self, problem: Problem) {
+        self.checker.report(problem);
+    }
+
+    /// The merge's parameters, inputs, statements and rules, then its
+    /// candidates and what its method requires.
+    fn check(mut self, src: &MergeSource) -> Merge {
         let method = src.method;
         let mut merge = Merge {
             name: self
+                .checker
                 .recipe
                 .merges
                 .iter()
@@ -219,10 +237,6 @@ impl Checker<'_> {
             autos: Vec::new(),
             select: None,
         };
-        let outer_autos = std::mem::take(&mut self.autos);
-        let outer_select = self.select.take();
-        let outer_inputs = std::mem::take(&mut self.current_inputs);
-        let outer_invalid = std::mem::replace(&mut self.auto_invalid, false);
         let mut spans = Spans::default();
         let mut base_span = None;
         // What was written, resolved or not, so a bad name is not reported twice.
@@ -234,10 +248,10 @@ impl Checker<'_> {
         });
         for kv in src.params.iter().flat_map(|b| &b.items) {
             if kv.key.name == "base" && method.param("base").is_some() {
-                merge.base = self.input_ref(scope, &kv.value);
+                merge.base = self.checker.input_ref(&self.scope, &kv.value);
                 base_span = Some(kv.value.span);
             } else {
-                self.param(scope, method, kv, &mut merge.settings, &mut spans, None);
+                self.param(kv, &mut merge.settings, &mut spans, None);
             }
         }
         let body: &[Stmt] = src.body.map_or(&[], |b| &b.items);
@@ -251,39 +265,28 @@ impl Checker<'_> {
                 kind: ExprKind::Path(model.clone()),
                 span: model.span,
             };
-            let Some(input) = self.input_ref(scope, &expr) else {
+            let Some(input) = self.checker.input_ref(&self.scope, &expr) else {
                 continue;
             };
             if let Some(other) = merge.inputs.iter().find(|i| i.model == input) {
-                let d = Diagnostic::new(
-                    Code::E0010,
-                    model.span,
-                    format!("`{model}` is an input of `{}` twice", src.name.name),
-                )
-                .label("listed again here")
-                .with(other.span, "first listed here")
-                .help("list each input once");
-                self.error(d);
+                self.report(Problem::InputTwice {
+                    span: model.span,
+                    input: model.to_string(),
+                    merge: src.name.name.clone(),
+                    first: other.span,
+                });
                 continue;
             }
             if merge.base == Some(input) {
-                let mut d = Diagnostic::new(
-                    Code::E0010,
-                    model.span,
-                    format!(
-                        "`{model}` is both the base and an input of `{}`",
-                        src.name.name
-                    ),
-                )
-                .label("listed as an input");
-                if let Some(s) = base_span {
-                    d = d.with(s, "the base");
-                }
-                d = d.help("the base's task vector is zero; remove it from the inputs");
-                self.error(d);
+                self.report(Problem::BaseAsInput {
+                    span: model.span,
+                    input: model.to_string(),
+                    merge: src.name.name.clone(),
+                    base: base_span,
+                });
                 continue;
             }
-            self.current_inputs.push(model.to_string());
+            self.inputs.push(model.to_string());
             merge.inputs.push(Input {
                 model: input,
                 span: model.span,
@@ -293,31 +296,30 @@ impl Checker<'_> {
         for (index, settings) in entry_settings {
             let mut own = InputSettings::default();
             for kv in settings {
-                self.input_setting(scope, method, kv, &mut own, &mut spans, index, None);
+                self.input_setting(kv, &mut own, &mut spans, index, None);
             }
             merge.settings.inputs.insert(index, own);
         }
         for stmt in body {
             if let StmtKind::Layers { pattern, body } = &stmt.kind {
-                self.auto_rule = Some(merge.rules.len());
-                self.auto_rule_line = Some(self.program.sources.line(stmt.span));
-                let rule = self.rule(scope, &merge, pattern, body, stmt.span);
-                self.auto_rule = None;
-                self.auto_rule_line = None;
+                self.current_rule = Some(RuleAt {
+                    index: merge.rules.len(),
+                    line: self.checker.program.sources.line(stmt.span),
+                });
+                let rule = self.rule(&merge, pattern, body, stmt.span);
+                self.current_rule = None;
                 if let Some(rule) = rule {
                     merge.rules.push(rule);
                 }
             } else if !matches!(stmt.kind, StmtKind::Entry { .. }) {
                 let mut settings = std::mem::take(&mut merge.settings);
-                self.statement(scope, &merge, stmt, &mut settings, &mut spans);
+                self.statement(&merge, stmt, &mut settings, &mut spans);
                 merge.settings = settings;
             }
         }
-        merge.autos = std::mem::replace(&mut self.autos, outer_autos);
-        merge.select = std::mem::replace(&mut self.select, outer_select);
-        self.current_inputs = outer_inputs;
-        let invalid = std::mem::replace(&mut self.auto_invalid, outer_invalid);
-        if !invalid {
+        merge.autos = std::mem::take(&mut self.autos);
+        merge.select = self.select.take();
+        if !self.auto_invalid {
             self.candidates(&merge);
         }
         // Σ retain is checked for the worst candidate: every retain at its largest.
@@ -338,53 +340,34 @@ impl Checker<'_> {
     /// product stays within the limit.
     fn candidates(&mut self, merge: &Merge) {
         match (merge.autos.first(), &merge.select) {
-            (Some(first), None) => {
-                let d = Diagnostic::new(
-                    Code::E0032,
-                    first.span,
-                    format!("`{}` has `auto` candidates but no `select`", merge.name),
-                )
-                .label("candidates with no judge")
-                .help("add `select by loss(DATA, ...)` to the merge, naming held-out data sources");
-                self.error(d);
-            }
-            (None, Some(select)) => {
-                let d = Diagnostic::new(
-                    Code::W0004,
-                    select.span,
-                    format!("`{}` has a `select` but nothing to choose", merge.name),
-                )
-                .label("no `auto` setting in this merge")
-                .help("give a setting candidates, e.g. `retain auto [0.2, 0.3]`, or remove the `select`");
-                self.error(d);
-            }
+            (Some(first), None) => self.report(Problem::AutoWithoutSelect {
+                span: first.span,
+                merge: merge.name.clone(),
+            }),
+            (None, Some(select)) => self.report(Problem::SelectWithoutAuto {
+                span: select.span,
+                merge: merge.name.clone(),
+            }),
             _ => {}
         }
         let count = merge.candidate_count();
-        if count > self.max_candidates {
-            let mut d = Diagnostic::new(
-                Code::E0033,
-                merge.autos[0].span,
-                format!(
-                    "`{}` has {count} candidates, more than {}",
-                    merge.name, self.max_candidates
-                ),
-            )
-            .label(format!("{} values", merge.autos[0].values.len()));
-            for a in &merge.autos[1..] {
-                d = d.with(a.span, format!("× {} values", a.values.len()));
-            }
-            self.error(
-                d.help("each candidate is a merge scored on the selection data; use fewer values, or raise the limit with `--max-candidates N`"),
-            );
+        if count > self.checker.max_candidates {
+            self.report(Problem::TooManyCandidates {
+                merge: merge.name.clone(),
+                count,
+                limit: self.checker.max_candidates,
+                sites: merge
+                    .autos
+                    .iter()
+                    .map(|a| (a.span, a.values.len()))
+                    .collect(),
+            });
         }
     }
 
     /// `key: value` in a parameter list, a body or a rule.
     fn param(
         &mut self,
-        scope: &Scope,
-        method: Method,
         kv: &KeyValue,
         settings: &mut Settings,
         spans: &mut Spans,
@@ -394,100 +377,77 @@ impl Checker<'_> {
         if in_rule.is_none() {
             spans.written.insert((None, key.to_string()));
         }
-        let Some(param) = method.param(key) else {
-            self.not_a_param(method, &kv.key);
+        let Some(param) = self.method.param(key) else {
+            self.not_a_param(&kv.key);
             return;
         };
         match param.scope {
             ParamScope::Input => {
                 let mut defaults = std::mem::take(&mut settings.defaults);
-                self.input_value(scope, method, kv, &mut defaults, spans, None, in_rule);
+                self.input_value(kv, &mut defaults, spans, None, in_rule);
                 settings.defaults = defaults;
             }
             ParamScope::Merge => match key {
-                "base" => {
-                    let d = Diagnostic::new(
-                        Code::E0019,
-                        kv.key.span,
-                        "`base` belongs in the merge's parameter list",
-                    )
-                    .label("not allowed here")
-                    .help("write it as `METHOD(base: MODEL)`");
-                    self.error(d);
+                "base" => self.report(Problem::BaseNotInParams { span: kv.key.span }),
+                "normalize" => {
+                    settings.params.normalize = self.checker.boolean(&self.scope, &kv.value)
                 }
-                "normalize" => settings.params.normalize = self.boolean(scope, &kv.value),
-                "rescale" => settings.params.rescale = self.boolean(scope, &kv.value),
-                "int8_mask" => settings.params.int8_mask = self.boolean(scope, &kv.value),
-                "lambda" => settings.params.lambda = self.setting(scope, kv, Kind::Number, None),
-                "t" => settings.params.t = self.setting(scope, kv, Kind::Unit, None),
-                "scale" => settings.params.scale = self.setting(scope, kv, Kind::Number, None),
-                _ => settings.params.seed = self.seed(scope, &kv.value),
+                "rescale" => settings.params.rescale = self.checker.boolean(&self.scope, &kv.value),
+                "int8_mask" => {
+                    settings.params.int8_mask = self.checker.boolean(&self.scope, &kv.value)
+                }
+                "lambda" => settings.params.lambda = self.setting(kv, Kind::Number, None),
+                "t" => settings.params.t = self.setting(kv, Kind::Unit, None),
+                "scale" => settings.params.scale = self.setting(kv, Kind::Number, None),
+                _ => settings.params.seed = self.checker.seed(&self.scope, &kv.value),
             },
         }
     }
 
-    fn not_a_param(&mut self, method: Method, key: &ast::Ident) {
-        let elsewhere: Vec<&str> = Method::ALL
+    fn not_a_param(&mut self, key: &ast::Ident) {
+        let method = self.method;
+        let used_by: Vec<Method> = Method::ALL
             .iter()
+            .copied()
             .filter(|m| m.param(&key.name).is_some())
-            .map(|m| m.name())
             .collect();
-        let known: Vec<&str> = method.params().iter().map(|p| p.name).collect();
-        let d = if elsewhere.is_empty() {
-            let mut d = Diagnostic::new(
-                Code::E0006,
-                key.span,
-                format!("`{method}` has no parameter `{}`", key.name),
-            )
-            .label("unknown parameter")
-            .note(format!("`{method}` takes: {}", known.join(", ")));
-            if let Some(c) = closest(&key.name, known.iter().copied()) {
-                d = d.help(format!("did you mean `{c}`?"));
+        let problem = if used_by.is_empty() {
+            let known = method.params().iter().map(|p| p.name);
+            Problem::UnknownParam {
+                span: key.span,
+                method,
+                key: key.name.clone(),
+                suggestion: diagnostic::suggest(&key.name, known),
             }
-            d
         } else {
-            Diagnostic::new(
-                Code::E0019,
-                key.span,
-                format!("`{method}` does not use `{}`", key.name),
-            )
-            .label(format!(
-                "`{}` is a parameter of {}",
-                key.name,
-                elsewhere.join(", ")
-            ))
-            .note(format!("`{method}` takes: {}", known.join(", ")))
+            Problem::OtherMethodsParam {
+                span: key.span,
+                method,
+                key: key.name.clone(),
+                used_by,
+            }
         };
-        self.error(d);
+        self.report(problem);
     }
 
     /// `MODEL weight 1.0` and friends, and their defaults in a parameter list.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site per level; a struct would only rename the arguments"
-    )]
     fn input_setting(
         &mut self,
-        scope: &Scope,
-        method: Method,
         kv: &KeyValue,
         own: &mut InputSettings,
         spans: &mut Spans,
         index: usize,
         in_rule: Option<Span>,
     ) {
-        if method.param(&kv.key.name).is_none() {
-            self.not_a_param(method, &kv.key);
+        if self.method.param(&kv.key.name).is_none() {
+            self.not_a_param(&kv.key);
             return;
         }
-        self.input_value(scope, method, kv, own, spans, Some(index), in_rule);
+        self.input_value(kv, own, spans, Some(index), in_rule);
     }
 
-    #[expect(clippy::too_many_arguments, reason = "see input_setting")]
     fn input_value(
         &mut self,
-        scope: &Scope,
-        method: Method,
         kv: &KeyValue,
         target: &mut InputSettings,
         spans: &mut Spans,
@@ -499,18 +459,18 @@ impl Checker<'_> {
             spans.written.insert((index, key.to_string()));
         }
         match key {
-            "weight" => target.weight = self.setting(scope, kv, Kind::Number, index),
+            "weight" => target.weight = self.setting(kv, Kind::Number, index),
             "density" => {
-                target.density = self.setting(scope, kv, Kind::Fraction, index);
-                if !method.sparsifies() && in_rule.is_none() {
-                    let d = Diagnostic::new(Code::W0003, kv.key.span, format!("`density` has no effect in `{method}`"))
-                        .label("ignored")
-                        .help("`ties`, `dare_ties` and `dare_linear` sparsify task vectors; `task_arithmetic` adds them whole");
-                    self.error(d);
+                target.density = self.setting(kv, Kind::Fraction, index);
+                if !self.method.sparsifies() && in_rule.is_none() {
+                    self.report(Problem::DensityIgnored {
+                        span: kv.key.span,
+                        method: self.method,
+                    });
                 }
             }
             "retain" => {
-                target.retain = self.setting(scope, kv, Kind::Fraction, index);
+                target.retain = self.setting(kv, Kind::Fraction, index);
                 if in_rule.is_none() {
                     match index {
                         Some(i) => {
@@ -521,37 +481,25 @@ impl Checker<'_> {
                 }
             }
             "using" => {
-                target.using = self.data_ref(scope, &kv.value);
+                target.using = self.checker.data_ref(&self.scope, &kv.value);
                 if let (Some(i), None) = (index, in_rule) {
                     spans.using.insert(i, kv.key.span);
                 }
             }
-            _ => {
-                let d = Diagnostic::new(
-                    Code::E0019,
-                    kv.key.span,
-                    format!("`{key}` is set for the whole merge, not per input"),
-                )
-                .label("not a per-input setting")
-                .help(format!("write `{key}: ...` in the parameter list"));
-                self.error(d);
-            }
+            _ => self.report(Problem::MergeWideSetting {
+                span: kv.key.span,
+                key: key.to_string(),
+            }),
         }
     }
 
     /// A numeric setting: a number, or `auto` candidates (each checked
     /// against the domain, recorded as a site of the merge; the first is
     /// the value the settings hold).
-    fn setting(
-        &mut self,
-        scope: &Scope,
-        kv: &KeyValue,
-        kind: Kind,
-        input: Option<usize>,
-    ) -> Option<f64> {
+    fn setting(&mut self, kv: &KeyValue, kind: Kind, input: Option<usize>) -> Option<f64> {
         let name = kv.key.name.as_str();
-        let Some(Val::Auto(values)) = self.eval(scope, &kv.value) else {
-            return self.ranged(scope, &kv.value, name, kind);
+        let Some(Val::Auto(values)) = self.checker.eval(&self.scope, &kv.value) else {
+            return self.ranged(&kv.value, name, kind);
         };
         let mut ok = Vec::new();
         for (n, span) in values {
@@ -559,7 +507,7 @@ impl Checker<'_> {
                 kind: ExprKind::Number(n),
                 span,
             };
-            if let Some(v) = self.ranged(scope, &expr, name, kind) {
+            if let Some(v) = self.ranged(&expr, name, kind) {
                 ok.push(v);
             }
         }
@@ -568,28 +516,21 @@ impl Checker<'_> {
             self.auto_invalid = true;
             return None;
         };
-        let who = input.and_then(|i| self.current_inputs.get(i).cloned());
-        let mut label = match who {
-            Some(w) => format!("{w} {name}"),
-            None => name.to_string(),
-        };
-        if let Some(r) = self.auto_rule_line {
-            label = format!("line {r}: {label}");
-        }
+        let who = input.and_then(|i| self.inputs.get(i)).map(String::as_str);
         self.autos.push(AutoSite {
-            rule: self.auto_rule,
+            rule: self.current_rule.map(|r| r.index),
             input,
             field,
             values: ok,
-            label,
+            label: auto_label(who, name, self.current_rule.map(|r| r.line)),
             span: kv.value.span,
         });
         Some(first)
     }
 
     /// A number checked against its parameter's domain.
-    fn ranged(&mut self, scope: &Scope, expr: &ast::Expr, name: &str, kind: Kind) -> Option<f64> {
-        let n = self.number(scope, expr, kind.describe())?;
+    fn ranged(&mut self, expr: &ast::Expr, name: &str, kind: Kind) -> Option<f64> {
+        let n = self.checker.number(&self.scope, expr, kind.describe())?;
         let ok = match kind {
             Kind::Fraction => n > 0.0 && n <= 1.0,
             Kind::Unit => (0.0..=1.0).contains(&n),
@@ -598,45 +539,35 @@ impl Checker<'_> {
         if ok {
             return Some(n);
         }
-        let d = Diagnostic::new(
-            Code::E0009,
-            expr.span,
-            format!("`{name}` must be {}", kind.describe()),
-        )
-        .label(format!("{n} is out of range"))
-        .help(match name {
-            "retain" => "retain is the fraction of a tensor's positions the input keeps",
-            "density" => "density is the fraction of the task vector kept",
-            _ => "t = 0 gives the base, t = 1 the other model",
+        self.report(Problem::OutOfRange {
+            span: expr.span,
+            name: name.to_string(),
+            kind,
+            value: n,
         });
-        self.error(d);
         None
     }
 
     /// `order`, `saliency`, `take` and `key: value` statements.
     fn statement(
         &mut self,
-        scope: &Scope,
         merge: &Merge,
         stmt: &Stmt,
         settings: &mut Settings,
         spans: &mut Spans,
     ) {
         let method = merge.method;
-        let obim_only = |this: &mut Self, what: &str| {
-            let d = Diagnostic::new(
-                Code::E0019,
-                stmt.span,
-                format!("`{what}` applies to `obim` merges only"),
-            )
-            .label(format!("`{method}` has no {what}"))
-            .help("remove it, or use `obim`");
-            this.error(d);
+        let obim_only = |this: &mut Self, what| {
+            this.report(Problem::ObimOnly {
+                span: stmt.span,
+                what,
+                method,
+            });
         };
         match &stmt.kind {
-            StmtKind::Param(kv) => self.param(scope, method, kv, settings, spans, None),
+            StmtKind::Param(kv) => self.param(kv, settings, spans, None),
             StmtKind::Order(order) if method.has_order() => {
-                settings.order = self.order(scope, merge, order)
+                settings.order = self.order(merge, order)
             }
             StmtKind::Order(_) => obim_only(self, "order"),
             StmtKind::Saliency(word) if method.has_order() => {
@@ -648,57 +579,44 @@ impl Checker<'_> {
                     }),
                     span: word.span,
                 };
-                settings.saliency =
-                    self.word(&expr, &["obd", "magnitude"], "a saliency")
-                        .map(|w| {
-                            if w == "obd" {
-                                Saliency::Obd
-                            } else {
-                                Saliency::Magnitude
-                            }
-                        });
+                settings.saliency = self
+                    .checker
+                    .word(&expr, &["obd", "magnitude"], "a saliency")
+                    .map(|w| {
+                        if w == "obd" {
+                            Saliency::Obd
+                        } else {
+                            Saliency::Magnitude
+                        }
+                    });
             }
             StmtKind::Saliency(_) => obim_only(self, "saliency"),
-            StmtKind::Take(take) => settings.take = self.take(scope, merge, take),
-            StmtKind::Scale(kv) if method == Method::Obim => self.param(
-                scope,
-                method,
-                kv,
-                settings,
-                spans,
-                self.auto_rule.map(|_| stmt.span),
-            ),
+            StmtKind::Take(take) => settings.take = self.take(merge, take),
+            StmtKind::Scale(kv) if method == Method::Obim => {
+                let in_rule = self.current_rule.map(|_| stmt.span);
+                self.param(kv, settings, spans, in_rule)
+            }
             StmtKind::Scale(_) => obim_only(self, "scale"),
-            StmtKind::Select { judge, data } => self.select_stmt(scope, stmt, judge, data),
+            StmtKind::Select { judge, data } => self.select_stmt(stmt, judge, data),
             StmtKind::Entry { .. } | StmtKind::Layers { .. } => {}
         }
     }
 
     /// `select by loss(data, ...)`, at the merge level only.
-    fn select_stmt(&mut self, scope: &Scope, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
-        if self.auto_rule.is_some() {
-            let d = Diagnostic::new(
-                Code::E0019,
-                stmt.span,
-                "`select` belongs to the whole merge",
-            )
-            .label("inside a `layers` rule")
-            .help("move it to the merge's body");
-            self.error(d);
+    fn select_stmt(&mut self, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
+        if self.current_rule.is_some() {
+            self.report(Problem::SelectInRule { span: stmt.span });
             return;
         }
         if judge.name != "loss" {
-            let d = Diagnostic::new(Code::E0006, judge.span, format!("unknown judge `{}`", judge.name))
-                .label("not a judge")
-                .help("candidates are judged by `loss(DATA, ...)`: the mean next-token loss on held-out data");
-            self.error(d);
+            self.report(Problem::UnknownJudge {
+                span: judge.span,
+                judge: judge.name.clone(),
+            });
             return;
         }
         if data.is_empty() {
-            let d = Diagnostic::new(Code::E0007, stmt.span, "`select by loss()` names no data")
-                .label("no data sources")
-                .help("name held-out `data` sources: `select by loss(val_a, val_b)`");
-            self.error(d);
+            self.report(Problem::SelectWithoutData { span: stmt.span });
             return;
         }
         let mut ids = Vec::new();
@@ -707,7 +625,7 @@ impl Checker<'_> {
                 kind: ExprKind::Path(path.clone()),
                 span: path.span,
             };
-            if let Some(id) = self.data_ref(scope, &expr) {
+            if let Some(id) = self.checker.data_ref(&self.scope, &expr) {
                 ids.push(id);
             }
         }
@@ -721,47 +639,42 @@ impl Checker<'_> {
 
     fn input_index(
         &mut self,
-        scope: &Scope,
         merge: &Merge,
         path: &ast::Path,
-        role: &str,
+        role: &'static str,
     ) -> Option<usize> {
         let expr = ast::Expr {
             kind: ExprKind::Path(path.clone()),
             span: path.span,
         };
-        let input = self.input_ref(scope, &expr)?;
+        let input = self.checker.input_ref(&self.scope, &expr)?;
         let found = merge.inputs.iter().position(|i| i.model == input);
         if found.is_none() {
-            let names: Vec<String> = merge
+            let inputs = merge
                 .inputs
                 .iter()
-                .map(|i| self.recipe.input_name(i.model).to_string())
+                .map(|i| self.checker.recipe.input_name(i.model).to_string())
                 .collect();
-            let d = Diagnostic::new(
-                Code::E0027,
-                path.span,
-                format!("`{path}` is not an input of `{}`", merge.name),
-            )
-            .label(format!("{role} names a model outside the merge"))
-            .with(merge.span, format!("inputs: {}", names.join(", ")));
-            self.error(d);
+            self.report(Problem::NotAnInputOf {
+                span: path.span,
+                name: path.to_string(),
+                merge: merge.name.clone(),
+                role,
+                merge_span: merge.span,
+                inputs,
+            });
         }
         found
     }
 
-    fn take(&mut self, scope: &Scope, merge: &Merge, take: &ast::Take) -> Option<TakeFrom> {
+    fn take(&mut self, merge: &Merge, take: &ast::Take) -> Option<TakeFrom> {
         match take {
             ast::Take::Base(span) => {
                 if merge.base.is_none() && merge.method.param("base").is_none() {
-                    let d = Diagnostic::new(
-                        Code::E0027,
-                        *span,
-                        format!("`{}` has no base", merge.method),
-                    )
-                    .label("nothing to take")
-                    .help("take one of the inputs instead");
-                    self.error(d);
+                    self.report(Problem::NoBase {
+                        span: *span,
+                        method: merge.method,
+                    });
                     return None;
                 }
                 Some(TakeFrom::Base)
@@ -771,35 +684,32 @@ impl Checker<'_> {
                     kind: ExprKind::Path(path.clone()),
                     span: path.span,
                 };
-                if merge.base.is_some() && self.eval(scope, &expr) == Some(Val::Input(merge.base?))
+                if merge.base.is_some()
+                    && self.checker.eval(&self.scope, &expr) == Some(Val::Input(merge.base?))
                 {
                     return Some(TakeFrom::Base);
                 }
-                self.input_index(scope, merge, path, "`take`")
-                    .map(TakeFrom::Input)
+                self.input_index(merge, path, "`take`").map(TakeFrom::Input)
             }
         }
     }
 
-    fn order(&mut self, scope: &Scope, merge: &Merge, order: &ast::Order) -> Option<OrderSpec> {
+    fn order(&mut self, merge: &Merge, order: &ast::Order) -> Option<OrderSpec> {
         match order {
             ast::Order::Rotate(_) => Some(OrderSpec::Rotate),
             ast::Order::First(path) => self
-                .input_index(scope, merge, path, "`order`")
+                .input_index(merge, path, "`order`")
                 .map(OrderSpec::First),
             ast::Order::List(paths, span) => {
                 let mut indices: Vec<usize> = Vec::new();
                 let mut ok = true;
                 for path in paths {
-                    match self.input_index(scope, merge, path, "`order`") {
+                    match self.input_index(merge, path, "`order`") {
                         Some(i) if indices.contains(&i) => {
-                            let d = Diagnostic::new(
-                                Code::E0012,
-                                path.span,
-                                format!("`{path}` appears twice in the order"),
-                            )
-                            .label("listed again");
-                            self.error(d);
+                            self.report(Problem::OrderRepeats {
+                                span: path.span,
+                                name: path.to_string(),
+                            });
                             ok = false;
                         }
                         Some(i) => indices.push(i),
@@ -808,17 +718,18 @@ impl Checker<'_> {
                 }
                 let missing: Vec<String> = (0..merge.inputs.len())
                     .filter(|i| !indices.contains(i))
-                    .map(|i| format!("`{}`", self.recipe.input_name(merge.inputs[i].model)))
+                    .map(|i| {
+                        self.checker
+                            .recipe
+                            .input_name(merge.inputs[i].model)
+                            .to_string()
+                    })
                     .collect();
                 if ok && !missing.is_empty() {
-                    let d = Diagnostic::new(
-                        Code::E0012,
-                        *span,
-                        format!("the order leaves out {}", missing.join(", ")),
-                    )
-                    .label("incomplete order")
-                    .help("an order lists every input of the merge once");
-                    self.error(d);
+                    self.report(Problem::OrderIncomplete {
+                        span: *span,
+                        missing,
+                    });
                     ok = false;
                 }
                 ok.then_some(OrderSpec::Fixed(indices))
@@ -828,23 +739,22 @@ impl Checker<'_> {
 
     fn rule(
         &mut self,
-        scope: &Scope,
         merge: &Merge,
         pattern: &ast::Expr,
         body: &Block<Stmt>,
         span: Span,
     ) -> Option<LayerRule> {
         let mut patterns = Vec::new();
-        let values = match self.eval(scope, pattern)? {
+        let values = match self.checker.eval(&self.scope, pattern)? {
             Val::List(items) => items,
             other => vec![(other, pattern.span)],
         };
         for (value, vspan) in values {
             let Val::Str(text) = value else {
                 if let Val::Word(w) = &value {
-                    self.unknown_name(scope, w, vspan);
+                    self.checker.unknown_name(&self.scope, w, vspan);
                 } else {
-                    self.type_error(vspan, "a pattern string", &value);
+                    self.checker.type_error(vspan, "a pattern string", &value);
                 }
                 continue;
             };
@@ -852,7 +762,7 @@ impl Checker<'_> {
                 Ok(p) => patterns.push(p),
                 Err(e) => {
                     // Point into the string literal when the pattern is written inline.
-                    let literal = self.program.sources.snippet(vspan).starts_with('"');
+                    let literal = self.checker.program.sources.snippet(vspan).starts_with('"');
                     let at = if literal {
                         Span::new(
                             vspan.file,
@@ -862,14 +772,10 @@ impl Checker<'_> {
                     } else {
                         vspan
                     };
-                    let d = Diagnostic::new(
-                        Code::E0018,
-                        at,
-                        format!("invalid layer pattern: {}", e.message),
-                    )
-                    .label(e.message.clone())
-                    .help("patterns use `*`, `?`, `{a..b}` (inclusive) and `{x,y}`");
-                    self.error(d);
+                    self.report(Problem::BadPattern {
+                        span: at,
+                        message: e.message,
+                    });
                 }
             }
         }
@@ -881,41 +787,21 @@ impl Checker<'_> {
                     model,
                     settings: kvs,
                 } => {
-                    let Some(index) = self.input_index(scope, merge, model, "a rule") else {
+                    let Some(index) = self.input_index(merge, model, "a rule") else {
                         continue;
                     };
                     let mut own = settings.inputs.remove(&index).unwrap_or_default();
                     for kv in kvs {
-                        self.input_setting(
-                            scope,
-                            merge.method,
-                            kv,
-                            &mut own,
-                            &mut spans,
-                            index,
-                            Some(span),
-                        );
+                        self.input_setting(kv, &mut own, &mut spans, index, Some(span));
                     }
                     settings.inputs.insert(index, own);
                 }
-                StmtKind::Layers { .. } => {
-                    let d = Diagnostic::new(Code::E0019, stmt.span, "`layers` rules cannot be nested")
-                        .label("nested rule")
-                        .help("write a separate rule with a narrower pattern after this one; later rules win");
-                    self.error(d);
-                }
-                StmtKind::Param(kv) => self.param(
-                    scope,
-                    merge.method,
-                    kv,
-                    &mut settings,
-                    &mut spans,
-                    Some(span),
-                ),
-                _ => self.statement(scope, merge, stmt, &mut settings, &mut spans),
+                StmtKind::Layers { .. } => self.report(Problem::NestedRule { span: stmt.span }),
+                StmtKind::Param(kv) => self.param(kv, &mut settings, &mut spans, Some(span)),
+                _ => self.statement(merge, stmt, &mut settings, &mut spans),
             }
         }
-        let line = self.program.sources.line(span);
+        let line = self.checker.program.sources.line(span);
         Some(LayerRule {
             patterns,
             line,
@@ -938,17 +824,12 @@ impl Checker<'_> {
         let (min, max) = method.input_count();
         let n = merge.inputs.len();
         if (n < min && written_entries < min) || max.is_some_and(|m| n > m) {
-            let expected = match max {
-                Some(m) if m == min => format!("exactly {m}"),
-                _ => format!("at least {min}"),
-            };
-            let d = Diagnostic::new(Code::E0020, src.name.span, format!("`{}` has {n} input{}; `{method}` needs {expected}", src.name.name, if n == 1 { "" } else { "s" }))
-                .label("here")
-                .help(match method {
-                    Method::Slerp => "slerp interpolates between its `base:` and one other model: `slerp(base: a, t: 0.5) { b }`",
-                    _ => "list the input models in the merge body: `{ math weight 1.0 }`",
-                });
-            self.error(d);
+            self.report(Problem::InputCount {
+                span: src.name.span,
+                merge: src.name.name.clone(),
+                count: n,
+                method,
+            });
         }
         for param in method.params().iter().filter(|p| p.default.is_none()) {
             match param.scope {
@@ -958,17 +839,12 @@ impl Checker<'_> {
                         name => spans.written.contains(&(None, name.to_string())),
                     };
                     if !given {
-                        let d = Diagnostic::new(
-                            Code::E0007,
-                            src.name.span,
-                            format!("`{method}` needs `{}:`", param.name),
-                        )
-                        .label(format!("no `{}` given", param.name))
-                        .help(format!(
-                            "add `{}: ...` to the parameter list ({})",
-                            param.name, param.doc
-                        ));
-                        self.error(d);
+                        self.report(Problem::MissingParam {
+                            span: src.name.span,
+                            method,
+                            param: param.name,
+                            doc: param.doc,
+                        });
                     }
                 }
                 ParamScope::Input => {
@@ -988,11 +864,11 @@ impl Checker<'_> {
                                 _ => true,
                             };
                         if !given {
-                            let name = self.recipe.input_name(input.model).to_string();
-                            let d = Diagnostic::new(Code::E0007, input.span, format!("input `{name}` has no `{}`", param.name))
-                                .label(format!("needs a {}", param.name))
-                                .help(format!("write `{name} {} ...`, or `{}: ...` in the parameter list for every input", param.name, param.name));
-                            self.error(d);
+                            self.report(Problem::MissingInputSetting {
+                                span: input.span,
+                                input: self.checker.recipe.input_name(input.model).to_string(),
+                                param: param.name,
+                            });
                         }
                     }
                 }
@@ -1026,26 +902,20 @@ impl Checker<'_> {
                             .or(r.settings.defaults.using)
                     })
                 });
-            let name = self.recipe.input_name(input.model).to_string();
+            let name = self.checker.recipe.input_name(input.model).to_string();
             let written = spans.written.contains(&(Some(i), "using".to_string()))
                 || spans.written.contains(&(None, "using".to_string()));
             if any_obd && using.is_none() && !written {
-                let d = Diagnostic::new(Code::E0011, input.span, format!("input `{name}` has no calibration data for `obd` saliency"))
-                    .label("no `using DATA`")
-                    .help(format!("add `using DATA` (the expert's own data): `{name} retain ... using DATA`, or set `saliency magnitude`"));
-                self.error(d);
+                self.report(Problem::NoCalibrationData {
+                    span: input.span,
+                    input: name,
+                });
             }
             if !any_obd && let Some(s) = spans.using.get(&i) {
-                let d = Diagnostic::new(
-                    Code::W0003,
-                    *s,
-                    format!(
-                        "`using` has no effect: `{}` uses `magnitude` saliency everywhere",
-                        merge.name
-                    ),
-                )
-                .label("calibration data not needed");
-                self.error(d);
+                self.report(Problem::UsingIgnored {
+                    span: *s,
+                    merge: merge.name.clone(),
+                });
             }
         }
         // Σ retain > 1, for the merge itself and under every rule that changes a ratio.
@@ -1092,58 +962,45 @@ impl Checker<'_> {
         spans: &Spans,
         rule: Option<&LayerRule>,
     ) {
-        let sum: f64 = retains.iter().flatten().sum();
-        if sum <= 1.0 + 1e-9 {
+        let ratios: Vec<f64> = retains.iter().flatten().copied().collect();
+        if ratios.iter().sum::<f64>() <= 1.0 + 1e-9 {
             return;
         }
-        let parts: Vec<String> = retains.iter().flatten().map(|r| format!("{r}")).collect();
-        let where_ = rule.map_or(String::new(), |r| {
-            format!(" for tensors matching the rule on line {}", r.line)
+        let kept = merge
+            .inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, input)| {
+                let span = spans.retain.get(&i).or(spans.retain_default.as_ref())?;
+                Some(Kept {
+                    span: *span,
+                    input: self.checker.recipe.input_name(input.model).to_string(),
+                    merge_level: merge_level[i],
+                    here: retains[i],
+                })
+            })
+            .collect();
+        self.report(Problem::RetentionOverBudget {
+            span: rule.map_or(merge.span, |r| r.span),
+            merge: merge.name.clone(),
+            rule_line: rule.map(|r| r.line),
+            ratios,
+            kept,
         });
-        let primary = rule.map_or(merge.span, |r| r.span);
-        let mut d = Diagnostic::new(
-            Code::E0013,
-            primary,
-            format!(
-                "retention ratios of `{}` sum to {} > 1{where_}",
-                merge.name,
-                round(sum)
-            ),
-        )
-        .label(format!("{} = {}", parts.join(" + "), round(sum)));
-        for (i, input) in merge.inputs.iter().enumerate() {
-            if let Some(s) = spans.retain.get(&i).or(spans.retain_default.as_ref()) {
-                let name = self.recipe.input_name(input.model);
-                let show = |r: Option<f64>| r.map_or_else(String::new, |r| format!("{r}"));
-                let label = if retains[i] == merge_level[i] {
-                    format!("`{name}` keeps {}", show(retains[i]))
-                } else {
-                    format!(
-                        "`{name}` keeps {}, {} under this rule",
-                        show(merge_level[i]),
-                        show(retains[i])
-                    )
-                };
-                d = d.with(*s, label);
-            }
-        }
-        d = d
-            .note("OBIM gives each position to one input, in order: with Σ retain > 1 the last inputs get fewer positions than asked, or none; the paper reports a catastrophic drop here")
-            .help("lower the ratios so that they sum to at most 1 (the paper uses 0.40 + 0.45 + 0.10)");
-        self.error(d);
     }
 }
 
-fn round(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
-}
-
-fn method_names() -> String {
-    Method::ALL
-        .iter()
-        .map(|m| m.name())
-        .collect::<Vec<_>>()
-        .join(", ")
+/// How an `auto` site is named for people: `lambda`, `add retain`, and in
+/// a rule `line 12: add retain`.
+fn auto_label(input: Option<&str>, setting: &str, rule_line: Option<usize>) -> String {
+    let label = match input {
+        Some(input) => format!("{input} {setting}"),
+        None => setting.to_string(),
+    };
+    match rule_line {
+        Some(line) => format!("line {line}: {label}"),
+        None => label,
+    }
 }
 
 impl Merge {
@@ -1154,5 +1011,131 @@ impl Merge {
             s.overlay(own);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_label;
+    use crate::check::{Limits, check};
+    use crate::codes::Code;
+    use crate::diagnostic::Diagnostic;
+    use crate::recipe::Recipe;
+
+    /// Checks recipe text; data paths are relative to the crate root.
+    fn checked(text: &str) -> (Recipe, Vec<Diagnostic>) {
+        let (program, diagnostics) = crate::load::load_source("test.obim", None, text.to_string());
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        check(&program, Limits::default())
+    }
+
+    fn codes(diagnostics: &[Diagnostic]) -> Vec<Code> {
+        diagnostics.iter().map(|d| d.code).collect()
+    }
+
+    const MODELS: &str = r#"
+base b = "./b"
+model x = "./x"
+model y = "./y"
+data v = jsonl("examples/demo/data/add/calib.jsonl")
+"#;
+
+    #[test]
+    fn auto_labels_name_the_input_and_the_rule() {
+        assert_eq!(auto_label(None, "lambda", None), "lambda");
+        assert_eq!(auto_label(Some("add"), "retain", None), "add retain");
+        assert_eq!(
+            auto_label(Some("add"), "retain", Some(12)),
+            "line 12: add retain"
+        );
+        assert_eq!(auto_label(None, "scale", Some(3)), "line 3: scale");
+    }
+
+    #[test]
+    fn auto_sites_record_their_input_and_rule() {
+        let text = format!(
+            "{MODELS}
+merge m = obim(base: b) {{
+    x retain auto [0.1, 0.2] using v
+    y retain 0.3 using v
+    scale auto [0.5, 1.0]
+    layers \"*mlp*\" {{ y retain auto [0.2, 0.3] }}
+    select by loss(v)
+}}
+"
+        );
+        let (recipe, diagnostics) = checked(&text);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        let sites: Vec<_> = recipe.merges[0]
+            .autos
+            .iter()
+            .map(|a| (a.rule, a.input, a.label.as_str(), a.values.clone()))
+            .collect();
+        assert_eq!(
+            sites,
+            [
+                (None, Some(0), "x retain", vec![0.1, 0.2]),
+                (None, None, "scale", vec![0.5, 1.0]),
+                // MODELS takes lines 1 to 6; the rule is line 11.
+                (Some(0), Some(1), "line 11: y retain", vec![0.2, 0.3]),
+            ]
+        );
+        assert!(recipe.merges[0].select.is_some());
+    }
+
+    #[test]
+    fn each_merge_gathers_only_its_own_candidates() {
+        // `a` has candidates and a judge; `c` has neither; `d` has a judge
+        // only. Nothing of `a` may leak into the merges checked after it.
+        let text = format!(
+            "{MODELS}
+merge a = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {{
+    x weight 1.0
+    select by loss(v)
+}}
+merge c = task_arithmetic(base: b) {{ x weight 1.0 }}
+merge d = task_arithmetic(base: b) {{
+    x weight 1.0
+    select by loss(v)
+}}
+"
+        );
+        let (recipe, diagnostics) = checked(&text);
+        assert_eq!(recipe.merges[0].autos.len(), 1);
+        assert!(recipe.merges[1].autos.is_empty());
+        assert!(recipe.merges[1].select.is_none());
+        assert!(recipe.merges[2].autos.is_empty());
+        assert_eq!(codes(&diagnostics), [Code::W0004]);
+        assert!(diagnostics[0].message.starts_with("`d` has a `select`"));
+    }
+
+    #[test]
+    fn an_invalid_auto_silences_only_its_own_merge() {
+        // `a`'s `auto []` is reported once (E0031), without "no `select`";
+        // `c` after it still gets its own E0032.
+        let text = format!(
+            "{MODELS}
+merge a = task_arithmetic(base: b, lambda: auto []) {{ x weight 1.0 }}
+merge c = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {{ x weight 1.0 }}
+"
+        );
+        let (_, diagnostics) = checked(&text);
+        assert_eq!(codes(&diagnostics), [Code::E0031, Code::E0032]);
+        assert!(diagnostics[1].message.starts_with("`c` has `auto`"));
+    }
+
+    #[test]
+    fn select_inside_a_rule_is_refused() {
+        let text = format!(
+            "{MODELS}
+merge m = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {{
+    x weight 1.0
+    layers \"*\" {{ select by loss(v) }}
+}}
+"
+        );
+        let (recipe, diagnostics) = checked(&text);
+        assert!(recipe.merges[0].select.is_none());
+        assert_eq!(codes(&diagnostics), [Code::E0032, Code::E0019]);
     }
 }

@@ -1,17 +1,19 @@
 //! Syntax tree → checked [`Recipe`]: resolves names across imports, types
 //! and range-checks every value, and reports every problem it finds (not
-//! just the first) as a [`Diagnostic`]. Merges are checked in `merge.rs`;
-//! data sources and outputs in `decls.rs`.
+//! just the first) as a [`Diagnostic`]. This file owns names, scopes and
+//! values; merges are checked in `merge.rs`, data sources and outputs in
+//! `decls.rs`, and every problem is worded in `error.rs`.
 
 mod decls;
+mod error;
 mod merge;
 
-use crate::codes::Code;
-use crate::diagnostic::{self, Diagnostic, closest};
+use crate::diagnostic::{self, Diagnostic};
 use crate::load::Program;
 use crate::recipe::{DataId, InputRef, MergeId, ModelId, Recipe};
 use crate::source::Span;
 use crate::syntax::ast::{self, Expr, ExprKind, ItemKind};
+use error::{InvalidAuto, Problem};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
@@ -131,6 +133,8 @@ impl Val {
     }
 }
 
+/// The whole program's checking state: definitions and scopes, what is used,
+/// the recipe being built and the diagnostics reported so far.
 struct Checker<'p> {
     program: &'p Program,
     defs: Vec<Def>,
@@ -144,16 +148,6 @@ struct Checker<'p> {
     diagnostics: Vec<Diagnostic>,
     /// Stage instantiations in progress (recursion guard).
     instantiating: Vec<usize>,
-    /// `auto` sites of the merge being checked, its `select`, and the index
-    /// of the `layers` rule being checked (`None`: the merge level).
-    autos: Vec<crate::recipe::AutoSite>,
-    select: Option<crate::recipe::Select>,
-    auto_rule: Option<usize>,
-    auto_rule_line: Option<usize>,
-    /// An `auto` of the merge being checked had no valid candidate (already reported).
-    auto_invalid: bool,
-    /// Names of the inputs of the merge being checked, for `auto` labels.
-    current_inputs: Vec<String>,
     max_candidates: usize,
 }
 
@@ -173,12 +167,6 @@ impl<'p> Checker<'p> {
             },
             diagnostics: Vec::new(),
             instantiating: Vec::new(),
-            autos: Vec::new(),
-            select: None,
-            auto_rule: None,
-            auto_rule_line: None,
-            auto_invalid: false,
-            current_inputs: Vec::new(),
             max_candidates: crate::recipe::MAX_CANDIDATES,
         }
     }
@@ -187,8 +175,9 @@ impl<'p> Checker<'p> {
         &self.program.modules[def.module].ast.items[def.item]
     }
 
-    fn error(&mut self, d: Diagnostic) {
-        self.diagnostics.push(d);
+    /// Every problem the checker finds goes through here.
+    fn report(&mut self, problem: Problem) {
+        self.diagnostics.push(problem.into_diagnostic());
     }
 
     fn run(&mut self) {
@@ -254,12 +243,14 @@ impl<'p> Checker<'p> {
                     &mut scope.locals
                 };
                 if let Some(&previous) = namespace.get(&name.name) {
-                    let prev = &self.defs[previous];
-                    let d = Diagnostic::new(Code::E0003, name.span, format!("`{}` is defined twice", name.name))
-                        .label(format!("defined again here, as {}", kind.describe()))
-                        .with(prev.name.span, format!("first defined here, as {}", prev.kind.describe()))
-                        .help("models, merges, stages and `let`s share one namespace, data sources have their own");
-                    self.diagnostics.push(d);
+                    let first = &self.defs[previous];
+                    self.report(Problem::DefinedTwice {
+                        span: name.span,
+                        name: name.name.clone(),
+                        kind,
+                        first: first.name.span,
+                        first_kind: first.kind,
+                    });
                     continue;
                 }
                 match &item.kind {
@@ -284,14 +275,11 @@ impl<'p> Checker<'p> {
                 match &import.alias {
                     Some(alias) => {
                         if let Some(def) = scope.find(&alias.name, false) {
-                            let d = Diagnostic::new(
-                                Code::E0003,
-                                alias.span,
-                                format!("`{}` is defined twice", alias.name),
-                            )
-                            .label("used as an import alias here")
-                            .with(self.defs[def].name.span, "also defined here");
-                            self.diagnostics.push(d);
+                            self.report(Problem::AliasDefinedTwice {
+                                span: alias.span,
+                                alias: alias.name.clone(),
+                                definition: self.defs[def].name.span,
+                            });
                         }
                         scope.aliases.insert(alias.name.clone(), (item, target));
                     }
@@ -331,19 +319,13 @@ impl<'p> Checker<'p> {
     fn lookup_in(&mut self, scope: &Scope, path: &ast::Path, data_first: bool) -> Option<Found> {
         if let Some(q) = &path.qualifier {
             let Some(&(import, target)) = self.scopes[scope.module].aliases.get(&q.name) else {
-                let aliases: Vec<String> =
-                    self.scopes[scope.module].aliases.keys().cloned().collect();
-                let mut d =
-                    Diagnostic::new(Code::E0002, q.span, format!("no import named `{}`", q.name))
-                        .label("not an import alias");
-                d = match closest(&q.name, aliases.iter().map(String::as_str)) {
-                    Some(c) => d.help(format!("did you mean `{c}`?")),
-                    None => d.help(format!(
-                        "import the recipe first: `import \"./{}.obim\" as {}`",
-                        q.name, q.name
-                    )),
-                };
-                self.error(d);
+                let aliases = self.scopes[scope.module].aliases.keys();
+                let suggestion = diagnostic::suggest(&q.name, aliases.map(String::as_str));
+                self.report(Problem::UnknownAlias {
+                    span: q.span,
+                    alias: q.name.clone(),
+                    suggestion,
+                });
                 return None;
             };
             self.used_imports.insert((scope.module, import));
@@ -355,16 +337,14 @@ impl<'p> Checker<'p> {
                     .sources
                     .get(self.program.modules[target].file)
                     .name;
-                let mut d = Diagnostic::new(
-                    Code::E0002,
-                    path.name.span,
-                    format!("`{}` is not defined in `{file}`", path.name.name),
-                )
-                .label("unknown name");
-                if let Some(c) = closest(&path.name.name, names.iter().map(String::as_str)) {
-                    d = d.help(format!("did you mean `{}.{c}`?", q.name));
-                }
-                self.error(d);
+                let suggestion =
+                    diagnostic::suggest(&path.name.name, names.iter().map(String::as_str));
+                self.report(Problem::UnknownInModule {
+                    span: path.name.span,
+                    name: path.name.name.clone(),
+                    file: file.clone(),
+                    suggestion: suggestion.map(|c| format!("{}.{c}", q.name)),
+                });
                 return None;
             }
             return found.map(|d| self.use_def(d));
@@ -443,21 +423,14 @@ impl<'p> Checker<'p> {
     /// The candidates of an `auto`: a list of numbers, or a range expanded
     /// from `from` by `step` up to `to` inclusive (within rounding).
     fn auto_values(&mut self, scope: &Scope, auto: &ast::Auto, span: Span) -> Vec<(f64, Span)> {
-        let invalid = |this: &mut Self, label: String, help: &str| {
-            let d = Diagnostic::new(Code::E0031, span, "invalid `auto` candidates")
-                .label(label)
-                .help(help.to_string());
-            this.error(d);
+        let invalid = |this: &mut Self, reason| {
+            this.report(Problem::InvalidAuto { span, reason });
             Vec::new()
         };
         match auto {
             ast::Auto::List(items) => {
                 if items.is_empty() {
-                    return invalid(
-                        self,
-                        "no candidates".into(),
-                        "give at least one value: `auto [0.3, 0.5]`",
-                    );
+                    return invalid(self, InvalidAuto::Empty);
                 }
                 let mut out = Vec::new();
                 for item in items {
@@ -469,22 +442,14 @@ impl<'p> Checker<'p> {
             }
             &ast::Auto::Range { from, to, step } => {
                 if step == 0.0 || !step.is_finite() {
-                    return invalid(
-                        self,
-                        "a step of 0".into(),
-                        "the step must move from the first value towards the last",
-                    );
+                    return invalid(self, InvalidAuto::ZeroStep);
                 }
                 if (to - from) * step < 0.0 {
-                    return invalid(
-                        self,
-                        format!("from {from}, step {step} never reaches {to}"),
-                        "the step's sign must go from the first value towards the last",
-                    );
+                    return invalid(self, InvalidAuto::NeverReaches { from, to, step });
                 }
                 let count = ((to - from) / step + 1e-9).floor() + 1.0;
                 if count > 1000.0 {
-                    return invalid(self, format!("{count} candidates"), "use a larger step");
+                    return invalid(self, InvalidAuto::TooMany { count });
                 }
                 // Rounded to 12 decimals, so 0.1 + 2 × 0.1 prints as 0.3.
                 (0..count as usize)
@@ -500,19 +465,15 @@ impl<'p> Checker<'p> {
             return v.clone();
         }
         if let Some(pos) = self.evaluating.iter().position(|d| *d == def) {
-            let names: Vec<String> = self.evaluating[pos..]
+            let path: Vec<String> = self.evaluating[pos..]
                 .iter()
                 .chain([&def])
                 .map(|d| self.defs[*d].name.name.clone())
                 .collect();
-            let d = Diagnostic::new(
-                Code::E0014,
-                self.defs[def].name.span,
-                format!("`let` values refer to each other: {}", names.join(" → ")),
-            )
-            .label("this value depends on itself")
-            .help("give one of the values a literal");
-            self.error(d);
+            self.report(Problem::LetCycle {
+                span: self.defs[def].name.span,
+                path,
+            });
             for d in &self.evaluating[pos..] {
                 self.let_values.insert(*d, None);
             }
@@ -541,26 +502,19 @@ impl<'p> Checker<'p> {
 
     fn unknown_name(&mut self, scope: &Scope, name: &str, span: Span) {
         let names = self.visible_names(scope);
-        let mut d = Diagnostic::new(Code::E0002, span, format!("unknown name `{name}`"))
-            .label("not defined");
-        if let Some(c) = closest(name, names.iter().map(String::as_str)) {
-            d = d.help(format!("did you mean `{c}`?"));
-        } else {
-            d = d.help(
-                "define it with `model`, `data`, `merge` or `let`, or import a module that does",
-            );
-        }
-        self.error(d);
+        self.report(Problem::UnknownName {
+            span,
+            name: name.to_string(),
+            suggestion: diagnostic::suggest(name, names.iter().map(String::as_str)),
+        });
     }
 
-    fn type_error(&mut self, span: Span, expected: &str, got: &Val) {
-        let d = Diagnostic::new(
-            Code::E0008,
+    fn type_error(&mut self, span: Span, expected: &'static str, got: &Val) {
+        self.report(Problem::WrongType {
             span,
-            format!("expected {expected}, found {}", got.describe()),
-        )
-        .label(format!("this is {}", got.describe()));
-        self.error(d);
+            expected,
+            found: got.describe(),
+        });
     }
 
     /// A number (literal or `let`), or an error.
@@ -570,7 +524,7 @@ impl<'p> Checker<'p> {
         &mut self,
         scope: &Scope,
         expr: &Expr,
-        expected: &str,
+        expected: &'static str,
         extract: impl Fn(Val) -> Result<T, Val>,
     ) -> Option<T> {
         match extract(self.eval(scope, expr)?) {
@@ -586,7 +540,7 @@ impl<'p> Checker<'p> {
         }
     }
 
-    fn number(&mut self, scope: &Scope, expr: &Expr, expected: &str) -> Option<f64> {
+    fn number(&mut self, scope: &Scope, expr: &Expr, expected: &'static str) -> Option<f64> {
         self.typed(scope, expr, expected, |v| {
             if let Val::Num(n) = v { Ok(n) } else { Err(v) }
         })
@@ -613,14 +567,10 @@ impl<'p> Checker<'p> {
                 None
             }
             other => {
-                let d = Diagnostic::new(
-                    Code::E0004,
-                    expr.span,
-                    format!("expected a model or merge, found {}", other.describe()),
-                )
-                .label(format!("this is {}", other.describe()))
-                .help("merge inputs, `base:`, `order` and `take` name models or merges");
-                self.error(d);
+                self.report(Problem::NotAnInput {
+                    span: expr.span,
+                    found: other.describe(),
+                });
                 None
             }
         }
@@ -646,40 +596,45 @@ impl<'p> Checker<'p> {
                 None
             }
             other => {
-                let d = Diagnostic::new(
-                    Code::E0004,
-                    expr.span,
-                    format!("expected a data source, found {}", other.describe()),
-                )
-                .label(format!("this is {}", other.describe()))
-                .help("`using` names a `data` source: `data gsm8k = jsonl(\"gsm8k.jsonl\")`");
-                self.error(d);
+                self.report(Problem::NotData {
+                    span: expr.span,
+                    found: other.describe(),
+                });
                 None
             }
         }
     }
 
     /// One of a fixed set of words (`obd`, `bf16`, `jsonl`).
-    fn word(&mut self, expr: &Expr, allowed: &[&str], what: &str) -> Option<String> {
+    fn word(
+        &mut self,
+        expr: &Expr,
+        allowed: &'static [&'static str],
+        what: &'static str,
+    ) -> Option<String> {
         let word = match &expr.kind {
             ExprKind::Path(p) if p.qualifier.is_none() => Some(p.name.name.clone()),
             _ => None,
         };
         match word {
             Some(w) if allowed.contains(&w.as_str()) => Some(w),
-            Some(w) => {
-                let mut d = Diagnostic::new(Code::E0008, expr.span, format!("`{w}` is not {what}"))
-                    .label(format!("expected {}", or_list(allowed)));
-                if let Some(c) = closest(&w, allowed.iter().copied()) {
-                    d = d.help(format!("did you mean `{c}`?"));
-                }
-                self.error(d);
+            Some(word) => {
+                let suggestion = diagnostic::suggest(&word, allowed.iter().copied());
+                self.report(Problem::NotOneOf {
+                    span: expr.span,
+                    word,
+                    what,
+                    allowed,
+                    suggestion,
+                });
                 None
             }
             None => {
-                let d = Diagnostic::new(Code::E0008, expr.span, format!("expected {what}"))
-                    .label(format!("expected {}", or_list(allowed)));
-                self.error(d);
+                self.report(Problem::NotAWord {
+                    span: expr.span,
+                    what,
+                    allowed,
+                });
                 None
             }
         }
@@ -704,28 +659,31 @@ impl<'p> Checker<'p> {
         if self.diagnostics.iter().any(Diagnostic::is_error) {
             return;
         }
-        for (index, def) in self.defs.iter().enumerate() {
-            if def.module != 0 || self.used_defs.contains(&index) || def.name.name.starts_with('_')
-            {
-                continue;
-            }
-            let d = Diagnostic::new(Code::W0001, def.name.span, format!("{} `{}` is never used", def.kind.describe(), def.name.name))
-                .label("defined here")
-                .help(match def.kind {
-                    DefKind::Merge(_) => "add an `output`, use it in another merge, or remove it (prefix `_` to keep it silently)",
-                    _ => "remove it, or prefix the name with `_` to keep it silently",
-                });
-            self.diagnostics.push(d);
+        let unused: Vec<Problem> = self
+            .defs
+            .iter()
+            .enumerate()
+            .filter(|(index, def)| {
+                def.module == 0
+                    && !self.used_defs.contains(index)
+                    && !def.name.name.starts_with('_')
+            })
+            .map(|(_, def)| Problem::Unused {
+                span: def.name.span,
+                name: def.name.name.clone(),
+                kind: def.kind,
+            })
+            .collect();
+        for problem in unused {
+            self.report(problem);
         }
         for &(item, target) in &root.imports {
             if target.is_none() || self.used_imports.contains(&(0, item)) {
                 continue;
             }
-            let span = root.ast.items[item].span;
-            let d = Diagnostic::new(Code::W0001, span, "nothing from this import is used")
-                .label("unused import")
-                .help("remove the import");
-            self.diagnostics.push(d);
+            self.report(Problem::UnusedImport {
+                span: root.ast.items[item].span,
+            });
         }
     }
 
@@ -770,21 +728,16 @@ impl<'p> Checker<'p> {
                 }
                 current = next;
             }
-            let names: Vec<&str> = path
-                .iter()
-                .map(|m| self.recipe.merges[*m].name.as_str())
-                .collect();
-            let mut d = Diagnostic::new(
-                Code::E0014,
-                self.recipe.merges[members[0]].span,
-                format!("merges depend on each other: {}", names.join(" → ")),
-            )
-            .label("this merge depends on itself")
-            .help("a merge can only use merges that do not use it");
-            for m in &path[1..path.len().saturating_sub(1)] {
-                d = d.with(self.recipe.merges[*m].span, "part of the cycle");
-            }
-            self.diagnostics.push(d);
+            let merges = &self.recipe.merges;
+            let problem = Problem::MergeCycle {
+                span: merges[members[0]].span,
+                path: path.iter().map(|m| merges[*m].name.clone()).collect(),
+                members: path[1..path.len().saturating_sub(1)]
+                    .iter()
+                    .map(|m| merges[*m].span)
+                    .collect(),
+            };
+            self.report(problem);
         }
     }
 }
@@ -808,15 +761,6 @@ impl ModuleScope {
 enum Found {
     Def(usize),
     Arg(Expr, Scope),
-}
-
-fn or_list(words: &[&str]) -> String {
-    let quoted: Vec<String> = words.iter().map(|w| format!("`{w}`")).collect();
-    match quoted.split_last() {
-        Some((last, [])) => last.clone(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => String::new(),
-    }
 }
 
 fn placeholder_model(d: &ast::ModelDecl) -> crate::recipe::Model {

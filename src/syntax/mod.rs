@@ -9,7 +9,7 @@
 pub mod ast;
 
 use crate::codes::Code;
-use crate::diagnostic::{Diagnostic, closest};
+use crate::diagnostic::{Diagnostic, closest, did_you_mean};
 use crate::source::{FileId, Span};
 use ast::*;
 use pest::Parser;
@@ -263,7 +263,7 @@ fn syntax_error(file: FileId, text: &str, at: usize, mut expected: Vec<String>) 
                     Span::new(file, word_span.0, word_span.1),
                     format!("`{word}` is read as a name"),
                 )
-                .help(format!("did you mean `{kw}`?"));
+                .help(did_you_mean(kw));
         }
     }
     let reserved = ITEM_KEYWORDS
