@@ -7,7 +7,7 @@
 use super::error::{self, Kept, Problem};
 use super::{Checker, Found, Scope, StageArgs, Val};
 use crate::diagnostic;
-use crate::methods::{Kind, Method, Scope as ParamScope};
+use crate::methods::{Kind, Method, ParamName, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
     AutoField, AutoSite, Input, InputSettings, LayerRule, Merge, OrderSpec, Saliency, Select,
@@ -35,7 +35,7 @@ struct Spans {
     using: HashMap<usize, Span>,
     /// Keys written, resolved or not (`None`: the merge level), so that a
     /// bad value is not also reported as missing.
-    written: std::collections::HashSet<(Option<usize>, String)>,
+    written: std::collections::HashSet<(Option<usize>, ParamName)>,
 }
 
 impl Checker<'_> {
@@ -373,34 +373,29 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         spans: &mut Spans,
         in_rule: Option<Span>,
     ) {
-        let key = kv.key.name.as_str();
-        if in_rule.is_none() {
-            spans.written.insert((None, key.to_string()));
-        }
-        let Some(param) = self.method.param(key) else {
+        let Some(param) = self.method.param(&kv.key.name) else {
             self.not_a_param(&kv.key);
             return;
         };
-        match param.scope {
-            ParamScope::Input => {
+        if in_rule.is_none() {
+            spans.written.insert((None, param.key));
+        }
+        let params = &mut settings.params;
+        match param.key {
+            ParamName::Base => self.report(Problem::BaseNotInParams { span: kv.key.span }),
+            ParamName::Normalize => params.normalize = self.checker.boolean(&self.scope, &kv.value),
+            ParamName::Rescale => params.rescale = self.checker.boolean(&self.scope, &kv.value),
+            ParamName::Int8Mask => params.int8_mask = self.checker.boolean(&self.scope, &kv.value),
+            ParamName::Lambda => params.lambda = self.setting(kv, Kind::Number, None),
+            ParamName::T => params.t = self.setting(kv, Kind::Unit, None),
+            ParamName::Scale => params.scale = self.setting(kv, Kind::Number, None),
+            ParamName::Seed => params.seed = self.checker.seed(&self.scope, &kv.value),
+            // Per-input parameters in the list: the default for every input.
+            ParamName::Weight | ParamName::Density | ParamName::Retain | ParamName::Using => {
                 let mut defaults = std::mem::take(&mut settings.defaults);
-                self.input_value(kv, &mut defaults, spans, None, in_rule);
+                self.input_value(kv, param.key, &mut defaults, spans, None, in_rule);
                 settings.defaults = defaults;
             }
-            ParamScope::Merge => match key {
-                "base" => self.report(Problem::BaseNotInParams { span: kv.key.span }),
-                "normalize" => {
-                    settings.params.normalize = self.checker.boolean(&self.scope, &kv.value)
-                }
-                "rescale" => settings.params.rescale = self.checker.boolean(&self.scope, &kv.value),
-                "int8_mask" => {
-                    settings.params.int8_mask = self.checker.boolean(&self.scope, &kv.value)
-                }
-                "lambda" => settings.params.lambda = self.setting(kv, Kind::Number, None),
-                "t" => settings.params.t = self.setting(kv, Kind::Unit, None),
-                "scale" => settings.params.scale = self.setting(kv, Kind::Number, None),
-                _ => settings.params.seed = self.checker.seed(&self.scope, &kv.value),
-            },
         }
     }
 
@@ -439,28 +434,28 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         index: usize,
         in_rule: Option<Span>,
     ) {
-        if self.method.param(&kv.key.name).is_none() {
+        let Some(param) = self.method.param(&kv.key.name) else {
             self.not_a_param(&kv.key);
             return;
-        }
-        self.input_value(kv, own, spans, Some(index), in_rule);
+        };
+        self.input_value(kv, param.key, own, spans, Some(index), in_rule);
     }
 
     fn input_value(
         &mut self,
         kv: &KeyValue,
+        key: ParamName,
         target: &mut InputSettings,
         spans: &mut Spans,
         index: Option<usize>,
         in_rule: Option<Span>,
     ) {
-        let key = kv.key.name.as_str();
         if in_rule.is_none() {
-            spans.written.insert((index, key.to_string()));
+            spans.written.insert((index, key));
         }
         match key {
-            "weight" => target.weight = self.setting(kv, Kind::Number, index),
-            "density" => {
+            ParamName::Weight => target.weight = self.setting(kv, Kind::Number, index),
+            ParamName::Density => {
                 target.density = self.setting(kv, Kind::Fraction, index);
                 if !self.method.sparsifies() && in_rule.is_none() {
                     self.report(Problem::DensityIgnored {
@@ -469,7 +464,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                     });
                 }
             }
-            "retain" => {
+            ParamName::Retain => {
                 target.retain = self.setting(kv, Kind::Fraction, index);
                 if in_rule.is_none() {
                     match index {
@@ -480,15 +475,22 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                     }
                 }
             }
-            "using" => {
+            ParamName::Using => {
                 target.using = self.checker.data_ref(&self.scope, &kv.value);
                 if let (Some(i), None) = (index, in_rule) {
                     spans.using.insert(i, kv.key.span);
                 }
             }
-            _ => self.report(Problem::MergeWideSetting {
+            ParamName::Base
+            | ParamName::Scale
+            | ParamName::Normalize
+            | ParamName::Rescale
+            | ParamName::Lambda
+            | ParamName::Int8Mask
+            | ParamName::Seed
+            | ParamName::T => self.report(Problem::MergeWideSetting {
                 span: kv.key.span,
-                key: key.to_string(),
+                key: key.as_str().to_string(),
             }),
         }
     }
@@ -834,9 +836,9 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         for param in method.params().iter().filter(|p| p.default.is_none()) {
             match param.scope {
                 ParamScope::Merge => {
-                    let given = match param.name {
-                        "base" => base_written,
-                        name => spans.written.contains(&(None, name.to_string())),
+                    let given = match param.key {
+                        ParamName::Base => base_written,
+                        key => spans.written.contains(&(None, key)),
                     };
                     if !given {
                         self.report(Problem::MissingParam {
@@ -853,14 +855,12 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                         if let Some(own) = merge.settings.inputs.get(&i) {
                             s.overlay(own);
                         }
-                        let written = |at: Option<usize>| {
-                            spans.written.contains(&(at, param.name.to_string()))
-                        };
+                        let written = |at: Option<usize>| spans.written.contains(&(at, param.key));
                         let given = written(None)
                             || written(Some(i))
-                            || match param.name {
-                                "weight" => s.weight.is_some(),
-                                "retain" => s.retain.is_some(),
+                            || match param.key {
+                                ParamName::Weight => s.weight.is_some(),
+                                ParamName::Retain => s.retain.is_some(),
                                 _ => true,
                             };
                         if !given {
@@ -903,8 +903,8 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                     })
                 });
             let name = self.checker.recipe.input_name(input.model).to_string();
-            let written = spans.written.contains(&(Some(i), "using".to_string()))
-                || spans.written.contains(&(None, "using".to_string()));
+            let written = spans.written.contains(&(Some(i), ParamName::Using))
+                || spans.written.contains(&(None, ParamName::Using));
             if any_obd && using.is_none() && !written {
                 self.report(Problem::NoCalibrationData {
                     span: input.span,
