@@ -332,56 +332,76 @@ pub fn read_header(
         if name == "__metadata__" {
             continue;
         }
-        let tensor_err = |reason: String| CheckpointError::Tensor {
-            path: path.to_path_buf(),
-            tensor: name.clone(),
-            reason,
-        };
-        let dtype = entry
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| tensor_err("no `dtype`".into()))?;
-        let dtype = TensorDtype::parse(dtype)
-            .ok_or_else(|| tensor_err(format!("unsupported dtype `{dtype}`")))?;
-        let size = dtype.size() as u64;
-        let shape: Vec<usize> = entry
-            .get("shape")
-            .and_then(Value::as_array)
-            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .ok_or_else(|| tensor_err("`shape` is not a list of non-negative integers".into()))?;
-        let offsets: Vec<u64> = entry
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .and_then(|a| a.iter().map(Value::as_u64).collect())
-            .filter(|o: &Vec<u64>| o.len() == 2)
-            .ok_or_else(|| tensor_err("`data_offsets` is not [begin, end]".into()))?;
-        let (begin, end) = (offsets[0], offsets[1]);
-        if begin > end || end > data_len {
-            return Err(tensor_err(format!(
-                "data offsets [{begin}, {end}] are outside the data section ({data_len} bytes)"
-            )));
-        }
-        let numel = shape
-            .iter()
-            .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64));
-        let expected = numel.and_then(|n| n.checked_mul(size));
-        if expected != Some(end - begin) {
-            return Err(tensor_err(format!(
-                "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
-                end - begin
-            )));
-        }
         tensors.insert(
             name.clone(),
-            TensorInfo {
-                dtype,
-                shape,
-                file: path.to_path_buf(),
-                offsets: (begin, end),
-                data_start: 8 + header_len,
-            },
+            tensor_entry(path, name, entry, data_len, 8 + header_len)?,
         );
     }
+    no_overlaps(path, &tensors)?;
+    let mut raw = len_bytes.to_vec();
+    raw.extend_from_slice(&header);
+    raw.extend_from_slice(&file_len.to_le_bytes());
+    Ok((raw, tensors))
+}
+
+/// One header entry, validated against the data section.
+fn tensor_entry(
+    path: &Path,
+    name: &str,
+    entry: &Value,
+    data_len: u64,
+    data_start: u64,
+) -> Result<TensorInfo, CheckpointError> {
+    let tensor_err = |reason: String| CheckpointError::Tensor {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        reason,
+    };
+    let dtype = entry
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| tensor_err("no `dtype`".into()))?;
+    let dtype = TensorDtype::parse(dtype)
+        .ok_or_else(|| tensor_err(format!("unsupported dtype `{dtype}`")))?;
+    let size = dtype.size() as u64;
+    let shape: Vec<usize> = entry
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+        .ok_or_else(|| tensor_err("`shape` is not a list of non-negative integers".into()))?;
+    let offsets: Vec<u64> = entry
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(Value::as_u64).collect())
+        .filter(|o: &Vec<u64>| o.len() == 2)
+        .ok_or_else(|| tensor_err("`data_offsets` is not [begin, end]".into()))?;
+    let (begin, end) = (offsets[0], offsets[1]);
+    if begin > end || end > data_len {
+        return Err(tensor_err(format!(
+            "data offsets [{begin}, {end}] are outside the data section ({data_len} bytes)"
+        )));
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64));
+    let expected = numel.and_then(|n| n.checked_mul(size));
+    if expected != Some(end - begin) {
+        return Err(tensor_err(format!(
+            "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
+            end - begin
+        )));
+    }
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        file: path.to_path_buf(),
+        offsets: (begin, end),
+        data_start,
+    })
+}
+
+/// No two tensors' bytes overlap.
+fn no_overlaps(path: &Path, tensors: &BTreeMap<String, TensorInfo>) -> Result<(), CheckpointError> {
     let mut ranges: Vec<(&String, (u64, u64))> = tensors
         .iter()
         .map(|(n, t)| (n, t.offsets))
@@ -397,10 +417,7 @@ pub fn read_header(
             });
         }
     }
-    let mut raw = len_bytes.to_vec();
-    raw.extend_from_slice(&header);
-    raw.extend_from_slice(&file_len.to_le_bytes());
-    Ok((raw, tensors))
+    Ok(())
 }
 
 #[cfg(test)]

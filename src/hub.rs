@@ -255,42 +255,12 @@ pub fn fetch(
             how: how_to_fetch(id, revision),
         })?;
     let repo = api.repo(repo_spec);
-    let request_error = |e: ApiError, file: Option<&str>| -> HubError {
-        if let ApiError::RequestError(boxed) = &e {
-            match boxed.as_ref() {
-                ureq::Error::Status(404, _) => {
-                    return HubError::NotFound {
-                        id: id.to_string(),
-                        revision: revision
-                            .map_or_else(String::new, |r| format!(" at revision `{r}`")),
-                        endpoint: endpoint.clone(),
-                    };
-                }
-                ureq::Error::Status(status @ (401 | 403), _) => {
-                    return HubError::Denied {
-                        id: id.to_string(),
-                        endpoint: endpoint.clone(),
-                        status: *status,
-                    };
-                }
-                ureq::Error::Transport(t) if file.is_none() => {
-                    return HubError::Unreachable {
-                        id: id.to_string(),
-                        endpoint: endpoint.clone(),
-                        reason: t.to_string(),
-                        how: how_to_fetch(id, revision),
-                    };
-                }
-                _ => {}
-            }
-        }
-        HubError::Download {
-            id: id.to_string(),
-            file: file.unwrap_or("the file list").to_string(),
-            reason: e.to_string(),
-        }
+    let request = Request {
+        id,
+        revision,
+        endpoint: &endpoint,
     };
-    let info = repo.info().map_err(|e| request_error(e, None))?;
+    let info = repo.info().map_err(|e| request.error(e, None))?;
     let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let mut wanted: Vec<String> = ["config.json", "generation_config.json"]
         .iter()
@@ -305,45 +275,10 @@ pub fn fetch(
             Some(path) => Ok(path),
             None => repo
                 .download_with_progress(file, Adapter(&mut *progress))
-                .map_err(|e| request_error(e, Some(file))),
+                .map_err(|e| request.error(e, Some(file))),
         }
     };
-    let weights: Vec<String> = if files.contains(&INDEX) {
-        let index = get(INDEX)?;
-        let shards = index_shards(&index).ok_or_else(|| HubError::Corrupt {
-            id: id.to_string(),
-            file: INDEX.to_string(),
-            reason: "not a safetensors index with a `weight_map`".to_string(),
-        });
-        let shards = match shards {
-            Ok(s) => s,
-            Err(e) => {
-                remove_download(&index);
-                return Err(e);
-            }
-        };
-        if let Some(missing) = shards.iter().find(|s| !files.contains(&s.as_str())) {
-            return Err(HubError::Download {
-                id: id.to_string(),
-                file: missing.clone(),
-                reason: format!("{INDEX} names it but the repository has no such file"),
-            });
-        }
-        shards
-    } else if files.contains(&SINGLE) {
-        vec![SINGLE.to_string()]
-    } else {
-        let mut listed: Vec<&str> = files
-            .iter()
-            .copied()
-            .filter(|f| !f.starts_with('.'))
-            .collect();
-        listed.truncate(12);
-        return Err(HubError::NoSafetensors {
-            id: id.to_string(),
-            files: listed.join(", "),
-        });
-    };
+    let weights = request.weight_files(&files, &mut get)?;
     wanted.extend(weights.iter().cloned());
     let mut snapshot = None;
     for file in &wanted {
@@ -364,6 +299,97 @@ pub fn fetch(
         id: id.to_string(),
         files: String::new(),
     })
+}
+
+/// One model being fetched: what its errors name.
+struct Request<'a> {
+    id: &'a str,
+    revision: Option<&'a str>,
+    endpoint: &'a str,
+}
+
+impl Request<'_> {
+    /// A hub API error as what it means for this model (and `file`, if any).
+    fn error(&self, e: ApiError, file: Option<&str>) -> HubError {
+        if let ApiError::RequestError(boxed) = &e {
+            match boxed.as_ref() {
+                ureq::Error::Status(404, _) => {
+                    return HubError::NotFound {
+                        id: self.id.to_string(),
+                        revision: self
+                            .revision
+                            .map_or_else(String::new, |r| format!(" at revision `{r}`")),
+                        endpoint: self.endpoint.to_string(),
+                    };
+                }
+                ureq::Error::Status(status @ (401 | 403), _) => {
+                    return HubError::Denied {
+                        id: self.id.to_string(),
+                        endpoint: self.endpoint.to_string(),
+                        status: *status,
+                    };
+                }
+                ureq::Error::Transport(t) if file.is_none() => {
+                    return HubError::Unreachable {
+                        id: self.id.to_string(),
+                        endpoint: self.endpoint.to_string(),
+                        reason: t.to_string(),
+                        how: how_to_fetch(self.id, self.revision),
+                    };
+                }
+                _ => {}
+            }
+        }
+        HubError::Download {
+            id: self.id.to_string(),
+            file: file.unwrap_or("the file list").to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The weight files to download: the index's shards, else the single file.
+    fn weight_files(
+        &self,
+        files: &[&str],
+        get: &mut dyn FnMut(&str) -> Result<PathBuf, HubError>,
+    ) -> Result<Vec<String>, HubError> {
+        Ok(if files.contains(&INDEX) {
+            let index = get(INDEX)?;
+            let shards = index_shards(&index).ok_or_else(|| HubError::Corrupt {
+                id: self.id.to_string(),
+                file: INDEX.to_string(),
+                reason: "not a safetensors index with a `weight_map`".to_string(),
+            });
+            let shards = match shards {
+                Ok(s) => s,
+                Err(e) => {
+                    remove_download(&index);
+                    return Err(e);
+                }
+            };
+            if let Some(missing) = shards.iter().find(|s| !files.contains(&s.as_str())) {
+                return Err(HubError::Download {
+                    id: self.id.to_string(),
+                    file: missing.clone(),
+                    reason: format!("{INDEX} names it but the repository has no such file"),
+                });
+            }
+            shards
+        } else if files.contains(&SINGLE) {
+            vec![SINGLE.to_string()]
+        } else {
+            let mut listed: Vec<&str> = files
+                .iter()
+                .copied()
+                .filter(|f| !f.starts_with('.'))
+                .collect();
+            listed.truncate(12);
+            return Err(HubError::NoSafetensors {
+                id: self.id.to_string(),
+                files: listed.join(", "),
+            });
+        })
+    }
 }
 
 /// Removes a downloaded file: the snapshot's link and the blob it points to.

@@ -47,6 +47,25 @@ enum PlanFormat {
     Dot,
 }
 
+impl From<CheckFormat> for Format {
+    fn from(f: CheckFormat) -> Format {
+        match f {
+            CheckFormat::Text => Format::Text,
+            CheckFormat::Json => Format::Json,
+        }
+    }
+}
+
+impl From<PlanFormat> for Format {
+    fn from(f: PlanFormat) -> Format {
+        match f {
+            PlanFormat::Text => Format::Text,
+            PlanFormat::Json => Format::Json,
+            PlanFormat::Dot => Format::Dot,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Check recipes and report every problem.
@@ -72,24 +91,7 @@ enum Command {
         check: bool,
     },
     /// Run a recipe: merge and write every output.
-    Run {
-        recipe: PathBuf,
-        /// Where forward passes run (calibration, selection; merging runs on the CPU): `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
-        #[arg(long, default_value = "auto")]
-        device: DeviceRequest,
-        /// Worker threads (default: every core).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Cache directory (default: $XDG_CACHE_HOME/obim or ~/.cache/obim).
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// Replace existing outputs.
-        #[arg(long)]
-        force: bool,
-        /// Print what would run and what is already up to date; write nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Run(RunArgs),
     /// Greedy exact-match accuracy of models on jsonl files (`prompt`, `answer`), or `--loss`.
     Eval {
         /// Model directories, Hugging Face ids in the local cache, or a recipe's
@@ -153,6 +155,27 @@ enum Command {
     Explain { code: String },
 }
 
+/// `obim run`'s arguments.
+#[derive(clap::Args)]
+struct RunArgs {
+    recipe: PathBuf,
+    /// Where forward passes run (calibration, selection; merging runs on the CPU): `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Cache directory (default: $XDG_CACHE_HOME/obim or ~/.cache/obim).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Replace existing outputs.
+    #[arg(long)]
+    force: bool,
+    /// Print what would run and what is already up to date; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads
         && rayon::ThreadPoolBuilder::new()
@@ -185,117 +208,122 @@ fn bytes_bar(total: u64) -> indicatif::ProgressBar {
 
 impl Progress {
     fn event(&mut self, event: obim::exec::Event) {
+        self.draw(&event);
+        if let Some(line) = line(&event, self.terminal) {
+            match &self.bar {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+
+    /// Byte-counting bars for downloads and outputs, on a terminal.
+    fn draw(&mut self, event: &obim::exec::Event) {
         use obim::exec::Event;
         match event {
-            Event::DownloadStarted { file, bytes } => {
-                if self.terminal {
-                    let bar = bytes_bar(bytes);
-                    bar.set_message(file);
-                    self.bar = Some(bar);
-                }
+            Event::DownloadStarted { file, bytes } if self.terminal => {
+                let bar = bytes_bar(*bytes);
+                bar.set_message(file.clone());
+                self.bar = Some(bar);
+            }
+            Event::OutputStarted { bytes, .. } if self.terminal => {
+                self.bar = Some(bytes_bar(*bytes));
             }
             Event::Downloaded { bytes } => {
                 if let Some(bar) = &self.bar {
-                    bar.inc(bytes);
-                }
-            }
-            Event::DownloadFinished => {
-                if let Some(bar) = self.bar.take() {
-                    bar.finish_and_clear();
-                }
-            }
-            Event::OutputStarted {
-                path,
-                tensors,
-                bytes,
-                shards,
-            } => {
-                if self.terminal {
-                    let bar = bytes_bar(bytes);
-                    bar.println(format!(
-                        "writing {} ({tensors} tensors, {shards} shard{})",
-                        path.display(),
-                        if shards == 1 { "" } else { "s" }
-                    ));
-                    self.bar = Some(bar);
+                    bar.inc(*bytes);
                 }
             }
             Event::TensorWritten { name, bytes } => {
                 if let Some(bar) = &self.bar {
-                    bar.set_message(name);
-                    bar.inc(bytes);
+                    bar.set_message(name.clone());
+                    bar.inc(*bytes);
                 }
             }
-            Event::OutputWritten {
-                path,
-                seconds,
-                bytes,
-            } => {
+            Event::DownloadFinished | Event::OutputWritten { .. } => {
                 if let Some(bar) = self.bar.take() {
                     bar.finish_and_clear();
                 }
-                eprintln!(
-                    "wrote {} ({:.1} MB in {seconds:.2} s)",
-                    path.display(),
-                    bytes as f64 / 1e6
-                );
             }
-            Event::UpToDate { path } => eprintln!(
-                "{} is up to date (written by this plan); nothing to do (--force rewrites it)",
-                path.display()
-            ),
-            Event::CalibrationStarted {
-                input,
-                data,
-                sequences,
-                tokens,
-            } => {
-                if self.terminal {
-                    eprintln!(
-                        "calibrating {input} on {data} ({sequences} sequences, {tokens} tokens)…"
-                    );
-                }
-            }
-            Event::Calibrated {
-                input,
-                data,
-                tokens,
-                seconds,
-                cached,
-            } => {
-                if cached {
-                    eprintln!("statistics of {input} on {data}: from the cache ({tokens} tokens)");
-                } else {
-                    eprintln!(
-                        "calibrated {input} on {data}: {tokens} tokens in {seconds:.2} s ({:.0} tokens/s)",
-                        tokens as f64 / seconds.max(1e-9)
-                    );
-                }
-            }
-            Event::CandidateScored {
-                merge,
-                candidate,
-                losses,
-                mean,
-                cached,
-            } => {
-                let per: Vec<String> = losses.iter().map(|(d, l)| format!("{d} {l:.4}")).collect();
-                eprintln!(
-                    "{merge}: {candidate:<32} loss {mean:.4} ({}){}",
-                    per.join(", "),
-                    if cached { " [cached]" } else { "" }
-                );
-            }
-            Event::Selected {
-                merge,
-                candidate,
-                mean,
-                seconds,
-            } => {
-                eprintln!("{merge}: chose {candidate} (loss {mean:.4}; {seconds:.2} s)");
-            }
+            _ => {}
         }
     }
+}
+
+/// The line an event prints, if any (per-tensor events only move a bar).
+fn line(event: &obim::exec::Event, terminal: bool) -> Option<String> {
+    use obim::exec::Event;
+    Some(match event {
+        Event::OutputStarted {
+            path,
+            tensors,
+            shards,
+            ..
+        } if terminal => format!(
+            "writing {} ({tensors} tensors, {shards} shard{})",
+            path.display(),
+            if *shards == 1 { "" } else { "s" }
+        ),
+        Event::OutputWritten {
+            path,
+            seconds,
+            bytes,
+        } => format!(
+            "wrote {} ({:.1} MB in {seconds:.2} s)",
+            path.display(),
+            *bytes as f64 / 1e6
+        ),
+        Event::UpToDate { path } => format!(
+            "{} is up to date (written by this plan); nothing to do (--force rewrites it)",
+            path.display()
+        ),
+        Event::CalibrationStarted {
+            input,
+            data,
+            sequences,
+            tokens,
+        } if terminal => {
+            format!("calibrating {input} on {data} ({sequences} sequences, {tokens} tokens)…")
+        }
+        Event::Calibrated {
+            input,
+            data,
+            tokens,
+            cached: true,
+            ..
+        } => format!("statistics of {input} on {data}: from the cache ({tokens} tokens)"),
+        Event::Calibrated {
+            input,
+            data,
+            tokens,
+            seconds,
+            ..
+        } => format!(
+            "calibrated {input} on {data}: {tokens} tokens in {seconds:.2} s ({:.0} tokens/s)",
+            *tokens as f64 / seconds.max(1e-9)
+        ),
+        Event::CandidateScored {
+            merge,
+            candidate,
+            losses,
+            mean,
+            cached,
+        } => {
+            let per: Vec<String> = losses.iter().map(|(d, l)| format!("{d} {l:.4}")).collect();
+            format!(
+                "{merge}: {candidate:<32} loss {mean:.4} ({}){}",
+                per.join(", "),
+                if *cached { " [cached]" } else { "" }
+            )
+        }
+        Event::Selected {
+            merge,
+            candidate,
+            mean,
+            seconds,
+        } => format!("{merge}: chose {candidate} (loss {mean:.4}; {seconds:.2} s)"),
+        _ => return None,
+    })
 }
 
 fn cache_dir() -> PathBuf {
@@ -318,6 +346,27 @@ fn open_device(request: DeviceRequest) -> Device {
     })
 }
 
+/// `obim run`: opens the device, installs the Ctrl-C handler, draws progress.
+fn run(io: &mut Io, args: RunArgs) -> i32 {
+    let device = open_device(args.device);
+    set_threads(args.threads);
+    static CANCEL: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
+    let options = obim::exec::RunOptions {
+        force: args.force,
+        cancel: &CANCEL,
+        cache: args.cache.unwrap_or_else(cache_dir),
+        device: &device,
+    };
+    let mut progress = Progress {
+        bar: None,
+        terminal: std::io::stderr().is_terminal(),
+    };
+    commands::run(io, &args.recipe, &options, args.dry_run, &mut |e| {
+        progress.event(e)
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let color = match cli.color {
@@ -335,23 +384,8 @@ fn main() {
         },
     };
     let code = match cli.command {
-        Command::Check { recipes, format } => commands::check(
-            &mut io,
-            &recipes,
-            if matches!(format, CheckFormat::Json) {
-                Format::Json
-            } else {
-                Format::Text
-            },
-        ),
-        Command::Plan { recipe, format } => {
-            let format = match format {
-                PlanFormat::Text => Format::Text,
-                PlanFormat::Json => Format::Json,
-                PlanFormat::Dot => Format::Dot,
-            };
-            commands::plan(&mut io, &recipe, format)
-        }
+        Command::Check { recipes, format } => commands::check(&mut io, &recipes, format.into()),
+        Command::Plan { recipe, format } => commands::plan(&mut io, &recipe, format.into()),
         Command::Fmt { recipes, check } => commands::format(&mut io, &recipes, check),
         Command::Explain { code } => commands::explain(&mut io, &code),
         Command::Eval {
@@ -397,32 +431,7 @@ fn main() {
             };
             commands::stats(&mut io, &model, &data, &output, &device)
         }
-        Command::Run {
-            recipe,
-            device,
-            threads,
-            cache,
-            force,
-            dry_run,
-        } => {
-            let device = open_device(device);
-            set_threads(threads);
-            static CANCEL: AtomicBool = AtomicBool::new(false);
-            let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
-            let options = obim::exec::RunOptions {
-                force,
-                cancel: &CANCEL,
-                cache: cache.unwrap_or_else(cache_dir),
-                device: &device,
-            };
-            let mut progress = Progress {
-                bar: None,
-                terminal: std::io::stderr().is_terminal(),
-            };
-            commands::run(&mut io, &recipe, &options, dry_run, &mut |e| {
-                progress.event(e)
-            })
-        }
+        Command::Run(args) => run(&mut io, args),
     };
     std::process::exit(code);
 }

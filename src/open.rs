@@ -170,16 +170,12 @@ fn compatibility(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
     let mut diagnostics = Vec::new();
     let mut reported: HashSet<(ModelId, ModelId)> = HashSet::new();
     for merge in &recipe.merges {
-        let Some(base_ref) = merge.shape_input() else {
-            continue;
-        };
-        let Some(base_id) = recipe.shape_source(base_ref) else {
+        let Some(base_id) = merge.shape_input().and_then(|b| recipe.shape_source(b)) else {
             continue;
         };
         let Some(base) = inventory.get(base_id) else {
             continue;
         };
-        let base_name = &recipe.models[base_id.0].name;
         for input in &merge.inputs {
             let Some(id) = recipe.shape_source(input.model) else {
                 continue;
@@ -187,110 +183,138 @@ fn compatibility(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
             if id == base_id || !reported.insert((id, base_id)) {
                 continue;
             }
-            let Some(info) = inventory.get(id) else {
-                continue;
-            };
-            let model = &recipe.models[id.0];
-            if info.architecture != base.architecture {
-                let show = |a: &Option<String>| a.clone().unwrap_or_else(|| "unknown".into());
-                diagnostics.push(
-                    Diagnostic::new(
-                        Code::E0023,
-                        model.span,
-                        format!(
-                            "`{}` is a {}, the base `{base_name}` a {}",
-                            model.name,
-                            show(&info.architecture),
-                            show(&base.architecture)
-                        ),
-                    )
-                    .label("architecture differs from the base")
-                    .with(recipe.models[base_id.0].span, "the base")
-                    .help("merge only fine-tunes of the same base model"),
-                );
-                continue;
-            }
-            let missing: Vec<&String> = base
-                .tensors
-                .keys()
-                .filter(|n| !info.tensors.contains_key(*n))
-                .collect();
-            if !missing.is_empty() {
-                diagnostics.push(
-                    Diagnostic::new(
-                        Code::E0024,
-                        model.span,
-                        format!(
-                            "`{}` lacks {} tensor{} of the base `{base_name}`",
-                            model.name,
-                            missing.len(),
-                            plural(missing.len())
-                        ),
-                    )
-                    .label(format!("missing {}", list(&missing)))
-                    .with(recipe.models[base_id.0].span, "the base"),
-                );
-            }
-            let mismatched: Vec<String> =
-                base.tensors
-                    .iter()
-                    .filter_map(|(n, t)| {
-                        info.tensors.get(n).filter(|o| o.shape != t.shape).map(|o| {
-                            format!("`{n}`: {:?} here, {:?} in the base", o.shape, t.shape)
-                        })
-                    })
-                    .collect();
-            if !mismatched.is_empty() {
-                let vocab = mismatched
-                    .iter()
-                    .any(|m| m.contains("embed_tokens") || m.contains("lm_head"));
-                let mut d = Diagnostic::new(
-                    Code::E0025,
-                    model.span,
-                    format!(
-                        "{} tensor{} of `{}` differ in shape from the base `{base_name}`",
-                        mismatched.len(),
-                        plural(mismatched.len()),
-                        model.name
-                    ),
-                )
-                .label(mismatched[0].clone())
-                .with(recipe.models[base_id.0].span, "the base");
-                for m in mismatched.iter().skip(1).take(4) {
-                    d = d.note(m.clone());
-                }
-                if mismatched.len() > 5 {
-                    d = d.note(format!("and {} more", mismatched.len() - 5));
-                }
-                if vocab {
-                    d = d.help("the vocabulary sizes differ; obim does not resize vocabularies yet (mergekit's `tokenizer_source` is out of scope for now)");
-                }
-                diagnostics.push(d);
+            if let Some(info) = inventory.get(id) {
+                diagnostics.extend(against_base(recipe, (id, info), (base_id, base)));
             }
         }
-        for rule in &merge.rules {
-            for pattern in &rule.patterns {
-                if !base.tensors.keys().any(|n| pattern.matches(n)) {
-                    let example = base
-                        .tensors
-                        .keys()
-                        .next()
-                        .map_or(String::new(), |n| format!("; tensor names look like `{n}`"));
-                    diagnostics.push(
-                        Diagnostic::new(
-                            Code::W0002,
-                            rule.pattern_span,
-                            format!(
-                                "pattern \"{}\" matches no tensor of `{base_name}`",
-                                pattern.as_str()
-                            ),
-                        )
-                        .label("this rule never applies")
-                        .help(format!(
-                            "check the pattern against the base's tensor names{example}"
-                        )),
-                    );
-                }
+        diagnostics.extend(unmatched_patterns(
+            merge,
+            base,
+            &recipe.models[base_id.0].name,
+        ));
+    }
+    diagnostics
+}
+
+/// An input checkpoint compared with its base: the architecture (E0023),
+/// then missing tensors (E0024) and differing shapes (E0025).
+fn against_base(
+    recipe: &Recipe,
+    (id, info): (ModelId, &ModelInfo),
+    (base_id, base): (ModelId, &ModelInfo),
+) -> Vec<Diagnostic> {
+    let mut diagnostics = Vec::new();
+    let base_name = &recipe.models[base_id.0].name;
+    let model = &recipe.models[id.0];
+    if info.architecture != base.architecture {
+        let show = |a: &Option<String>| a.clone().unwrap_or_else(|| "unknown".into());
+        diagnostics.push(
+            Diagnostic::new(
+                Code::E0023,
+                model.span,
+                format!(
+                    "`{}` is a {}, the base `{base_name}` a {}",
+                    model.name,
+                    show(&info.architecture),
+                    show(&base.architecture)
+                ),
+            )
+            .label("architecture differs from the base")
+            .with(recipe.models[base_id.0].span, "the base")
+            .help("merge only fine-tunes of the same base model"),
+        );
+        return diagnostics;
+    }
+    let missing: Vec<&String> = base
+        .tensors
+        .keys()
+        .filter(|n| !info.tensors.contains_key(*n))
+        .collect();
+    if !missing.is_empty() {
+        diagnostics.push(
+            Diagnostic::new(
+                Code::E0024,
+                model.span,
+                format!(
+                    "`{}` lacks {} tensor{} of the base `{base_name}`",
+                    model.name,
+                    missing.len(),
+                    plural(missing.len())
+                ),
+            )
+            .label(format!("missing {}", list(&missing)))
+            .with(recipe.models[base_id.0].span, "the base"),
+        );
+    }
+    let mismatched: Vec<String> = base
+        .tensors
+        .iter()
+        .filter_map(|(n, t)| {
+            info.tensors
+                .get(n)
+                .filter(|o| o.shape != t.shape)
+                .map(|o| format!("`{n}`: {:?} here, {:?} in the base", o.shape, t.shape))
+        })
+        .collect();
+    if !mismatched.is_empty() {
+        let vocab = mismatched
+            .iter()
+            .any(|m| m.contains("embed_tokens") || m.contains("lm_head"));
+        let mut d = Diagnostic::new(
+            Code::E0025,
+            model.span,
+            format!(
+                "{} tensor{} of `{}` differ in shape from the base `{base_name}`",
+                mismatched.len(),
+                plural(mismatched.len()),
+                model.name
+            ),
+        )
+        .label(mismatched[0].clone())
+        .with(recipe.models[base_id.0].span, "the base");
+        for m in mismatched.iter().skip(1).take(4) {
+            d = d.note(m.clone());
+        }
+        if mismatched.len() > 5 {
+            d = d.note(format!("and {} more", mismatched.len() - 5));
+        }
+        if vocab {
+            d = d.help("the vocabulary sizes differ; obim does not resize vocabularies yet (mergekit's `tokenizer_source` is out of scope for now)");
+        }
+        diagnostics.push(d);
+    }
+    diagnostics
+}
+
+/// `layers` patterns that match no tensor of the base (W0002).
+fn unmatched_patterns(
+    merge: &crate::recipe::Merge,
+    base: &ModelInfo,
+    base_name: &str,
+) -> Vec<Diagnostic> {
+    let mut diagnostics = Vec::new();
+    for rule in &merge.rules {
+        for pattern in &rule.patterns {
+            if !base.tensors.keys().any(|n| pattern.matches(n)) {
+                let example = base
+                    .tensors
+                    .keys()
+                    .next()
+                    .map_or(String::new(), |n| format!("; tensor names look like `{n}`"));
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::W0002,
+                        rule.pattern_span,
+                        format!(
+                            "pattern \"{}\" matches no tensor of `{base_name}`",
+                            pattern.as_str()
+                        ),
+                    )
+                    .label("this rule never applies")
+                    .help(format!(
+                        "check the pattern against the base's tensor names{example}"
+                    )),
+                );
             }
         }
     }

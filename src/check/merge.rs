@@ -256,6 +256,53 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
         let body: &[Stmt] = src.body.map_or(&[], |b| &b.items);
         // Inputs first, so that orders and rules can refer to any of them.
+        self.inputs(src, &mut merge, base_span, &mut spans);
+        for stmt in body {
+            if let StmtKind::Layers { pattern, body } = &stmt.kind {
+                self.current_rule = Some(RuleAt {
+                    index: merge.rules.len(),
+                    line: self.checker.program.sources.line(stmt.span),
+                });
+                let rule = self.rule(&merge, pattern, body, stmt.span);
+                self.current_rule = None;
+                if let Some(rule) = rule {
+                    merge.rules.push(rule);
+                }
+            } else if !matches!(stmt.kind, StmtKind::Entry { .. }) {
+                let mut settings = std::mem::take(&mut merge.settings);
+                self.statement(&merge, stmt, &mut settings, &mut spans);
+                merge.settings = settings;
+            }
+        }
+        merge.autos = std::mem::take(&mut self.autos);
+        merge.select = self.select.take();
+        if !self.auto_invalid {
+            self.candidates(&merge);
+        }
+        // Σ retain is checked for the worst candidate: every retain at its largest.
+        let worst: Vec<usize> = merge
+            .autos
+            .iter()
+            .map(|a| {
+                let largest = a.values.iter().copied().fold(f64::MIN, f64::max);
+                a.values.iter().position(|&v| v == largest).unwrap_or(0)
+            })
+            .collect();
+        let checked = merge.with_candidate(&worst);
+        self.requirements(&checked, src, &spans, base_span.is_some(), written_entries);
+        merge
+    }
+
+    /// The merge's entries (`MODEL settings...`): its inputs, each once and
+    /// never the base, then their own settings.
+    fn inputs(
+        &mut self,
+        src: &MergeSource,
+        merge: &mut Merge,
+        base_span: Option<Span>,
+        spans: &mut Spans,
+    ) {
+        let body: &[Stmt] = src.body.map_or(&[], |b| &b.items);
         let mut entry_settings = Vec::new();
         for stmt in body {
             let StmtKind::Entry { model, settings } = &stmt.kind else {
@@ -296,44 +343,10 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         for (index, settings) in entry_settings {
             let mut own = InputSettings::default();
             for kv in settings {
-                self.input_setting(kv, &mut own, &mut spans, index, None);
+                self.input_setting(kv, &mut own, spans, index, None);
             }
             merge.settings.inputs.insert(index, own);
         }
-        for stmt in body {
-            if let StmtKind::Layers { pattern, body } = &stmt.kind {
-                self.current_rule = Some(RuleAt {
-                    index: merge.rules.len(),
-                    line: self.checker.program.sources.line(stmt.span),
-                });
-                let rule = self.rule(&merge, pattern, body, stmt.span);
-                self.current_rule = None;
-                if let Some(rule) = rule {
-                    merge.rules.push(rule);
-                }
-            } else if !matches!(stmt.kind, StmtKind::Entry { .. }) {
-                let mut settings = std::mem::take(&mut merge.settings);
-                self.statement(&merge, stmt, &mut settings, &mut spans);
-                merge.settings = settings;
-            }
-        }
-        merge.autos = std::mem::take(&mut self.autos);
-        merge.select = self.select.take();
-        if !self.auto_invalid {
-            self.candidates(&merge);
-        }
-        // Σ retain is checked for the worst candidate: every retain at its largest.
-        let worst: Vec<usize> = merge
-            .autos
-            .iter()
-            .map(|a| {
-                let largest = a.values.iter().copied().fold(f64::MIN, f64::max);
-                a.values.iter().position(|&v| v == largest).unwrap_or(0)
-            })
-            .collect();
-        let checked = merge.with_candidate(&worst);
-        self.requirements(&checked, src, &spans, base_span.is_some(), written_entries);
-        merge
     }
 
     /// `auto` needs a `select`, `select` needs an `auto`, and the cross

@@ -100,36 +100,14 @@ pub(super) fn write_output(
         .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
     let staging = Staging::new(&output.path, options.force)?;
     let mut eval = Evaluator::new(c, job.plan, job.stats, output.merge);
-    let models: Vec<(ModelId, &ModelInfo)> = eval
-        .models_read()
-        .into_iter()
-        .filter_map(|m| c.inventory.get(m).map(|i| (m, i)))
-        .collect();
-    let infos: Vec<&ModelInfo> = models.iter().map(|(_, i)| *i).collect();
-    let stop = AtomicBool::new(false);
-    // The inputs' file hashes (for the report) are computed on a thread of
-    // their own while the merge runs.
-    let (shards, hashes) = std::thread::scope(|scope| {
-        let hashing = scope.spawn(|| crate::provenance::models(&infos, &options.cache, &stop));
-        let shards = stream(
-            &mut eval,
-            Target {
-                dir: staging.dir(),
-                dtype,
-                shard_size: output.shard_size,
-                output,
-                tensors,
-            },
-            options.cancel,
-            progress,
-        );
-        if shards.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        (shards, hashing.join())
-    });
-    let shards = shards?;
-    let hashes = hashes.map_err(|_| ExecError::Thread("input hashing"))??;
+    let target = Target {
+        dir: staging.dir(),
+        dtype,
+        shard_size: output.shard_size,
+        output,
+        tensors,
+    };
+    let (shards, inputs) = stream_and_hash(c, &mut eval, target, options, progress)?;
     let tokenizer_dir = output
         .tokenizer
         .and_then(|t| c.recipe.shape_source(t))
@@ -138,20 +116,6 @@ pub(super) fn write_output(
     write_config(staging.dir(), base, dtype)?;
     copy_side_files(&base.dir, tokenizer_dir, staging.dir())?;
     let bytes = shard_bytes(tensors, dtype);
-    let inputs = models
-        .iter()
-        .map(|(m, _)| *m)
-        .zip(hashes)
-        .map(|(m, files)| {
-            let declared = &c.recipe.models[m.0];
-            InputRecord {
-                name: declared.name.clone(),
-                source: declared.source.clone(),
-                path: c.inventory.get(m).map(|i| i.dir.display().to_string()),
-                files,
-            }
-        })
-        .collect();
     let root = c.sources.get(c.recipe.root);
     let report = Report {
         obim_version: env!("CARGO_PKG_VERSION").into(),
@@ -184,6 +148,49 @@ pub(super) fn write_output(
         bytes,
     });
     Ok(())
+}
+
+/// Streams the tensors into the staged shards while the inputs' weight
+/// files are hashed on a thread of their own (for the report); returns the
+/// shard names and the records of the inputs read.
+fn stream_and_hash(
+    c: &Compilation,
+    eval: &mut Evaluator,
+    target: Target,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(Vec<String>, Vec<InputRecord>), ExecError> {
+    let models: Vec<(ModelId, &ModelInfo)> = eval
+        .models_read()
+        .into_iter()
+        .filter_map(|m| c.inventory.get(m).map(|i| (m, i)))
+        .collect();
+    let infos: Vec<&ModelInfo> = models.iter().map(|(_, i)| *i).collect();
+    let stop = AtomicBool::new(false);
+    let (shards, hashes) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| crate::provenance::models(&infos, &options.cache, &stop));
+        let shards = stream(eval, target, options.cancel, progress);
+        if shards.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        (shards, hashing.join())
+    });
+    let shards = shards?;
+    let hashes = hashes.map_err(|_| ExecError::Thread("input hashing"))??;
+    let inputs = models
+        .iter()
+        .zip(hashes)
+        .map(|((m, info), files)| {
+            let declared = &c.recipe.models[m.0];
+            InputRecord {
+                name: declared.name.clone(),
+                source: declared.source.clone(),
+                path: Some(info.dir.display().to_string()),
+                files,
+            }
+        })
+        .collect();
+    Ok((shards, inputs))
 }
 
 /// The checkpoint whose config, tokenizer and dtype the output takes: the
