@@ -386,6 +386,16 @@ impl Merge {
         merge
     }
 
+    /// Input `index`'s settings for tensors no rule matches: the merge's
+    /// defaults for every input, then the input's own.
+    pub fn input_settings(&self, index: usize) -> InputSettings {
+        let mut s = self.settings.defaults.clone();
+        if let Some(own) = self.settings.inputs.get(&index) {
+            s.overlay(own);
+        }
+        s
+    }
+
     /// The settings of tensor `name`: the merge's own, then every matching
     /// `layers` rule in order (later rules win). Within one level an input's
     /// own setting beats the level's default for all inputs.
@@ -395,13 +405,7 @@ impl Merge {
         let mut take = self.settings.take;
         let mut params = self.settings.params.clone();
         let mut inputs: Vec<InputSettings> = (0..self.inputs.len())
-            .map(|i| {
-                let mut s = self.settings.defaults.clone();
-                if let Some(own) = self.settings.inputs.get(&i) {
-                    s.overlay(own);
-                }
-                s
-            })
+            .map(|i| self.input_settings(i))
             .collect();
         let mut rule_lines = Vec::new();
         for rule in self

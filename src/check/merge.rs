@@ -864,10 +864,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                 }
                 ParamScope::Input => {
                     for (i, input) in merge.inputs.iter().enumerate() {
-                        let mut s = merge.settings.defaults.clone();
-                        if let Some(own) = merge.settings.inputs.get(&i) {
-                            s.overlay(own);
-                        }
+                        let s = merge.input_settings(i);
                         let written = |at: Option<usize>| spans.written.contains(&(at, param.key));
                         let given = written(None)
                             || written(Some(i))
@@ -1013,17 +1010,6 @@ fn auto_label(input: Option<&str>, setting: &str, rule_line: Option<usize>) -> S
     match rule_line {
         Some(line) => format!("line {line}: {label}"),
         None => label,
-    }
-}
-
-impl Merge {
-    /// The input's setting for tensors no rule matches.
-    pub fn input_settings(&self, index: usize) -> InputSettings {
-        let mut s = self.settings.defaults.clone();
-        if let Some(own) = self.settings.inputs.get(&index) {
-            s.overlay(own);
-        }
-        s
     }
 }
 
