@@ -4,6 +4,7 @@
 
 mod cli;
 mod common;
+mod docs;
 mod forward;
 mod hub;
 mod mergekit;
