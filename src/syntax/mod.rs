@@ -28,9 +28,26 @@ pub const SETTING_KEYWORDS: &[&str] = &["weight", "retain", "density", "using"];
 /// Statements inside a merge body.
 pub const STATEMENT_KEYWORDS: &[&str] = &["order", "saliency", "take", "layers"];
 
+/// The deepest nesting of `(`, `[` and `{` a recipe may have. Real recipes
+/// nest a few levels (a merge body, a `layers` rule, a list); the limit
+/// keeps every later stage (checking, formatting, planning, all recursive)
+/// far from the end of its stack.
+pub const MAX_NESTING: usize = 64;
+
 /// Parses one file. Returns the items that parsed and one diagnostic per
-/// syntax error.
+/// syntax error. A file nested deeper than [`MAX_NESTING`] gives one error
+/// and no items.
 pub fn parse(file: FileId, text: &str) -> (Module, Vec<Diagnostic>) {
+    if let Some(at) = too_deep(text) {
+        let d = Diagnostic::new(
+            Code::E0001,
+            Span::new(file, at, at + 1),
+            format!("brackets nested more than {MAX_NESTING} levels deep"),
+        )
+        .label(format!("level {} opens here", MAX_NESTING + 1))
+        .help("recipes need only a few levels: flatten the lists or `layers` blocks");
+        return (Module { items: Vec::new() }, vec![d]);
+    }
     // Track literal tokens too, so errors can say "expected `)`".
     pest::set_error_detail(true);
     let mut items = Vec::new();
@@ -91,6 +108,44 @@ pub fn parse(file: FileId, text: &str) -> (Module, Vec<Diagnostic>) {
         }
     }
     (Module { items }, diagnostics)
+}
+
+/// Where the first bracket past [`MAX_NESTING`] opens, outside strings and
+/// comments.
+fn too_deep(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut bytes = text.bytes().enumerate();
+    while let Some((i, b)) = bytes.next() {
+        match b {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'#' => {
+                for (_, c) in bytes.by_ref() {
+                    if c == b'\n' {
+                        break;
+                    }
+                }
+            }
+            b'"' => {
+                while let Some((_, c)) = bytes.next() {
+                    match c {
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        b'"' | b'\n' => break,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The byte offset of the character after the one at `pos`.
@@ -671,6 +726,22 @@ fn unescape(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_is_limited_outside_strings_and_comments() {
+        let deep = |n: usize| format!("let a = {}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(too_deep(&deep(MAX_NESTING)), None);
+        assert_eq!(too_deep(&deep(MAX_NESTING + 1)), Some(8 + MAX_NESTING));
+        let quoted = format!("let a = \"{}\" # {}\n", "[".repeat(100), "{".repeat(100));
+        assert_eq!(too_deep(&quoted), None);
+        let (module, diags) = parse(FileId(0), &deep(10_000));
+        assert!(module.items.is_empty());
+        assert_eq!(diags.len(), 1);
+        assert!(
+            diags[0].message.contains("nested more than 64"),
+            "{diags:?}"
+        );
+    }
 
     #[test]
     fn recovers_after_an_error_and_parses_later_items() {

@@ -311,3 +311,14 @@ merge m = linear { a weight 1.0  b weight 1.0 }
     assert!(results[5].is_ok());
     assert!(blocks("test.md", "```obim\nlet x = 1\n").is_err());
 }
+
+/// The README's recipe is the shipped file it says it is.
+#[test]
+fn the_readme_recipe_is_shipped() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let shipped = std::fs::read_to_string(root().join("examples/demo/two.obim")).expect("two.obim");
+    assert!(
+        readme.contains(&format!("```obim\n{shipped}```")),
+        "README.md's recipe differs from examples/demo/two.obim"
+    );
+}

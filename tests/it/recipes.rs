@@ -87,6 +87,7 @@ fn examples_check_and_are_formatted() {
         "examples/demo/multistage.obim",
         "examples/demo/imports.obim",
         "examples/demo/experts.obim",
+        "examples/demo/two.obim",
         "examples/paper/paper.obim",
     ] {
         let c = obim::compile_file(Path::new(path)).unwrap();
