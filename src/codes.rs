@@ -348,9 +348,9 @@ needs a base and got none. The message names the tensor.
 
 Fix: check the merge's `layers` rules for the tensor named."#;
 
-E0108 => "interrupted", r#"The run was stopped (Ctrl-C) between two tensors. Nothing was written to the
-output path: the staging directory is removed and an existing output is left
-as it was.
+E0108 => "interrupted", r#"The run was stopped (Ctrl-C, SIGTERM or SIGHUP) between two tensors. Nothing
+was written to the output path: the staging directory is removed and an
+existing output is left as it was.
 
 Fix: run the recipe again."#;
 
