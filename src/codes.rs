@@ -368,6 +368,18 @@ text of two tokens or more, or a forward pass failed.
 Fix: see the cause in the message; `obim eval MODEL --data FILE --loss`
 runs the same scoring on a single model."#;
 
+E0111 => "output is being written by another run", r#"Another `obim run` is writing the same output path right now. Each run holds
+a lock on the output while it writes it (the file `.NAME.obim-lock` beside
+the output `NAME`), so that two runs never both write it and one silently
+replace the other; the second run stops before computing anything. The
+message names the output, and the other run's process id when it is known.
+
+The lock belongs to the running process: the kernel releases it when the
+process ends, however it ends, so a killed run does not block later ones.
+
+Fix: wait for the other run to finish (then run again: its output may already
+be up to date), or write to another path in the `output` statement."#;
+
 W0001 => "unused definition", r#"A definition is never used: a model or data source no merge uses, a merge no
 output or later merge uses, a `let` or an import nobody reads. Unused models
 are still opened by `obim plan`, so it is worth removing them.

@@ -1,9 +1,10 @@
 //! Tensor data in and out. Input shards are memory-mapped and read one tensor
 //! at a time (converted to f32, the only arithmetic type); outputs are
 //! written shard by shard as tensors arrive, into a staging directory that
-//! is renamed into place only when complete. Pointwise merges run chunk by
-//! chunk from the mapped bytes to the output bytes. All of obim's `unsafe`
-//! is here: the mmap, an uninitialised decode buffer, and a writeback hint.
+//! is renamed into place only when complete, under a lock that keeps other
+//! runs off the same output. Pointwise merges run chunk by chunk from the
+//! mapped bytes to the output bytes. All of obim's `unsafe` is here: the
+//! mmap, an uninitialised decode buffer, a writeback hint and the `flock`.
 
 use crate::checkpoint::{TensorDtype, TensorInfo};
 use crate::recipe::Dtype;
@@ -35,6 +36,15 @@ pub enum TensorError {
     },
     #[error("output `{0}` already exists; pass --force to replace it")]
     OutputExists(PathBuf),
+    #[error(
+        "another obim run{} is writing `{output}` (it holds `{lock}`)",
+        pid.map_or_else(String::new, |p| format!(" (pid {p})"))
+    )]
+    Busy {
+        output: PathBuf,
+        lock: PathBuf,
+        pid: Option<u32>,
+    },
 }
 
 /// Memory maps of the shards that have been touched, shared by all readers.
@@ -564,30 +574,32 @@ fn start_writeback(file: &File, from: u64, to: u64) {
 
 /// A directory being written beside its final place: removed if dropped
 /// before [`Staging::commit`], so a failed or interrupted run leaves no half
-/// output and the previous output intact.
+/// output and the previous output intact. It holds the output's
+/// [`OutputLock`] from creation until it is committed or dropped.
 pub struct Staging {
     target: PathBuf,
     temp: PathBuf,
     committed: bool,
+    /// Released (and its file removed) after the staging directory is
+    /// gone: `Drop::drop` runs before the fields are dropped.
+    _lock: OutputLock,
 }
 
 impl Staging {
+    /// Stages `target`, taking its lock.
     pub fn new(target: &Path, force: bool) -> Result<Staging, TensorError> {
+        Staging::locked(OutputLock::acquire(target)?, force)
+    }
+
+    /// Stages the output whose lock the caller took (a run locks all its
+    /// outputs before it computes anything); the lock is released when the
+    /// staging is committed or dropped.
+    pub fn locked(lock: OutputLock, force: bool) -> Result<Staging, TensorError> {
+        let target = lock.target.clone();
         if target.exists() && !force {
-            return Err(TensorError::OutputExists(target.to_path_buf()));
+            return Err(TensorError::OutputExists(target));
         }
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = target
-            .file_name()
-            .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-        std::fs::create_dir_all(parent).map_err(|source| TensorError::Write {
-            path: parent.to_path_buf(),
-            source,
-        })?;
-        let temp = parent.join(format!(".{name}.obim-partial-{}", std::process::id()));
+        let temp = beside(&target, &format!("obim-partial-{}", std::process::id()));
         if temp.exists() {
             let _ = std::fs::remove_dir_all(&temp);
         }
@@ -596,9 +608,10 @@ impl Staging {
             source,
         })?;
         Ok(Staging {
-            target: target.to_path_buf(),
+            target,
             temp,
             committed: false,
+            _lock: lock,
         })
     }
 
@@ -632,6 +645,133 @@ impl Drop for Staging {
             let _ = std::fs::remove_dir_all(&self.temp);
         }
     }
+}
+
+/// The directory an output is written in (`.` for a bare name).
+fn parent_of(target: &Path) -> &Path {
+    target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// `.NAME.SUFFIX` beside the output `NAME`.
+fn beside(target: &Path, suffix: &str) -> PathBuf {
+    let name = target
+        .file_name()
+        .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
+    parent_of(target).join(format!(".{name}.{suffix}"))
+}
+
+/// The exclusive right to write one output: an `flock` on
+/// `.NAME.obim-lock` beside it, taken without waiting, so a second run into
+/// the same output fails at once instead of replacing the first one's.
+/// The lock is released when the process ends however it ends (the kernel
+/// drops it), so a killed run never blocks the next. The file is removed
+/// on release, while still locked; a run that opened it just before sees
+/// it is no longer the file at the path once it gets the lock, and opens
+/// the path again.
+pub struct OutputLock {
+    target: PathBuf,
+    path: PathBuf,
+    _file: File,
+}
+
+/// How many times [`OutputLock::acquire`] opens the lock file again when it
+/// was replaced under it, before it gives up as if it were held.
+const LOCK_ATTEMPTS: usize = 100;
+
+impl OutputLock {
+    /// Takes the lock of `target` (creating the directory it is in), or
+    /// fails with [`TensorError::Busy`] when another process holds it.
+    pub fn acquire(target: &Path) -> Result<OutputLock, TensorError> {
+        let parent = parent_of(target);
+        std::fs::create_dir_all(parent).map_err(|source| TensorError::Write {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        let path = beside(target, "obim-lock");
+        let werr = |source| TensorError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut pid = None;
+        for _ in 0..LOCK_ATTEMPTS {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(werr)?;
+            if !try_lock(&file).map_err(werr)? {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                pid = text.trim().parse().ok();
+                break;
+            }
+            if is_file_at(&file, &path) {
+                // For people, and for the message of a run that finds it held.
+                let _ = file.set_len(0);
+                let _ = writeln!(file, "{}", std::process::id());
+                return Ok(OutputLock {
+                    target: target.to_path_buf(),
+                    path,
+                    _file: file,
+                });
+            }
+        }
+        Err(TensorError::Busy {
+            output: target.to_path_buf(),
+            lock: path,
+            pid,
+        })
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes an exclusive `flock` on `file` without waiting: false when
+/// another open file (of this or another process) holds it.
+#[cfg(unix)]
+fn try_lock(file: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor `file` keeps open.
+    #[expect(unsafe_code, reason = "flock has no safe wrapper in std")]
+    let status = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if status == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        e => Err(e),
+    }
+}
+
+/// Elsewhere there is no lock (std's `File::try_lock` needs Rust 1.89).
+#[cfg(not(unix))]
+fn try_lock(_file: &File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
+/// Whether `file` is still the file at `path` (not removed, or replaced,
+/// by the run that held the lock before).
+#[cfg(unix)]
+fn is_file_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn is_file_at(_file: &File, path: &Path) -> bool {
+    path.is_file()
 }
 
 #[cfg(test)]

@@ -1,14 +1,33 @@
-//! The output commit under signals: a run stopped by SIGTERM cleans up like
-//! Ctrl-C.
+//! The output commit under signals and concurrent runs: a run stopped by
+//! SIGTERM cleans up like Ctrl-C, and two runs into one output cannot both
+//! write it.
 
 #![expect(
     clippy::unwrap_used,
     reason = "helpers of tests: a failure should stop the test loudly"
 )]
 
-use crate::common::temp;
+use crate::common::{demo, temp};
+use obim::tensors::{Staging, TensorError};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
+/// A task-arithmetic merge of two demo experts into `out/m`, in a fresh
+/// directory; `weight` varies the plan.
+fn demo_recipe(name: &str, weight: &str) -> PathBuf {
+    let dir = temp(name);
+    let model = |m: &str| demo().join(m).display().to_string();
+    let text = format!(
+        "base llama = \"{}\"\nmodel add = \"{}\"\nmodel sort = \"{}\"\n\
+         merge m = task_arithmetic(base: llama) {{ add weight {weight}  sort weight 1.0 }}\n\
+         output m -> \"out/m\"\n",
+        model("base"),
+        model("expert_add"),
+        model("expert_sort"),
+    );
+    std::fs::write(dir.join("r.obim"), text).unwrap();
+    dir
+}
 
 fn command(dir: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_obim"));
@@ -19,6 +38,10 @@ fn command(dir: &Path, extra: &[&str]) -> Command {
         .arg(dir.join("r.obim"))
         .env("NO_COLOR", "1");
     cmd
+}
+
+fn run(dir: &Path, extra: &[&str]) -> Output {
+    command(dir, extra).output().unwrap()
 }
 
 fn stderr(out: &Output) -> String {
@@ -137,5 +160,114 @@ fn sigterm_cleans_up_like_ctrl_c() {
         .filter(|n| n != "m")
         .collect();
     assert!(left.is_empty(), "left beside the output: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Holds `.NAME.obim-lock` beside `target` as another obim run would.
+struct HeldLock {
+    _file: std::fs::File,
+}
+
+impl HeldLock {
+    fn take(target: &Path) -> HeldLock {
+        use std::os::fd::AsRawFd;
+        let name = target.file_name().unwrap().to_string_lossy();
+        let path = target.with_file_name(format!(".{name}.obim-lock"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        // SAFETY: flock(2) on a descriptor this function owns.
+        #[expect(unsafe_code, reason = "flock(2) has no safe wrapper in std")]
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(locked, 0, "{}", std::io::Error::last_os_error());
+        HeldLock { _file: file }
+    }
+}
+
+#[test]
+fn a_second_run_into_the_same_output_fails_at_once() {
+    let dir = demo_recipe("locked", "1.0");
+    let held = HeldLock::take(&dir.join("out/m"));
+    let out = run(&dir, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("another obim run"), "{err}");
+    assert!(err.contains("out/m`"), "{err}");
+    assert!(err.contains("E0111"), "{err}");
+    assert!(!dir.join("out/m").exists(), "{err}");
+    drop(held);
+    // Nor is an existing output replaced while another run holds it.
+    let first = run(&dir, &[]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let report = std::fs::read_to_string(dir.join("out/m/obim-report.json")).unwrap();
+    let held = HeldLock::take(&dir.join("out/m"));
+    let forced = run(&dir, &["--force"]);
+    assert_eq!(forced.status.code(), Some(3), "{}", stderr(&forced));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/m/obim-report.json")).unwrap(),
+        report
+    );
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The lock is taken before anything is computed: a locked output stops an
+/// OBD merge before its calibration, and with it the run's other outputs.
+#[test]
+fn a_locked_output_stops_the_run_before_calibration() {
+    let dir = temp("locked-early");
+    let path = |p: &str| demo().join(p).display().to_string();
+    let text = format!(
+        "base llama = \"{}\"\nmodel add = \"{}\"\nmodel sort = \"{}\"\n\
+         data calib = jsonl(\"{}\") {{ field \"text\", samples 8, seed 1 }}\n\
+         merge m = obim(base: llama) {{ add retain 0.3 using calib  sort retain 0.3 using calib  saliency obd }}\n\
+         merge t = task_arithmetic(base: llama) {{ add weight 1.0  sort weight 1.0 }}\n\
+         output t -> \"out/t\"\noutput m -> \"out/m\"\n",
+        path("base"),
+        path("expert_add"),
+        path("expert_sort"),
+        path("data/add/calib.jsonl"),
+    );
+    std::fs::write(dir.join("r.obim"), text).unwrap();
+    let held = HeldLock::take(&dir.join("out/m"));
+    let out = run(&dir, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("another obim run") && err.contains("E0111"),
+        "{err}"
+    );
+    assert!(!dir.join("out/t").exists(), "{err}");
+    assert!(!dir.join("cache").exists(), "something was computed: {err}");
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two stagings of one output in one process: the second is refused while
+/// the first lives, and the lock file goes with the first.
+#[test]
+fn staging_holds_the_output_lock() {
+    let dir = temp("staging-lock");
+    let target = dir.join("m");
+    let first = Staging::new(&target, false).unwrap();
+    match Staging::new(&target, true) {
+        Err(e @ TensorError::Busy { .. }) => {
+            let message = e.to_string();
+            assert!(message.contains("another obim run"), "{message}");
+            assert!(message.contains(&target.display().to_string()), "{message}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("two stagings of one output at once"),
+    }
+    drop(first);
+    assert_eq!(names(&dir), Vec::<String>::new(), "lock or staging left");
+    let second = Staging::new(&target, false).unwrap();
+    second.commit().unwrap();
+    assert_eq!(names(&dir), vec!["m"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
