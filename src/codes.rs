@@ -332,7 +332,9 @@ directory the message names (`obim run` recomputes it)."#;
 E0105 => "output cannot be written", r#"Writing the output failed: the directory could not be created, the disk is
 full, or a file could not be renamed into place. The output is written into
 a staging directory beside the target and renamed only when complete, so an
-existing output is left as it was.
+existing output is left as it was. A run killed outright (SIGKILL, a crash)
+leaves its staging directory `.NAME.obim-partial-PID` beside the output; the
+next run into the same output removes it.
 
 Fix: check permissions and free space at the path the message names."#;
 

@@ -36,6 +36,12 @@ pub enum TensorError {
     },
     #[error("output `{0}` already exists; pass --force to replace it")]
     OutputExists(PathBuf),
+    #[error("failed to rename `{from}` to `{to}`: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "another obim run{} is writing `{output}` (it holds `{lock}`)",
         pid.map_or_else(String::new, |p| format!(" (pid {p})"))
@@ -576,6 +582,16 @@ fn start_writeback(file: &File, from: u64, to: u64) {
 /// before [`Staging::commit`], so a failed or interrupted run leaves no half
 /// output and the previous output intact. It holds the output's
 /// [`OutputLock`] from creation until it is committed or dropped.
+///
+/// Beside the output `NAME` it uses `.NAME.obim-partial-PID` (the new
+/// output being written) and `.NAME.obim-old-PID` (the replaced output
+/// while it is removed). A process killed with SIGKILL, or a machine that
+/// stops, leaves them behind; the next staging of the same output removes
+/// every one of them once it holds the lock. A run that is alive holds the
+/// lock, so whatever it finds is left by a run that is no longer writing.
+/// This is used rather than asking whether the PID in the name is still
+/// alive: PIDs are reused, and a directory shared between containers or
+/// machines sees PIDs of other process namespaces.
 pub struct Staging {
     target: PathBuf,
     temp: PathBuf,
@@ -583,6 +599,17 @@ pub struct Staging {
     /// Released (and its file removed) after the staging directory is
     /// gone: `Drop::drop` runs before the fields are dropped.
     _lock: OutputLock,
+}
+
+/// The replaced output, when it could not be removed after the new output
+/// was committed: the new output is in place all the same.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the replaced output could not be removed and is left at `{path}`: {source}; the next run into the same output removes it, or delete it by hand"
+)]
+pub struct Leftover {
+    pub path: PathBuf,
+    pub source: std::io::Error,
 }
 
 impl Staging {
@@ -596,13 +623,12 @@ impl Staging {
     /// staging is committed or dropped.
     pub fn locked(lock: OutputLock, force: bool) -> Result<Staging, TensorError> {
         let target = lock.target.clone();
-        if target.exists() && !force {
+        remove_stale(&target);
+        // `symlink_metadata`: a dangling link is something at the path too.
+        if target.symlink_metadata().is_ok() && !force {
             return Err(TensorError::OutputExists(target));
         }
         let temp = beside(&target, &format!("obim-partial-{}", std::process::id()));
-        if temp.exists() {
-            let _ = std::fs::remove_dir_all(&temp);
-        }
         std::fs::create_dir(&temp).map_err(|source| TensorError::Write {
             path: temp.clone(),
             source,
@@ -619,23 +645,38 @@ impl Staging {
         &self.temp
     }
 
-    /// Moves the finished directory into place (replacing the old one, which
-    /// is kept until the new one is there).
-    pub fn commit(mut self) -> Result<(), TensorError> {
-        let werr = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TensorError::Write { path, source }
+    /// Moves the finished directory into place. Whatever was at the target
+    /// (an output, a file) is moved aside first, put back if the new output
+    /// cannot be moved in, and removed once it is. Once the new output is
+    /// in place this never fails: an old output that cannot be removed is
+    /// returned as a [`Leftover`] for the caller to warn about.
+    pub fn commit(mut self) -> Result<Option<Leftover>, TensorError> {
+        let rename = |from: &Path, to: &Path| {
+            std::fs::rename(from, to).map_err(|source| TensorError::Rename {
+                from: from.to_path_buf(),
+                to: to.to_path_buf(),
+                source,
+            })
         };
-        let old = self.temp.with_extension("old");
-        if self.target.exists() {
-            std::fs::rename(&self.target, &old).map_err(werr(&self.target))?;
-        }
-        std::fs::rename(&self.temp, &self.target).map_err(werr(&self.target))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(werr(&old))?;
+        let aside = if self.target.symlink_metadata().is_ok() {
+            let aside = beside(&self.target, &format!("obim-old-{}", std::process::id()));
+            rename(&self.target, &aside)?;
+            Some(aside)
+        } else {
+            None
+        };
+        if let Err(e) = rename(&self.temp, &self.target) {
+            if let Some(aside) = &aside {
+                let _ = std::fs::rename(aside, &self.target);
+            }
+            return Err(e);
         }
         self.committed = true;
-        Ok(())
+        Ok(aside.and_then(|path| {
+            remove_any(&path)
+                .err()
+                .map(|source| Leftover { path, source })
+        }))
     }
 }
 
@@ -661,6 +702,35 @@ fn beside(target: &Path, suffix: &str) -> PathBuf {
         .file_name()
         .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
     parent_of(target).join(format!(".{name}.{suffix}"))
+}
+
+/// Removes the staging and replaced-output directories that runs into
+/// `target` which no longer hold its lock left beside it. Best effort: one
+/// that cannot be removed does not stop the run (the next one tries again).
+fn remove_stale(target: &Path) {
+    let prefixes = [beside(target, "obim-partial-"), beside(target, "obim-old-")];
+    let prefixes: Vec<String> = prefixes
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(parent_of(target)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            let _ = remove_any(&entry.path());
+        }
+    }
+}
+
+/// Removes a directory with its contents, or a file or link.
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    if path.symlink_metadata()?.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    }
 }
 
 /// The exclusive right to write one output: an `flock` on

@@ -139,7 +139,8 @@ impl ExecError {
             ExecError::Unmergeable { .. } | ExecError::Operands { .. } => Code::E0103,
             ExecError::Files(TensorError::Read { .. } | TensorError::Tensor { .. })
             | ExecError::Materialised(_) => Code::E0104,
-            ExecError::Files(TensorError::Write { .. }) | ExecError::Thread(_) => Code::E0105,
+            ExecError::Files(TensorError::Write { .. } | TensorError::Rename { .. })
+            | ExecError::Thread(_) => Code::E0105,
             ExecError::Files(TensorError::OutputExists(_)) => Code::E0106,
             ExecError::Files(TensorError::Busy { .. }) => Code::E0111,
             ExecError::Merge(_) => Code::E0107,

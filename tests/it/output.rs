@@ -1,6 +1,8 @@
-//! The output commit under signals and concurrent runs: a run stopped by
-//! SIGTERM cleans up like Ctrl-C, and two runs into one output cannot both
-//! write it.
+//! The output commit under signals, crashes and concurrent runs: a run
+//! stopped by SIGTERM cleans up like Ctrl-C, a later run removes what a
+//! killed one left beside the output, `--force` replaces whatever is at the
+//! output path and never fails after the new output is in place, and two
+//! runs into one output cannot both write it.
 
 #![expect(
     clippy::unwrap_used,
@@ -161,6 +163,186 @@ fn sigterm_cleans_up_like_ctrl_c() {
         .collect();
     assert!(left.is_empty(), "left beside the output: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_later_run_removes_what_a_killed_run_left() {
+    let dir = big_recipe("kill9");
+    let mut child = start_and_wait_for_staging(&dir);
+    signal(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    assert!(
+        names(&dir.join("out"))
+            .iter()
+            .any(|n| n.starts_with(".m.obim-partial-")),
+        "kill -9 leaves its staging directory"
+    );
+    // What a run killed while removing the output it replaced leaves too.
+    std::fs::create_dir_all(dir.join("out/.m.obim-old-999999/sub")).unwrap();
+    std::fs::write(dir.join("out/.m.obim-old-999999/sub/f"), "x").unwrap();
+    let out = run(&dir, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(names(&dir.join("out")), vec!["m"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The stale staging directory of a dead process (pid 999999) is removed
+/// by the next `Staging` of the same output, and only of that output.
+#[test]
+fn staging_removes_stale_directories_of_its_output() {
+    let dir = temp("stale-staging");
+    let stale = dir.join(".m.obim-partial-999999");
+    std::fs::create_dir_all(stale.join("deep")).unwrap();
+    std::fs::write(stale.join("deep/model.safetensors"), vec![0u8; 1000]).unwrap();
+    let other = dir.join(".n.obim-partial-999999");
+    std::fs::create_dir_all(&other).unwrap();
+    let staging = Staging::new(&dir.join("m"), false).unwrap();
+    assert!(!stale.exists(), "stale staging directory kept");
+    assert!(other.exists(), "another output's staging directory removed");
+    std::fs::write(staging.dir().join("f"), "new").unwrap();
+    staging.commit().unwrap();
+    assert_eq!(names(&dir), vec![".n.obim-partial-999999", "m"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A kill -9 while the replaced output was being removed left the old
+/// fixed backup name `.m.old` (non-empty): `--force` still works.
+#[test]
+fn force_is_not_blocked_by_a_leftover_backup() {
+    let dir = demo_recipe("old-leftover", "1.0");
+    let first = run(&dir, &[]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    std::fs::create_dir_all(dir.join("out/.m.old/sub")).unwrap();
+    std::fs::write(dir.join("out/.m.old/sub/f"), "x").unwrap();
+    let out = run(&dir, &["--force"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("wrote"), "{err}");
+    assert!(dir.join("out/m/model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn force_replaces_a_regular_file() {
+    let dir = demo_recipe("force-file", "1.0");
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    std::fs::write(dir.join("out/m"), "a file where the output goes").unwrap();
+    // Without --force it is an existing output like any other.
+    let refused = run(&dir, &[]);
+    assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("E0106"), "{}", stderr(&refused));
+    assert!(dir.join("out/m").is_file());
+    let out = run(&dir, &["--force"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(dir.join("out/m/model.safetensors").is_file(), "{err}");
+    assert_eq!(names(&dir.join("out")), vec!["m"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Makes `dir/f` undeletable: `dir` read-only, and where that denies
+/// nothing (running as root), `f` immutable with `chattr +i` if it can be.
+/// False when neither works here.
+fn deny_deletion(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("f"), "x").unwrap();
+    std::fs::write(dir.join("probe"), "x").unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::remove_file(dir.join("probe")).is_err()
+        || Command::new("chattr")
+            .arg("+i")
+            .arg(dir.join("f"))
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// Undoes [`deny_deletion`] on every `locked` directory under `root`.
+fn allow_deletion(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if entry.file_name() == "locked" {
+            let _ = Command::new("chattr")
+                .arg("-i")
+                .arg(path.join("f"))
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
+        }
+        allow_deletion(&path);
+    }
+}
+
+/// Removes a test directory with undeletable files in it when the test
+/// ends, passed or failed.
+struct Undeletable(PathBuf);
+
+impl Drop for Undeletable {
+    fn drop(&mut self) {
+        allow_deletion(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An old output with a file that cannot be deleted: the new output is
+/// committed and reported written (exit 0); the old one is left under a
+/// name of its own, which the next run into the output removes once it can.
+#[test]
+fn force_over_an_undeletable_output_still_writes() {
+    let dir = demo_recipe("undeletable", "1.0");
+    let _cleanup = Undeletable(dir.clone());
+    let first = run(&dir, &[]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let denied = deny_deletion(&dir.join("out/m/locked"));
+    let out = run(&dir, &["--force"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("wrote"), "{err}");
+    assert!(!err.contains("failed"), "{err}");
+    assert!(dir.join("out/m/model.safetensors").is_file());
+    assert!(
+        !dir.join("out/m/locked").exists(),
+        "the new output is in place"
+    );
+    let left = names(&dir.join("out"));
+    if denied {
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left[0].starts_with(".m.obim-old-"), "{left:?}");
+    } else {
+        eprintln!("note: deletion cannot be denied here; no leftover to test");
+    }
+    allow_deletion(&dir.join("out"));
+    let again = run(&dir, &["--force"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(names(&dir.join("out")), vec!["m"]);
+}
+
+/// `Staging::commit` over an old output it cannot remove: committed all
+/// the same, with the leftover's path in the warning it returns.
+#[test]
+fn commit_returns_the_leftover_it_could_not_remove() {
+    let dir = temp("commit-leftover");
+    let _cleanup = Undeletable(dir.clone());
+    let target = dir.join("m");
+    if !deny_deletion(&target.join("locked")) {
+        eprintln!("note: deletion cannot be denied here; nothing to test");
+        return;
+    }
+    let staging = Staging::new(&target, true).unwrap();
+    std::fs::write(staging.dir().join("new"), "new").unwrap();
+    let leftover = staging.commit().unwrap().expect("a leftover");
+    assert!(target.join("new").is_file());
+    let message = leftover.to_string();
+    assert!(
+        message.contains(&leftover.path.display().to_string()) && leftover.path.exists(),
+        "{message}"
+    );
+    assert!(leftover.path.join("locked/f").exists(), "{message}");
 }
 
 /// Holds `.NAME.obim-lock` beside `target` as another obim run would.
