@@ -332,7 +332,9 @@ directory the message names (`obim run` recomputes it)."#;
 E0105 => "output cannot be written", r#"Writing the output failed: the directory could not be created, the disk is
 full, or a file could not be renamed into place. The output is written into
 a staging directory beside the target and renamed only when complete, so an
-existing output is left as it was.
+existing output is left as it was. A run killed outright (SIGKILL, a crash)
+leaves its staging directory `.NAME.obim-partial-PID` beside the output; the
+next run into the same output removes it.
 
 Fix: check permissions and free space at the path the message names."#;
 
@@ -348,9 +350,9 @@ needs a base and got none. The message names the tensor.
 
 Fix: check the merge's `layers` rules for the tensor named."#;
 
-E0108 => "interrupted", r#"The run was stopped (Ctrl-C) between two tensors. Nothing was written to the
-output path: the staging directory is removed and an existing output is left
-as it was.
+E0108 => "interrupted", r#"The run was stopped (Ctrl-C, SIGTERM or SIGHUP) between two tensors. Nothing
+was written to the output path: the staging directory is removed and an
+existing output is left as it was.
 
 Fix: run the recipe again."#;
 
@@ -367,6 +369,18 @@ text of two tokens or more, or a forward pass failed.
 
 Fix: see the cause in the message; `obim eval MODEL --data FILE --loss`
 runs the same scoring on a single model."#;
+
+E0111 => "output is being written by another run", r#"Another `obim run` is writing the same output path right now. Each run holds
+a lock on the output while it writes it (the file `.NAME.obim-lock` beside
+the output `NAME`), so that two runs never both write it and one silently
+replace the other; the second run stops before computing anything. The
+message names the output, and the other run's process id when it is known.
+
+The lock belongs to the running process: the kernel releases it when the
+process ends, however it ends, so a killed run does not block later ones.
+
+Fix: wait for the other run to finish (then run again: its output may already
+be up to date), or write to another path in the `output` statement."#;
 
 W0001 => "unused definition", r#"A definition is never used: a model or data source no merge uses, a merge no
 output or later merge uses, a `let` or an import nobody reads. Unused models

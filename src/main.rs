@@ -351,6 +351,8 @@ fn run(io: &mut Io, args: RunArgs) -> i32 {
     let device = open_device(args.device);
     set_threads(args.threads);
     static CANCEL: AtomicBool = AtomicBool::new(false);
+    // Ctrl-C, SIGTERM and SIGHUP (ctrlc's `termination` feature) all stop
+    // the run between tensors, so its staging directory is removed.
     let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
     let options = obim::exec::RunOptions {
         force: args.force,

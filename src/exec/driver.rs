@@ -17,6 +17,7 @@ use crate::checkpoint::ModelInfo;
 use crate::data;
 use crate::plan::{Op, Plan, StepKind};
 use crate::recipe::{DataId, Dtype, InputRef, MergeId, Output, Saliency};
+use crate::tensors::OutputLock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -73,13 +74,22 @@ pub fn run(
     progress: &mut dyn FnMut(Event),
 ) -> Result<(), ExecError> {
     preflight(c, plan)?;
-    let mut driver = Driver::new(c, plan, options, progress);
+    // Every output is locked for the whole run, before anything is
+    // computed: a second run into one of them fails at once (E0111)
+    // instead of after its calibration and selection.
+    let step = |o: &Output| format!("write:{}", o.written);
+    let mut locked = Vec::new();
     for (index, hash) in writes(plan) {
         let output = &c.recipe.outputs[index];
-        let step = format!("write:{}", output.written);
+        let lock = OutputLock::acquire(&output.path)
+            .map_err(|e| ExecError::from(e).in_step(step(output), output.span))?;
+        locked.push((output, hash, lock));
+    }
+    let mut driver = Driver::new(c, plan, options, progress);
+    for (output, hash, lock) in locked {
         driver
-            .output(output, &hash)
-            .map_err(|e| e.in_step(step, output.span))?;
+            .output(output, &hash, lock)
+            .map_err(|e| e.in_step(step(output), output.span))?;
     }
     Ok(())
 }
@@ -132,8 +142,8 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
         }
     }
 
-    /// Chooses, calibrates and writes one output.
-    fn output(&mut self, output: &Output, hash: &str) -> Result<(), ExecError> {
+    /// Chooses, calibrates and writes one output, whose lock the run holds.
+    fn output(&mut self, output: &Output, hash: &str, lock: OutputLock) -> Result<(), ExecError> {
         if !self.options.force && written_by(&output.path, hash) {
             (self.progress)(Event::UpToDate {
                 path: output.path.clone(),
@@ -150,7 +160,7 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
             stats: &self.stats,
             selections: &self.selections,
         };
-        writer::write_output(&job, self.options, self.progress)
+        writer::write_output(&job, lock, self.options, self.progress)
     }
 
     /// Chooses the settings of `merge` and of the merges it depends on,
@@ -267,6 +277,8 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
             .join("merges")
             .join(&step[..step.len().min(32)]);
         if !written_by(&dir, &step) {
+            // Another run materialising the same merge holds the lock: E0111.
+            let lock = OutputLock::acquire(&dir)?;
             self.calibrate_for(merge)?;
             let output = Output {
                 merge,
@@ -290,7 +302,7 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
                 stats: &self.stats,
                 selections: &BTreeMap::new(),
             };
-            writer::write_output(&job, &forced, self.progress)?;
+            writer::write_output(&job, lock, &forced, self.progress)?;
         }
         crate::checkpoint::open_dir(&dir).map_err(ExecError::Materialised)
     }

@@ -3,7 +3,7 @@
 //! wraps errors in [`ExecError::InStep`] with the recipe span of the plan
 //! step that failed, so [`ExecError::to_diagnostic`] can render a runtime
 //! error with the same ariadne renderer as a check error. Every variant has
-//! a code with an `obim explain` entry (E0101–E0110).
+//! a code with an `obim explain` entry (E0101–E0111).
 
 use crate::calibrate::CalibrationError;
 use crate::checkpoint::{CheckpointError, TensorDtype};
@@ -46,7 +46,8 @@ pub enum ExecError {
     /// E0103: operands of a streamed merge that do not fit together.
     #[error("tensor `{tensor}`: its inputs' dtypes or sizes cannot be merged")]
     Operands { tensor: String },
-    /// E0104 (reading), E0105 (writing), E0106 (an existing output).
+    /// E0104 (reading), E0105 (writing), E0106 (an existing output),
+    /// E0111 (an output another run is writing).
     #[error(transparent)]
     Files(#[from] TensorError),
     /// E0107
@@ -138,8 +139,10 @@ impl ExecError {
             ExecError::Unmergeable { .. } | ExecError::Operands { .. } => Code::E0103,
             ExecError::Files(TensorError::Read { .. } | TensorError::Tensor { .. })
             | ExecError::Materialised(_) => Code::E0104,
-            ExecError::Files(TensorError::Write { .. }) | ExecError::Thread(_) => Code::E0105,
+            ExecError::Files(TensorError::Write { .. } | TensorError::Rename { .. })
+            | ExecError::Thread(_) => Code::E0105,
             ExecError::Files(TensorError::OutputExists(_)) => Code::E0106,
+            ExecError::Files(TensorError::Busy { .. }) => Code::E0111,
             ExecError::Merge(_) => Code::E0107,
             ExecError::Interrupted(_) => Code::E0108,
             ExecError::Calibration { .. } => Code::E0109,
@@ -165,6 +168,9 @@ impl ExecError {
             }
             ExecError::Files(TensorError::OutputExists(_)) => {
                 "pass --force to replace it, or write to another path"
+            }
+            ExecError::Files(TensorError::Busy { .. }) => {
+                "wait for the other run to finish, or write to another path"
             }
             ExecError::Unmergeable { .. } => "convert the checkpoint to bf16, f16 or f32",
             ExecError::Interrupted(_) => "run the recipe again to finish it",

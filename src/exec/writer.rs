@@ -15,7 +15,7 @@ use crate::checkpoint::ModelInfo;
 use crate::plan::{Plan, PlannedTensor};
 use crate::provenance::FileHash;
 use crate::recipe::{Dtype, ModelId, ModelSource, Output};
-use crate::tensors::{self, CheckpointWriter, Staging, TensorError, TensorSpec};
+use crate::tensors::{self, CheckpointWriter, OutputLock, Staging, TensorError, TensorSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -80,9 +80,11 @@ pub(super) struct Job<'a> {
     pub selections: &'a BTreeMap<String, Selection>,
 }
 
-/// Writes `job`'s output into a staging directory and renames it into place.
+/// Writes `job`'s output into a staging directory and renames it into
+/// place; `lock` is the output's, which the caller took.
 pub(super) fn write_output(
     job: &Job,
+    lock: OutputLock,
     options: &RunOptions,
     progress: &mut dyn FnMut(Event),
 ) -> Result<(), ExecError> {
@@ -98,7 +100,7 @@ pub(super) fn write_output(
     let dtype = output
         .dtype
         .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
-    let staging = Staging::new(&output.path, options.force)?;
+    let staging = Staging::locked(lock, options.force)?;
     let mut eval = Evaluator::new(c, job.plan, job.stats, output.merge);
     let target = Target {
         dir: staging.dir(),
@@ -141,7 +143,11 @@ pub(super) fn write_output(
         serde_json::to_string_pretty(&report).unwrap_or_default(),
     )
     .map_err(|source| TensorError::Write { path, source })?;
-    staging.commit()?;
+    // Once the new output is in place nothing fails: an old output that
+    // could not be removed stays beside it under a name of its own, which
+    // the next run into this output removes. The event stream has no
+    // warning to carry the `Leftover` to the CLI yet.
+    let _leftover = staging.commit()?;
     progress(Event::OutputWritten {
         path: output.path.clone(),
         seconds: started.elapsed().as_secs_f64(),

@@ -10,6 +10,7 @@ mod hub;
 mod mergekit;
 mod mutations;
 mod obd;
+mod output;
 mod recipes;
 mod run;
 mod run_errors;
