@@ -273,6 +273,7 @@ fn line(event: &obim::exec::Event, terminal: bool) -> Option<String> {
             path.display(),
             *bytes as f64 / 1e6
         ),
+        Event::Warning { message } => format!("warning: {message}"),
         Event::UpToDate { path } => format!(
             "{} is up to date (written by this plan); nothing to do (--force rewrites it)",
             path.display()

@@ -605,7 +605,7 @@ pub struct Staging {
 /// was committed: the new output is in place all the same.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the replaced output could not be removed and is left at `{path}`: {source}; the next run into the same output removes it, or delete it by hand"
+    "the replaced output could not be removed and is left at `{path}` (the next run into the same output removes it, or delete it by hand)"
 )]
 pub struct Leftover {
     pub path: PathBuf,

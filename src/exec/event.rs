@@ -29,6 +29,10 @@ pub enum Event {
         seconds: f64,
         bytes: u64,
     },
+    /// Something the user should know that did not stop the run.
+    Warning {
+        message: String,
+    },
     UpToDate {
         path: PathBuf,
     },

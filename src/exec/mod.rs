@@ -35,7 +35,7 @@ use std::sync::atomic::AtomicBool;
 pub struct RunOptions<'a> {
     /// Replace existing outputs.
     pub force: bool,
-    /// Set when the user asks to stop (Ctrl-C): checked between tensors.
+    /// Set when the user asks to stop (Ctrl-C, SIGTERM, SIGHUP): checked between tensors.
     pub cancel: &'a AtomicBool,
     /// Where cached results live (materialised merges, calibration statistics, scores).
     pub cache: PathBuf,

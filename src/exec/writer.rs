@@ -145,9 +145,12 @@ pub(super) fn write_output(
     .map_err(|source| TensorError::Write { path, source })?;
     // Once the new output is in place nothing fails: an old output that
     // could not be removed stays beside it under a name of its own, which
-    // the next run into this output removes. The event stream has no
-    // warning to carry the `Leftover` to the CLI yet.
-    let _leftover = staging.commit()?;
+    // the next run into this output removes; the caller is told.
+    if let Some(leftover) = staging.commit()? {
+        progress(Event::Warning {
+            message: crate::errors::with_causes(&leftover),
+        });
+    }
     progress(Event::OutputWritten {
         path: output.path.clone(),
         seconds: started.elapsed().as_secs_f64(),

@@ -313,6 +313,11 @@ fn force_over_an_undeletable_output_still_writes() {
     if denied {
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(left[0].starts_with(".m.obim-old-"), "{left:?}");
+        assert!(
+            err.contains("warning: the replaced output could not be removed")
+                && err.contains(&left[0]),
+            "{err}"
+        );
     } else {
         eprintln!("note: deletion cannot be denied here; no leftover to test");
     }
