@@ -279,7 +279,7 @@ pub fn run(
 pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
     let mut code = exit::OK;
     for path in paths {
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::source::read_recipe(path) {
             Ok(t) => t,
             Err(e) => {
                 let _ = writeln!(io.err, "error: failed to read `{}`: {e}", path.display());

@@ -130,7 +130,13 @@ pub fn did_you_mean(suggestion: &str) -> String {
     format!("did you mean `{suggestion}`?")
 }
 
-/// Renders diagnostics as a person reads them (ariadne), colored or not.
+/// The most diagnostics [`render`] draws; the rest are counted. Each one
+/// shows its whole source line, so a cap keeps the output (and the time it
+/// takes) linear in the input, and the first errors are the ones to fix.
+pub const MAX_RENDERED: usize = 50;
+
+/// Renders diagnostics as a person reads them (ariadne), colored or not:
+/// the first [`MAX_RENDERED`], then how many more there are.
 pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
     let mut out = Vec::new();
     let cache = ariadne::sources(
@@ -139,7 +145,7 @@ pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> S
             .map(|(_, f)| (f.name.clone(), f.text.clone())),
     );
     let mut cache = cache;
-    for d in diagnostics {
+    for d in diagnostics.iter().take(MAX_RENDERED) {
         let kind = match d.severity() {
             Severity::Error => ReportKind::Error,
             Severity::Warning => ReportKind::Warning,
@@ -183,7 +189,18 @@ pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> S
         // Writing to a Vec cannot fail; a failure to find a source would be our bug.
         let _ = report.finish().write(&mut cache, &mut out);
     }
-    String::from_utf8_lossy(&out).into_owned()
+    let mut text = String::from_utf8_lossy(&out).into_owned();
+    if let Some(more) = diagnostics
+        .len()
+        .checked_sub(MAX_RENDERED)
+        .filter(|n| *n > 0)
+    {
+        text.push_str(&format!(
+            "… and {more} more diagnostic{} not shown (`obim check --format json` lists them all)\n",
+            if more == 1 { "" } else { "s" }
+        ));
+    }
+    text
 }
 
 /// One line per count, e.g. "error: 2 errors, 1 warning emitted".

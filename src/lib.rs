@@ -70,7 +70,7 @@ pub fn compile_file(path: &Path) -> std::io::Result<Compilation> {
 
 /// [`compile_file`] with other limits.
 pub fn compile_file_with(path: &Path, limits: Limits) -> std::io::Result<Compilation> {
-    let text = std::fs::read_to_string(path)?;
+    let text = source::read_recipe(path)?;
     Ok(compile_source_with(
         &path.display().to_string(),
         Some(path.to_path_buf()),

@@ -113,7 +113,7 @@ impl Loader {
             if self.by_key.contains_key(&key) || self.stack.iter().any(|(k, _)| *k == key) {
                 (key, String::new(), Some(path), String::new())
             } else {
-                match std::fs::read_to_string(&path) {
+                match crate::source::read_recipe(&path) {
                     Ok(text) => (key, path.display().to_string(), Some(path), text),
                     Err(e) => {
                         self.diagnostics.push(

@@ -99,3 +99,36 @@ impl SourceMap {
         self.get(span.file).line_col(span.start as usize).0
     }
 }
+
+/// The largest recipe file obim reads; a recipe is a few kilobytes.
+pub const MAX_RECIPE_BYTES: u64 = 16 << 20;
+
+/// Reads a recipe file: a regular file (not a device or a pipe, which may
+/// never end) of at most [`MAX_RECIPE_BYTES`], as UTF-8.
+pub fn read_recipe(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let too_large = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("larger than {} MiB", MAX_RECIPE_BYTES >> 20),
+        )
+    };
+    if meta.len() > MAX_RECIPE_BYTES {
+        return Err(too_large());
+    }
+    let mut text = String::new();
+    // The file may grow while it is read: never past the limit.
+    file.take(MAX_RECIPE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(too_large());
+    }
+    Ok(text)
+}

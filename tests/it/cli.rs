@@ -144,3 +144,62 @@ fn max_candidates_raises_the_limit() {
         "{raised}"
     );
 }
+
+/// Thousands of errors on one line: the first 50 are drawn (each shows the
+/// whole line), the rest counted, so the output stays linear in the input.
+#[test]
+fn many_errors_are_capped() {
+    let dir = std::env::temp_dir().join(format!("obim-cli-many-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let entries: Vec<String> = (0..2000).map(|i| format!("a{i} weight 1")).collect();
+    let line = format!("merge m = linear {{ {} }}\n", entries.join(" "));
+    let recipe = dir.join("many.obim");
+    std::fs::write(&recipe, &line).unwrap();
+    let out = obim().arg("check").arg(&recipe).output().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr.matches("] Error:").count(),
+        50,
+        "{}",
+        &stderr[..2000]
+    );
+    assert!(stderr.contains("… and 1950 more diagnostics not shown"));
+    assert!(stderr.contains("error: 2000 errors emitted"));
+    assert!(stderr.len() < 60 * line.len(), "{} bytes", stderr.len());
+}
+
+/// An import of a device or of a huge file is refused before reading it.
+#[test]
+fn recipe_files_are_regular_and_bounded() {
+    let dir = std::env::temp_dir().join(format!("obim-cli-bounded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let zero = dir.join("zero.obim");
+    std::fs::write(&zero, "import \"/dev/zero\"\n").unwrap();
+    let huge = dir.join("huge.obim");
+    let line = format!("# {}\n", "x".repeat(1022));
+    std::fs::write(&huge, line.repeat(17 << 10)).unwrap();
+    let imports_huge = dir.join("imports_huge.obim");
+    std::fs::write(&imports_huge, "import \"./huge.obim\"\n").unwrap();
+    let run = |path: &std::path::Path| {
+        let out = obim().arg("check").arg(path).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&zero);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("E0016") && err.contains("not a regular file"),
+        "{err}"
+    );
+    let (code, err) = run(&imports_huge);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("larger than 16 MiB"), "{err}");
+    let (code, err) = run(&huge);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("larger than 16 MiB"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
