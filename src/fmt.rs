@@ -16,7 +16,9 @@ const MAX_WIDTH: usize = 100;
 /// Formats a recipe; `None` when it has syntax errors (nothing to format safely).
 pub fn format(text: &str) -> Option<String> {
     let (module, errors) = syntax::parse(FileId(0), text);
-    if !errors.is_empty() {
+    // Only syntax errors stop formatting: a number too large to be a float
+    // (E0009) is kept as written, so the output reads back the same.
+    if errors.iter().any(|d| d.code == crate::codes::Code::E0001) {
         return None;
     }
     let mut f = Formatter {
@@ -295,7 +297,8 @@ impl Formatter<'_> {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            ExprKind::Auto(Auto::Range { from, to, step }) => {
+            ExprKind::Auto(Auto::Range { spans, .. }) => {
+                let [from, to, step] = spans.map(|s| self.slice(s));
                 format!("auto {from}..{to} step {step}")
             }
         }

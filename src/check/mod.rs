@@ -440,8 +440,12 @@ impl<'p> Checker<'p> {
                 }
                 out
             }
-            &ast::Auto::Range { from, to, step } => {
-                if step == 0.0 || !step.is_finite() {
+            &ast::Auto::Range { from, to, step, .. } => {
+                if ![from, to, step].iter().all(|x| x.is_finite()) {
+                    // The parser reported the number (E0009); no candidates.
+                    return Vec::new();
+                }
+                if step == 0.0 {
                     return invalid(self, InvalidAuto::ZeroStep);
                 }
                 if (to - from) * step < 0.0 {

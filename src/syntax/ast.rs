@@ -48,7 +48,13 @@ pub enum ExprKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Auto {
     List(Vec<Expr>),
-    Range { from: f64, to: f64, step: f64 },
+    /// The spans are the three numbers as written (`fmt` keeps them).
+    Range {
+        from: f64,
+        to: f64,
+        step: f64,
+        spans: [Span; 3],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -63,6 +63,18 @@ pub fn parse(file: FileId, text: &str) -> (Module, Vec<Diagnostic>) {
                     offset: pos,
                     text,
                 };
+                diagnostics.extend(
+                    top.clone()
+                        .into_inner()
+                        .flatten()
+                        .filter(|p| p.as_rule() == Rule::number)
+                        .filter(|p| !p.as_str().parse::<f64>().is_ok_and(f64::is_finite))
+                        .map(|p| {
+                            let start = pos + p.as_span().start();
+                            let span = Span::new(file, start, pos + p.as_span().end());
+                            not_finite(span, p.as_str())
+                        }),
+                );
                 if let Some(item) = top.into_inner().next() {
                     items.push(b.item(item));
                 }
@@ -108,6 +120,17 @@ pub fn parse(file: FileId, text: &str) -> (Module, Vec<Diagnostic>) {
         }
     }
     (Module { items }, diagnostics)
+}
+
+/// A number literal too large for a 64-bit float (E0009).
+fn not_finite(span: Span, text: &str) -> Diagnostic {
+    Diagnostic::new(
+        Code::E0009,
+        span,
+        format!("`{text}` is not a finite number"),
+    )
+    .label("beyond the largest 64-bit float")
+    .help("numbers must lie within ±1.7976931348623157e308")
 }
 
 /// Where the first bracket past [`MAX_NESTING`] opens, outside strings and
@@ -442,16 +465,17 @@ impl Builder<'_> {
             Rule::auto => {
                 let spec = inner.into_inner().nth(1).expect_pair();
                 ExprKind::Auto(if spec.as_rule() == Rule::range {
-                    let n: Vec<f64> = spec
+                    let n: Vec<(f64, Span)> = spec
                         .into_inner()
                         .filter(|p| p.as_rule() == Rule::number)
-                        .map(|p| p.as_str().parse().unwrap_or(f64::NAN))
+                        .map(|p| (p.as_str().parse().unwrap_or(f64::NAN), self.span(&p)))
                         .collect();
-                    let at = |i: usize| n.get(i).copied().unwrap_or(f64::NAN);
+                    let at = |i: usize| n.get(i).copied().unwrap_or((f64::NAN, span));
                     Auto::Range {
-                        from: at(0),
-                        to: at(1),
-                        step: at(2),
+                        from: at(0).0,
+                        to: at(1).0,
+                        step: at(2).0,
+                        spans: [at(0).1, at(1).1, at(2).1],
                     }
                 } else {
                     Auto::List(spec.into_inner().map(|p| self.expr(p)).collect())

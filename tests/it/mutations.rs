@@ -1,6 +1,8 @@
 //! Random edits of every valid recipe (delete, duplicate or swap tokens,
-//! truncate, insert garbage or unicode) must give diagnostics, never a
-//! panic and never a hang; `fmt` must stay idempotent on whatever parses.
+//! truncate, insert garbage, unicode, numbers beyond f64, deep nesting or a
+//! token repeated into a very long line) must give diagnostics, never a
+//! panic and never a hang; whatever `fmt` writes must read back with the
+//! same diagnostics and format to itself.
 //! Fixed seed, so a failure reproduces; the failing text is printed.
 
 use std::path::Path;
@@ -51,6 +53,9 @@ fn mutate(text: &str, rng: &mut fastrand::Rng) -> String {
         "0.5",
         "-1",
         "1e309",
+        "1e-320",
+        "auto 1e309..2e309 step 1",
+        "auto 0..1 step 1e309",
         "é",
         "🦀",
         "\u{202e}",
@@ -75,7 +80,7 @@ fn mutate(text: &str, rng: &mut fastrand::Rng) -> String {
             break;
         }
         let (s, e) = toks_now[rng.usize(..toks_now.len())];
-        out = match rng.u8(..6) {
+        out = match rng.u8(..8) {
             0 => format!("{}{}", &out[..s], &out[e..]),
             1 => format!("{}{}{}", &out[..e], &out[s..e], &out[e..]),
             2 => {
@@ -108,6 +113,26 @@ fn mutate(text: &str, rng: &mut fastrand::Rng) -> String {
                 &out[..s],
                 GARBAGE[rng.usize(..GARBAGE.len())],
                 &out[s..]
+            ),
+            // Deep nesting around a token (past the parser's limit or not).
+            5 => {
+                let n = rng.usize(1..200);
+                let (open, close) = [("[", "]"), ("{", "}"), ("(", ")")][rng.usize(..3)];
+                format!(
+                    "{}{}{}{}{}",
+                    &out[..s],
+                    open.repeat(n),
+                    &out[s..e],
+                    close.repeat(n),
+                    &out[e..]
+                )
+            }
+            // One token repeated into a very long line.
+            6 => format!(
+                "{}{}{}",
+                &out[..s],
+                format!("{} ", &out[s..e]).repeat(rng.usize(100..3000)),
+                &out[e..]
             ),
             _ => format!(
                 "{}{}{}",
@@ -159,6 +184,21 @@ fn random_edits_never_panic_or_hang() {
                             obim::fmt::format(&f).as_deref(),
                             Some(f.as_str()),
                             "fmt not idempotent"
+                        );
+                        let again = obim::compile_source(
+                            &path.display().to_string(),
+                            Some(path.clone()),
+                            f.clone(),
+                        );
+                        let codes = |c: &obim::Compilation| {
+                            let mut v: Vec<_> = c.diagnostics.iter().map(|d| d.code).collect();
+                            v.sort();
+                            v
+                        };
+                        assert_eq!(
+                            codes(&again),
+                            codes(&c),
+                            "fmt changed the diagnostics:\n{f}"
                         );
                     }
                     rendered
