@@ -382,6 +382,15 @@ process ends, however it ends, so a killed run does not block later ones.
 Fix: wait for the other run to finish (then run again: its output may already
 be up to date), or write to another path in the `output` statement."#;
 
+E0112 => "input holds NaN or infinite values", r#"A tensor of an input checkpoint holds NaN or ±∞. Merged, it would spread
+into the output silently: every method adds or scales the inputs, and a NaN
+stays a NaN. obim checks every value as it decodes it (no extra pass) and
+stops, naming the model, the file and the tensor.
+
+Such values come from a diverged fine-tune or a damaged file. Fix: use an
+earlier checkpoint of the fine-tune, or re-download the model. To merge it
+anyway (rarely what you want), pass `--allow-non-finite` to `obim run`."#;
+
 W0001 => "unused definition", r#"A definition is never used: a model or data source no merge uses, a merge no
 output or later merge uses, a `let` or an import nobody reads. Unused models
 are still opened by `obim plan`, so it is worth removing them.

@@ -420,6 +420,7 @@ fn recipe_merge(
         cancel: &NEVER,
         cache: options.cache.clone(),
         device: &options.device,
+        allow_non_finite: false,
     };
     let id = crate::recipe::MergeId(merge);
     match crate::exec::materialise_merge(&c, &plan, id, &run, &mut |_| {}) {

@@ -174,6 +174,9 @@ struct RunArgs {
     /// Print what would run and what is already up to date; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Merge inputs that hold NaN or infinite values instead of stopping (E0112).
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 fn set_threads(threads: Option<usize>) {
@@ -360,6 +363,7 @@ fn run(io: &mut Io, args: RunArgs) -> i32 {
         cancel: &CANCEL,
         cache: args.cache.unwrap_or_else(cache_dir),
         device: &device,
+        allow_non_finite: args.allow_non_finite,
     };
     let mut progress = Progress {
         bar: None,

@@ -138,29 +138,47 @@ impl Shards {
 
 const CHUNK: usize = 1 << 16;
 
-/// Little-endian bytes of a floating-point dtype → f32.
+/// Whether decoded values were all finite (checked as they are decoded:
+/// no extra pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    Finite,
+    /// Some value is NaN or ±∞.
+    NonFinite,
+}
+
+impl Values {
+    fn of(all_finite: bool) -> Values {
+        if all_finite {
+            Values::Finite
+        } else {
+            Values::NonFinite
+        }
+    }
+}
+
+/// Little-endian bytes of a floating-point dtype → f32 (NaN and ±∞ kept).
 pub fn to_f32(bytes: &[u8], dtype: TensorDtype) -> Option<Vec<f32>> {
     let mut out = Vec::new();
-    to_f32_into(bytes, dtype, &mut out).then_some(out)
+    to_f32_into(bytes, dtype, &mut out).map(|_| out)
 }
 
 /// The same into a reused buffer (no page faults for a buffer that has
 /// held a tensor this large before, and no zero-filling: every element is
-/// written once). False for a non-float dtype.
-pub fn to_f32_into(bytes: &[u8], dtype: TensorDtype, out: &mut Vec<f32>) -> bool {
-    let Some(width) = dtype
+/// written once), saying whether every value is finite. `None` for a
+/// non-float dtype.
+pub fn to_f32_into(bytes: &[u8], dtype: TensorDtype, out: &mut Vec<f32>) -> Option<Values> {
+    let width = dtype
         .float_width()
-        .filter(|w| bytes.len().is_multiple_of(*w))
-    else {
-        return false;
-    };
+        .filter(|w| bytes.len().is_multiple_of(*w))?;
     let n = bytes.len() / width;
     out.clear();
     out.reserve(n);
-    out.spare_capacity_mut()[..n]
+    let finite = out.spare_capacity_mut()[..n]
         .par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
-        .for_each(|(o, b)| decode_slice(b, dtype, o));
+        .map(|(o, b)| decode_slice(b, dtype, o))
+        .reduce(|| true, |a, b| a & b);
     // SAFETY: `decode_slice` wrote all `n` elements: `bytes` holds exactly
     // `n` elements of `width` bytes, and each chunk pairs with its bytes.
     #[expect(
@@ -170,7 +188,7 @@ pub fn to_f32_into(bytes: &[u8], dtype: TensorDtype, out: &mut Vec<f32>) -> bool
     unsafe {
         out.set_len(n)
     };
-    true
+    Some(Values::of(finite))
 }
 
 /// A place a decoded value goes: an f32, or one not yet initialised.
@@ -192,17 +210,26 @@ impl Slot for std::mem::MaybeUninit<f32> {
 
 /// `out[i]` ← element `i` of `bytes` in `dtype`, for `out.len()` elements
 /// (a non-float dtype writes nothing; callers check `float_width` first).
-fn decode_slice<S: Slot>(bytes: &[u8], dtype: TensorDtype, out: &mut [S]) {
-    fn each<const W: usize, S: Slot>(bytes: &[u8], out: &mut [S], value: impl Fn([u8; W]) -> f32) {
+/// Returns whether every value written is finite.
+fn decode_slice<S: Slot>(bytes: &[u8], dtype: TensorDtype, out: &mut [S]) -> bool {
+    fn each<const W: usize, S: Slot>(
+        bytes: &[u8],
+        out: &mut [S],
+        value: impl Fn([u8; W]) -> f32,
+    ) -> bool {
+        let mut finite = true;
         for (o, &b) in out.iter_mut().zip(bytes.as_chunks::<W>().0) {
-            o.set(value(b));
+            let v = value(b);
+            finite &= v.is_finite();
+            o.set(v);
         }
+        finite
     }
     match dtype {
         TensorDtype::Bf16 => each(bytes, out, |b| bf16_to_f32(u16::from_le_bytes(b))),
         TensorDtype::F16 => each(bytes, out, |b| half::f16::from_le_bytes(b).to_f32()),
         TensorDtype::F32 => each(bytes, out, f32::from_le_bytes),
-        _ => {}
+        _ => true,
     }
 }
 
@@ -271,14 +298,14 @@ fn encode_slice(values: &[f32], dtype: Dtype, out: &mut [u8]) {
 /// per-thread scratch, merged by `merge(first, rest)` (which leaves the
 /// result in `first`) and encoded while it is in cache, so no whole-tensor
 /// f32 buffer exists. Returns the encoded bytes, the front of `out` (which
-/// only grows); `None` when an operand is not a float dtype or the operands'
-/// element counts differ.
+/// only grows), and each operand's [`Values`]; `None` when an operand is not
+/// a float dtype or the operands' element counts differ.
 pub fn merge_streamed<'a>(
     operands: &[(&[u8], TensorDtype)],
     dtype: Dtype,
     out: &'a mut Vec<u8>,
     merge: impl Fn(&mut [f32], &[&[f32]]) + Sync,
-) -> Option<&'a [u8]> {
+) -> Option<(&'a [u8], Vec<Values>)> {
     let counts = operands
         .iter()
         .map(|(b, d)| Some(b.len() / d.float_width()?))
@@ -287,6 +314,8 @@ pub fn merge_streamed<'a>(
     if counts.iter().any(|&c| c != n) {
         return None;
     }
+    let non_finite: Vec<std::sync::atomic::AtomicBool> =
+        operands.iter().map(|_| Default::default()).collect();
     let size = dtype_bytes(dtype);
     let bytes = front(out, n * size);
     bytes
@@ -297,19 +326,27 @@ pub fn merge_streamed<'a>(
             STREAM_SCRATCH.with_borrow_mut(|scratch| {
                 let scratch = front(scratch, operands.len() * STREAM_CHUNK);
                 let mut slots = scratch.chunks_mut(STREAM_CHUNK);
-                let mut decoded = operands.iter().zip(&mut slots).map(|((b, d), slot)| {
-                    let w = d.float_width().unwrap_or(1);
-                    let slot = &mut slot[..len];
-                    decode_slice(&b[start * w..(start + len) * w], *d, slot);
-                    slot
-                });
+                let mut decoded = operands.iter().zip(&mut slots).zip(&non_finite).map(
+                    |(((b, d), slot), bad)| {
+                        let w = d.float_width().unwrap_or(1);
+                        let slot = &mut slot[..len];
+                        if !decode_slice(&b[start * w..(start + len) * w], *d, slot) {
+                            bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        slot
+                    },
+                );
                 let Some(first) = decoded.next() else { return };
                 let rest: Vec<&[f32]> = decoded.map(|s| &*s).collect();
                 merge(first, &rest);
                 encode_slice(first, dtype, o);
             });
         });
-    Some(bytes)
+    let values = non_finite
+        .iter()
+        .map(|bad| Values::of(!bad.load(std::sync::atomic::Ordering::Relaxed)))
+        .collect();
+    Some((bytes, values))
 }
 
 /// Positions per chunk of a streamed merge: a few operands' chunks stay in
@@ -885,9 +922,10 @@ mod tests {
         for merge in merges {
             for dtype in [Dtype::Bf16, Dtype::F32] {
                 let mut out = vec![0xAA; 7];
-                let streamed = merge_streamed(&operands, dtype, &mut out, |f, r| merge.apply(f, r))
-                    .unwrap()
-                    .to_vec();
+                let (streamed, values) =
+                    merge_streamed(&operands, dtype, &mut out, |f, r| merge.apply(f, r)).unwrap();
+                assert!(values.iter().all(|v| *v == Values::Finite));
+                let streamed = streamed.to_vec();
                 let decoded: Vec<Vec<f32>> = operands
                     .iter()
                     .map(|(b, d)| to_f32(b, *d).unwrap())

@@ -185,10 +185,10 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
             // `auto` values are numbers: every candidate needs the same statistics.
             self.calibrate_for(merge)?;
             selector
-                .score(&self.plan, &self.stats, self.options.device)
+                .score(&self.plan, &self.stats, self.options)
                 .map_err(in_step)?;
         }
-        let (winner, selection) = selector.finish(self.progress);
+        let (winner, selection) = selector.finish(self.progress).map_err(in_step)?;
         self.selections.insert(m.name.clone(), selection);
         self.plan.choose(merge, winner);
         Ok(())

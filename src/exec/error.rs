@@ -43,6 +43,14 @@ pub enum ExecError {
         dtype: TensorDtype,
         span: Span,
     },
+    /// E0112
+    #[error("model `{model}` ({file}): tensor `{tensor}` holds NaN or infinite values")]
+    NonFinite {
+        model: String,
+        file: PathBuf,
+        tensor: String,
+        span: Span,
+    },
     /// E0103: operands of a streamed merge that do not fit together.
     #[error("tensor `{tensor}`: its inputs' dtypes or sizes cannot be merged")]
     Operands { tensor: String },
@@ -112,6 +120,8 @@ pub enum SelectionFailure {
     TooShort(String),
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    #[error("every candidate's loss is NaN or infinite")]
+    NoFiniteLoss,
 }
 
 impl ExecError {
@@ -137,6 +147,7 @@ impl ExecError {
             ExecError::ModelUnavailable { .. } => Code::E0101,
             ExecError::TensorMissing { .. } => Code::E0102,
             ExecError::Unmergeable { .. } | ExecError::Operands { .. } => Code::E0103,
+            ExecError::NonFinite { .. } => Code::E0112,
             ExecError::Files(TensorError::Read { .. } | TensorError::Tensor { .. })
             | ExecError::Materialised(_) => Code::E0104,
             ExecError::Files(TensorError::Write { .. } | TensorError::Rename { .. })
@@ -156,7 +167,8 @@ impl ExecError {
         match self {
             ExecError::ModelUnavailable { span, .. }
             | ExecError::TensorMissing { span, .. }
-            | ExecError::Unmergeable { span, .. } => Some(*span),
+            | ExecError::Unmergeable { span, .. }
+            | ExecError::NonFinite { span, .. } => Some(*span),
             _ => None,
         }
     }
@@ -173,6 +185,9 @@ impl ExecError {
                 "wait for the other run to finish, or write to another path"
             }
             ExecError::Unmergeable { .. } => "convert the checkpoint to bf16, f16 or f32",
+            ExecError::NonFinite { .. } => {
+                "the checkpoint is damaged or was saved from a diverged run; `--allow-non-finite` merges it anyway"
+            }
             ExecError::Interrupted(_) => "run the recipe again to finish it",
             _ => return None,
         })

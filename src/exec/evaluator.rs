@@ -11,7 +11,7 @@ use crate::checkpoint::TensorInfo;
 use crate::merge::{self, Merged, TensorContext};
 use crate::plan::{Op, Plan, PlannedTensor};
 use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Saliency, TakeFrom};
-use crate::tensors::{self, Shards};
+use crate::tensors::{self, Shards, Values};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -37,6 +37,8 @@ pub(super) struct Evaluator<'a> {
     shared: Option<SharedInputs>,
     /// A selection candidate: these tensors replace the plan's for one merge.
     variant: Option<(MergeId, &'a [PlannedTensor])>,
+    /// Merge inputs with NaN or ±∞ values instead of stopping.
+    allow_non_finite: bool,
 }
 
 /// Model tensors read once for several evaluators, until cleared.
@@ -77,6 +79,7 @@ impl<'a> Evaluator<'a> {
             pool: Vec::new(),
             shared: None,
             variant: None,
+            allow_non_finite: false,
         }
     }
 
@@ -100,6 +103,12 @@ impl<'a> Evaluator<'a> {
     /// an evaluator; their pools together would hold many large tensors).
     pub(super) fn release_buffers(&mut self) {
         self.pool.clear();
+    }
+
+    /// Lets inputs with NaN or ±∞ values through (`--allow-non-finite`).
+    pub(super) fn allowing_non_finite(mut self, allow: bool) -> Self {
+        self.allow_non_finite = allow;
+        self
     }
 
     /// Computes merge `id` with a selection candidate's tensors.
@@ -172,9 +181,23 @@ impl<'a> Evaluator<'a> {
         let converted = tensors::to_f32_into(&map[range], t.dtype, &mut values);
         drop(map);
         self.shards.release(t);
-        converted
-            .then_some(values)
-            .ok_or_else(|| self.undecodable(model, name, t))
+        match converted {
+            None => Err(self.undecodable(model, name, t)),
+            Some(Values::NonFinite) if !self.allow_non_finite => {
+                Err(self.non_finite(model, name, t))
+            }
+            Some(_) => Ok(values),
+        }
+    }
+
+    fn non_finite(&self, model: ModelId, name: &str, t: &TensorInfo) -> ExecError {
+        let declared = &self.c.recipe.models[model.0];
+        ExecError::NonFinite {
+            model: declared.name.clone(),
+            file: t.file.clone(),
+            tensor: name.to_string(),
+            span: declared.span,
+        }
     }
 
     /// The mapped bytes of one model tensor, and where they come from.
@@ -238,14 +261,19 @@ impl<'a> Evaluator<'a> {
                 .map(|(map, range, t)| (&map[range.clone()], t.dtype))
                 .collect();
             // The preflight and the open stage checked dtypes and shapes.
-            let encoded = tensors::merge_streamed(&operands, dtype, out, |first, rest| {
-                pointwise.apply(first, rest)
-            })
-            .ok_or_else(|| ExecError::Operands {
-                tensor: name.to_string(),
-            })?;
-            for (_, _, t) in mapped {
+            let (encoded, values) =
+                tensors::merge_streamed(&operands, dtype, out, |first, rest| {
+                    pointwise.apply(first, rest)
+                })
+                .ok_or_else(|| ExecError::Operands {
+                    tensor: name.to_string(),
+                })?;
+            for (_, _, t) in &mapped {
                 self.shards.release(t);
+            }
+            let bad = values.iter().position(|v| *v == Values::NonFinite);
+            if let Some(k) = bad.filter(|_| !self.allow_non_finite) {
+                return Err(self.non_finite(models[k], name, mapped[k].2));
             }
             return Ok(encoded);
         }

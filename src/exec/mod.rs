@@ -41,4 +41,6 @@ pub struct RunOptions<'a> {
     pub cache: PathBuf,
     /// Where forward passes run (calibration, selection).
     pub device: &'a Device,
+    /// Merge inputs with NaN or ±∞ values instead of stopping (E0112).
+    pub allow_non_finite: bool,
 }

@@ -14,13 +14,13 @@
 //! adding a candidate scores only it. Candidates are scored in f32; the
 //! written output is then rounded to its dtype.
 
+use super::RunOptions;
 use super::error::{ExecError, SelectionFailure};
 use super::evaluator::{Evaluator, SharedInputs};
 use super::event::Event;
 use super::stats::Statistics;
 use crate::Compilation;
 use crate::data;
-use crate::device::Device;
 use crate::model::ModelConfig;
 use crate::model::blocks::{self, ForwardError, Source};
 use crate::model::stream;
@@ -157,7 +157,7 @@ impl<'a> Selector<'a> {
         &mut self,
         plan: &Plan,
         stats: &Statistics,
-        device: &Device,
+        options: &RunOptions,
     ) -> Result<(), ExecError> {
         let id = self.id;
         let merge_name = self.c.recipe.merges[id.0].name.clone();
@@ -171,11 +171,12 @@ impl<'a> Selector<'a> {
                 let tensors = &variants(plan, id)[c.variant].tensors;
                 MergedSource {
                     eval: Evaluator::new(self.c, plan, stats, id)
+                        .allowing_non_finite(options.allow_non_finite)
                         .with_variant(id, tensors)
                         .with_shared(shared.clone()),
                     merge: id,
                     names: tensors.iter().map(|t| t.name.clone()).collect(),
-                    device: device.candle().clone(),
+                    device: options.device.candle().clone(),
                 }
             })
             .collect();
@@ -224,7 +225,10 @@ impl<'a> Selector<'a> {
 
     /// The winner (an index into the plan's variants of the merge) and the
     /// record of the selection. Call after [`Selector::score`].
-    pub(super) fn finish(self, progress: &mut dyn FnMut(Event)) -> (usize, Selection) {
+    pub(super) fn finish(
+        self,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<(usize, Selection), ExecError> {
         let merge = &self.c.recipe.merges[self.id.0];
         let (indices, scored): (Vec<usize>, Vec<CandidateScore>) = self
             .candidates
@@ -240,12 +244,11 @@ impl<'a> Selector<'a> {
                 cached: score.cached,
             });
         }
-        let mut winner = 0;
-        for (i, s) in scored.iter().enumerate() {
-            if s.mean < scored[winner].mean {
-                winner = i;
-            }
-        }
+        let means: Vec<f64> = scored.iter().map(|s| s.mean).collect();
+        let winner = lowest_finite(&means).ok_or_else(|| ExecError::Selection {
+            merge: merge.name.clone(),
+            source: Box::new(SelectionFailure::NoFiniteLoss),
+        })?;
         let selection = Selection {
             candidates: scored,
             winner,
@@ -259,8 +262,18 @@ impl<'a> Selector<'a> {
                 seconds: selection.seconds,
             });
         }
-        (indices.get(winner).copied().unwrap_or(0), selection)
+        Ok((indices[winner], selection))
     }
+}
+
+/// The lowest finite loss, the earlier on ties; a NaN or ±∞ never wins.
+fn lowest_finite(means: &[f64]) -> Option<usize> {
+    means
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.is_finite())
+        .min_by(|(i, a), (j, b)| a.total_cmp(b).then(i.cmp(j)))
+        .map(|(i, _)| i)
 }
 
 /// The plan's candidates of merge `id`.
@@ -302,4 +315,17 @@ fn score_path(cache: &Path, merge_hash: &str, tokens: &[Vec<u32>]) -> PathBuf {
     cache
         .join("scores")
         .join(format!("{}.json", &h.finalize().to_hex()[..32]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lowest_finite;
+
+    #[test]
+    fn non_finite_losses_never_win() {
+        assert_eq!(lowest_finite(&[f64::NAN, 2.0, 1.5, 1.5]), Some(2));
+        assert_eq!(lowest_finite(&[f64::NEG_INFINITY, 3.0]), Some(1));
+        assert_eq!(lowest_finite(&[f64::NAN, f64::INFINITY]), None);
+        assert_eq!(lowest_finite(&[]), None);
+    }
 }

@@ -101,7 +101,8 @@ pub(super) fn write_output(
         .dtype
         .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
     let staging = Staging::locked(lock, options.force)?;
-    let mut eval = Evaluator::new(c, job.plan, job.stats, output.merge);
+    let mut eval = Evaluator::new(c, job.plan, job.stats, output.merge)
+        .allowing_non_finite(options.allow_non_finite);
     let target = Target {
         dir: staging.dir(),
         dtype,

@@ -95,7 +95,8 @@ impl Source for Weights<'_> {
                     &table[id * cols * size..(id + 1) * cols * size],
                     info.dtype,
                     &mut row,
-                );
+                )
+                .is_some();
             if !ok {
                 return Err(ForwardError::Tensor(TensorError::Tensor {
                     path: info.file.clone(),

@@ -49,6 +49,7 @@ fn run(name: &str) -> BTreeMap<String, Vec<f32>> {
         cancel: &cancel,
         cache: std::env::temp_dir(),
         device: &device,
+        allow_non_finite: false,
     };
     obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap();
     read(

@@ -373,3 +373,36 @@ fn unwritable_output_directory() {
     std::fs::write(case.dir.join("out"), "not a directory").unwrap();
     case.fails_with(&["failed to write", "out"]);
 }
+
+/// A NaN in an input stops the run (streamed and whole-tensor merges alike)
+/// naming the model, file and tensor, unless `--allow-non-finite`.
+#[test]
+fn non_finite_inputs_stop_the_run() {
+    let case = Case::new("nan", |d| {
+        good(d);
+        let path = d.join("model.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // bf16 NaN (0x7FC0), little-endian, as the first value of the data.
+        bytes[8 + header..8 + header + 2].copy_from_slice(&[0xC0, 0x7F]);
+        std::fs::write(&path, bytes).unwrap();
+    });
+    for method in [
+        "task_arithmetic(base: base)",
+        "ties(base: base, density: 0.5)",
+    ] {
+        let recipe = std::fs::read_to_string(case.dir.join("r.obim")).unwrap();
+        let recipe = recipe
+            .replace("task_arithmetic(base: base)", method)
+            .replace("ties(base: base, density: 0.5)", method);
+        std::fs::write(case.dir.join("r.obim"), recipe).unwrap();
+        case.fails_with(&[
+            "E0112",
+            "bad/model.safetensors",
+            "holds NaN or infinite values",
+        ]);
+        let allowed = case.run(&["--allow-non-finite"]);
+        assert_eq!(allowed.status.code(), Some(0), "{method}");
+        std::fs::remove_dir_all(case.dir.join("out")).unwrap();
+    }
+}
