@@ -322,26 +322,56 @@ pub fn read_header(
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(io)?;
     let data_len = file_len - 8 - header_len;
-    let json: Value = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-    let Some(object) = json.as_object() else {
-        return Err(bad("header is not a JSON object".into()));
-    };
+    let Entries(entries) = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let mut tensors = BTreeMap::new();
-    for (name, entry) in object {
+    for (name, entry) in &entries {
         if name == "__metadata__" {
             continue;
         }
-        tensors.insert(
-            name.clone(),
-            tensor_entry(path, name, entry, data_len, 8 + header_len)?,
-        );
+        let info = tensor_entry(path, name, entry, data_len, 8 + header_len)?;
+        if tensors.insert(name.clone(), info).is_some() {
+            // JSON parsers keep the last of two equal keys; the `safetensors`
+            // package rejects the file, and so does obim.
+            return Err(CheckpointError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                reason: "named twice in the header".into(),
+            });
+        }
     }
     no_overlaps(path, &tensors)?;
     let mut raw = len_bytes.to_vec();
     raw.extend_from_slice(&header);
     raw.extend_from_slice(&file_len.to_le_bytes());
     Ok((raw, tensors))
+}
+
+/// A header's entries in file order, duplicates kept (a `Map` would keep
+/// only the last of two equal names).
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 /// One header entry, validated against the data section.

@@ -410,6 +410,14 @@ W0004 => "`select` without `auto`", r#"A merge has `select by loss(...)` but non
 so there is nothing to choose. Give a setting candidates, e.g.
 `retain auto [0.2, 0.3]`, or remove the `select`."#;
 
+W0005 => "input has tensors the base lacks", r#"An input checkpoint has tensors its base does not have (an extra head, a
+value head, a vision tower). The output has exactly the base's tensors, so
+these are left out of the merge; the warning names them so that nothing is
+dropped silently.
+
+Fix: nothing, if the extra tensors are not wanted; otherwise merge into a base
+that has them."#;
+
 N0001 => "model not available locally", r#"A model given by Hugging Face id is not in the local Hugging Face cache, so
 `obim check` cannot read its config and headers; architecture, tensor and
 shape checks against the base are skipped for it. `obim run` downloads it

@@ -246,6 +246,28 @@ fn against_base(
             .with(recipe.models[base_id.0].span, "the base"),
         );
     }
+    let extra: Vec<&String> = info
+        .tensors
+        .keys()
+        .filter(|n| !base.tensors.contains_key(*n))
+        .collect();
+    if !extra.is_empty() {
+        diagnostics.push(
+            Diagnostic::new(
+                Code::W0005,
+                model.span,
+                format!(
+                    "`{}` has {} tensor{} the base `{base_name}` lacks; the output leaves {} out",
+                    model.name,
+                    extra.len(),
+                    plural(extra.len()),
+                    if extra.len() == 1 { "it" } else { "them" }
+                ),
+            )
+            .label(format!("not merged: {}", list(&extra)))
+            .with(recipe.models[base_id.0].span, "the base"),
+        );
+    }
     let mismatched: Vec<String> = base
         .tensors
         .iter()

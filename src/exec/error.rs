@@ -3,7 +3,7 @@
 //! wraps errors in [`ExecError::InStep`] with the recipe span of the plan
 //! step that failed, so [`ExecError::to_diagnostic`] can render a runtime
 //! error with the same ariadne renderer as a check error. Every variant has
-//! a code with an `obim explain` entry (E0101–E0111).
+//! a code with an `obim explain` entry (E0101–E0112).
 
 use crate::calibrate::CalibrationError;
 use crate::checkpoint::{CheckpointError, TensorDtype};

@@ -406,3 +406,48 @@ fn non_finite_inputs_stop_the_run() {
         std::fs::remove_dir_all(case.dir.join("out")).unwrap();
     }
 }
+
+/// A header that names a tensor twice is rejected, as the `safetensors`
+/// package does (a JSON map would keep the last entry and merge junk bytes).
+#[test]
+fn duplicate_tensor_names_are_rejected() {
+    let case = Case::new("duplicate", |d| {
+        good(d);
+        let header = r#"{"model.embed_tokens.weight":{"dtype":"BF16","shape":[8,4],"data_offsets":[0,64]},"model.layers.0.mlp.up_proj.weight":{"dtype":"BF16","shape":[4,4],"data_offsets":[64,96]},"model.embed_tokens.weight":{"dtype":"BF16","shape":[8,4],"data_offsets":[0,64]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(vec![0u8; 96]);
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    });
+    case.fails_with(&[
+        "bad/model.safetensors",
+        "model.embed_tokens.weight",
+        "named twice in the header",
+    ]);
+}
+
+/// An input with tensors its base lacks merges (the output keeps the base's
+/// tensors) with a warning that names them.
+#[test]
+fn extra_input_tensors_are_named() {
+    let case = Case::new("extra", |d| {
+        model(
+            d,
+            &[
+                t("model.embed_tokens.weight", EMBED),
+                t("model.layers.0.mlp.up_proj.weight", PROJ),
+                t("score.weight", &[2, 4]),
+            ],
+            None,
+        )
+    });
+    let out = case.run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("W0005") && stderr.contains("`score.weight`"),
+        "{stderr}"
+    );
+    let index = obim::checkpoint::open_dir(&case.dir.join("out/m")).unwrap();
+    assert!(!index.tensors.contains_key("score.weight"));
+}
