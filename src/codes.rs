@@ -29,7 +29,13 @@ impl Code {
     pub fn is_checkpoint_problem(self) -> bool {
         matches!(
             self,
-            Code::E0021 | Code::E0022 | Code::E0023 | Code::E0024 | Code::E0025 | Code::E0029
+            Code::E0021
+                | Code::E0022
+                | Code::E0023
+                | Code::E0024
+                | Code::E0025
+                | Code::E0029
+                | Code::E0034
         )
     }
 
@@ -299,6 +305,16 @@ data, not the test sets); the lowest wins."#;
 E0033 => "too many candidates", r#"The `auto` settings of one merge form a cross product of more than 64
 candidates; each is merged and scored, so the cost grows with the product.
 Use fewer values or fewer `auto` settings."#;
+
+E0034 => "invalid model config", r#"A model that a merge calibrates (an input with `using` data) has a
+`config.json` that cannot describe it: a missing or non-numeric size, zero
+attention heads, heads that cannot share the key/value heads, an odd head
+dimension, or sizes that disagree with the checkpoint's own tensors (the
+embedding is `vocab_size × hidden_size`, the first query projection
+`heads × head_dim × hidden_size`). This is a fault of the checkpoint, not of
+the recipe, so `obim run` exits 3.
+
+Fix: re-download the model, or correct its `config.json`."#;
 
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the

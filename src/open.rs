@@ -145,6 +145,20 @@ fn calibration(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
             };
             if let Err(e) = ModelConfig::of(info) {
                 let model = &recipe.models[id.0];
+                if !matches!(e, crate::model::ConfigError::Unsupported(_)) {
+                    // The checkpoint's fault, not the recipe's.
+                    diagnostics.push(
+                        Diagnostic::new(
+                            Code::E0034,
+                            model.span,
+                            format!("`{}` has an invalid config.json", model.name),
+                        )
+                        .label(e.to_string())
+                        .with(input.span, "calibrated here")
+                        .help("the config must describe the checkpoint's tensors; re-download or fix config.json"),
+                    );
+                    continue;
+                }
                 diagnostics.push(
                     Diagnostic::new(
                         Code::E0030,

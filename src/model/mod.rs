@@ -152,8 +152,22 @@ impl ModelConfig {
         }
         .map(|w| w as usize);
         let tied_embeddings = !model.tensors.contains_key("lm_head.weight");
+        let vocab_size = count(c, "vocab_size")?;
+        // The tensors must have the shapes the config implies.
+        let expect = |tensor: &str, shape: [usize; 2]| match model.tensors.get(tensor) {
+            Some(t) if t.shape != shape => Err(ConfigError::Invalid(format!(
+                "`{tensor}` is {:?}, but the config implies {shape:?}",
+                t.shape
+            ))),
+            _ => Ok(()),
+        };
+        expect("model.embed_tokens.weight", [vocab_size, hidden_size])?;
+        expect(
+            "model.layers.0.self_attn.q_proj.weight",
+            [num_heads * head_dim, hidden_size],
+        )?;
         Ok(ModelConfig {
-            vocab_size: count(c, "vocab_size")?,
+            vocab_size,
             hidden_size,
             intermediate_size: count(c, "intermediate_size")?,
             num_layers: count(c, "num_hidden_layers")?,

@@ -451,3 +451,49 @@ fn extra_input_tensors_are_named() {
     let index = obim::checkpoint::open_dir(&case.dir.join("out/m")).unwrap();
     assert!(!index.tensors.contains_key("score.weight"));
 }
+
+/// A calibrated model whose config.json cannot describe it is the
+/// checkpoint's fault: E0034 and exit 3, not a recipe error.
+#[test]
+fn invalid_model_configs_are_input_faults() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo");
+    for (name, key, value) in [
+        ("heads", "num_attention_heads", "0"),
+        ("hidden", "hidden_size", "64"),
+    ] {
+        let dir = std::env::temp_dir().join(format!("obim-config-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let expert = dir.join("expert");
+        std::fs::create_dir_all(&expert).unwrap();
+        for f in std::fs::read_dir(demo.join("expert_add")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, expert.join(f.file_name().unwrap())).unwrap();
+        }
+        let config = std::fs::read_to_string(expert.join("config.json")).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+        config[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(expert.join("config.json"), config.to_string()).unwrap();
+        let recipe = format!(
+            "base llama = \"{}\"\nmodel add = \"./expert\"\n\
+             data calib = jsonl(\"{}\") {{ samples 4 }}\n\
+             merge m = obim(base: llama) {{ add retain 0.5 using calib }}\noutput m -> \"out\"\n",
+            demo.join("base").display(),
+            demo.join("data/add/calib.jsonl").display()
+        );
+        std::fs::write(dir.join("r.obim"), recipe).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_obim"))
+            .args(["run", "--cache"])
+            .arg(dir.join("cache"))
+            .arg(dir.join("r.obim"))
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{name}: {stderr}");
+        assert!(
+            stderr.contains("E0034") && stderr.contains("invalid config.json"),
+            "{stderr}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
