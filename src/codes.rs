@@ -316,6 +316,19 @@ the recipe, so `obim run` exits 3.
 
 Fix: re-download the model, or correct its `config.json`."#;
 
+E0035 => "per-input setting written with a colon", r#"In a merge body, `MODEL setting value` sets a setting for that input and
+`key: value` sets a parameter for the whole merge (the default of every
+input). mergekit's YAML puts a colon after every key, so `add weight: 0.3`
+is an easy slip: it reads as the input `add` with no settings, then `weight`
+for every input. obim refuses it rather than guess.
+
+    merge m = task_arithmetic(base: llama) {
+        add weight: 0.3        # error: for every input, or for `add`?
+    }
+
+Fix: `add weight 0.3` for the input, or `weight: 0.3` on a line of its own
+(or in the parameter list) for every input."#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot

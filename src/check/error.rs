@@ -166,6 +166,15 @@ pub(super) enum Problem {
     BaseNotInParams { span: Span },
     /// A merge-wide parameter written on one input (E0019).
     MergeWideSetting { span: Span, key: String },
+    /// `add weight: 0.3`: a per-input key written as a parameter right after
+    /// an input, which would set it for every input (E0035).
+    ColonSetting {
+        span: Span,
+        input: String,
+        key: String,
+        value: String,
+        entry: Span,
+    },
     /// A required merge-wide parameter not given (E0007).
     MissingParam {
         span: Span,
@@ -648,6 +657,22 @@ impl Problem {
             )
             .label("not a per-input setting")
             .help(format!("write `{key}: ...` in the parameter list")),
+            Problem::ColonSetting {
+                span,
+                input,
+                key,
+                value,
+                entry,
+            } => Diagnostic::new(
+                Code::E0035,
+                span,
+                format!("`{key}: {value}` after `{input}` would set `{key}` for every input"),
+            )
+            .label(format!("`{key}:` with a colon is a parameter of the whole merge"))
+            .with(entry, format!("the input `{input}`"))
+            .help(format!(
+                "write `{input} {key} {value}` (no colon) for this input, or put `{key}: {value}` on a line of its own for every input"
+            )),
             Problem::MissingParam {
                 span,
                 method,

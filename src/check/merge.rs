@@ -257,7 +257,18 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         let body: &[Stmt] = src.body.map_or(&[], |b| &b.items);
         // Inputs first, so that orders and rules can refer to any of them.
         self.inputs(src, &mut merge, base_span, &mut spans);
-        for stmt in body {
+        let colon = self.colon_settings(body);
+        // The slip is reported once (E0035), not again as a missing setting.
+        for (i, _) in colon.iter().enumerate().filter(|(_, c)| **c) {
+            if let (StmtKind::Entry { model, .. }, StmtKind::Param(kv)) =
+                (&body[i - 1].kind, &body[i].kind)
+                && let Some(index) = merge.inputs.iter().position(|x| x.span == model.span)
+                && let Some(param) = method.param(&kv.key.name)
+            {
+                spans.written.insert((Some(index), param.key));
+            }
+        }
+        for (stmt, _) in body.iter().zip(&colon).filter(|(_, c)| !**c) {
             if let StmtKind::Layers { pattern, body } = &stmt.kind {
                 self.current_rule = Some(RuleAt {
                     index: merge.rules.len(),
@@ -796,7 +807,8 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
         let mut settings = Settings::default();
         let mut spans = Spans::default();
-        for stmt in &body.items {
+        let colon = self.colon_settings(&body.items);
+        for (stmt, _) in body.items.iter().zip(&colon).filter(|(_, c)| !**c) {
             match &stmt.kind {
                 StmtKind::Entry {
                     model,
@@ -824,6 +836,43 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             pattern_span: pattern.span,
             settings,
         })
+    }
+
+    /// Reports `MODEL key: value` on one line (E0035) and marks those
+    /// parameter statements, which are then not applied.
+    fn colon_settings(&mut self, body: &[Stmt]) -> Vec<bool> {
+        let sources = &self.checker.program.sources;
+        let mut skip = vec![false; body.len()];
+        let mut found = Vec::new();
+        for (i, pair) in body.windows(2).enumerate() {
+            let (StmtKind::Entry { model, .. }, StmtKind::Param(kv)) =
+                (&pair[0].kind, &pair[1].kind)
+            else {
+                continue;
+            };
+            let per_input = Method::ALL.iter().any(|m| {
+                m.param(&kv.key.name)
+                    .is_some_and(|p| p.scope == ParamScope::Input)
+            });
+            if per_input && sources.line(pair[0].span) == sources.line(kv.key.span) {
+                skip[i + 1] = true;
+                found.push(Problem::ColonSetting {
+                    span: Span::new(
+                        kv.key.span.file,
+                        kv.key.span.start as usize,
+                        kv.value.span.end as usize,
+                    ),
+                    input: model.to_string(),
+                    key: kv.key.name.clone(),
+                    value: sources.snippet(kv.value.span).to_string(),
+                    entry: model.span,
+                });
+            }
+        }
+        for problem in found {
+            self.report(problem);
+        }
+        skip
     }
 
     /// Required parameters, input counts, OBIM's `using` and retention budget.
