@@ -329,6 +329,16 @@ for every input. obim refuses it rather than guess.
 Fix: `add weight 0.3` for the input, or `weight: 0.3` on a line of its own
 (or in the parameter list) for every input."#;
 
+E0036 => "pattern matches no tensor", r#"A `layers` pattern matches no tensor of the base (checked when the base's
+safetensors headers are readable, and again after a hub model is downloaded,
+before anything runs). Such a rule would do nothing, silently: usually a typo
+(`model.layer.*` for `model.layers.*`), another architecture's names, or a
+mergekit filter written as is (mergekit's `filter: mlp` matches a substring;
+an obim pattern matches the whole name, so write `"*mlp*"`). The help line
+proposes a pattern that matches.
+
+    layers "mlp" { take base }        # error: did you mean "*mlp*"?"#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot
@@ -425,10 +435,6 @@ output or later merge uses, a `let` or an import nobody reads. Unused models
 are still opened by `obim plan`, so it is worth removing them.
 
 Prefix the name with `_` to silence the warning."#;
-
-W0002 => "pattern matches no tensor", r#"A `layers` pattern matches no tensor of the base (checked when the base's
-safetensors headers are readable). Such a rule does nothing, often because of
-a typo (`model.layer.*` for `model.layers.*`) or another architecture's names."#;
 
 W0003 => "setting has no effect", r#"A setting is accepted but changes nothing here: `using` data on an input
 whose saliency is `magnitude` everywhere, `density` in `task_arithmetic` (it

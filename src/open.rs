@@ -322,7 +322,8 @@ fn against_base(
     diagnostics
 }
 
-/// `layers` patterns that match no tensor of the base (W0002).
+/// `layers` patterns that match no tensor of the base (E0036): such a rule
+/// would silently do nothing. The help proposes a pattern that matches.
 fn unmatched_patterns(
     merge: &crate::recipe::Merge,
     base: &ModelInfo,
@@ -331,30 +332,62 @@ fn unmatched_patterns(
     let mut diagnostics = Vec::new();
     for rule in &merge.rules {
         for pattern in &rule.patterns {
-            if !base.tensors.keys().any(|n| pattern.matches(n)) {
-                let example = base
-                    .tensors
-                    .keys()
-                    .next()
-                    .map_or(String::new(), |n| format!("; tensor names look like `{n}`"));
-                diagnostics.push(
-                    Diagnostic::new(
-                        Code::W0002,
-                        rule.pattern_span,
-                        format!(
-                            "pattern \"{}\" matches no tensor of `{base_name}`",
-                            pattern.as_str()
-                        ),
-                    )
-                    .label("this rule never applies")
-                    .help(format!(
-                        "check the pattern against the base's tensor names{example}"
-                    )),
-                );
+            if base.tensors.keys().any(|n| pattern.matches(n)) {
+                continue;
             }
+            let d = Diagnostic::new(
+                Code::E0036,
+                rule.pattern_span,
+                format!(
+                    "pattern \"{}\" matches no tensor of `{base_name}`",
+                    pattern.as_str()
+                ),
+            )
+            .label("this rule would never apply");
+            diagnostics.push(match matching_pattern(pattern.as_str(), base) {
+                Some(p) => d.suggest(Some(&format!("\"{p}\""))),
+                None => d.help(format!(
+                    "patterns match whole tensor names, `*` any run of characters; names look like `{}`",
+                    base.tensors.keys().next().map_or("", String::as_str)
+                )),
+            });
         }
     }
     diagnostics
+}
+
+/// A pattern close to `written` that matches some tensor: `*mlp*` for a bare
+/// `mlp` (mergekit's filters match substrings), else the closest of the
+/// tensor names' shapes (layer numbers as `*`, cut to the pattern's length).
+fn matching_pattern(written: &str, base: &ModelInfo) -> Option<String> {
+    let matches = |p: &str| {
+        crate::pattern::Pattern::parse(p).is_ok_and(|p| base.tensors.keys().any(|n| p.matches(n)))
+    };
+    let substring = format!("*{}*", written.trim_matches('*'));
+    if !written.is_empty() && matches(&substring) {
+        return Some(substring);
+    }
+    let parts = written.split('.').count();
+    let mut shapes: Vec<String> = base
+        .tensors
+        .keys()
+        .map(|name| {
+            let mut cut: Vec<&str> = name
+                .split('.')
+                .map(|c| if c.parse::<u64>().is_ok() { "*" } else { c })
+                .take(parts)
+                .collect();
+            if written.ends_with('*')
+                && let Some(last) = cut.last_mut()
+            {
+                *last = "*";
+            }
+            cut.join(".")
+        })
+        .collect();
+    shapes.sort();
+    shapes.dedup();
+    crate::diagnostic::suggest(written, shapes.iter().map(String::as_str))
 }
 
 fn plural(n: usize) -> &'static str {
