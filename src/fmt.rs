@@ -207,7 +207,7 @@ impl Formatter<'_> {
                 d.name.name,
                 d.kind.name,
                 self.slice(d.arg.span),
-                self.options(d.options.as_ref())
+                self.options(d.options.as_ref(), false)
             ),
             ItemKind::Merge(m) => {
                 let head = format!("merge {} = {}", m.name.name, m.method);
@@ -227,18 +227,29 @@ impl Formatter<'_> {
                 "output {} -> {}{}",
                 o.merge,
                 self.slice(o.path.span),
-                self.options(o.options.as_ref())
+                self.options(o.options.as_ref(), true)
             ),
         }
     }
 
-    fn options(&self, block: Option<&Block<KeyValue>>) -> String {
+    /// `{ key value, ... }`; an output's `dtype` in its canonical spelling
+    /// (`bfloat16` → `bf16`).
+    fn options(&self, block: Option<&Block<KeyValue>>, output: bool) -> String {
         match block {
             Some(b) if !b.items.is_empty() => {
                 let items: Vec<String> = b
                     .items
                     .iter()
-                    .map(|kv| format!("{} {}", kv.key.name, self.expr(&kv.value)))
+                    .map(|kv| {
+                        let mut value = self.expr(&kv.value);
+                        if output
+                            && kv.key.name == "dtype"
+                            && let Some(d) = crate::recipe::Dtype::from_word(&value)
+                        {
+                            value = d.name().to_string();
+                        }
+                        format!("{} {value}", kv.key.name)
+                    })
                     .collect();
                 format!(" {{ {} }}", items.join(", "))
             }

@@ -273,6 +273,13 @@ impl Dtype {
         }
     }
 
+    /// `bf16`, `f16`, `f32`, or the `config.json` names (`bfloat16`, ...).
+    pub fn from_word(word: &str) -> Option<Dtype> {
+        [Dtype::Bf16, Dtype::F16, Dtype::F32]
+            .into_iter()
+            .find(|d| d.name() == word || d.config_name() == word)
+    }
+
     /// The name `config.json` uses (`torch_dtype`, `dtype`).
     pub fn config_name(self) -> &'static str {
         match self {

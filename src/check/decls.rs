@@ -226,12 +226,8 @@ impl Checker<'_> {
                 match option.key.name.as_str() {
                     "dtype" => {
                         output.dtype = self
-                            .word(&option.value, &["bf16", "f16", "f32"], "an output dtype")
-                            .map(|w| match w.as_str() {
-                                "f16" => Dtype::F16,
-                                "f32" => Dtype::F32,
-                                _ => Dtype::Bf16,
-                            })
+                            .word(&option.value, DTYPE_WORDS, "an output dtype")
+                            .and_then(|w| Dtype::from_word(&w))
                     }
                     "shard_size" => {
                         if let Some(text) = self.string(&scope, &option.value) {
@@ -276,6 +272,9 @@ impl Checker<'_> {
 }
 
 use crate::recipe::DataId;
+
+/// Output dtypes: obim's names and the `config.json` names mergekit users write.
+const DTYPE_WORDS: &[&str] = &["bf16", "f16", "f32", "bfloat16", "float16", "float32"];
 
 /// A source is a local directory when it looks like a path or names one.
 pub fn is_local(written: &str, dir: &Path) -> bool {

@@ -639,10 +639,18 @@ impl Problem {
                 what,
                 known,
                 suggestion,
-            } => Diagnostic::new(Code::E0006, span, format!("unknown {what} `{key}`"))
-                .label(format!("not a {what}"))
-                .note(format!("known: {}", known.join(", ")))
-                .suggest(suggestion.as_deref()),
+            } => {
+                let d = Diagnostic::new(Code::E0006, span, format!("unknown {what} `{key}`"))
+                    .label(format!("not {} {what}", article(what)))
+                    .note(format!("known: {}", known.join(", ")));
+                match key.as_str() {
+                    // mergekit's key for what obim does not do yet: say what it does.
+                    "tokenizer_source" => d.help(
+                        "obim does not build merged vocabularies yet; `tokenizer MODEL` copies one input's tokenizer (default: the base's)",
+                    ),
+                    _ => d.suggest(suggestion.as_deref()),
+                }
+            }
             Problem::BaseNotInParams { span } => Diagnostic::new(
                 Code::E0019,
                 span,
@@ -1003,6 +1011,14 @@ fn param_names(method: Method) -> String {
 /// Sums print rounded to 6 decimals, so float noise does not show.
 fn round(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
+}
+
+/// `a` or `an` before `word`.
+fn article(word: &str) -> &'static str {
+    match word.chars().next() {
+        Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
+        _ => "a",
+    }
 }
 
 #[cfg(test)]
