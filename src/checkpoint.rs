@@ -322,8 +322,10 @@ pub fn read_header(
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(io)?;
     let data_len = file_len - 8 - header_len;
-    let Entries(entries) = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let Entries(entries) = serde_json::from_slice(&header).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => bad("header is not a JSON object".into()),
+        _ => bad(format!("header is not valid JSON: {e}")),
+    })?;
     let mut tensors = BTreeMap::new();
     for (name, entry) in &entries {
         if name == "__metadata__" {

@@ -221,13 +221,18 @@ fn against_base(
     let base_name = &recipe.models[base_id.0].name;
     let model = &recipe.models[id.0];
     if info.architecture != base.architecture {
-        let show = |a: &Option<String>| a.clone().unwrap_or_else(|| "unknown".into());
+        let show = |a: &Option<String>| {
+            a.as_ref().map_or_else(
+                || "of no known architecture (config.json names none)".to_string(),
+                |a| format!("a {a}"),
+            )
+        };
         diagnostics.push(
             Diagnostic::new(
                 Code::E0023,
                 model.span,
                 format!(
-                    "`{}` is a {}, the base `{base_name}` a {}",
+                    "`{}` is {}, the base `{base_name}` {}",
                     model.name,
                     show(&info.architecture),
                     show(&base.architecture)

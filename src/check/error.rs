@@ -499,17 +499,21 @@ impl Problem {
                 value,
             } => {
                 let help = match name.as_str() {
-                    "retain" => "retain is the fraction of a tensor's positions the input keeps",
-                    "density" => "density is the fraction of the task vector kept",
-                    _ => "t = 0 gives the base, t = 1 the other model",
+                    "retain" => Some("retain is the fraction of a tensor's positions the input keeps"),
+                    "density" => Some("density is the fraction of the task vector kept"),
+                    "t" => Some("t = 0 gives the base, t = 1 the other model"),
+                    _ => None,
                 };
-                Diagnostic::new(
+                let d = Diagnostic::new(
                     Code::E0009,
                     span,
                     format!("`{name}` must be {}", kind.describe()),
                 )
-                .label(format!("{value} is out of range"))
-                .help(help)
+                .label(format!("{value} is out of range"));
+                match help {
+                    Some(h) => d.help(h),
+                    None => d,
+                }
             }
             Problem::NotPositiveInt { span, key, value } => Diagnostic::new(
                 Code::E0009,
@@ -860,7 +864,8 @@ impl Problem {
                 )
                 .label(format!("{} = {sum}", parts.join(" + ")));
                 let show = |r: Option<f64>| r.map_or_else(String::new, |r| format!("{r}"));
-                for k in kept {
+                // An input that sets no ratio here adds nothing: no label.
+                for k in kept.into_iter().filter(|k| k.here.is_some()) {
                     let label = if k.here == k.merge_level {
                         format!("`{}` keeps {}", k.input, show(k.here))
                     } else {
@@ -1139,6 +1144,49 @@ mod tests {
             ]
         );
         assert_eq!(d.notes.len(), 1);
+    }
+
+    #[test]
+    fn an_input_without_a_ratio_gets_no_empty_label() {
+        let d = Problem::RetentionOverBudget {
+            span: at(40),
+            merge: "m".into(),
+            rule_line: None,
+            ratios: vec![0.6, 0.6],
+            kept: vec![
+                Kept {
+                    span: at(10),
+                    input: "a".into(),
+                    merge_level: Some(0.6),
+                    here: Some(0.6),
+                },
+                Kept {
+                    span: at(20),
+                    input: "sort".into(),
+                    merge_level: None,
+                    here: None,
+                },
+            ],
+        }
+        .into_diagnostic();
+        assert_eq!(secondary(&d), [(10, "`a` keeps 0.6")]);
+    }
+
+    #[test]
+    fn range_help_speaks_of_the_setting_itself() {
+        let out = |name: &str| {
+            Problem::OutOfRange {
+                span: at(1),
+                name: name.into(),
+                kind: Kind::Unit,
+                value: 2.0,
+            }
+            .into_diagnostic()
+            .help
+        };
+        assert_eq!(out("weight"), None);
+        assert!(out("t").is_some_and(|h| h.starts_with("t = 0")));
+        assert!(out("retain").is_some_and(|h| h.starts_with("retain is")));
     }
 
     #[test]

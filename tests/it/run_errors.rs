@@ -497,3 +497,14 @@ fn invalid_model_configs_are_input_faults() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// An input whose config.json names no architecture is described in words,
+/// not as "a unknown".
+#[test]
+fn unknown_architecture_reads_well() {
+    let case = Case::new("arch", |d| {
+        good(d);
+        std::fs::write(d.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    });
+    case.fails_with(&["E0023", "`bad` is of no known architecture (config.json names none), the base `base` a LlamaForCausalLM"]);
+}
