@@ -114,11 +114,13 @@ fn fetch(
         }
     }
     let started = std::time::Instant::now();
-    let _ = writeln!(
-        io.err,
-        "{model}: `{id}` is not in the local Hugging Face cache; downloading from {}",
-        crate::hub::endpoint()
-    );
+    if !crate::hub::offline() {
+        let _ = writeln!(
+            io.err,
+            "{model}: `{id}` is not in the local Hugging Face cache; downloading from {}",
+            crate::hub::endpoint()
+        );
+    }
     match crate::hub::fetch(id, revision, &mut Forward(progress)) {
         Ok(dir) => {
             let _ = writeln!(

@@ -172,7 +172,8 @@ pub fn endpoint() -> String {
         )
 }
 
-fn offline() -> bool {
+/// `HF_HUB_OFFLINE` is set: nothing is downloaded.
+pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
 }

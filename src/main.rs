@@ -20,9 +20,6 @@ struct Cli {
     /// When to color diagnostics.
     #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
     color: Color,
-    /// The most `auto` candidates one merge may have.
-    #[arg(long, global = true, default_value_t = obim::recipe::MAX_CANDIDATES)]
-    max_candidates: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,12 +72,16 @@ enum Command {
         /// `json` prints diagnostics on stdout for editors and CI.
         #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
         format: CheckFormat,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Print the execution plan of a recipe.
     Plan {
         recipe: PathBuf,
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Rewrite recipes in the canonical layout (comments kept).
     Fmt {
@@ -98,6 +99,8 @@ enum Command {
         /// merge as `RECIPE.obim:MERGE` (`RECIPE.obim`: its first output's merge).
         #[arg(required = true)]
         models: Vec<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// Where a recipe's merges are computed (default: as `run`).
         #[arg(long)]
         cache: Option<PathBuf>,
@@ -155,9 +158,27 @@ enum Command {
     Explain { code: String },
 }
 
+/// What the checker may be told, on the commands that check recipes.
+#[derive(clap::Args, Clone, Copy)]
+struct LimitArgs {
+    /// The most `auto` candidates one merge may have.
+    #[arg(long, default_value_t = obim::recipe::MAX_CANDIDATES)]
+    max_candidates: usize,
+}
+
+impl From<LimitArgs> for obim::Limits {
+    fn from(a: LimitArgs) -> obim::Limits {
+        obim::Limits {
+            max_candidates: a.max_candidates,
+        }
+    }
+}
+
 /// `obim run`'s arguments.
 #[derive(clap::Args)]
 struct RunArgs {
+    #[command(flatten)]
+    limits: LimitArgs,
     recipe: PathBuf,
     /// Where forward passes run (calibration, selection; merging runs on the CPU): `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "auto")]
@@ -386,16 +407,23 @@ fn main() {
         out: &mut out,
         err: &mut err,
         color,
-        limits: obim::Limits {
-            max_candidates: cli.max_candidates,
+        limits: match &cli.command {
+            Command::Check { limits, .. }
+            | Command::Plan { limits, .. }
+            | Command::Eval { limits, .. }
+            | Command::Run(RunArgs { limits, .. }) => (*limits).into(),
+            _ => obim::Limits::default(),
         },
     };
     let code = match cli.command {
-        Command::Check { recipes, format } => commands::check(&mut io, &recipes, format.into()),
-        Command::Plan { recipe, format } => commands::plan(&mut io, &recipe, format.into()),
+        Command::Check {
+            recipes, format, ..
+        } => commands::check(&mut io, &recipes, format.into()),
+        Command::Plan { recipe, format, .. } => commands::plan(&mut io, &recipe, format.into()),
         Command::Fmt { recipes, check } => commands::format(&mut io, &recipes, check),
         Command::Explain { code } => commands::explain(&mut io, &code),
         Command::Eval {
+            limits: _,
             models,
             data,
             limit,

@@ -203,3 +203,18 @@ fn recipe_files_are_regular_and_bounded() {
     assert!(err.contains("larger than 16 MiB"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--max-candidates` is offered where recipes are checked, not by every command.
+#[test]
+fn max_candidates_only_where_it_applies() {
+    let help = |cmd: &str| {
+        let out = obim().args([cmd, "--help"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("--max-candidates")
+    };
+    for cmd in ["check", "plan", "run", "eval"] {
+        assert!(help(cmd), "{cmd} --help lacks --max-candidates");
+    }
+    for cmd in ["fmt", "explain", "stats"] {
+        assert!(!help(cmd), "{cmd} --help offers --max-candidates");
+    }
+}
