@@ -216,6 +216,7 @@ pub fn run(
     path: &Path,
     options: &crate::exec::RunOptions,
     dry_run: bool,
+    placements: &[String],
     progress: &mut dyn FnMut(crate::exec::Event),
 ) -> i32 {
     let c = if dry_run {
@@ -223,10 +224,14 @@ pub fn run(
     } else {
         compile_fetched(io, path, progress)
     };
-    let c = match c {
+    let mut c = match c {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = place_outputs(&mut c, placements) {
+        let _ = writeln!(io.err, "error: -o/--output: {e}");
+        return exit::USAGE;
+    }
     print_diagnostics(io, &c.diagnostics, &c.sources);
     let Some(plan) = c.plan() else {
         let only_checkpoints = c
@@ -275,6 +280,51 @@ pub fn run(
             exit::FAILURE
         }
     }
+}
+
+/// `-o DIR` (the recipe's one output) or `-o NAME=DIR` (the output of merge
+/// `NAME`, or the one written as `NAME`): where outputs go instead of the
+/// recipe's paths. DIR is relative to the working directory, as a path on
+/// the command line is.
+fn place_outputs(c: &mut Compilation, placements: &[String]) -> Result<(), String> {
+    let outputs = &mut c.recipe.outputs;
+    let names: Vec<String> = outputs
+        .iter()
+        .map(|o| format!("{} -> {}", c.recipe.merges[o.merge.0].name, o.written))
+        .collect();
+    for placement in placements {
+        let (name, dir) = match placement.split_once('=') {
+            Some((n, d)) if !n.is_empty() && !n.contains('/') => (Some(n), d),
+            _ => (None, placement.as_str()),
+        };
+        let chosen: Vec<usize> = match name {
+            None if outputs.len() == 1 => vec![0],
+            None => {
+                return Err(format!(
+                    "the recipe has {} outputs ({}); name one: `-o NAME=DIR`",
+                    outputs.len(),
+                    names.join(", ")
+                ));
+            }
+            Some(n) => (0..outputs.len())
+                .filter(|&i| {
+                    c.recipe.merges[outputs[i].merge.0].name == n || outputs[i].written == n
+                })
+                .collect(),
+        };
+        let [index] = chosen[..] else {
+            return Err(format!(
+                "`{}` names {} of the outputs ({}); use the merge's name or the path as written",
+                name.unwrap_or_default(),
+                if chosen.is_empty() { "none" } else { "several" },
+                names.join(", ")
+            ));
+        };
+        let path = std::path::absolute(dir).map_err(|e| format!("`{dir}`: {e}"))?;
+        outputs[index].written = dir.to_string();
+        outputs[index].path = path;
+    }
+    Ok(())
 }
 
 /// `obim fmt [--check] RECIPE...`

@@ -180,6 +180,11 @@ struct RunArgs {
     #[command(flatten)]
     limits: LimitArgs,
     recipe: PathBuf,
+    /// Where to write an output instead of the recipe's path: `-o DIR` for a
+    /// recipe with one output, `-o NAME=DIR` for the output of merge NAME
+    /// (repeatable; DIR is relative to the working directory).
+    #[arg(short = 'o', long = "output", value_name = "[NAME=]DIR")]
+    outputs: Vec<String>,
     /// Where forward passes run (calibration, selection; merging runs on the CPU): `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
@@ -390,9 +395,14 @@ fn run(io: &mut Io, args: RunArgs) -> i32 {
         bar: None,
         terminal: std::io::stderr().is_terminal(),
     };
-    commands::run(io, &args.recipe, &options, args.dry_run, &mut |e| {
-        progress.event(e)
-    })
+    commands::run(
+        io,
+        &args.recipe,
+        &options,
+        args.dry_run,
+        &args.outputs,
+        &mut |e| progress.event(e),
+    )
 }
 
 fn main() {

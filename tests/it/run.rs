@@ -289,3 +289,54 @@ fn report_hashes_follow_the_files() {
     assert_ne!(second, first);
     assert_eq!(second, blake3::hash(&bytes).to_hex().as_str());
 }
+
+/// `-o DIR` places the recipe's one output (as `mergekit-yaml CONFIG OUT`
+/// does); `-o NAME=DIR` one of several; an ambiguous `-o` is a usage error.
+#[test]
+fn outputs_can_be_placed_from_the_command_line() {
+    let dir = temp("place");
+    let recipe = dir.join("r.obim");
+    let model = |n: &str| demo().join(n).display().to_string();
+    std::fs::write(
+        &recipe,
+        format!(
+            "base llama = \"{}\"\nmodel add = \"{}\"\n\
+             merge a = task_arithmetic(base: llama) {{ add weight 1 }}\n\
+             merge b = task_arithmetic(base: llama) {{ add weight 0.5 }}\n\
+             output a -> \"out/a\"\n",
+            model("base"),
+            model("expert_add")
+        ),
+    )
+    .unwrap();
+    let r = recipe.to_str().unwrap();
+    let placed = dir.join("elsewhere/a");
+    let out = obim(&["run", r, "-o", placed.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(placed.join("model.safetensors").is_file());
+    assert!(!dir.join("out/a").exists(), "the recipe's path was written");
+
+    let two = std::fs::read_to_string(&recipe).unwrap() + "output b -> \"out/b\"\n";
+    std::fs::write(&recipe, two).unwrap();
+    let ambiguous = obim(&["run", r, "-o", placed.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&ambiguous.stderr);
+    assert_eq!(ambiguous.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("2 outputs") && err.contains("-o NAME=DIR"),
+        "{err}"
+    );
+    let b = dir.join("elsewhere/b");
+    let named = obim(&["run", r, "-o", &format!("b={}", b.display()), "--force"]);
+    assert!(
+        named.status.success(),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+    assert!(b.join("model.safetensors").is_file() && dir.join("out/a").is_dir());
+    assert!(!dir.join("out/b").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
