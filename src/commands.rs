@@ -486,7 +486,26 @@ fn recipe_merge(
 
 /// `obim eval MODEL... --data FILE...`: greedy exact-match accuracy (or,
 /// with `--loss`, the mean next-token loss) of each model on each file.
-pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOptions) -> i32 {
+/// What `obim eval` reports as it goes; the CLI draws it.
+#[derive(Debug, Clone, Copy)]
+pub enum EvalProgress<'a> {
+    /// One model on one file begins: `items` examples or texts.
+    Started {
+        model: &'a str,
+        file: &'a str,
+        items: usize,
+    },
+    /// `n` more of them are done.
+    Done(usize),
+}
+
+pub fn eval(
+    io: &mut Io,
+    models: &[String],
+    files: &[PathBuf],
+    options: &EvalOptions,
+    progress: &(dyn Fn(EvalProgress) + Sync),
+) -> i32 {
     enum Set {
         Examples(Vec<crate::eval::Example>),
         Texts(Vec<String>),
@@ -541,15 +560,21 @@ pub fn eval(io: &mut Io, models: &[String], files: &[PathBuf], options: &EvalOpt
         };
         let mut scores = Vec::new();
         for (file, set) in &sets {
+            let items = match set {
+                Set::Examples(e) => e.len(),
+                Set::Texts(t) => t.len(),
+            };
+            progress(EvalProgress::Started { model, file, items });
+            let done = |n| progress(EvalProgress::Done(n));
             let scored = match set {
-                Set::Examples(examples) => generator.score(file, examples).map(|s| {
+                Set::Examples(examples) => generator.score(file, examples, &done).map(|s| {
                     let line = format!(
                         "{model:<40} {file:<40} {:>8} {:>8} {:>8.3}",
                         s.examples, s.correct, s.accuracy
                     );
                     (serde_json::to_value(s).unwrap_or_default(), line)
                 }),
-                Set::Texts(texts) => generator.loss(file, texts).map(|s| {
+                Set::Texts(texts) => generator.loss(file, texts, &done).map(|s| {
                     let line = format!(
                         "{model:<40} {file:<40} {:>8} {:>10.6} {:>10.4}",
                         s.texts, s.loss, s.perplexity

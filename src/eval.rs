@@ -145,8 +145,13 @@ impl Generator {
         Ok(new)
     }
 
-    /// Exact-match accuracy on `examples`.
-    pub fn score(&self, file: &str, examples: &[Example]) -> Result<Score, EvalError> {
+    /// Exact-match accuracy on `examples`; `done(n)` as examples finish.
+    pub fn score(
+        &self,
+        file: &str,
+        examples: &[Example],
+        done: &(dyn Fn(usize) + Sync),
+    ) -> Result<Score, EvalError> {
         let mut budget = 0;
         for e in examples {
             budget = budget.max(self.tokenizer.ids(&e.answer, false)?.len());
@@ -159,6 +164,7 @@ impl Generator {
             .map(|e| -> Result<bool, EvalError> {
                 let prompt = self.tokenizer.encode(&e.prompt, None)?;
                 let out = self.generate(&prompt, budget)?;
+                done(1);
                 Ok(self.tokenizer.decode(&out)? == e.answer)
             })
             .collect::<Result<Vec<bool>, EvalError>>()?;
@@ -178,6 +184,15 @@ impl Generator {
     /// Each sequence's mean next-token negative log-likelihood (nats);
     /// sequences shorter than 2 tokens predict nothing and are left out.
     pub fn losses(&self, sequences: &[Vec<u32>]) -> Result<Vec<f64>, EvalError> {
+        self.losses_reporting(sequences, &|_| {})
+    }
+
+    /// [`Generator::losses`], with `done(n)` as sequences finish.
+    fn losses_reporting(
+        &self,
+        sequences: &[Vec<u32>],
+        done: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<f64>, EvalError> {
         let usable: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).cloned().collect();
         let per_group = (LOSS_GROUP_VALUES / self.model.cfg.vocab_size.max(1)).max(1);
         let mut losses = Vec::with_capacity(usable.len());
@@ -185,17 +200,23 @@ impl Generator {
             let logits = self.model.forward(&ids, &seqs, None)?;
             let picked = stream::log_prob(&logits, &stream::targets(&seqs, &ids))?;
             losses.extend(stream::mean_per_sequence(&seqs, &picked));
+            done(seqs.len());
         }
         Ok(losses)
     }
 
-    /// Mean loss and perplexity of texts.
-    pub fn loss(&self, file: &str, texts: &[String]) -> Result<LossScore, EvalError> {
+    /// Mean loss and perplexity of texts; `done(n)` as texts finish.
+    pub fn loss(
+        &self,
+        file: &str,
+        texts: &[String],
+        done: &(dyn Fn(usize) + Sync),
+    ) -> Result<LossScore, EvalError> {
         let sequences = texts
             .iter()
             .map(|t| self.tokenizer.encode(t, None))
             .collect::<Result<Vec<_>, _>>()?;
-        let losses = self.losses(&sequences)?;
+        let losses = self.losses_reporting(&sequences, done)?;
         let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         Ok(LossScore {
             file: file.to_string(),

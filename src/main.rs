@@ -221,6 +221,24 @@ fn set_threads(threads: Option<usize>) {
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     terminal: bool,
+    /// Without a terminal: the output being written (tensors written of all,
+    /// bytes written of all) and when a progress line was last printed.
+    writing: (usize, usize, u64, u64),
+    heartbeat: std::time::Instant,
+}
+
+/// Without a terminal, a progress line at most this often while writing.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            bar: None,
+            terminal: std::io::stderr().is_terminal(),
+            writing: (0, 0, 0, 0),
+            heartbeat: std::time::Instant::now(),
+        }
+    }
 }
 
 /// A bar counting `total` bytes, with throughput and time left.
@@ -238,7 +256,7 @@ fn bytes_bar(total: u64) -> indicatif::ProgressBar {
 impl Progress {
     fn event(&mut self, event: obim::exec::Event) {
         self.draw(&event);
-        if let Some(line) = line(&event, self.terminal) {
+        if let Some(line) = line(&event) {
             match &self.bar {
                 Some(bar) => bar.println(line),
                 None => eprintln!("{line}"),
@@ -257,6 +275,23 @@ impl Progress {
             }
             Event::OutputStarted { bytes, .. } if self.terminal => {
                 self.bar = Some(bytes_bar(*bytes));
+            }
+            Event::OutputStarted { tensors, bytes, .. } => {
+                self.writing = (0, *tensors, 0, *bytes);
+                self.heartbeat = std::time::Instant::now();
+            }
+            Event::TensorWritten { bytes, .. } if !self.terminal => {
+                let (done, tensors, written, total) = &mut self.writing;
+                *done += 1;
+                *written += bytes;
+                if self.heartbeat.elapsed() >= HEARTBEAT {
+                    self.heartbeat = std::time::Instant::now();
+                    eprintln!(
+                        "… {done}/{tensors} tensors, {:.1} of {:.1} MB",
+                        *written as f64 / 1e6,
+                        *total as f64 / 1e6
+                    );
+                }
             }
             Event::Downloaded { bytes } => {
                 if let Some(bar) = &self.bar {
@@ -280,7 +315,7 @@ impl Progress {
 }
 
 /// The line an event prints, if any (per-tensor events only move a bar).
-fn line(event: &obim::exec::Event, terminal: bool) -> Option<String> {
+fn line(event: &obim::exec::Event) -> Option<String> {
     use obim::exec::Event;
     Some(match event {
         Event::OutputStarted {
@@ -288,7 +323,7 @@ fn line(event: &obim::exec::Event, terminal: bool) -> Option<String> {
             tensors,
             shards,
             ..
-        } if terminal => format!(
+        } => format!(
             "writing {} ({tensors} tensors, {shards} shard{})",
             path.display(),
             if *shards == 1 { "" } else { "s" }
@@ -312,7 +347,7 @@ fn line(event: &obim::exec::Event, terminal: bool) -> Option<String> {
             data,
             sequences,
             tokens,
-        } if terminal => {
+        } => {
             format!("calibrating {input} on {data} ({sequences} sequences, {tokens} tokens)…")
         }
         Event::Calibrated {
@@ -391,10 +426,7 @@ fn run(io: &mut Io, args: RunArgs) -> i32 {
         device: &device,
         allow_non_finite: args.allow_non_finite,
     };
-    let mut progress = Progress {
-        bar: None,
-        terminal: std::io::stderr().is_terminal(),
-    };
+    let mut progress = Progress::new();
     commands::run(
         io,
         &args.recipe,
@@ -452,7 +484,36 @@ fn main() {
                 cache: cache.unwrap_or_else(cache_dir),
                 device: open_device(device),
             };
-            commands::eval(&mut io, &models, &data, &options)
+            let bar = std::sync::Mutex::new(None::<indicatif::ProgressBar>);
+            let terminal = std::io::stderr().is_terminal();
+            let progress = |p: commands::EvalProgress| {
+                let Ok(mut bar) = bar.lock() else { return };
+                match p {
+                    commands::EvalProgress::Started { model, file, items } if terminal => {
+                        let b = indicatif::ProgressBar::new(items as u64);
+                        b.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{msg:40!} [{bar:30}] {pos}/{len} {eta}",
+                            )
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        );
+                        b.set_message(format!("{model} on {file}"));
+                        *bar = Some(b);
+                    }
+                    commands::EvalProgress::Started { model, file, items } => {
+                        eprintln!("evaluating {model} on {file} ({items} items)…");
+                    }
+                    commands::EvalProgress::Done(n) => {
+                        if let Some(b) = bar.as_ref() {
+                            b.inc(n as u64);
+                            if b.position() >= b.length().unwrap_or(0) {
+                                b.finish_and_clear();
+                            }
+                        }
+                    }
+                }
+            };
+            commands::eval(&mut io, &models, &data, &options, &progress)
         }
         Command::Stats {
             model,

@@ -133,7 +133,7 @@ fn check_scores(family: &Path) {
             let examples =
                 obim::eval::examples(&family.join(format!("data/{task}/test.jsonl")), None)
                     .unwrap();
-            let score = generator.score(task, &examples).unwrap();
+            let score = generator.score(task, &examples, &|_| {}).unwrap();
             let expected = scores["accuracy"][model][task].as_f64().unwrap();
             assert!(
                 (score.accuracy - expected).abs() < 1e-9,
@@ -307,7 +307,7 @@ fn demo_loss_matches_transformers() {
                 data::jsonl_texts(&demo().join(format!("data/{task}/calib.jsonl")), "text")
                     .unwrap();
             texts.truncate(n);
-            let score = generator.loss(task, &texts).unwrap();
+            let score = generator.loss(task, &texts, &|_| {}).unwrap();
             let expected = golden["loss"][model][task].as_f64().unwrap();
             assert!(
                 (score.loss - expected).abs() <= 1e-4,

@@ -340,3 +340,39 @@ fn outputs_can_be_placed_from_the_command_line() {
     assert!(!dir.join("out/b").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Without a terminal, `run` and `eval` still say what they are doing as
+/// they go (they printed nothing until the end).
+#[test]
+fn progress_lines_without_a_terminal() {
+    let dir = temp("progress");
+    let out = obim(&[
+        "run",
+        "--cache",
+        dir.join("cache").to_str().unwrap(),
+        "-o",
+        dir.join("two").to_str().unwrap(),
+        demo().join("two.obim").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let writing = err.find("(39 tensors, 1 shard)").expect("a writing line");
+    let calibrating = err
+        .find("calibrating add on add_calib")
+        .expect("a calibrating line");
+    assert!(
+        calibrating < writing && writing < err.find("wrote").unwrap(),
+        "{err}"
+    );
+    let eval = obim(&[
+        "eval",
+        demo().join("base").to_str().unwrap(),
+        "--data",
+        demo().join("data/add/test.jsonl").to_str().unwrap(),
+        "--limit",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&eval.stderr);
+    assert!(err.contains("(3 items)"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
