@@ -453,6 +453,16 @@ dropped silently.
 Fix: nothing, if the extra tensors are not wanted; otherwise merge into a base
 that has them."#;
 
+W0006 => "weights that cannot be meant", r#"A merge's weights are legal but almost certainly not what was meant:
+every weight 0 (the output is the base, or zeros for `linear`), weights that
+sum to 0 in a merge that divides by their sum (`linear`, `ties`, or any with
+`normalize: true`: a sum of 0 is replaced by 1, mergekit's rule, so the
+division silently does nothing), or a weight far outside what merges use
+(|w| > 100: a lost decimal point?).
+
+Fix: correct the weights, or set `normalize: false` when weights that sum to
+0 are intended (task-vector differences, for instance)."#;
+
 N0001 => "model not available locally", r#"A model given by Hugging Face id is not in the local Hugging Face cache, so
 `obim check` cannot read its config and headers; architecture, tensor and
 shape checks against the base are skipped for it. `obim run` downloads it

@@ -175,6 +175,15 @@ pub(super) enum Problem {
         value: String,
         entry: Span,
     },
+    /// Weights that are legal but cannot be meant (W0006).
+    OddWeights {
+        span: Span,
+        merge: String,
+        method: Method,
+        problem: WeightProblem,
+        /// The inputs, labelled when the problem is the set of weights.
+        inputs: Vec<Span>,
+    },
     /// A required merge-wide parameter not given (E0007).
     MissingParam {
         span: Span,
@@ -316,6 +325,17 @@ pub(super) enum InvalidAuto {
     NeverReaches { from: f64, to: f64, step: f64 },
     /// A range of more than 1000 values.
     TooMany { count: f64 },
+}
+
+/// What is odd about a merge's weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum WeightProblem {
+    /// Every weight is 0.
+    AllZero,
+    /// The weights sum to 0 and the method divides by their sum.
+    SumZero,
+    /// One weight far outside what merges use.
+    Huge(f64),
 }
 
 /// One input's retention ratio, where it was written, for E0013's labels.
@@ -685,6 +705,41 @@ impl Problem {
             .help(format!(
                 "write `{input} {key} {value}` (no colon) for this input, or put `{key}: {value}` on a line of its own for every input"
             )),
+            Problem::OddWeights {
+                span,
+                merge,
+                method,
+                problem,
+                inputs,
+            } => {
+                let (message, label, help) = match problem {
+                    WeightProblem::AllZero => (
+                        format!("every weight of `{merge}` is 0"),
+                        "nothing of any input is merged".to_string(),
+                        match method {
+                            Method::Linear => "the output would be all zeros; give the inputs weights",
+                            _ => "the output would be the base; give the inputs weights",
+                        },
+                    ),
+                    WeightProblem::SumZero => (
+                        format!("the weights of `{merge}` sum to 0"),
+                        "`normalize` divides by the sum of the weights".to_string(),
+                        "a sum of 0 is replaced by 1 (mergekit's rule), so the weights are used as they are; set `normalize: false` to say so, or fix the weights",
+                    ),
+                    WeightProblem::Huge(w) => (
+                        format!("weight {w} in `{merge}` is far outside what merges use"),
+                        format!("{w}"),
+                        "weights are usually between -1 and 2; was a decimal point lost?",
+                    ),
+                };
+                let mut d = Diagnostic::new(Code::W0006, span, message)
+                    .label(label)
+                    .help(help);
+                for input in inputs {
+                    d = d.with(input, "weighted here");
+                }
+                d
+            }
             Problem::MissingParam {
                 span,
                 method,

@@ -4,7 +4,7 @@
 //! retention budget. Each merge gets a [`MergeChecker`] of its own, which
 //! holds what that merge gathers while it is checked.
 
-use super::error::{self, Kept, Problem};
+use super::error::{self, Kept, Problem, WeightProblem};
 use super::{Checker, Found, Scope, StageArgs, Val};
 use crate::diagnostic;
 use crate::methods::{Kind, Method, ParamName, Scope as ParamScope};
@@ -301,7 +301,56 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             .collect();
         let checked = merge.with_candidate(&worst);
         self.requirements(&checked, src, &spans, base_span.is_some(), written_entries);
+        self.weights_make_sense(&merge);
         merge
+    }
+
+    /// Weights that are legal but cannot be what the author meant (W0006):
+    /// all zero, summing to zero where `linear` divides by the sum, or huge.
+    fn weights_make_sense(&mut self, merge: &Merge) {
+        if merge.method.param("weight").is_none() || merge.inputs.is_empty() {
+            return;
+        }
+        let weights: Vec<(f64, Span)> = (0..merge.inputs.len())
+            .filter_map(|i| Some((merge.input_settings(i).weight?, merge.inputs[i].span)))
+            .collect();
+        if weights.len() < merge.inputs.len() {
+            return; // a missing weight is E0007's
+        }
+        let normalize = merge.settings.params.normalize.unwrap_or_else(|| {
+            merge
+                .method
+                .default_bool(crate::methods::ParamName::Normalize)
+                .unwrap_or(false)
+        });
+        let sum: f64 = weights.iter().map(|(w, _)| w).sum();
+        let problem = if weights.iter().all(|(w, _)| *w == 0.0) {
+            Some(WeightProblem::AllZero)
+        } else if normalize && sum.abs() < 1e-8 {
+            Some(WeightProblem::SumZero)
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            self.report(Problem::OddWeights {
+                span: merge.span,
+                merge: merge.name.clone(),
+                method: merge.method,
+                problem,
+                inputs: weights.iter().map(|(_, s)| *s).collect(),
+            });
+        }
+        for (w, span) in &weights {
+            if w.abs() > 100.0 {
+                self.report(Problem::OddWeights {
+                    span: *span,
+                    merge: merge.name.clone(),
+                    method: merge.method,
+                    problem: WeightProblem::Huge(*w),
+                    inputs: Vec::new(),
+                });
+            }
+        }
     }
 
     /// The merge's entries (`MODEL settings...`): its inputs, each once and
