@@ -440,7 +440,17 @@ impl PlanView<'_> {
                 .collect();
             let (saliency, why) = t.saliency();
             let why = why.map_or(String::new(), |w| format!(" ({w})"));
-            format!("{} | {}{why}", order.join(" → "), saliency.name())
+            let params: Vec<String> =
+                t.op.merge_params(merge.method)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+            format!(
+                "{} | {}{why} | {}",
+                order.join(" → "),
+                saliency.name(),
+                params.join(", ")
+            )
         } else {
             let parts: Vec<String> = names
                 .iter()
