@@ -143,7 +143,8 @@ impl ExecError {
     }
 
     pub fn code(&self) -> Code {
-        match self.innermost() {
+        match self {
+            ExecError::InStep { source, .. } => source.code(),
             ExecError::ModelUnavailable { .. } => Code::E0101,
             ExecError::TensorMissing { .. } => Code::E0102,
             ExecError::Unmergeable { .. } | ExecError::Operands { .. } => Code::E0103,
@@ -158,7 +159,6 @@ impl ExecError {
             ExecError::Interrupted(_) => Code::E0108,
             ExecError::Calibration { .. } => Code::E0109,
             ExecError::Selection { .. } => Code::E0110,
-            ExecError::InStep { .. } => unreachable!("innermost is no step"),
         }
     }
 
