@@ -186,8 +186,9 @@ pub fn check(io: &mut Io, paths: &[PathBuf], format: Format) -> i32 {
     code
 }
 
-/// `obim plan RECIPE`
-pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
+/// `obim plan RECIPE`; `cache` is where a run keeps candidate scores, so the
+/// text can say which `auto` candidate they choose.
+pub fn plan(io: &mut Io, path: &Path, format: Format, cache: Option<&Path>) -> i32 {
     let Some(c) = compile(io, path) else {
         return exit::USAGE;
     };
@@ -198,7 +199,8 @@ pub fn plan(io: &mut Io, path: &Path, format: Format) -> i32 {
         }
         return exit::RECIPE;
     };
-    let view = c.view(&plan);
+    let mut view = c.view(&plan);
+    view.cache = cache;
     let text = match format {
         Format::Text => view.to_text(),
         Format::Json => serde_json::to_string_pretty(&view.to_json()).unwrap_or_default() + "\n",

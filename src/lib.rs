@@ -54,6 +54,7 @@ impl Compilation {
             recipe: &self.recipe,
             inventory: &self.inventory,
             sources: &self.sources,
+            cache: None,
         }
     }
 

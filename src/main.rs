@@ -82,6 +82,9 @@ enum Command {
         format: PlanFormat,
         #[command(flatten)]
         limits: LimitArgs,
+        /// The cache `run` uses (default: as `run`): shows the `auto` candidate its scores choose.
+        #[arg(long)]
+        cache: Option<PathBuf>,
     },
     /// Rewrite recipes in the canonical layout (comments kept).
     Fmt {
@@ -461,7 +464,15 @@ fn main() {
         Command::Check {
             recipes, format, ..
         } => commands::check(&mut io, &recipes, format.into()),
-        Command::Plan { recipe, format, .. } => commands::plan(&mut io, &recipe, format.into()),
+        Command::Plan {
+            recipe,
+            format,
+            cache,
+            ..
+        } => {
+            let cache = cache.unwrap_or_else(cache_dir);
+            commands::plan(&mut io, &recipe, format.into(), Some(&cache))
+        }
         Command::Fmt { recipes, check } => commands::format(&mut io, &recipes, check),
         Command::Explain { code } => commands::explain(&mut io, &code),
         Command::Eval {

@@ -118,7 +118,7 @@ impl<'a> Selector<'a> {
         };
         let all = selector.tokens();
         for (index, variant) in variants(plan, id).iter().enumerate() {
-            let path = score_path(cache, &variant.hash, &all);
+            let path = variant.score_path(cache, &all);
             let cached = std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|t| serde_json::from_str::<CandidateScore>(&t).ok())
@@ -303,18 +303,6 @@ impl Source for MergedSource<'_> {
     fn has(&self, name: &str) -> bool {
         self.names.contains(name)
     }
-}
-
-/// Where a candidate's score is cached: its merge step's hash (settings,
-/// inputs, statistics) and the selection tokens.
-fn score_path(cache: &Path, merge_hash: &str, tokens: &[Vec<u32>]) -> PathBuf {
-    let mut h = blake3::Hasher::new();
-    h.update(b"obim candidate loss v2\0");
-    h.update(merge_hash.as_bytes());
-    crate::calibrate::hash_tokens(&mut h, tokens);
-    cache
-        .join("scores")
-        .join(format!("{}.json", &h.finalize().to_hex()[..32]))
 }
 
 #[cfg(test)]

@@ -80,6 +80,20 @@ pub struct Variant {
     pub hash: String,
 }
 
+impl Variant {
+    /// Where the candidate's score on `tokens` (the selection data) is
+    /// cached: the run writes it, `obim plan` reads it.
+    pub fn score_path(&self, cache: &std::path::Path, tokens: &[Vec<u32>]) -> std::path::PathBuf {
+        let mut h = blake3::Hasher::new();
+        h.update(b"obim candidate loss v2\0");
+        h.update(self.hash.as_bytes());
+        crate::calibrate::hash_tokens(&mut h, tokens);
+        cache
+            .join("scores")
+            .join(format!("{}.json", &h.finalize().to_hex()[..32]))
+    }
+}
+
 /// One tensor of a merge's output.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {

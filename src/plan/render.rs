@@ -16,6 +16,9 @@ pub struct PlanView<'a> {
     pub recipe: &'a Recipe,
     pub inventory: &'a Inventory,
     pub sources: &'a SourceMap,
+    /// Where a run caches candidate scores: the text plan marks the
+    /// candidate the scores there choose.
+    pub cache: Option<&'a std::path::Path>,
 }
 
 impl PlanView<'_> {
@@ -140,23 +143,40 @@ impl PlanView<'_> {
         })
     }
 
-    /// The tokens of a merge's selection data (texts of 2 tokens or more,
-    /// tokenized by the base's tokenizer), when the base is available.
-    fn selection_tokens(&self, merge: &Merge) -> Option<usize> {
+    /// The token sequences of a merge's selection data (texts of 2 tokens
+    /// or more, tokenized by the base's tokenizer), as the run scores them,
+    /// when the base is available.
+    fn selection_sequences(&self, merge: &Merge) -> Option<Vec<Vec<u32>>> {
         let select = merge.select.as_ref()?;
         let base = merge.shape_input()?;
         let info = self.inventory.get(self.recipe.shape_source(base)?)?;
         let tokenizer = crate::data::Tokenizer::from_dir(&info.dir).ok()?;
-        let mut total = 0;
+        let mut all = Vec::new();
         for d in &select.data {
             let seqs = crate::data::sequences(&self.recipe.data[d.0], &tokenizer).ok()?;
-            total += seqs
-                .iter()
-                .filter(|s| s.len() >= 2)
-                .map(Vec::len)
-                .sum::<usize>();
+            all.extend(seqs.into_iter().filter(|s| s.len() >= 2));
         }
-        Some(total)
+        Some(all)
+    }
+
+    fn selection_tokens(&self, merge: &Merge) -> Option<usize> {
+        Some(self.selection_sequences(merge)?.iter().map(Vec::len).sum())
+    }
+
+    /// The candidate of merge `id` an earlier run chose, and its loss: when
+    /// the cache holds every candidate's score, the lowest finite one.
+    fn chosen(&self, id: MergeId, merge: &Merge) -> Option<(String, f64)> {
+        let cache = self.cache?;
+        let tokens = self.selection_sequences(merge)?;
+        let mut best: Option<(String, f64)> = None;
+        for v in self.plan.variants.get(&id)? {
+            let text = std::fs::read_to_string(v.score_path(cache, &tokens)).ok()?;
+            let mean = serde_json::from_str::<Value>(&text).ok()?["mean"].as_f64()?;
+            if mean.is_finite() && best.as_ref().is_none_or(|(_, b)| mean < *b) {
+                best = Some((v.label.clone(), mean));
+            }
+        }
+        best
     }
 
     fn tensor_json(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> Value {
@@ -377,6 +397,12 @@ impl PlanView<'_> {
                 "  select   by loss({}): {cost} (tensors below: the first candidate)",
                 names.join(", ")
             );
+            if let Some((label, loss)) = self.chosen(id, merge) {
+                let _ = writeln!(
+                    out,
+                    "  chosen   {label} (loss {loss:.4}; from the scores in the cache)"
+                );
+            }
         }
         let Some(tensors) = self.plan.tensors.get(&id) else {
             let _ = writeln!(

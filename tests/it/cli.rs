@@ -6,7 +6,9 @@ use std::process::Command;
 fn obim() -> Command {
     let mut cmd = Command::new(get_cargo_bin("obim"));
     cmd.env("NO_COLOR", "1")
-        .env("HF_HUB_CACHE", "/nonexistent-obim-test-cache");
+        .env("HF_HUB_CACHE", "/nonexistent-obim-test-cache")
+        // No scores of an earlier run: plans show no chosen candidate.
+        .env("XDG_CACHE_HOME", "/nonexistent-obim-test-cache");
     cmd
 }
 

@@ -39,6 +39,19 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
     };
     let first = run(&recipe("auto [1.0, 0.2, 0.6]"));
     assert!(first.contains("m: chose lambda=0.2"), "{first}");
+    // `obim plan` with the same cache names the candidate the run chose.
+    let plan = |cache: &std::path::Path| {
+        let out = obim(&[
+            "plan",
+            "--cache",
+            cache.to_str().unwrap(),
+            dir.join("r.obim").to_str().unwrap(),
+        ]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let shown = plan(&cache);
+    assert!(shown.contains("chosen   lambda=0.2 (loss "), "{shown}");
+    assert!(!plan(&dir.join("no-cache")).contains("chosen"));
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap())
             .unwrap();
