@@ -244,6 +244,25 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// Without a terminal: counts a written tensor, and says how far the
+    /// output is when the last line is [`HEARTBEAT`] old.
+    fn heartbeat(&mut self, bytes: u64, now: std::time::Instant) -> Option<String> {
+        let (done, tensors, written, total) = &mut self.writing;
+        *done += 1;
+        *written += bytes;
+        if now.duration_since(self.heartbeat) < HEARTBEAT {
+            return None;
+        }
+        self.heartbeat = now;
+        Some(format!(
+            "… {done}/{tensors} tensors, {:.1} of {:.1} MB",
+            *written as f64 / 1e6,
+            *total as f64 / 1e6
+        ))
+    }
+}
+
 /// A bar counting `total` bytes, with throughput and time left.
 fn bytes_bar(total: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
@@ -284,16 +303,8 @@ impl Progress {
                 self.heartbeat = std::time::Instant::now();
             }
             Event::TensorWritten { bytes, .. } if !self.terminal => {
-                let (done, tensors, written, total) = &mut self.writing;
-                *done += 1;
-                *written += bytes;
-                if self.heartbeat.elapsed() >= HEARTBEAT {
-                    self.heartbeat = std::time::Instant::now();
-                    eprintln!(
-                        "… {done}/{tensors} tensors, {:.1} of {:.1} MB",
-                        *written as f64 / 1e6,
-                        *total as f64 / 1e6
-                    );
+                if let Some(line) = self.heartbeat(*bytes, std::time::Instant::now()) {
+                    eprintln!("{line}");
                 }
             }
             Event::Downloaded { bytes } => {
@@ -551,4 +562,27 @@ fn main() {
         Command::Run(args) => run(&mut io, args),
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_terminal_a_heartbeat_every_ten_seconds() {
+        let start = std::time::Instant::now();
+        let mut p = Progress {
+            bar: None,
+            terminal: false,
+            writing: (0, 3, 0, 3_000_000),
+            heartbeat: start,
+        };
+        assert_eq!(p.heartbeat(1_000_000, start), None);
+        let later = start + HEARTBEAT;
+        assert_eq!(
+            p.heartbeat(1_000_000, later).as_deref(),
+            Some("… 2/3 tensors, 2.0 of 3.0 MB")
+        );
+        assert_eq!(p.heartbeat(1_000_000, later), None, "one line per period");
+    }
 }
