@@ -381,7 +381,7 @@ E0106 => "output exists", r#"The output directory exists and was not written by 
 replaces an output silently.
 
 Fix: pass `--force` to replace it, or choose another path in the `output`
-statement."#;
+statement (or with `obim run -o DIR`)."#;
 
 E0107 => "merge failed", r#"A tensor could not be merged with its settings, for example a `take` that
 names an input the merge does not have for that tensor, or a method that
@@ -419,7 +419,10 @@ The lock belongs to the running process: the kernel releases it when the
 process ends, however it ends, so a killed run does not block later ones.
 
 Fix: wait for the other run to finish (then run again: its output may already
-be up to date), or write to another path in the `output` statement."#;
+be up to date), or write to another path (the `output` statement, or
+`obim run -o DIR`). A merge materialised in the cache is locked the same way:
+two runs that calibrate the same merge at once wait for nothing, the second
+fails; run it again once the first is done."#;
 
 E0112 => "input holds NaN or infinite values", r#"A tensor of an input checkpoint holds NaN or ±∞. Merged, it would spread
 into the output silently: every method adds or scales the inputs, and a NaN

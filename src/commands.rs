@@ -289,6 +289,9 @@ pub fn run(
 /// recipe's paths. DIR is relative to the working directory, as a path on
 /// the command line is.
 fn place_outputs(c: &mut Compilation, placements: &[String]) -> Result<(), String> {
+    if placements.is_empty() {
+        return Ok(());
+    }
     let outputs = &mut c.recipe.outputs;
     let names: Vec<String> = outputs
         .iter()
@@ -322,11 +325,50 @@ fn place_outputs(c: &mut Compilation, placements: &[String]) -> Result<(), Strin
                 names.join(", ")
             ));
         };
-        let path = std::path::absolute(dir).map_err(|e| format!("`{dir}`: {e}"))?;
         outputs[index].written = dir.to_string();
-        outputs[index].path = path;
+        outputs[index].path = lexical_absolute(Path::new(dir))?;
+    }
+    // What the checker ensures for the recipe's own paths (E0017, E0028):
+    // no output inside another, none over an input model.
+    let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+    for (i, o) in outputs.iter().enumerate() {
+        for other in &outputs[i + 1..] {
+            if overlap(&o.path, &other.path) {
+                return Err(format!(
+                    "outputs `{}` and `{}` would share a directory",
+                    o.written, other.written
+                ));
+            }
+        }
+        for m in &c.recipe.models {
+            if let crate::recipe::ModelSource::Local { path } = &m.source
+                && overlap(&o.path, &lexical_absolute(path)?)
+            {
+                return Err(format!(
+                    "output `{}` would overwrite the input model `{}`",
+                    o.written, m.name
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// `path` made absolute against the working directory, `.` and `..`
+/// resolved without touching the file system.
+fn lexical_absolute(path: &Path) -> Result<PathBuf, String> {
+    let abs = std::path::absolute(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    let mut out = PathBuf::new();
+    for part in abs.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Ok(out)
 }
 
 /// `obim fmt [--check] RECIPE...`

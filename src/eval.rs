@@ -194,6 +194,8 @@ impl Generator {
         done: &(dyn Fn(usize) + Sync),
     ) -> Result<Vec<f64>, EvalError> {
         let usable: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).cloned().collect();
+        // Sequences too short to predict anything are done at once.
+        done(sequences.len() - usable.len());
         let per_group = (LOSS_GROUP_VALUES / self.model.cfg.vocab_size.max(1)).max(1);
         let mut losses = Vec::with_capacity(usable.len());
         for (seqs, ids) in stream::packed(&usable, per_group) {

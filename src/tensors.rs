@@ -753,11 +753,25 @@ fn remove_stale(target: &Path) {
     let Ok(entries) = std::fs::read_dir(parent_of(target)) else {
         return;
     };
+    let mut old = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+        if name.starts_with(prefixes[1].as_str()) {
+            old.push(entry.path());
+        } else if name.starts_with(prefixes[0].as_str()) {
             let _ = remove_any(&entry.path());
         }
+    }
+    // A run killed between moving the old output aside and moving the new
+    // one in left no output: the old one is put back, not deleted.
+    if let [only] = &old[..]
+        && target.symlink_metadata().is_err()
+    {
+        let _ = std::fs::rename(only, target);
+        return;
+    }
+    for path in old {
+        let _ = remove_any(&path);
     }
 }
 

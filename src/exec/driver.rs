@@ -40,7 +40,7 @@ pub fn output_states(c: &Compilation, plan: &Plan) -> Vec<(PathBuf, String, Outp
             let o = &c.recipe.outputs[index];
             let state = if written_by(&o.path, &hash) {
                 OutputState::UpToDate
-            } else if o.path.exists() {
+            } else if exists(&o.path) {
                 OutputState::Exists
             } else {
                 OutputState::Missing
@@ -59,6 +59,11 @@ fn writes(plan: &Plan) -> Vec<(usize, String)> {
             _ => None,
         })
         .collect()
+}
+
+/// Something is at `path` (a dangling link too), as staging sees it.
+fn exists(path: &Path) -> bool {
+    path.symlink_metadata().is_ok()
 }
 
 /// Whether `dir` holds an output written by the plan step with `hash`.
@@ -149,6 +154,10 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
                 path: output.path.clone(),
             });
             return Ok(());
+        }
+        // Refused before any selection or calibration, not after them.
+        if !self.options.force && exists(&output.path) {
+            return Err(crate::tensors::TensorError::OutputExists(output.path.clone()).into());
         }
         self.choose(output.merge)?;
         self.calibrate_for(output.merge)?;

@@ -188,9 +188,20 @@ impl<'a> Selector<'a> {
         let losses = stream::nll_many(&self.config, &mut refs, &all, &mut || {
             shared.borrow_mut().clear()
         })
-        .map_err(|e| ExecError::Selection {
-            merge: merge_name,
-            source: Box::new(SelectionFailure::Forward(e)),
+        .map_err(|e| match e {
+            // A fault of an input found while merging (a NaN, a bad tensor)
+            // is reported as itself, not as a failed selection.
+            ForwardError::Source(source) => match source.downcast::<ExecError>() {
+                Ok(exec) => *exec,
+                Err(other) => ExecError::Selection {
+                    merge: merge_name.clone(),
+                    source: Box::new(SelectionFailure::Forward(ForwardError::Source(other))),
+                },
+            },
+            e => ExecError::Selection {
+                merge: merge_name.clone(),
+                source: Box::new(SelectionFailure::Forward(e)),
+            },
         })?;
         drop(refs);
         drop(merged);

@@ -177,10 +177,12 @@ fn a_later_run_removes_what_a_killed_run_left() {
             .any(|n| n.starts_with(".m.obim-partial-")),
         "kill -9 leaves its staging directory"
     );
-    // What a run killed while removing the output it replaced leaves too.
+    // What a run killed while removing the output it replaced leaves too
+    // (its new output is in place).
+    std::fs::create_dir_all(dir.join("out/m")).unwrap();
     std::fs::create_dir_all(dir.join("out/.m.obim-old-999999/sub")).unwrap();
     std::fs::write(dir.join("out/.m.obim-old-999999/sub/f"), "x").unwrap();
-    let out = run(&dir, &[]);
+    let out = run(&dir, &["--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(names(&dir.join("out")), vec!["m"]);
     let _ = std::fs::remove_dir_all(&dir);
@@ -457,4 +459,24 @@ fn staging_holds_the_output_lock() {
     second.commit().unwrap();
     assert_eq!(names(&dir), vec!["m"]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A run killed between moving the old output aside and moving the new one
+/// in left only the old one: the next run puts it back instead of deleting
+/// the only copy (and, without --force, leaves it there).
+#[test]
+fn an_output_moved_aside_by_a_killed_run_is_put_back() {
+    let dir = demo_recipe("put-back", "1.0");
+    let old = dir.join("out/.m.obim-old-424242");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("marker"), "the previous output").unwrap();
+    let out = run(&dir, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("E0106"), "{err}");
+    assert!(
+        dir.join("out/m/marker").is_file(),
+        "{:?}",
+        names(&dir.join("out"))
+    );
 }

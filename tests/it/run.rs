@@ -329,6 +329,18 @@ fn outputs_can_be_placed_from_the_command_line() {
         err.contains("2 outputs") && err.contains("-o NAME=DIR"),
         "{err}"
     );
+    let over = obim(&[
+        "run",
+        r,
+        "-o",
+        &format!("b={}", demo().join("base").display()),
+    ]);
+    let err = String::from_utf8_lossy(&over.stderr);
+    assert_eq!(over.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("would overwrite the input model `llama`"),
+        "{err}"
+    );
     let b = dir.join("elsewhere/b");
     let named = obim(&["run", r, "-o", &format!("b={}", b.display()), "--force"]);
     assert!(
