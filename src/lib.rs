@@ -23,6 +23,7 @@ pub mod plan;
 pub mod provenance;
 pub mod recipe;
 pub mod source;
+pub mod staging;
 pub mod stdlib;
 pub mod syntax;
 pub mod tensors;

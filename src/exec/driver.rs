@@ -17,7 +17,7 @@ use crate::checkpoint::ModelInfo;
 use crate::data;
 use crate::plan::{Op, Plan, StepKind};
 use crate::recipe::{DataId, Dtype, InputRef, MergeId, Output, Saliency};
-use crate::tensors::OutputLock;
+use crate::staging::OutputLock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -10,7 +10,8 @@
 )]
 
 use crate::common::{demo, temp};
-use obim::tensors::{Staging, TensorError};
+use obim::staging::Staging;
+use obim::tensors::TensorError;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
