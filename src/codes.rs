@@ -339,6 +339,28 @@ proposes a pattern that matches.
 
     layers "mlp" { take base }        # error: did you mean "*mlp*"?"#;
 
+E0037 => "bad gradient", r#"A list of numbers where one number goes is a gradient over the layers, as
+in mergekit: `t: [0, 0.5, 1]` is 0 at the first layer, 1 at the last, and
+interpolated linearly between (layer i of L is at i / (L − 1) of the list;
+tensors outside the layers, such as embeddings, the final norm and the head,
+take the first value). Every element must be a number in the parameter's
+range; an empty list has no value.
+
+    merge m = slerp(base: a, t: [0, 0.5, 1]) { b }     # a gradient
+    merge m = slerp(base: a, t: []) { b }              # error: empty
+    merge m = slerp(base: a, t: [0, true]) { b }       # error: not a number
+
+A list after `auto` is something else: candidates, one of which `select`
+chooses for the whole merge (`t: auto [0.3, 0.5]`)."#;
+
+E0038 => "della's keep probabilities leave (0, 1)", r#"DELLA keeps each entry with a probability between density − epsilon (the
+smallest magnitudes of a row) and density + epsilon (the largest); mergekit
+requires both within (0, 1) whenever density < 1, and so does obim.
+
+    merge m = della(base: b) { x weight 1 density 0.1 epsilon 0.15 }   # error: 0.1 − 0.15 ≤ 0
+
+Fix: a smaller `epsilon` (default 0.15), or a density further from 0 and 1."#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot

@@ -1,7 +1,7 @@
 //! The merge methods and their parameters: names, types, defaults and ranges
-//! follow mergekit 0.1.5 (`merge_methods/registry.py`,
-//! `generalized_task_arithmetic.py`, `linear.py`, `slerp.py`), plus obim's own
-//! `obim` method and DARE's `seed`.
+//! follow mergekit 0.1.5 (`merge_methods/registry.py` and the module of each
+//! method), plus obim's own `obim` method and the `seed` of the random
+//! sparsifiers (DARE, DELLA).
 
 use serde::Serialize;
 
@@ -15,6 +15,30 @@ pub enum Method {
     DareLinear,
     Linear,
     Slerp,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Della,
+    DellaLinear,
+    ModelStock,
+    Nuslerp,
+    Multislerp,
+    Karcher,
+    Sce,
+    ArceeFusion,
+    Nearswap,
+    Passthrough,
+    Ram,
+    RamplusTl,
+}
+
+/// Whether a method takes a `base:` (mergekit's `BasePolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseUse {
+    Required,
+    /// With a base the method works on task vectors, without on the weights.
+    Optional,
+    /// No base (mergekit's "ignored": a base there is one more input).
+    None,
 }
 
 /// The type and domain of a parameter value.
@@ -33,6 +57,10 @@ pub enum Kind {
     Unit,
     /// A non-negative integer.
     Seed,
+    /// A positive integer.
+    Count,
+    /// A number ≥ 0.
+    NonNegative,
 }
 
 impl Kind {
@@ -45,6 +73,8 @@ impl Kind {
             Kind::Fraction => "a number in (0, 1]",
             Kind::Unit => "a number in [0, 1]",
             Kind::Seed => "a non-negative integer",
+            Kind::Count => "a positive integer",
+            Kind::NonNegative => "a number ≥ 0",
         }
     }
 }
@@ -60,7 +90,7 @@ pub enum Scope {
 }
 
 /// Every parameter any method takes, by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ParamName {
     Base,
     Weight,
@@ -74,6 +104,18 @@ pub enum ParamName {
     Int8Mask,
     Seed,
     T,
+    Gamma,
+    Epsilon,
+    FilterWise,
+    NuslerpRowWise,
+    NuslerpFlatten,
+    NormalizeWeights,
+    Eps,
+    MaxIter,
+    Tol,
+    SelectTopk,
+    R,
+    Alpha,
 }
 
 impl ParamName {
@@ -91,6 +133,18 @@ impl ParamName {
             ParamName::Int8Mask => "int8_mask",
             ParamName::Seed => "seed",
             ParamName::T => "t",
+            ParamName::Gamma => "gamma",
+            ParamName::Epsilon => "epsilon",
+            ParamName::FilterWise => "filter_wise",
+            ParamName::NuslerpRowWise => "nuslerp_row_wise",
+            ParamName::NuslerpFlatten => "nuslerp_flatten",
+            ParamName::NormalizeWeights => "normalize_weights",
+            ParamName::Eps => "eps",
+            ParamName::MaxIter => "max_iter",
+            ParamName::Tol => "tol",
+            ParamName::SelectTopk => "select_topk",
+            ParamName::R => "r",
+            ParamName::Alpha => "alpha",
         }
     }
 }
@@ -194,6 +248,51 @@ const fn rescale(default: bool) -> Param {
     )
 }
 
+const fn gamma() -> Param {
+    p(
+        ParamName::Gamma,
+        Kind::Unit,
+        Scope::Input,
+        Some(Default::Number(0.01)),
+        "fraction of the largest |δ| dropped as outliers",
+    )
+}
+const fn della_epsilon() -> Param {
+    p(
+        ParamName::Epsilon,
+        Kind::Unit,
+        Scope::Input,
+        Some(Default::Number(0.15)),
+        "keep probabilities spread over density ± epsilon by magnitude rank",
+    )
+}
+const fn merge_number(key: ParamName, kind: Kind, default: f64, doc: &'static str) -> Param {
+    p(key, kind, Scope::Merge, Some(Default::Number(default)), doc)
+}
+const fn merge_flag(key: ParamName, default: bool, doc: &'static str) -> Param {
+    p(
+        key,
+        Kind::Bool,
+        Scope::Merge,
+        Some(Default::Bool(default)),
+        doc,
+    )
+}
+/// `base:` for the methods that work with or without one.
+const OPTIONAL_BASE: Param = p(
+    ParamName::Base,
+    Kind::Model,
+    Scope::Merge,
+    Some(Default::Unset),
+    "with a base, the method interpolates task vectors",
+);
+const RAM_EPSILON: Param = merge_number(
+    ParamName::Epsilon,
+    Kind::NonNegative,
+    1e-5,
+    "|δ| above which an input counts as changing a position",
+);
+
 impl Method {
     pub const ALL: &'static [Method] = &[
         Method::Obim,
@@ -203,6 +302,20 @@ impl Method {
         Method::DareLinear,
         Method::Linear,
         Method::Slerp,
+        Method::Breadcrumbs,
+        Method::BreadcrumbsTies,
+        Method::Della,
+        Method::DellaLinear,
+        Method::ModelStock,
+        Method::Nuslerp,
+        Method::Multislerp,
+        Method::Karcher,
+        Method::Sce,
+        Method::ArceeFusion,
+        Method::Nearswap,
+        Method::Passthrough,
+        Method::Ram,
+        Method::RamplusTl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -214,6 +327,20 @@ impl Method {
             Method::DareLinear => "dare_linear",
             Method::Linear => "linear",
             Method::Slerp => "slerp",
+            Method::Breadcrumbs => "breadcrumbs",
+            Method::BreadcrumbsTies => "breadcrumbs_ties",
+            Method::Della => "della",
+            Method::DellaLinear => "della_linear",
+            Method::ModelStock => "model_stock",
+            Method::Nuslerp => "nuslerp",
+            Method::Multislerp => "multislerp",
+            Method::Karcher => "karcher",
+            Method::Sce => "sce",
+            Method::ArceeFusion => "arcee_fusion",
+            Method::Nearswap => "nearswap",
+            Method::Passthrough => "passthrough",
+            Method::Ram => "ram",
+            Method::RamplusTl => "ramplus_tl",
         }
     }
 
@@ -275,6 +402,38 @@ impl Method {
             INT8_MASK,
             SEED,
         ];
+        const BREADCRUMBS: &[Param] = &[
+            BASE,
+            WEIGHT,
+            DENSITY,
+            normalize(false),
+            rescale(false),
+            LAMBDA,
+            INT8_MASK,
+            gamma(),
+        ];
+        const DELLA: &[Param] = &[
+            BASE,
+            WEIGHT,
+            DENSITY,
+            normalize(true),
+            rescale(true),
+            LAMBDA,
+            INT8_MASK,
+            della_epsilon(),
+            SEED,
+        ];
+        const DELLA_LINEAR: &[Param] = &[
+            BASE,
+            WEIGHT,
+            DENSITY,
+            normalize(false),
+            rescale(true),
+            LAMBDA,
+            INT8_MASK,
+            della_epsilon(),
+            SEED,
+        ];
         const LINEAR: &[Param] = &[WEIGHT, normalize(true)];
         const SLERP: &[Param] = &[
             BASE,
@@ -286,6 +445,101 @@ impl Method {
                 "interpolation factor from base (0) to the other model (1)",
             ),
         ];
+        const MODEL_STOCK: &[Param] = &[
+            BASE,
+            merge_flag(
+                ParamName::FilterWise,
+                false,
+                "one interpolation ratio per row instead of per tensor",
+            ),
+        ];
+        const NUSLERP: &[Param] = &[
+            OPTIONAL_BASE,
+            WEIGHT,
+            merge_flag(
+                ParamName::NuslerpRowWise,
+                false,
+                "interpolate columns (vectors along the first axis) instead of rows",
+            ),
+            merge_flag(
+                ParamName::NuslerpFlatten,
+                true,
+                "interpolate the whole tensor as one vector",
+            ),
+        ];
+        const MULTISLERP: &[Param] = &[
+            OPTIONAL_BASE,
+            WEIGHT,
+            merge_flag(
+                ParamName::NormalizeWeights,
+                true,
+                "divide the weights by their sum",
+            ),
+            merge_number(
+                ParamName::Eps,
+                Kind::NonNegative,
+                1e-8,
+                "guards the divisions by norms",
+            ),
+        ];
+        const KARCHER: &[Param] = &[
+            merge_number(
+                ParamName::MaxIter,
+                Kind::Count,
+                10.0,
+                "iterations of the Karcher mean at most",
+            ),
+            merge_number(
+                ParamName::Tol,
+                Kind::NonNegative,
+                1e-5,
+                "stop when the tangent step is this small",
+            ),
+        ];
+        const SCE: &[Param] = &[
+            BASE,
+            INT8_MASK,
+            merge_number(
+                ParamName::SelectTopk,
+                Kind::Unit,
+                1.0,
+                "fraction of positions kept, by variance across the inputs",
+            ),
+        ];
+        const ARCEE_FUSION: &[Param] = &[BASE];
+        const NEARSWAP: &[Param] = &[
+            BASE,
+            p(
+                ParamName::T,
+                Kind::NonNegative,
+                Scope::Merge,
+                None,
+                "distance under which the base takes the other model's value",
+            ),
+        ];
+        const PASSTHROUGH: &[Param] = &[merge_number(
+            ParamName::Scale,
+            Kind::Number,
+            1.0,
+            "multiplies the input's tensors",
+        )];
+        const RAM: &[Param] = &[BASE, RAM_EPSILON];
+        const RAMPLUS_TL: &[Param] = &[
+            BASE,
+            merge_number(
+                ParamName::R,
+                Kind::Number,
+                0.1,
+                "strength of the boost for inputs with much overlap",
+            ),
+            merge_number(
+                ParamName::Alpha,
+                Kind::Number,
+                0.2,
+                "cap of the overlap ratio",
+            ),
+            RAM_EPSILON,
+        ];
         match self {
             Method::Obim => OBIM,
             Method::TaskArithmetic => TASK_ARITHMETIC,
@@ -293,6 +547,19 @@ impl Method {
             Method::DareTies | Method::DareLinear => DARE,
             Method::Linear => LINEAR,
             Method::Slerp => SLERP,
+            Method::Breadcrumbs | Method::BreadcrumbsTies => BREADCRUMBS,
+            Method::Della => DELLA,
+            Method::DellaLinear => DELLA_LINEAR,
+            Method::ModelStock => MODEL_STOCK,
+            Method::Nuslerp => NUSLERP,
+            Method::Multislerp => MULTISLERP,
+            Method::Karcher => KARCHER,
+            Method::Sce => SCE,
+            Method::ArceeFusion => ARCEE_FUSION,
+            Method::Nearswap => NEARSWAP,
+            Method::Passthrough => PASSTHROUGH,
+            Method::Ram => RAM,
+            Method::RamplusTl => RAMPLUS_TL,
         }
     }
 
@@ -322,17 +589,39 @@ impl Method {
         self == Method::Obim
     }
 
-    /// Inputs besides the base: (min, max).
+    /// Inputs besides the base: (min, max), mergekit's `InputContract`.
     pub fn input_count(self) -> (usize, Option<usize>) {
         match self {
-            Method::Slerp => (1, Some(1)),
+            Method::Slerp | Method::ArceeFusion | Method::Nearswap | Method::Passthrough => {
+                (1, Some(1))
+            }
+            Method::Nuslerp => (2, Some(2)),
+            Method::ModelStock => (2, None),
             _ => (1, None),
         }
     }
 
     /// mergekit's `density` has no effect without a sparsification step.
     pub fn sparsifies(self) -> bool {
-        matches!(self, Method::Ties | Method::DareTies | Method::DareLinear)
+        matches!(
+            self,
+            Method::Ties
+                | Method::DareTies
+                | Method::DareLinear
+                | Method::Breadcrumbs
+                | Method::BreadcrumbsTies
+                | Method::Della
+                | Method::DellaLinear
+        )
+    }
+
+    /// Whether the method takes a `base:`, from the table above.
+    pub fn base(self) -> BaseUse {
+        match self.params().iter().find(|p| p.key == ParamName::Base) {
+            Some(Param { default: None, .. }) => BaseUse::Required,
+            Some(_) => BaseUse::Optional,
+            None => BaseUse::None,
+        }
     }
 }
 

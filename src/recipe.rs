@@ -3,7 +3,7 @@
 //! looks at the syntax tree. [`Merge::tensor_settings`] is the one place that
 //! decides which settings govern a tensor after all `layers` rules.
 
-use crate::methods::Method;
+use crate::methods::{Method, ParamName};
 use crate::pattern::{Pattern, layer_index};
 use crate::source::{FileId, Span};
 use serde::Serialize;
@@ -119,6 +119,10 @@ pub struct InputSettings {
     pub density: Option<f64>,
     pub retain: Option<f64>,
     pub using: Option<DataId>,
+    /// Breadcrumbs: the fraction of largest |δ| dropped.
+    pub gamma: Option<f64>,
+    /// DELLA: the spread of keep probabilities.
+    pub epsilon: Option<f64>,
 }
 
 impl InputSettings {
@@ -128,31 +132,101 @@ impl InputSettings {
         self.density = over.density.or(self.density);
         self.retain = over.retain.or(self.retain);
         self.using = over.using.or(self.using);
+        self.gamma = over.gamma.or(self.gamma);
+        self.epsilon = over.epsilon.or(self.epsilon);
+    }
+
+    /// The numeric setting `key`, if this is where it lives.
+    pub fn number_mut(&mut self, key: ParamName) -> Option<&mut Option<f64>> {
+        Some(match key {
+            ParamName::Weight => &mut self.weight,
+            ParamName::Density => &mut self.density,
+            ParamName::Retain => &mut self.retain,
+            ParamName::Gamma => &mut self.gamma,
+            ParamName::Epsilon => &mut self.epsilon,
+            _ => return None,
+        })
     }
 }
 
-/// Merge-level parameters; `None` where not given at this level.
+/// A merge-level parameter's value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParamValue {
+    Number(f64),
+    Bool(bool),
+}
+
+/// Merge-level parameters by name; absent where not given at this level.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MergeParams {
-    pub normalize: Option<bool>,
-    pub rescale: Option<bool>,
-    pub int8_mask: Option<bool>,
-    pub lambda: Option<f64>,
-    pub t: Option<f64>,
-    pub seed: Option<u64>,
-    /// OBIM: the factor on kept deltas.
-    pub scale: Option<f64>,
+    values: BTreeMap<ParamName, ParamValue>,
 }
 
 impl MergeParams {
     pub fn overlay(&mut self, over: &MergeParams) {
-        self.normalize = over.normalize.or(self.normalize);
-        self.rescale = over.rescale.or(self.rescale);
-        self.int8_mask = over.int8_mask.or(self.int8_mask);
-        self.lambda = over.lambda.or(self.lambda);
-        self.t = over.t.or(self.t);
-        self.seed = over.seed.or(self.seed);
-        self.scale = over.scale.or(self.scale);
+        self.values
+            .extend(over.values.iter().map(|(k, v)| (*k, *v)));
+    }
+
+    pub fn set(&mut self, key: ParamName, value: Option<ParamValue>) {
+        match value {
+            Some(v) => self.values.insert(key, v),
+            None => self.values.remove(&key),
+        };
+    }
+
+    pub fn number(&self, key: ParamName) -> Option<f64> {
+        match self.values.get(&key)? {
+            ParamValue::Number(n) => Some(*n),
+            ParamValue::Bool(_) => None,
+        }
+    }
+
+    pub fn flag(&self, key: ParamName) -> Option<bool> {
+        match self.values.get(&key)? {
+            ParamValue::Bool(b) => Some(*b),
+            ParamValue::Number(_) => None,
+        }
+    }
+
+    /// Every parameter set, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (ParamName, ParamValue)> + '_ {
+        self.values.iter().map(|(k, v)| (*k, *v))
+    }
+}
+
+/// A list of numbers where one number goes (`t: [0, 0.5, 1]`): a value
+/// that varies over the layers, interpolated as mergekit's gradients are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradient {
+    /// `None`: a merge-level parameter or the default for every input.
+    pub input: Option<usize>,
+    pub key: ParamName,
+    pub values: Vec<f64>,
+    pub span: Span,
+}
+
+impl Gradient {
+    /// The value at `t` in [0, 1] (mergekit's `evaluate_setting`): linear
+    /// between the two neighbouring points of `t·(len − 1)`.
+    pub fn at(&self, t: f64) -> f64 {
+        let last = self.values.len().saturating_sub(1);
+        let scaled = t * last as f64;
+        let i0 = (scaled as usize).min(last);
+        let i1 = (i0 + 1).min(last);
+        let frac = scaled - i0 as f64;
+        (1.0 - frac) * self.values[i0] + frac * self.values[i1]
+    }
+}
+
+/// Where in a merge's layers a tensor sits, for gradients: mergekit's `t`,
+/// the layer index over (layers − 1), 1 when there is one layer, 0 for a
+/// tensor outside the layers (embeddings, final norm, head).
+pub fn gradient_position(name: &str, layers: usize) -> f64 {
+    match layer_index(name) {
+        Some(i) if layers > 1 => i as f64 / (layers - 1) as f64,
+        Some(_) => 1.0,
+        None => 0.0,
     }
 }
 
@@ -167,6 +241,26 @@ pub struct Settings {
     pub defaults: InputSettings,
     /// `MODEL setting value`: per input index.
     pub inputs: BTreeMap<usize, InputSettings>,
+    /// Settings given as gradients; the fields above hold their first value.
+    pub gradients: Vec<Gradient>,
+}
+
+impl Settings {
+    /// Sets the gradients' values at position `t` in the fields they
+    /// belong to.
+    fn apply_gradients(&mut self, t: f64) {
+        for g in &self.gradients {
+            let value = g.at(t);
+            let target = match g.input {
+                None => &mut self.defaults,
+                Some(k) => self.inputs.entry(k).or_default(),
+            };
+            match target.number_mut(g.key) {
+                Some(field) => *field = Some(value),
+                None => self.params.set(g.key, Some(ParamValue::Number(value))),
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -205,38 +299,13 @@ pub struct Merge {
     pub select: Option<Select>,
 }
 
-/// Which numeric setting an `auto` gives candidates for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AutoField {
-    Weight,
-    Density,
-    Retain,
-    Lambda,
-    T,
-    Scale,
-}
-
-impl AutoField {
-    pub fn from_name(name: &str) -> Option<AutoField> {
-        Some(match name {
-            "weight" => AutoField::Weight,
-            "density" => AutoField::Density,
-            "retain" => AutoField::Retain,
-            "lambda" => AutoField::Lambda,
-            "t" => AutoField::T,
-            "scale" => AutoField::Scale,
-            _ => return None,
-        })
-    }
-}
-
 /// One `auto`: where it is (the merge level or a rule; an input or the
 /// default for all inputs), and its candidate values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoSite {
     pub rule: Option<usize>,
     pub input: Option<usize>,
-    pub field: AutoField,
+    pub field: ParamName,
     pub values: Vec<f64>,
     /// For people: `lambda`, `add retain`, `line 12: add retain`.
     pub label: String,
@@ -379,13 +448,11 @@ impl Merge {
                 None => &mut level.defaults,
                 Some(k) => level.inputs.entry(k).or_default(),
             };
-            match site.field {
-                AutoField::Weight => input.weight = Some(value),
-                AutoField::Density => input.density = Some(value),
-                AutoField::Retain => input.retain = Some(value),
-                AutoField::Lambda => level.params.lambda = Some(value),
-                AutoField::T => level.params.t = Some(value),
-                AutoField::Scale => level.params.scale = Some(value),
+            match input.number_mut(site.field) {
+                Some(field) => *field = Some(value),
+                None => level
+                    .params
+                    .set(site.field, Some(ParamValue::Number(value))),
             }
         }
         merge.autos.clear();
@@ -403,16 +470,35 @@ impl Merge {
         s
     }
 
-    /// The settings of tensor `name`: the merge's own, then every matching
-    /// `layers` rule in order (later rules win). Within one level an input's
-    /// own setting beats the level's default for all inputs.
-    pub fn tensor_settings(&self, name: &str) -> TensorSettings {
-        let mut order = self.settings.order.clone().unwrap_or(OrderSpec::Rotate);
-        let mut saliency = self.settings.saliency.unwrap_or(Saliency::Obd);
-        let mut take = self.settings.take;
-        let mut params = self.settings.params.clone();
+    /// The settings of tensor `name` in a merge whose inputs have `layers`
+    /// layers: the merge's own, then every matching `layers` rule in order
+    /// (later rules win), gradients evaluated at the tensor's layer. Within
+    /// one level an input's own setting beats the level's default for all
+    /// inputs.
+    pub fn tensor_settings(&self, name: &str, layers: usize) -> TensorSettings {
+        let t = gradient_position(name, layers);
+        fn graded(s: &Settings, t: f64) -> std::borrow::Cow<'_, Settings> {
+            if s.gradients.is_empty() {
+                std::borrow::Cow::Borrowed(s)
+            } else {
+                let mut s = s.clone();
+                s.apply_gradients(t);
+                std::borrow::Cow::Owned(s)
+            }
+        }
+        let own = graded(&self.settings, t);
+        let mut order = own.order.clone().unwrap_or(OrderSpec::Rotate);
+        let mut saliency = own.saliency.unwrap_or(Saliency::Obd);
+        let mut take = own.take;
+        let mut params = own.params.clone();
         let mut inputs: Vec<InputSettings> = (0..self.inputs.len())
-            .map(|i| self.input_settings(i))
+            .map(|i| {
+                let mut s = own.defaults.clone();
+                if let Some(mine) = own.inputs.get(&i) {
+                    s.overlay(mine);
+                }
+                s
+            })
             .collect();
         let mut rule_lines = Vec::new();
         for rule in self
@@ -420,7 +506,8 @@ impl Merge {
             .iter()
             .filter(|r| r.patterns.iter().any(|p| p.matches(name)))
         {
-            let s = &rule.settings;
+            let s = graded(&rule.settings, t);
+            let s = &*s;
             order = s.order.clone().unwrap_or(order);
             saliency = s.saliency.unwrap_or(saliency);
             take = s.take.or(take);

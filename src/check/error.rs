@@ -101,6 +101,20 @@ pub(super) enum Problem {
         kind: Kind,
         value: f64,
     },
+    /// A gradient with an element that is not a number, or none (E0037).
+    BadGradient {
+        span: Span,
+        name: String,
+        /// What the element is; `None`: the list is empty.
+        found: Option<&'static str>,
+    },
+    /// DELLA's density ± epsilon outside (0, 1) (E0038).
+    DellaProbabilities {
+        span: Span,
+        input: String,
+        density: f64,
+        epsilon: f64,
+    },
     /// `samples` or `seq_len` that is not a positive integer (E0009).
     NotPositiveInt { span: Span, key: String, value: f64 },
     /// A seed that is not a non-negative integer (E0009).
@@ -512,6 +526,37 @@ impl Problem {
                     .label(label)
                     .help(help)
             }
+            Problem::BadGradient { span, name, found } => {
+                let (message, label) = match found {
+                    Some(found) => (
+                        format!("a gradient for `{name}` is a list of numbers"),
+                        format!("found {found}"),
+                    ),
+                    None => (
+                        format!("the gradient for `{name}` is empty"),
+                        "no values".to_string(),
+                    ),
+                };
+                Diagnostic::new(Code::E0037, span, message).label(label).help(format!(
+                    "`{name}: [0, 0.5, 1]` goes from 0 at the first layer to 1 at the last; `{name}: auto [0.3, 0.5]` gives candidates for `select` instead"
+                ))
+            }
+            Problem::DellaProbabilities {
+                span,
+                input,
+                density,
+                epsilon,
+            } => Diagnostic::new(
+                Code::E0038,
+                span,
+                format!("`{input}`: density ± epsilon must lie within (0, 1) for della"),
+            )
+            .label(format!(
+                "density {density} with epsilon {epsilon} gives keep probabilities from {:.3} to {:.3}",
+                density - epsilon,
+                density + epsilon
+            ))
+            .help("lower `epsilon` (default 0.15), or move the density away from 0 and 1"),
             Problem::OutOfRange {
                 span,
                 name,

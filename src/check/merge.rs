@@ -7,11 +7,11 @@
 use super::error::{self, Kept, Problem, WeightProblem};
 use super::{Checker, Found, Scope, StageArgs, Val};
 use crate::diagnostic;
-use crate::methods::{Kind, Method, ParamName, Scope as ParamScope};
+use crate::methods::{Kind, Method, Param, ParamName, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
-    AutoField, AutoSite, Input, InputSettings, LayerRule, Merge, OrderSpec, Saliency, Select,
-    Settings, TakeFrom,
+    AutoSite, Gradient, Input, InputSettings, LayerRule, Merge, OrderSpec, ParamValue, Saliency,
+    Select, Settings, TakeFrom,
 };
 use crate::source::Span;
 use crate::syntax::ast::{self, Block, ExprKind, ItemKind, KeyValue, Stmt, StmtKind};
@@ -185,6 +185,8 @@ struct MergeChecker<'c, 'p> {
     current_rule: Option<RuleAt>,
     /// `auto` sites, in the order they were written.
     autos: Vec<AutoSite>,
+    /// Gradients, with the rule they were written in (`None`: the merge).
+    gradients: Vec<(Option<usize>, Gradient)>,
     select: Option<Select>,
     /// An `auto` had no valid candidate (already reported): the candidate
     /// checks would only add noise.
@@ -207,6 +209,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             inputs: Vec::new(),
             current_rule: None,
             autos: Vec::new(),
+            gradients: Vec::new(),
             select: None,
             auto_invalid: false,
         }
@@ -286,6 +289,12 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             }
         }
         merge.autos = std::mem::take(&mut self.autos);
+        for (rule, gradient) in std::mem::take(&mut self.gradients) {
+            match rule.and_then(|r| merge.rules.get_mut(r)) {
+                Some(rule) => rule.settings.gradients.push(gradient),
+                None => merge.settings.gradients.push(gradient),
+            }
+        }
         merge.select = self.select.take();
         if !self.auto_invalid {
             self.candidates(&merge);
@@ -317,12 +326,16 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         if weights.len() < merge.inputs.len() {
             return; // a missing weight is E0007's
         }
-        let normalize = merge.settings.params.normalize.unwrap_or_else(|| {
-            merge
-                .method
-                .default_bool(crate::methods::ParamName::Normalize)
-                .unwrap_or(false)
-        });
+        let normalize = merge
+            .settings
+            .params
+            .flag(ParamName::Normalize)
+            .unwrap_or_else(|| {
+                merge
+                    .method
+                    .default_bool(crate::methods::ParamName::Normalize)
+                    .unwrap_or(false)
+            });
         let sum: f64 = weights.iter().map(|(w, _)| w).sum();
         let problem = if weights.iter().all(|(w, _)| *w == 0.0) {
             Some(WeightProblem::AllZero)
@@ -453,23 +466,29 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         if in_rule.is_none() {
             spans.written.insert((None, param.key));
         }
-        let params = &mut settings.params;
-        match param.key {
-            ParamName::Base => self.report(Problem::BaseNotInParams { span: kv.key.span }),
-            ParamName::Normalize => params.normalize = self.checker.boolean(&self.scope, &kv.value),
-            ParamName::Rescale => params.rescale = self.checker.boolean(&self.scope, &kv.value),
-            ParamName::Int8Mask => params.int8_mask = self.checker.boolean(&self.scope, &kv.value),
-            ParamName::Lambda => params.lambda = self.setting(kv, Kind::Number, None),
-            ParamName::T => params.t = self.setting(kv, Kind::Unit, None),
-            ParamName::Scale => params.scale = self.setting(kv, Kind::Number, None),
-            ParamName::Seed => params.seed = self.checker.seed(&self.scope, &kv.value),
-            // Per-input parameters in the list: the default for every input.
-            ParamName::Weight | ParamName::Density | ParamName::Retain | ParamName::Using => {
-                let mut defaults = std::mem::take(&mut settings.defaults);
-                self.input_value(kv, param.key, &mut defaults, spans, None, in_rule);
-                settings.defaults = defaults;
-            }
+        if param.key == ParamName::Base {
+            self.report(Problem::BaseNotInParams { span: kv.key.span });
+            return;
         }
+        if param.scope == ParamScope::Input {
+            // A per-input parameter in the list: the default for every input.
+            let mut defaults = std::mem::take(&mut settings.defaults);
+            self.input_value(kv, param, &mut defaults, spans, None, in_rule);
+            settings.defaults = defaults;
+            return;
+        }
+        let value = match param.kind {
+            Kind::Bool => self
+                .checker
+                .boolean(&self.scope, &kv.value)
+                .map(ParamValue::Bool),
+            Kind::Seed => self
+                .checker
+                .seed(&self.scope, &kv.value)
+                .map(|s| ParamValue::Number(s as f64)),
+            kind => self.setting(kv, kind, None).map(ParamValue::Number),
+        };
+        settings.params.set(param.key, value);
     }
 
     fn not_a_param(&mut self, key: &ast::Ident) {
@@ -511,60 +530,54 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             self.not_a_param(&kv.key);
             return;
         };
-        self.input_value(kv, param.key, own, spans, Some(index), in_rule);
+        self.input_value(kv, param, own, spans, Some(index), in_rule);
     }
 
     fn input_value(
         &mut self,
         kv: &KeyValue,
-        key: ParamName,
+        param: &Param,
         target: &mut InputSettings,
         spans: &mut Spans,
         index: Option<usize>,
         in_rule: Option<Span>,
     ) {
+        let key = param.key;
         if in_rule.is_none() {
             spans.written.insert((index, key));
         }
-        match key {
-            ParamName::Weight => target.weight = self.setting(kv, Kind::Number, index),
-            ParamName::Density => {
-                target.density = self.setting(kv, Kind::Fraction, index);
-                if !self.method.sparsifies() && in_rule.is_none() {
-                    self.report(Problem::DensityIgnored {
-                        span: kv.key.span,
-                        method: self.method,
-                    });
-                }
+        if key == ParamName::Using {
+            target.using = self.checker.data_ref(&self.scope, &kv.value);
+            if let (Some(i), None) = (index, in_rule) {
+                spans.using.insert(i, kv.key.span);
             }
-            ParamName::Retain => {
-                target.retain = self.setting(kv, Kind::Fraction, index);
-                if in_rule.is_none() {
-                    match index {
-                        Some(i) => {
-                            spans.retain.insert(i, kv.value.span);
-                        }
-                        None => spans.retain_default = Some(kv.value.span),
-                    }
-                }
-            }
-            ParamName::Using => {
-                target.using = self.checker.data_ref(&self.scope, &kv.value);
-                if let (Some(i), None) = (index, in_rule) {
-                    spans.using.insert(i, kv.key.span);
-                }
-            }
-            ParamName::Base
-            | ParamName::Scale
-            | ParamName::Normalize
-            | ParamName::Rescale
-            | ParamName::Lambda
-            | ParamName::Int8Mask
-            | ParamName::Seed
-            | ParamName::T => self.report(Problem::MergeWideSetting {
+            return;
+        }
+        if param.scope != ParamScope::Input || target.number_mut(key).is_none() {
+            self.report(Problem::MergeWideSetting {
                 span: kv.key.span,
                 key: key.as_str().to_string(),
-            }),
+            });
+            return;
+        }
+        let value = self.setting(kv, param.kind, index);
+        if let Some(field) = target.number_mut(key) {
+            *field = value;
+        }
+        match key {
+            ParamName::Density if !self.method.sparsifies() && in_rule.is_none() => {
+                self.report(Problem::DensityIgnored {
+                    span: kv.key.span,
+                    method: self.method,
+                });
+            }
+            ParamName::Retain if in_rule.is_none() => match index {
+                Some(i) => {
+                    spans.retain.insert(i, kv.value.span);
+                }
+                None => spans.retain_default = Some(kv.value.span),
+            },
+            _ => {}
         }
     }
 
@@ -573,8 +586,35 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
     /// the value the settings hold).
     fn setting(&mut self, kv: &KeyValue, kind: Kind, input: Option<usize>) -> Option<f64> {
         let name = kv.key.name.as_str();
-        let Some(Val::Auto(values)) = self.checker.eval(&self.scope, &kv.value) else {
-            return self.ranged(&kv.value, name, kind);
+        let key = self.method.param(name)?.key;
+        let (values, gradient) = match self.checker.eval(&self.scope, &kv.value) {
+            Some(Val::Auto(values)) => (values, false),
+            Some(Val::List(items)) if !matches!(kind, Kind::Seed | Kind::Count | Kind::Bool) => {
+                let mut numbers = Vec::new();
+                for (item, span) in items {
+                    match item {
+                        Val::Num(n) => numbers.push((n, span)),
+                        other => {
+                            self.report(Problem::BadGradient {
+                                span,
+                                name: name.to_string(),
+                                found: Some(other.describe()),
+                            });
+                            return None;
+                        }
+                    }
+                }
+                if numbers.is_empty() {
+                    self.report(Problem::BadGradient {
+                        span: kv.value.span,
+                        name: name.to_string(),
+                        found: None,
+                    });
+                    return None;
+                }
+                (numbers, true)
+            }
+            _ => return self.ranged(&kv.value, name, kind),
         };
         let mut ok = Vec::new();
         for (n, span) in values {
@@ -586,16 +626,27 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                 ok.push(v);
             }
         }
-        let field = AutoField::from_name(name)?;
         let Some(&first) = ok.first() else {
-            self.auto_invalid = true;
+            self.auto_invalid |= !gradient;
             return None;
         };
+        if gradient {
+            self.gradients.push((
+                self.current_rule.map(|r| r.index),
+                Gradient {
+                    input,
+                    key,
+                    values: ok,
+                    span: kv.value.span,
+                },
+            ));
+            return Some(first);
+        }
         let who = input.and_then(|i| self.inputs.get(i)).map(String::as_str);
         self.autos.push(AutoSite {
             rule: self.current_rule.map(|r| r.index),
             input,
-            field,
+            field: key,
             values: ok,
             label: auto_label(who, name, self.current_rule.map(|r| r.line)),
             span: kv.value.span,
@@ -609,6 +660,8 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         let ok = match kind {
             Kind::Fraction => n > 0.0 && n <= 1.0,
             Kind::Unit => (0.0..=1.0).contains(&n),
+            Kind::NonNegative => n >= 0.0 && n.is_finite(),
+            Kind::Count => n >= 1.0 && n.fract() == 0.0 && n <= 1e9,
             _ => n.is_finite(),
         };
         if ok {
@@ -984,6 +1037,27 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
         if method == Method::Obim {
             self.obim_requirements(merge, spans);
+        }
+        if matches!(method, Method::Della | Method::DellaLinear) {
+            self.della_requirements(merge);
+        }
+    }
+
+    /// mergekit's DELLA refuses density ± epsilon outside (0, 1).
+    fn della_requirements(&mut self, merge: &Merge) {
+        let default = |key| merge.method.default_number(key).unwrap_or(0.0);
+        for (i, input) in merge.inputs.iter().enumerate() {
+            let s = merge.input_settings(i);
+            let density = s.density.unwrap_or_else(|| default(ParamName::Density));
+            let epsilon = s.epsilon.unwrap_or_else(|| default(ParamName::Epsilon));
+            if density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
+                self.report(Problem::DellaProbabilities {
+                    span: input.span,
+                    input: self.checker.recipe.input_name(input.model).to_string(),
+                    density,
+                    epsilon,
+                });
+            }
         }
     }
 

@@ -1,14 +1,18 @@
 //! Merge one tensor with one method, given the base's and the inputs'
 //! values in f32 and the [`Op`] the plan resolved for it.
-//! Every method is written with the kernels of `kernels.rs`; the definitions
-//! follow mergekit 0.1.5 (`generalized_task_arithmetic.py`, `sparsify.py`,
-//! `linear.py`, `slerp.py`) and, for `obim`, DESIGN §3.
+//! The definitions follow mergekit 0.1.5 (`merge_methods/`, `sparsify.py`)
+//! and, for `obim`, DESIGN §3: pointwise methods and the task-vector family
+//! here, their kernels in `kernels.rs` and `sparsify.rs`, the spherical
+//! methods in `spherical.rs`, the per-position selections in `selective.rs`.
 
 pub mod kernels;
+mod selective;
+mod sparsify;
+mod spherical;
 
 use std::cell::RefCell;
 
-use crate::plan::{ObimParams, Op, Sparsify, TaskVectorParams};
+use crate::plan::{ObimParams, Op, RamParams, Sparsify, TaskVectorParams};
 use crate::recipe::{Saliency, TakeFrom};
 
 /// One merged tensor, and for OBIM how many positions each input won.
@@ -75,7 +79,7 @@ pub fn merge_tensor(
                 inputs,
             )
         } else if inputs.is_empty() {
-            return Err(invalid("linear needs an input"));
+            return Err(invalid("this method needs an input"));
         } else {
             let rest = inputs.split_off(1);
             (inputs.swap_remove(0), rest)
@@ -86,25 +90,66 @@ pub fn merge_tensor(
         });
         return Ok(spare(out, rest));
     }
+    let need_base =
+        |base: Option<Vec<f32>>| base.ok_or_else(|| invalid("this method needs a base"));
     match op {
-        Op::Obim(p) => {
-            let base = base.ok_or_else(|| invalid("obim needs a base"))?;
-            obim(p, base, inputs, ctx)
-        }
+        Op::Obim(p) => obim(p, need_base(base)?, inputs, ctx),
         Op::Slerp(p) => {
-            let mut base = base.ok_or_else(|| invalid("slerp needs a base"))?;
+            let mut base = need_base(base)?;
             let other = inputs
                 .first()
                 .ok_or_else(|| invalid("slerp needs one input"))?;
             kernels::slerp(p.t, &mut base, other);
             Ok(spare(base, inputs))
         }
-        Op::TaskVectors(p) => {
-            let base = base.ok_or_else(|| invalid("this method needs a base"))?;
-            Ok(task_arithmetic_family(p, base, inputs, ctx))
+        Op::TaskVectors(p) => task_arithmetic_family(p, need_base(base)?, inputs, ctx),
+        Op::ModelStock { filter_wise } => {
+            let mut base = need_base(base)?;
+            spherical::model_stock(&mut base, &inputs, ctx.shape, *filter_wise);
+            Ok(spare(base, inputs))
+        }
+        Op::Nuslerp(p) => {
+            let [a, b] = &mut inputs[..] else {
+                return Err(invalid("nuslerp needs two inputs"));
+            };
+            spherical::nuslerp(p, base.as_deref(), a, b, ctx.shape);
+            let merged = inputs.swap_remove(0);
+            inputs.extend(base);
+            Ok(spare(merged, inputs))
+        }
+        Op::Multislerp(p) => {
+            let merged =
+                spherical::multislerp(p, base.as_deref(), &mut inputs).map_err(|r| invalid(&r))?;
+            inputs.extend(base);
+            Ok(spare(merged, inputs))
+        }
+        Op::Karcher { max_iter, tol } => {
+            let merged = spherical::karcher(&inputs, *max_iter, *tol);
+            inputs.extend(base);
+            Ok(spare(merged, inputs))
+        }
+        Op::Sce { select_topk } => {
+            let mut base = need_base(base)?;
+            selective::sce(&mut base, &mut inputs, *select_topk);
+            Ok(spare(base, inputs))
+        }
+        Op::Ram(RamParams { epsilon, plus }) => {
+            let mut base = need_base(base)?;
+            selective::ram(&mut base, &mut inputs, *epsilon, *plus);
+            Ok(spare(base, inputs))
+        }
+        Op::ArceeFusion => {
+            let mut base = need_base(base)?;
+            let x = inputs
+                .first()
+                .ok_or_else(|| invalid("arcee_fusion needs one input"))?;
+            selective::arcee_fusion(&mut base, x, ctx.shape);
+            Ok(spare(base, inputs))
         }
         // Always pointwise (merged above); a `take` returned earlier.
-        Op::Linear(_) | Op::Take(_) => Err(invalid("linear needs an input")),
+        Op::Linear(_) | Op::Nearswap { .. } | Op::Passthrough { .. } | Op::Take(_) => {
+            Err(invalid("this method needs an input"))
+        }
     }
 }
 
@@ -134,6 +179,14 @@ pub enum Pointwise {
         divisor: Option<f32>,
         lambda: f32,
     },
+    /// mergekit's `nearswap`: w·x + (1 − w)·b with w = clamp(t / |b − x|, 0, 1)
+    /// (|b − x| at least 1e-6): the base takes x where the two are close.
+    Nearswap { t: f32 },
+    /// mergekit's `passthrough`: the one input, times `scale` unless 1.
+    Passthrough { scale: f32 },
+    /// mergekit's `ram`: where one input changes a position (|δ| > ε) its
+    /// δ, where several do their mean.
+    Ram { epsilon: f32 },
 }
 
 impl Pointwise {
@@ -156,13 +209,26 @@ impl Pointwise {
                     lambda: p.lambda as f32,
                 })
             }
+            Op::Nearswap { t } => Some(Pointwise::Nearswap { t: *t as f32 }),
+            Op::Passthrough { scale } => Some(Pointwise::Passthrough {
+                scale: *scale as f32,
+            }),
+            Op::Ram(RamParams {
+                epsilon,
+                plus: None,
+            }) => Some(Pointwise::Ram {
+                epsilon: *epsilon as f32,
+            }),
             _ => None,
         }
     }
 
     /// Whether the first operand is the base (else: the first input).
     pub fn uses_base(&self) -> bool {
-        matches!(self, Pointwise::TaskArithmetic { .. })
+        !matches!(
+            self,
+            Pointwise::Linear { .. } | Pointwise::Passthrough { .. }
+        )
     }
 
     /// `first` ← the merge at these positions of `first` (the base, or
@@ -204,6 +270,30 @@ impl Pointwise {
                     *b += *m;
                 }
             }
+            Pointwise::Nearswap { t } => {
+                let x = rest[0];
+                for (b, x) in first.iter_mut().zip(&x[..len]) {
+                    let w = (t / (*b - x).abs().max(1e-6)).clamp(0.0, 1.0);
+                    *b = w * x + (1.0 - w) * *b;
+                }
+            }
+            Pointwise::Passthrough { scale } => {
+                if *scale != 1.0 {
+                    first.iter_mut().for_each(|v| *v *= scale);
+                }
+            }
+            Pointwise::Ram { epsilon } => {
+                for (i, b) in first.iter_mut().enumerate() {
+                    let changed = |x: &[f32]| (x[i] - *b).abs() > *epsilon;
+                    let count = rest.iter().filter(|x| changed(x)).count();
+                    let mut merged = 0f32;
+                    for x in rest {
+                        let d = if changed(x) { x[i] - *b } else { 0.0 };
+                        merged += if count > 1 { d / count as f32 } else { d };
+                    }
+                    *b += merged;
+                }
+            }
         }
     }
 }
@@ -226,11 +316,24 @@ fn task_arithmetic_family(
     mut base: Vec<f32>,
     mut deltas: Vec<Vec<f32>>,
     ctx: &TensorContext,
-) -> Merged {
+) -> Result<Merged, MergeError> {
     let weights = &f32s(&p.weights)[..];
     let (normalize, rescale) = (p.normalize, p.rescale);
     let lambda = p.lambda as f32;
     let sparsifies = p.sparsify != Sparsify::Keep;
+    if let Sparsify::MagnitudeRank { epsilons } = &p.sparsify {
+        for (density, epsilon) in p.densities.iter().zip(epsilons) {
+            if *density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
+                return Err(MergeError::Invalid {
+                    tensor: ctx.name.to_string(),
+                    reason: format!(
+                        "della needs density ± epsilon within (0, 1); density {density}, epsilon {epsilon}"
+                    ),
+                });
+            }
+        }
+    }
+    let cols = ctx.shape.last().copied().unwrap_or(1);
     let consensus = p.elect_signs;
     let divisor = divisor(weights);
     for (k, d) in deltas.iter_mut().enumerate() {
@@ -239,9 +342,15 @@ fn task_arithmetic_family(
         let w = weights[k];
         // mergekit's order: trim, rescale, weight; the weight rides on the
         // last of these passes (the same products as in separate ones).
-        let trim = |d: &mut [f32], weight: f32| match p.sparsify {
+        let stream = dare_stream(p.seed, ctx.name, k);
+        let trim = |d: &mut [f32], weight: f32| match &p.sparsify {
+            Sparsify::Keep => {}
             Sparsify::Magnitude => kernels::keep_largest(d, density, weight),
-            _ => kernels::keep_random(d, density, dare_stream(p.seed, ctx.name, k), weight),
+            Sparsify::Random => kernels::keep_random(d, density, stream, weight),
+            Sparsify::Outliers { gammas } => sparsify::keep_middle(d, density, gammas[k], weight),
+            Sparsify::MagnitudeRank { epsilons } => {
+                sparsify::keep_by_rank(d, cols, density, epsilons[k], stream, weight)
+            }
         };
         if !(sparsifies && density < 1.0) {
             kernels::update_chunks(d, |_, c| c.iter_mut().for_each(|v| *v *= w));
@@ -306,7 +415,7 @@ fn task_arithmetic_family(
             *b += if lambda != 1.0 { m * lambda } else { *m };
         }
     });
-    spare(base, deltas)
+    Ok(spare(base, deltas))
 }
 
 /// The seed of DARE's keep mask for input `k` of one tensor: the recipe's

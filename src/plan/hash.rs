@@ -3,7 +3,7 @@
 //! settings never encode alike, and nothing depends on `Debug` output.
 
 use crate::recipe::{
-    AutoField, Data, DataKind, InputSettings, LayerRule, MergeParams, OrderSpec, Saliency,
+    Data, DataKind, InputSettings, LayerRule, MergeParams, OrderSpec, ParamValue, Saliency,
     Settings, TakeFrom,
 };
 
@@ -71,25 +71,26 @@ impl Hashed for InputSettings {
         })
         .opt(self.using, |h, d| {
             h.u64(d.0 as u64);
+        })
+        .opt(self.gamma, |h, v| {
+            h.f64(v);
+        })
+        .opt(self.epsilon, |h, v| {
+            h.f64(v);
         });
     }
 }
 
 impl Hashed for MergeParams {
     fn hash_into(&self, h: &mut ContentHash) {
-        for flag in [self.normalize, self.rescale, self.int8_mask] {
-            h.opt(flag, |h, v| {
-                h.bool(v);
-            });
+        for (key, value) in self.iter() {
+            h.str(key.as_str());
+            match value {
+                ParamValue::Number(n) => h.f64(n),
+                ParamValue::Bool(b) => h.bool(b),
+            };
         }
-        for number in [self.lambda, self.t, self.scale] {
-            h.opt(number, |h, v| {
-                h.f64(v);
-            });
-        }
-        h.opt(self.seed, |h, v| {
-            h.u64(v);
-        });
+        h.str("end of parameters");
     }
 }
 
@@ -130,6 +131,17 @@ impl Hashed for Settings {
             h.u64(*k as u64);
             s.hash_into(h);
         }
+        h.u64(self.gradients.len() as u64);
+        for g in &self.gradients {
+            h.opt(g.input, |h, i| {
+                h.u64(i as u64);
+            })
+            .str(g.key.as_str())
+            .u64(g.values.len() as u64);
+            for v in &g.values {
+                h.f64(*v);
+            }
+        }
     }
 }
 
@@ -140,19 +152,6 @@ impl Hashed for LayerRule {
             h.str(p.as_str());
         }
         self.settings.hash_into(h);
-    }
-}
-
-impl Hashed for AutoField {
-    fn hash_into(&self, h: &mut ContentHash) {
-        h.str(match self {
-            AutoField::Weight => "weight",
-            AutoField::Density => "density",
-            AutoField::Retain => "retain",
-            AutoField::Lambda => "lambda",
-            AutoField::T => "t",
-            AutoField::Scale => "scale",
-        });
     }
 }
 

@@ -8,7 +8,10 @@ mod hash;
 mod params;
 mod render;
 
-pub use params::{LinearParams, ObimParams, Op, SlerpParams, Sparsify, TaskVectorParams};
+pub use params::{
+    LinearParams, MultislerpParams, NuslerpParams, ObimParams, Op, RamParams, SlerpParams,
+    Sparsify, TaskVectorParams,
+};
 pub use render::PlanView;
 
 use crate::checkpoint::TensorInfo;
@@ -442,7 +445,7 @@ impl Lowering<'_> {
             .opt(site.input, |h, i| {
                 h.u64(i as u64);
             });
-            site.field.hash_into(&mut h);
+            h.str(site.field.as_str());
             h.u64(site.values.len() as u64);
             for v in &site.values {
                 h.f64(*v);
@@ -469,11 +472,16 @@ impl Lowering<'_> {
         };
         let mut names: Vec<&String> = info.tensors.keys().collect();
         names.sort_by_key(|n| natural_key(n));
+        let layers = names
+            .iter()
+            .filter_map(|n| crate::pattern::layer_index(n))
+            .max()
+            .map_or(0, |i| i + 1);
         names
             .into_iter()
             .map(|name| {
                 let t = &info.tensors[name];
-                let settings = merge.tensor_settings(name);
+                let settings = merge.tensor_settings(name, layers);
                 let linear = has_linear_input(name, t, &info.tensors);
                 PlannedTensor {
                     name: name.clone(),

@@ -5,7 +5,7 @@
 //! and never look a parameter up by name or default it again.
 
 use crate::methods::{Method, ParamName, Scope};
-use crate::recipe::{DataId, Saliency, TakeFrom, TensorSettings};
+use crate::recipe::{DataId, InputSettings, Saliency, TakeFrom, TensorSettings};
 use serde_json::Value;
 
 /// What happens to one tensor.
@@ -14,10 +14,31 @@ pub enum Op {
     /// `take base` / `take INPUT`: copied, not merged.
     Take(TakeFrom),
     Obim(ObimParams),
-    /// task arithmetic, TIES, DARE-TIES and DARE-linear.
+    /// task arithmetic, TIES, DARE, breadcrumbs and DELLA (mergekit's
+    /// generalized task arithmetic).
     TaskVectors(TaskVectorParams),
     Linear(LinearParams),
     Slerp(SlerpParams),
+    ModelStock {
+        filter_wise: bool,
+    },
+    Nuslerp(NuslerpParams),
+    Multislerp(MultislerpParams),
+    Karcher {
+        max_iter: usize,
+        tol: f64,
+    },
+    Sce {
+        select_topk: f64,
+    },
+    ArceeFusion,
+    Nearswap {
+        t: f64,
+    },
+    Passthrough {
+        scale: f64,
+    },
+    Ram(RamParams),
 }
 
 /// OBIM (DESIGN §3).
@@ -37,7 +58,7 @@ pub struct ObimParams {
 }
 
 /// How a task-vector method drops entries before summing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Sparsify {
     /// Task arithmetic: nothing is dropped (`density` has no effect).
     Keep,
@@ -45,13 +66,25 @@ pub enum Sparsify {
     Magnitude,
     /// DARE: keep each entry with probability `density`.
     Random,
+    /// Breadcrumbs: drop the `gamma` largest |δ| (per input) and the smallest.
+    Outliers { gammas: Vec<f64> },
+    /// DELLA: keep with a probability that grows with the magnitude rank
+    /// in its row, from density − ε to density + ε (per input).
+    MagnitudeRank { epsilons: Vec<f64> },
+}
+
+impl Sparsify {
+    /// Whether the method draws random numbers (and so takes `seed`).
+    pub fn is_random(&self) -> bool {
+        matches!(self, Sparsify::Random | Sparsify::MagnitudeRank { .. })
+    }
 }
 
 /// mergekit's generalized task arithmetic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskVectorParams {
     pub sparsify: Sparsify,
-    /// TIES' sign election (TIES, DARE-TIES).
+    /// TIES' sign election (TIES, DARE-TIES, breadcrumbs-TIES, DELLA).
     pub elect_signs: bool,
     /// Per input.
     pub weights: Vec<f64>,
@@ -60,7 +93,7 @@ pub struct TaskVectorParams {
     pub normalize: bool,
     pub rescale: bool,
     pub lambda: f64,
-    /// DARE's keep mask seed.
+    /// The random sparsifiers' seed.
     pub seed: u64,
     /// Accepted for mergekit compatibility; masks are always exact.
     pub int8_mask: bool,
@@ -79,6 +112,33 @@ pub struct SlerpParams {
     pub t: f64,
 }
 
+/// mergekit's `nuslerp`: SLERP of two inputs (or their task vectors when
+/// there is a base) at t = w₂ / (w₁ + w₂).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NuslerpParams {
+    pub weights: Vec<f64>,
+    /// Vectors along the first axis (columns) instead of rows.
+    pub row_wise: bool,
+    /// The whole tensor as one vector.
+    pub flatten: bool,
+}
+
+/// mergekit's `multislerp`: a weighted mean on the hypersphere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultislerpParams {
+    pub weights: Vec<f64>,
+    pub normalize_weights: bool,
+    pub eps: f64,
+}
+
+/// mergekit's `ram` and `ramplus_tl`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RamParams {
+    pub epsilon: f64,
+    /// RAM+ (tensor-local): (r, alpha).
+    pub plus: Option<(f64, f64)>,
+}
+
 impl Op {
     /// Resolves one tensor's settings. Parameters without a default are
     /// required, so the checker has made sure they are set (E0007); the
@@ -87,20 +147,44 @@ impl Op {
         if let Some(from) = s.take {
             return Op::Take(from);
         }
-        let number = |set: Option<f64>, key: ParamName, fallback: f64| {
-            set.or_else(|| method.default_number(key))
+        let number = |key: ParamName, fallback: f64| {
+            s.params
+                .number(key)
+                .or_else(|| method.default_number(key))
                 .unwrap_or(fallback)
         };
-        let flag = |set: Option<bool>, key: ParamName| {
-            set.or_else(|| method.default_bool(key)).unwrap_or(false)
+        let flag = |key: ParamName| {
+            s.params
+                .flag(key)
+                .or_else(|| method.default_bool(key))
+                .unwrap_or(false)
         };
-        let per_input = |get: &dyn Fn(usize) -> Option<f64>, key: ParamName, fallback: f64| {
-            (0..s.inputs.len())
-                .map(|i| number(get(i), key, fallback))
-                .collect::<Vec<f64>>()
+        let per_input =
+            |get: &dyn Fn(&InputSettings) -> Option<f64>, key: ParamName, fallback: f64| {
+                s.inputs
+                    .iter()
+                    .map(|x| {
+                        get(x)
+                            .or_else(|| method.default_number(key))
+                            .unwrap_or(fallback)
+                    })
+                    .collect::<Vec<f64>>()
+            };
+        let weights = per_input(&|x| x.weight, ParamName::Weight, 1.0);
+        let normalize = flag(ParamName::Normalize);
+        let task_vectors = |sparsify: Sparsify, elect_signs: bool| {
+            Op::TaskVectors(TaskVectorParams {
+                sparsify,
+                elect_signs,
+                weights: weights.clone(),
+                densities: per_input(&|x| x.density, ParamName::Density, 1.0),
+                normalize,
+                rescale: flag(ParamName::Rescale),
+                lambda: number(ParamName::Lambda, 1.0),
+                seed: number(ParamName::Seed, 0.0) as u64,
+                int8_mask: flag(ParamName::Int8Mask),
+            })
         };
-        let weights = per_input(&|i| s.inputs[i].weight, ParamName::Weight, 1.0);
-        let normalize = flag(s.params.normalize, ParamName::Normalize);
         match method {
             Method::Obim => Op::Obim(ObimParams {
                 order: s.order.clone(),
@@ -108,33 +192,61 @@ impl Op {
                     Saliency::Obd if !has_linear_input => Saliency::Magnitude,
                     other => other,
                 },
-                retain: per_input(&|i| s.inputs[i].retain, ParamName::Retain, 0.0),
+                retain: per_input(&|x| x.retain, ParamName::Retain, 0.0),
                 using: s.inputs.iter().map(|x| x.using).collect(),
-                scale: number(s.params.scale, ParamName::Scale, 1.0),
+                scale: number(ParamName::Scale, 1.0),
             }),
-            Method::TaskArithmetic | Method::Ties | Method::DareTies | Method::DareLinear => {
-                Op::TaskVectors(TaskVectorParams {
-                    sparsify: match method {
-                        Method::Ties => Sparsify::Magnitude,
-                        Method::DareTies | Method::DareLinear => Sparsify::Random,
-                        _ => Sparsify::Keep,
-                    },
-                    elect_signs: matches!(method, Method::Ties | Method::DareTies),
-                    weights,
-                    densities: per_input(&|i| s.inputs[i].density, ParamName::Density, 1.0),
-                    normalize,
-                    rescale: flag(s.params.rescale, ParamName::Rescale),
-                    lambda: number(s.params.lambda, ParamName::Lambda, 1.0),
-                    seed: s
-                        .params
-                        .seed
-                        .unwrap_or_else(|| number(None, ParamName::Seed, 0.0) as u64),
-                    int8_mask: flag(s.params.int8_mask, ParamName::Int8Mask),
-                })
-            }
+            Method::TaskArithmetic => task_vectors(Sparsify::Keep, false),
+            Method::Ties => task_vectors(Sparsify::Magnitude, true),
+            Method::DareTies => task_vectors(Sparsify::Random, true),
+            Method::DareLinear => task_vectors(Sparsify::Random, false),
+            Method::Breadcrumbs | Method::BreadcrumbsTies => task_vectors(
+                Sparsify::Outliers {
+                    gammas: per_input(&|x| x.gamma, ParamName::Gamma, 0.01),
+                },
+                method == Method::BreadcrumbsTies,
+            ),
+            Method::Della | Method::DellaLinear => task_vectors(
+                Sparsify::MagnitudeRank {
+                    epsilons: per_input(&|x| x.epsilon, ParamName::Epsilon, 0.15),
+                },
+                method == Method::Della,
+            ),
             Method::Linear => Op::Linear(LinearParams { weights, normalize }),
             Method::Slerp => Op::Slerp(SlerpParams {
-                t: number(s.params.t, ParamName::T, 0.5),
+                t: number(ParamName::T, 0.5),
+            }),
+            Method::ModelStock => Op::ModelStock {
+                filter_wise: flag(ParamName::FilterWise),
+            },
+            Method::Nuslerp => Op::Nuslerp(NuslerpParams {
+                weights,
+                row_wise: flag(ParamName::NuslerpRowWise),
+                flatten: flag(ParamName::NuslerpFlatten),
+            }),
+            Method::Multislerp => Op::Multislerp(MultislerpParams {
+                weights,
+                normalize_weights: flag(ParamName::NormalizeWeights),
+                eps: number(ParamName::Eps, 1e-8),
+            }),
+            Method::Karcher => Op::Karcher {
+                max_iter: number(ParamName::MaxIter, 10.0) as usize,
+                tol: number(ParamName::Tol, 1e-5),
+            },
+            Method::Sce => Op::Sce {
+                select_topk: number(ParamName::SelectTopk, 1.0),
+            },
+            Method::ArceeFusion => Op::ArceeFusion,
+            Method::Nearswap => Op::Nearswap {
+                t: number(ParamName::T, 0.0),
+            },
+            Method::Passthrough => Op::Passthrough {
+                scale: number(ParamName::Scale, 1.0),
+            },
+            Method::Ram | Method::RamplusTl => Op::Ram(RamParams {
+                epsilon: number(ParamName::Epsilon, 1e-5),
+                plus: (method == Method::RamplusTl)
+                    .then(|| (number(ParamName::R, 0.1), number(ParamName::Alpha, 0.2))),
             }),
         }
     }
@@ -160,6 +272,29 @@ impl Op {
             (Op::TaskVectors(p), ParamName::Seed) => p.seed.into(),
             (Op::Linear(p), ParamName::Normalize) => p.normalize.into(),
             (Op::Slerp(p), ParamName::T) => p.t.into(),
+            (Op::ModelStock { filter_wise }, ParamName::FilterWise) => (*filter_wise).into(),
+            (Op::Nuslerp(p), ParamName::NuslerpRowWise) => p.row_wise.into(),
+            (Op::Nuslerp(p), ParamName::NuslerpFlatten) => p.flatten.into(),
+            (Op::Multislerp(p), ParamName::NormalizeWeights) => p.normalize_weights.into(),
+            (Op::Multislerp(p), ParamName::Eps) => p.eps.into(),
+            (Op::Karcher { max_iter, .. }, ParamName::MaxIter) => (*max_iter as u64).into(),
+            (Op::Karcher { tol, .. }, ParamName::Tol) => (*tol).into(),
+            (Op::Sce { select_topk }, ParamName::SelectTopk) => (*select_topk).into(),
+            (Op::Nearswap { t }, ParamName::T) => (*t).into(),
+            (Op::Passthrough { scale }, ParamName::Scale) => (*scale).into(),
+            (Op::Ram(p), ParamName::Epsilon) => p.epsilon.into(),
+            (
+                Op::Ram(RamParams {
+                    plus: Some((r, _)), ..
+                }),
+                ParamName::R,
+            ) => (*r).into(),
+            (
+                Op::Ram(RamParams {
+                    plus: Some((_, a)), ..
+                }),
+                ParamName::Alpha,
+            ) => (*a).into(),
             _ => return None,
         })
     }
@@ -168,7 +303,7 @@ impl Op {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recipe::{InputSettings, MergeParams};
+    use crate::recipe::{MergeParams, ParamValue};
 
     fn settings(inputs: usize, params: MergeParams) -> TensorSettings {
         TensorSettings {
@@ -216,15 +351,13 @@ mod tests {
 
     #[test]
     fn set_values_win_and_obd_needs_a_linear_input() {
-        let mut s = settings(
-            2,
-            MergeParams {
-                normalize: Some(false),
-                lambda: Some(0.5),
-                seed: Some(7),
-                ..Default::default()
-            },
-        );
+        let mut s = settings(2, {
+            let mut p = MergeParams::default();
+            p.set(ParamName::Normalize, Some(ParamValue::Bool(false)));
+            p.set(ParamName::Lambda, Some(ParamValue::Number(0.5)));
+            p.set(ParamName::Seed, Some(ParamValue::Number(7.0)));
+            p
+        });
         s.inputs[1].density = Some(0.3);
         let Op::TaskVectors(p) = Op::resolve(Method::DareTies, &s, true) else {
             panic!("dare_ties is a task-vector method")

@@ -3,7 +3,7 @@
 //! graphviz.
 
 use super::{Plan, PlannedTensor, Step, StepKind};
-use crate::methods::Method;
+use crate::methods::{Method, ParamName, Scope};
 use crate::open::Inventory;
 use crate::recipe::{Merge, MergeId, ModelSource, Recipe, TakeFrom};
 use crate::source::SourceMap;
@@ -460,7 +460,7 @@ impl PlanView<'_> {
                     format!(
                         "{} {}",
                         names[*i],
-                        s.inputs[*i].retain.map_or("?".into(), |r| r.to_string())
+                        s.inputs[*i].retain.map_or("?".into(), short)
                     )
                 })
                 .collect();
@@ -469,7 +469,7 @@ impl PlanView<'_> {
             let params: Vec<String> =
                 t.op.merge_params(merge.method)
                     .into_iter()
-                    .map(|(k, v)| format!("{k} {v}"))
+                    .map(|(k, v)| format!("{k} {}", short_value(&v)))
                     .collect();
             format!(
                 "{} | {}{why} | {}",
@@ -485,10 +485,27 @@ impl PlanView<'_> {
                     let x = &s.inputs[i];
                     let mut p = n.to_string();
                     if let Some(w) = x.weight {
-                        p.push_str(&format!(" w{w}"));
+                        p.push_str(&format!(" w{}", short(w)));
                     }
                     if merge.method.sparsifies() {
-                        p.push_str(&format!(" d{}", x.density.unwrap_or(1.0)));
+                        p.push_str(&format!(" d{}", short(x.density.unwrap_or(1.0))));
+                    }
+                    // Breadcrumbs' gamma and DELLA's epsilon, where the method has them.
+                    for (key, letter, value) in [
+                        (ParamName::Gamma, "g", x.gamma),
+                        (ParamName::Epsilon, "e", x.epsilon),
+                    ] {
+                        let per_input = merge
+                            .method
+                            .params()
+                            .iter()
+                            .any(|p| p.key == key && p.scope == Scope::Input);
+                        if let Some(v) = value
+                            .or_else(|| merge.method.default_number(key))
+                            .filter(|_| per_input)
+                        {
+                            p.push_str(&format!(" {letter}{}", short(v)));
+                        }
                     }
                     p
                 })
@@ -496,11 +513,30 @@ impl PlanView<'_> {
             let params: Vec<String> =
                 t.op.merge_params(merge.method)
                     .into_iter()
-                    .map(|(k, v)| format!("{k} {v}"))
+                    .map(|(k, v)| format!("{k} {}", short_value(&v)))
                     .collect();
             format!("{} | {}", parts.join(", "), params.join(", "))
         };
         [t.name.clone(), shape, what, rules]
+    }
+}
+
+/// A number for a table: at most 6 significant digits, so that a value
+/// interpolated by a gradient reads 0.466667, not 0.4666666666666667.
+fn short(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return x.to_string();
+    }
+    let digits = (5 - x.abs().log10().floor() as i32).clamp(0, 12) as usize;
+    let rounded: f64 = format!("{x:.digits$}").parse().unwrap_or(x);
+    rounded.to_string()
+}
+
+fn short_value(v: &Value) -> String {
+    let text = v.to_string();
+    match v.as_f64() {
+        Some(x) if v.is_f64() && text.len() > 10 => short(x),
+        _ => text,
     }
 }
 

@@ -257,7 +257,9 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::by_kw => "`by`",
         Rule::scale_stmt | Rule::scale_kw => "`scale`",
         Rule::entry => "an input model",
-        Rule::setting | Rule::setting_key => "a setting (`weight`, `retain`, `density`, `using`)",
+        Rule::setting | Rule::setting_key => {
+            "a setting (`weight`, `retain`, `density`, `using`, ...)"
+        }
         Rule::import => "`import`",
         Rule::let_decl => "`let`",
         Rule::base_decl => "`base`",
@@ -299,7 +301,12 @@ fn syntax_error(file: FileId, text: &str, at: usize, mut expected: Vec<String>) 
     } else {
         &[]
     };
-    let settings: Vec<String> = SETTING_KEYWORDS.iter().map(|k| format!("`{k}`")).collect();
+    // `gamma` and `epsilon` are settings too, though not reserved words.
+    let settings: Vec<String> = SETTING_KEYWORDS
+        .iter()
+        .chain(&["gamma", "epsilon"])
+        .map(|k| format!("`{k}`"))
+        .collect();
     let covered_by_setting = has(&expected, "a setting");
     // `select` alone says less than the statement's name.
     if has(&expected, "`select by") {

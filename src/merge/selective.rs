@@ -1,0 +1,189 @@
+//! Methods that decide per position which task vectors count, from
+//! statistics of the whole tensor: mergekit 0.1.5's `sce`, `ram`,
+//! `ramplus_tl` and `arcee_fusion`. Element arithmetic is f32 in
+//! mergekit's order; tensor-wide statistics are summed in f64.
+
+use rayon::prelude::*;
+
+use super::kernels::update;
+
+/// mergekit's `sce`: keep the `select_topk` fraction of positions with the
+/// largest variance across the task vectors (of those with any), elect
+/// signs as TIES does, weight each task vector by its mean square (over
+/// their sum), and average the agreeing ones. `base` becomes the merge;
+/// `deltas` hold the inputs and are turned into task vectors.
+pub fn sce(base: &mut [f32], deltas: &mut [Vec<f32>], select_topk: f64) {
+    for d in deltas.iter_mut() {
+        d.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
+    }
+    let k = deltas.len();
+    if select_topk < 1.0 {
+        let variance: Vec<f32> = (0..base.len())
+            .into_par_iter()
+            .map(|i| {
+                let mean = deltas.iter().map(|d| d[i]).sum::<f32>() / k as f32;
+                deltas.iter().map(|d| (d[i] - mean).powi(2)).sum::<f32>() / k as f32
+            })
+            .collect();
+        let nonzero = variance.iter().filter(|v| **v != 0.0).count();
+        // mergekit: int(count_nonzero(var) · density), a product in f32.
+        let keep = if select_topk <= 0.0 {
+            0
+        } else {
+            (nonzero as f32 * select_topk as f32) as usize
+        };
+        let mut order: Vec<u64> = variance
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (u64::from(!(v.abs().to_bits())) << 32) | i as u64)
+            .collect();
+        order.par_sort_unstable();
+        let mut kept = vec![false; base.len()];
+        for key in &order[..keep] {
+            kept[(key & 0xffff_ffff) as usize] = true;
+        }
+        for d in deltas.iter_mut() {
+            update(d, |i, v| if kept[i] { v } else { 0.0 });
+        }
+    }
+    let squares: Vec<f64> = deltas
+        .iter()
+        .map(|d| d.par_iter().map(|x| (x * x) as f64).sum::<f64>() / d.len().max(1) as f64)
+        .collect();
+    let total: f64 = squares.iter().sum();
+    let weights: Vec<f32> = if total.abs() < 1e-6 {
+        vec![1.0 / k as f32; k]
+    } else {
+        squares.iter().map(|s| (s / total) as f32).collect()
+    };
+    update(base, |i, b| {
+        let sum: f32 = deltas.iter().map(|d| d[i]).sum();
+        let up = sum >= 0.0;
+        let (mut merged, mut weight) = (0f32, 0f32);
+        for (d, w) in deltas.iter().zip(&weights) {
+            let x = d[i];
+            if (x > 0.0 && up) || (x < 0.0 && !up) {
+                merged += x * w;
+                weight += w;
+            }
+        }
+        b + merged / weight.max(1e-6)
+    });
+}
+
+/// mergekit's `ram` and `ramplus_tl`: a position changed (|δ| > ε) by one
+/// input takes that input's δ; one changed by several takes their mean.
+/// RAM+ multiplies an input's unique changes by 1 + r·min(α, shared/unique),
+/// its counts of positions it shares with others and changes alone.
+pub fn ram(base: &mut [f32], deltas: &mut [Vec<f32>], epsilon: f64, plus: Option<(f64, f64)>) {
+    for d in deltas.iter_mut() {
+        d.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
+    }
+    let epsilon = epsilon as f32;
+    let changed = |d: &[f32], i: usize| d[i].abs() > epsilon;
+    let count = |i: usize| deltas.iter().filter(|d| changed(d, i)).count();
+    let lambdas: Vec<f32> = match plus {
+        None => vec![1.0; deltas.len()],
+        Some((r, alpha)) => {
+            let counts: Vec<usize> = (0..base.len()).into_par_iter().map(count).collect();
+            deltas
+                .iter()
+                .map(|d| {
+                    let (shared, unique) =
+                        counts
+                            .iter()
+                            .enumerate()
+                            .fold((0u64, 0u64), |(s, u), (i, c)| match (changed(d, i), *c) {
+                                (true, 1) => (s, u + 1),
+                                (true, c) if c > 1 => (s + 1, u),
+                                _ => (s, u),
+                            });
+                    let rho = shared as f32 / (unique as f32).max(epsilon);
+                    1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
+                })
+                .collect()
+        }
+    };
+    update(base, |i, b| {
+        let c = count(i);
+        let mut merged = 0f32;
+        for (d, lambda) in deltas.iter().zip(&lambdas) {
+            let x = if changed(d, i) { d[i] } else { 0.0 };
+            merged += match c {
+                1 => x * lambda,
+                0 => 0.0,
+                c => x / c as f32,
+            };
+        }
+        b + merged
+    });
+}
+
+/// mergekit's `arcee_fusion`: importance = |x − base| · KL(softmax(x) ‖
+/// softmax(base)) per row (the last axis); the positions whose importance
+/// reaches median + 1.5·IQR take x, the rest keep the base. Quantiles are
+/// exact here; mergekit estimates them from 1M random positions in tensors
+/// larger than that.
+pub fn arcee_fusion(base: &mut [f32], x: &[f32], shape: &[usize]) {
+    let n = base.len();
+    let cols = shape.last().copied().unwrap_or(n).max(1);
+    // In f64: the divergence of two nearly equal distributions is a small
+    // difference of terms, which mergekit's f32 rounds differently (by about
+    // 1e-4 relative), so positions within that of the threshold may go
+    // either way there.
+    let softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
+        let e: Vec<f64> = row.iter().map(|v| (*v as f64 - max).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s + 1e-8).collect()
+    };
+    let divergence: Vec<f32> = base
+        .par_chunks(cols)
+        .zip(x.par_chunks(cols))
+        .map(|(b, x)| {
+            let (p, q) = (softmax(x), softmax(b));
+            p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>() as f32
+        })
+        .collect();
+    let importance: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| (x[i] - base[i]).abs() * divergence[i / cols])
+        .collect();
+    let mut sorted = importance.clone();
+    sorted.par_sort_unstable_by(f32::total_cmp);
+    // mergekit: sorted[(q · (n − 1)).long()], the product in f32.
+    let quantile = |q: f32| sorted[(q * (n - 1) as f32) as usize];
+    let (q1, median, q3) = (quantile(0.25), quantile(0.5), quantile(0.75));
+    let threshold = median + 1.5 * (q3 - q1);
+    update(base, |i, b| {
+        if importance[i] >= threshold {
+            b + (x[i] - b)
+        } else {
+            b
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_keeps_unique_changes_and_averages_shared_ones() {
+        let mut base = vec![0.0f32; 4];
+        let mut d = vec![vec![1.0, 2.0, 0.0, 0.0], vec![3.0, 0.0, 0.0, 1e-6]];
+        ram(&mut base, &mut d, 1e-5, None);
+        assert_eq!(base, vec![2.0, 2.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn sce_weights_by_mean_square_and_elects_signs() {
+        let mut base = vec![0.0f32; 2];
+        // Mean squares 1 and 4: weights 0.2, 0.8; position 1 disagrees in
+        // sign and the larger sum (−2 + 1 < 0) elects −.
+        let mut d = vec![vec![1.0, 1.0], vec![2.0, -2.0]];
+        sce(&mut base, &mut d, 1.0);
+        assert!((base[0] - (0.2 + 1.6) / 1.0).abs() < 1e-6, "{base:?}");
+        assert!((base[1] - (-2.0)).abs() < 1e-6, "{base:?}");
+    }
+}
