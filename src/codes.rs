@@ -361,6 +361,27 @@ requires both within (0, 1) whenever density < 1, and so does obim.
 
 Fix: a smaller `epsilon` (default 0.15), or a density further from 0 and 1."#;
 
+E0039 => "bad slice", r#"`slice` statements build the output's layers from layer ranges of models,
+as mergekit's `slices`: each `slice` adds as many layers as its sources'
+ranges have, merged with the merge's method (`passthrough` copies its one
+source). A range is `[FROM, TO]` with TO excluded, as mergekit's
+`layer_range`.
+
+    merge big = passthrough {
+        slice a layers [0, 4]
+        slice b layers [2, 6]          # 8 layers: a's 0-3, then b's 2-5
+    }
+
+Errors: a range that is not whole numbers or is empty; sources of one slice
+with different lengths; more or fewer sources than the method takes (besides
+the base); a range past the model's last layer; `slice` inside a `layers`
+rule; `obim` with slices (not yet).
+
+Embeddings come from the first slice's sources and the final norm and head
+from the last slice's, as in mergekit; the output's `config.json` gets the new
+`num_hidden_layers` (and per-layer lists such as `layer_types` follow the
+layers they came from)."#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot

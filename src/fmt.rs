@@ -400,6 +400,14 @@ impl Formatter<'_> {
                     .join(", ")
             ),
             StmtKind::Scale(kv) => format!("scale {}", self.expr(&kv.value)),
+            StmtKind::Slice(sources) => format!(
+                "slice {}",
+                sources
+                    .iter()
+                    .map(|s| format!("{} layers [{}, {}]", s.model, s.start.0, s.end.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             StmtKind::Layers { pattern, body } => {
                 let inner: Vec<String> = body.items.iter().map(|s| self.simple_stmt(s)).collect();
                 format!("layers {} {{ {} }}", self.expr(pattern), inner.join(" "))

@@ -87,7 +87,47 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
     let inventory = Inventory { models };
     diagnostics.extend(compatibility(recipe, &inventory));
     diagnostics.extend(calibration(recipe, &inventory));
+    diagnostics.extend(slice_bounds(recipe, &inventory));
     (inventory, diagnostics)
+}
+
+/// Slice ranges within their model's layers (E0039), where the model's
+/// headers are readable.
+fn slice_bounds(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
+    let mut diagnostics = Vec::new();
+    for merge in &recipe.merges {
+        for source in merge.slices.iter().flat_map(|s| &s.sources) {
+            let model = match source.input {
+                None => merge.base,
+                Some(i) => merge.inputs.get(i).map(|x| x.model),
+            };
+            let Some(info) = model.and_then(|m| inventory.of_input(recipe, m)) else {
+                continue;
+            };
+            let layers = info
+                .tensors
+                .keys()
+                .filter_map(|n| crate::pattern::layer_index(n))
+                .max()
+                .map_or(0, |i| i + 1);
+            if source.end > layers {
+                let name = model.map_or("", |m| recipe.input_name(m));
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::E0039,
+                        source.span,
+                        format!("`{name}` has {layers} layers; this range ends at {}", source.end),
+                    )
+                    .label("past the last layer")
+                    .help(format!(
+                        "layers of `{name}` run from 0 to {}; the end of a range is excluded, as in mergekit's `layer_range`",
+                        layers.saturating_sub(1)
+                    )),
+                );
+            }
+        }
+    }
+    diagnostics
 }
 
 /// Every data source gives text, and every model calibrated on one (an

@@ -297,6 +297,37 @@ pub struct Merge {
     pub autos: Vec<AutoSite>,
     /// How the candidates are judged.
     pub select: Option<Select>,
+    /// Layer stacking (`slice` statements): the output's layers, slice by
+    /// slice. Empty: every layer of the inputs, as usual.
+    pub slices: Vec<Slice>,
+}
+
+/// One `slice`: output layers made from the same number of layers of each
+/// source, merged with the merge's method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    pub sources: Vec<SliceSource>,
+    pub span: Span,
+}
+
+/// `a layers [0, 4]`: layers `start..end` of the merge's base or an input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceSource {
+    /// `None`: the merge's base; else an input index.
+    pub input: Option<usize>,
+    pub start: usize,
+    pub end: usize,
+    pub span: Span,
+}
+
+impl Slice {
+    pub fn len(&self) -> usize {
+        self.sources.first().map_or(0, |s| s.end - s.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One `auto`: where it is (the merge level or a rule; an input or the
@@ -470,13 +501,11 @@ impl Merge {
         s
     }
 
-    /// The settings of tensor `name` in a merge whose inputs have `layers`
-    /// layers: the merge's own, then every matching `layers` rule in order
-    /// (later rules win), gradients evaluated at the tensor's layer. Within
-    /// one level an input's own setting beats the level's default for all
-    /// inputs.
-    pub fn tensor_settings(&self, name: &str, layers: usize) -> TensorSettings {
-        let t = gradient_position(name, layers);
+    /// The settings of tensor `name`: the merge's own, then every matching
+    /// `layers` rule in order (later rules win), gradients evaluated at `t`
+    /// (see [`gradient_position`]). Within one level an input's own setting
+    /// beats the level's default for all inputs.
+    pub fn tensor_settings(&self, name: &str, t: f64) -> TensorSettings {
         fn graded(s: &Settings, t: f64) -> std::borrow::Cow<'_, Settings> {
             if s.gradients.is_empty() {
                 std::borrow::Cow::Borrowed(s)

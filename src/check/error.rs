@@ -108,6 +108,8 @@ pub(super) enum Problem {
         /// What the element is; `None`: the list is empty.
         found: Option<&'static str>,
     },
+    /// A `slice` that cannot be built (E0039).
+    BadSlice { span: Span, issue: SliceIssue },
     /// DELLA's density ± epsilon outside (0, 1) (E0038).
     DellaProbabilities {
         span: Span,
@@ -341,6 +343,27 @@ pub(super) enum InvalidAuto {
     TooMany { count: f64 },
 }
 
+/// What is wrong with a `slice`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SliceIssue {
+    /// Not whole numbers, or an empty range.
+    BadRange { start: f64, end: f64 },
+    /// Sources of one slice with different numbers of layers.
+    Lengths {
+        expected: usize,
+        found: usize,
+        first: Span,
+    },
+    /// More or fewer sources besides the base than the method takes.
+    SourceCount { method: Method, count: usize },
+    /// `slice` inside a `layers` rule.
+    InRule,
+    /// OBIM's statistics and order follow the inputs' own layers.
+    Obim,
+    /// `select` scores candidates with the inputs' layer count.
+    Select { slice: Span },
+}
+
 /// What is odd about a merge's weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum WeightProblem {
@@ -540,6 +563,48 @@ impl Problem {
                 Diagnostic::new(Code::E0037, span, message).label(label).help(format!(
                     "`{name}: [0, 0.5, 1]` goes from 0 at the first layer to 1 at the last; `{name}: auto [0.3, 0.5]` gives candidates for `select` instead"
                 ))
+            }
+            Problem::BadSlice { span, issue } => {
+                let d = |message: String| Diagnostic::new(Code::E0039, span, message);
+                match issue {
+                    SliceIssue::BadRange { start, end } => d(format!(
+                        "`[{start}, {end}]` is not a range of layers"
+                    ))
+                    .label("here")
+                    .help("a slice source is `MODEL layers [FROM, TO]`: whole numbers, FROM < TO, TO excluded as in mergekit's `layer_range`"),
+                    SliceIssue::Lengths {
+                        expected,
+                        found,
+                        first,
+                    } => d(format!(
+                        "the sources of a slice must have the same number of layers: {expected} and {found}"
+                    ))
+                    .label(format!("{found} layers"))
+                    .with(first, format!("{expected} layers"))
+                    .help("each output layer of a slice merges one layer from every source"),
+                    SliceIssue::SourceCount { method, count } => {
+                        let expected = match method.input_count() {
+                            (min, Some(max)) if max == min => format!("exactly {max}"),
+                            (min, _) => format!("at least {min}"),
+                        };
+                        d(format!(
+                            "this slice has {count} source{} besides the base; `{method}` needs {expected}",
+                            if count == 1 { "" } else { "s" }
+                        ))
+                        .label("here")
+                        .help("`passthrough` stacks one source per slice: `slice a layers [0, 4]`; merging methods take several: `slice a layers [0, 4], b layers [0, 4]`")
+                    }
+                    SliceIssue::InRule => d("`slice` belongs to the merge, not to a `layers` rule".into())
+                        .label("here")
+                        .help("write the slices in the merge body; rules then apply to the output's tensors"),
+                    SliceIssue::Select { slice } => d("a merge with slices cannot choose its settings yet".into())
+                        .label("`select` here")
+                        .with(slice, "slices here")
+                        .help("choose the settings on an unstacked merge, then stack its output with `passthrough` in another merge"),
+                    SliceIssue::Obim => d("`obim` cannot stack slices yet".into())
+                        .label("here")
+                        .help("OBIM's calibration statistics and rotating order follow each input's own layers; stack with `passthrough` in one merge and run `obim` on its output in another"),
+                }
             }
             Problem::DellaProbabilities {
                 span,

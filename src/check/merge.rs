@@ -4,14 +4,14 @@
 //! retention budget. Each merge gets a [`MergeChecker`] of its own, which
 //! holds what that merge gathers while it is checked.
 
-use super::error::{self, Kept, Problem, WeightProblem};
+use super::error::{self, Kept, Problem, SliceIssue, WeightProblem};
 use super::{Checker, Found, Scope, StageArgs, Val};
 use crate::diagnostic;
 use crate::methods::{Kind, Method, Param, ParamName, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
     AutoSite, Gradient, Input, InputSettings, LayerRule, Merge, OrderSpec, ParamValue, Saliency,
-    Select, Settings, TakeFrom,
+    Select, Settings, Slice, SliceSource, TakeFrom,
 };
 use crate::source::Span;
 use crate::syntax::ast::{self, Block, ExprKind, ItemKind, KeyValue, Stmt, StmtKind};
@@ -239,6 +239,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             rules: Vec::new(),
             autos: Vec::new(),
             select: None,
+            slices: Vec::new(),
         };
         let mut spans = Spans::default();
         let mut base_span = None;
@@ -260,6 +261,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         let body: &[Stmt] = src.body.map_or(&[], |b| &b.items);
         // Inputs first, so that orders and rules can refer to any of them.
         self.inputs(src, &mut merge, base_span, &mut spans);
+        self.slices(body, &mut merge);
         let colon = self.colon_settings(body);
         // The slip is reported once (E0035), not again as a missing setting.
         for (i, _) in colon.iter().enumerate().filter(|(_, c)| **c) {
@@ -296,6 +298,12 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             }
         }
         merge.select = self.select.take();
+        if let (Some(select), Some(slice)) = (&merge.select, merge.slices.first()) {
+            self.report(Problem::BadSlice {
+                span: select.span,
+                issue: SliceIssue::Select { slice: slice.span },
+            });
+        }
         if !self.auto_invalid {
             self.candidates(&merge);
         }
@@ -726,7 +734,97 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             }
             StmtKind::Scale(_) => obim_only(self, "scale"),
             StmtKind::Select { judge, data } => self.select_stmt(stmt, judge, data),
-            StmtKind::Entry { .. } | StmtKind::Layers { .. } => {}
+            StmtKind::Slice(_) if self.current_rule.is_some() => self.report(Problem::BadSlice {
+                span: stmt.span,
+                issue: SliceIssue::InRule,
+            }),
+            StmtKind::Entry { .. } | StmtKind::Layers { .. } | StmtKind::Slice(_) => {}
+        }
+    }
+
+    /// `slice` statements: each source resolved to the base or an input (a
+    /// model named only in slices becomes an input), ranges of whole layers
+    /// of one length per slice, and as many sources as the method takes.
+    fn slices(&mut self, body: &[Stmt], merge: &mut Merge) {
+        for stmt in body {
+            let StmtKind::Slice(sources) = &stmt.kind else {
+                continue;
+            };
+            let bad = |this: &mut Self, span, issue| this.report(Problem::BadSlice { span, issue });
+            if merge.method == Method::Obim {
+                bad(self, stmt.span, SliceIssue::Obim);
+                continue;
+            }
+            let mut slice = Slice {
+                sources: Vec::new(),
+                span: stmt.span,
+            };
+            for source in sources {
+                let expr = ast::Expr {
+                    kind: ExprKind::Path(source.model.clone()),
+                    span: source.model.span,
+                };
+                let Some(model) = self.checker.input_ref(&self.scope, &expr) else {
+                    continue;
+                };
+                let input = if merge.base == Some(model) {
+                    None
+                } else if let Some(i) = merge.inputs.iter().position(|x| x.model == model) {
+                    Some(i)
+                } else {
+                    self.inputs.push(source.model.to_string());
+                    merge.inputs.push(Input {
+                        model,
+                        span: source.model.span,
+                    });
+                    Some(merge.inputs.len() - 1)
+                };
+                let whole = |n: f64| n >= 0.0 && n.fract() == 0.0 && n < 1e6;
+                let (start, end) = (source.start.0, source.end.0);
+                if !whole(start) || !whole(end) || start >= end {
+                    bad(
+                        self,
+                        source.start.1.to(source.end.1),
+                        SliceIssue::BadRange { start, end },
+                    );
+                    continue;
+                }
+                slice.sources.push(SliceSource {
+                    input,
+                    start: start as usize,
+                    end: end as usize,
+                    span: source.span,
+                });
+            }
+            if let Some(first) = slice.sources.first().cloned() {
+                for other in &slice.sources[1..] {
+                    if other.end - other.start != first.end - first.start {
+                        bad(
+                            self,
+                            other.span,
+                            SliceIssue::Lengths {
+                                expected: first.end - first.start,
+                                found: other.end - other.start,
+                                first: first.span,
+                            },
+                        );
+                    }
+                }
+            }
+            let others = slice.sources.iter().filter(|s| s.input.is_some()).count();
+            let (min, max) = merge.method.input_count();
+            let complete = slice.sources.len() == sources.len();
+            if complete && (others < min || max.is_some_and(|m| others > m)) {
+                bad(
+                    self,
+                    stmt.span,
+                    SliceIssue::SourceCount {
+                        method: merge.method,
+                        count: others,
+                    },
+                );
+            }
+            merge.slices.push(slice);
         }
     }
 
@@ -989,7 +1087,10 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         let method = merge.method;
         let (min, max) = method.input_count();
         let n = merge.inputs.len();
-        if (n < min && written_entries < min) || max.is_some_and(|m| n > m) {
+        // With slices, each slice's sources are counted instead.
+        if merge.slices.is_empty()
+            && ((n < min && written_entries < min) || max.is_some_and(|m| n > m))
+        {
             self.report(Problem::InputCount {
                 span: src.name.span,
                 merge: src.name.name.clone(),

@@ -803,5 +803,6 @@ fn placeholder_merge(d: &ast::MergeDecl) -> crate::recipe::Merge {
         rules: Vec::new(),
         autos: Vec::new(),
         select: None,
+        slices: Vec::new(),
     }
 }

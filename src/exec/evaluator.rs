@@ -253,8 +253,8 @@ impl<'a> Evaluator<'a> {
     ) -> Result<&'o [u8], ExecError> {
         if let Some((pointwise, models)) = self.pointwise(id, name) {
             let mut mapped = Vec::with_capacity(models.len());
-            for &m in &models {
-                mapped.push(self.mapped(m, name)?);
+            for (m, source) in &models {
+                mapped.push(self.mapped(*m, source)?);
             }
             let operands: Vec<(&[u8], crate::checkpoint::TensorDtype)> = mapped
                 .iter()
@@ -273,7 +273,7 @@ impl<'a> Evaluator<'a> {
             }
             let bad = values.iter().position(|v| *v == Values::NonFinite);
             if let Some(k) = bad.filter(|_| !self.allow_non_finite) {
-                return Err(self.non_finite(models[k], name, mapped[k].2));
+                return Err(self.non_finite(models[k].0, &models[k].1, mapped[k].2));
             }
             return Ok(encoded);
         }
@@ -284,23 +284,51 @@ impl<'a> Evaluator<'a> {
     }
 
     /// The pointwise form of merge `id` at tensor `name` and the models it
-    /// reads (in operand order), when every operand is a model.
-    fn pointwise(&self, id: MergeId, name: &str) -> Option<(merge::Pointwise, Vec<ModelId>)> {
+    /// reads with the tensor's name in each (in operand order), when every
+    /// operand is a model.
+    fn pointwise(
+        &self,
+        id: MergeId,
+        name: &str,
+    ) -> Option<(merge::Pointwise, Vec<(ModelId, String)>)> {
         let merge = &self.c.recipe.merges[id.0];
-        let pointwise = merge::Pointwise::of(&self.planned(id, name).ok()?.op)?;
-        let base = if pointwise.uses_base() {
-            Some(merge.base?)
-        } else {
-            None
+        let planned = self.planned(id, name).ok()?;
+        let pointwise = merge::Pointwise::of(&planned.op)?;
+        let operands: Vec<(InputRef, String)> = match &planned.sources {
+            None => {
+                let base = if pointwise.uses_base() {
+                    Some(merge.base?)
+                } else {
+                    None
+                };
+                base.into_iter()
+                    .chain(merge.inputs.iter().map(|i| i.model))
+                    .map(|m| (m, name.to_string()))
+                    .collect()
+            }
+            Some(sources) => {
+                let base = match (&sources.base, pointwise.uses_base()) {
+                    (Some(b), true) => Some((merge.base?, b.clone())),
+                    (None, true) => return None,
+                    (_, false) => None,
+                };
+                base.into_iter()
+                    .chain(
+                        sources
+                            .inputs
+                            .iter()
+                            .map(|(i, n)| (merge.inputs[*i].model, n.clone())),
+                    )
+                    .collect()
+            }
         };
-        let models = base
+        let models = operands
             .into_iter()
-            .chain(merge.inputs.iter().map(|i| i.model))
-            .map(|input| match input {
-                InputRef::Model(m) => Some(m),
+            .map(|(input, n)| match input {
+                InputRef::Model(m) => Some((m, n)),
                 InputRef::Merge(_) => None,
             })
-            .collect::<Option<Vec<ModelId>>>()?;
+            .collect::<Option<Vec<_>>>()?;
         Some((pointwise, models))
     }
 
@@ -331,14 +359,36 @@ impl<'a> Evaluator<'a> {
         };
         // A `take` needs only the tensor it takes.
         let wanted = |i: usize| take.is_none_or(|t| t == TakeFrom::Input(i));
-        let base = match merge.base {
-            Some(b) if take.is_none_or(|t| t == TakeFrom::Base) => Some(self.tensor(b, name)?),
+        // Each operand's model and the tensor's name there (a stacked
+        // merge reads another layer, and only the slice's sources).
+        type Operand = (InputRef, String);
+        let (base_source, input_sources): (Option<Operand>, Vec<Operand>) = match &planned.sources {
+            None => (
+                merge.base.map(|b| (b, name.to_string())),
+                merge
+                    .inputs
+                    .iter()
+                    .map(|i| (i.model, name.to_string()))
+                    .collect(),
+            ),
+            Some(s) => (
+                merge.base.zip(s.base.clone()),
+                s.inputs
+                    .iter()
+                    .map(|(i, n)| (merge.inputs[*i].model, n.clone()))
+                    .collect(),
+            ),
+        };
+        let base = match base_source {
+            Some((b, source)) if take.is_none_or(|t| t == TakeFrom::Base) => {
+                Some(self.tensor(b, &source)?)
+            }
             _ => None,
         };
-        let mut inputs = Vec::with_capacity(merge.inputs.len());
-        for (i, input) in merge.inputs.iter().enumerate() {
+        let mut inputs = Vec::with_capacity(input_sources.len());
+        for (i, (model, source)) in input_sources.iter().enumerate() {
             inputs.push(if wanted(i) {
-                self.tensor(input.model, name)?
+                self.tensor(*model, source)?
             } else {
                 Vec::new()
             });

@@ -117,7 +117,12 @@ pub(super) fn write_output(
         .and_then(|t| c.recipe.shape_source(t))
         .and_then(|m| c.inventory.get(m))
         .map_or(&base.dir, |i| &i.dir);
-    write_config(staging.dir(), base, dtype)?;
+    write_config(
+        staging.dir(),
+        base,
+        dtype,
+        &c.recipe.merges[output.merge.0].slices,
+    )?;
     copy_side_files(&base.dir, tokenizer_dir, staging.dir())?;
     let bytes = shard_bytes(tensors, dtype);
     let root = c.sources.get(c.recipe.root);
@@ -313,10 +318,37 @@ fn stream(
     })
 }
 
-/// The base's config.json with the output dtype.
-fn write_config(dir: &Path, base: &ModelInfo, dtype: Dtype) -> Result<(), ExecError> {
+/// The base's config.json with the output dtype, and for a stacked merge
+/// its layers: `num_hidden_layers`, and every per-layer list (such as
+/// `layer_types`) rebuilt from the layers the output's come from.
+fn write_config(
+    dir: &Path,
+    base: &ModelInfo,
+    dtype: Dtype,
+    slices: &[crate::recipe::Slice],
+) -> Result<(), ExecError> {
     let mut config = base.config.clone();
     if let Some(object) = config.as_object_mut() {
+        let from: Vec<usize> = slices
+            .iter()
+            .filter_map(|s| s.sources.first())
+            .flat_map(|s| s.start..s.end)
+            .collect();
+        let layers = object
+            .get("num_hidden_layers")
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize);
+        if let (false, Some(layers)) = (from.is_empty(), layers) {
+            for value in object.values_mut() {
+                if let Some(list) = value.as_array().filter(|l| l.len() == layers) {
+                    *value = from
+                        .iter()
+                        .map(|i| list.get(*i).cloned().unwrap_or_default())
+                        .collect();
+                }
+            }
+            object.insert("num_hidden_layers".into(), from.len().into());
+        }
         let has_dtype = object.contains_key("dtype");
         if has_dtype || !object.contains_key("torch_dtype") {
             object.insert("dtype".into(), dtype.config_name().into());

@@ -8,6 +8,8 @@ mod hash;
 mod params;
 mod render;
 
+use crate::pattern::layer_index;
+use crate::recipe::gradient_position;
 pub use params::{
     LinearParams, MultislerpParams, NuslerpParams, ObimParams, Op, RamParams, SlerpParams,
     Sparsify, TaskVectorParams,
@@ -109,6 +111,18 @@ pub struct PlannedTensor {
     pub op: Op,
     /// Whether OBD saliency can apply (the tensor is a linear layer's weight or bias).
     pub has_linear_input: bool,
+    /// In a merge with slices: which tensor of which model each operand is
+    /// (`None`: every input's tensor of this name).
+    pub sources: Option<TensorSources>,
+}
+
+/// The operands of one tensor of a stacked merge: the base's tensor (when
+/// the slice has the base) and the inputs', by input index, each under its
+/// name in that model (the layer it comes from).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSources {
+    pub base: Option<String>,
+    pub inputs: Vec<(usize, String)>,
 }
 
 impl PlannedTensor {
@@ -464,6 +478,9 @@ impl Lowering<'_> {
     }
 
     fn tensors_of(&self, merge: &crate::recipe::Merge) -> Vec<PlannedTensor> {
+        if !merge.slices.is_empty() {
+            return self.stacked_tensors_of(merge);
+        }
         let Some(base) = merge.shape_input() else {
             return Vec::new();
         };
@@ -474,14 +491,14 @@ impl Lowering<'_> {
         names.sort_by_key(|n| natural_key(n));
         let layers = names
             .iter()
-            .filter_map(|n| crate::pattern::layer_index(n))
+            .filter_map(|n| layer_index(n))
             .max()
             .map_or(0, |i| i + 1);
         names
             .into_iter()
             .map(|name| {
                 let t = &info.tensors[name];
-                let settings = merge.tensor_settings(name, layers);
+                let settings = merge.tensor_settings(name, gradient_position(name, layers));
                 let linear = has_linear_input(name, t, &info.tensors);
                 PlannedTensor {
                     name: name.clone(),
@@ -489,10 +506,117 @@ impl Lowering<'_> {
                     op: Op::resolve(merge.method, &settings, linear),
                     settings,
                     has_linear_input: linear,
+                    sources: None,
                 }
             })
             .collect()
     }
+
+    /// The tensors of a merge with slices (mergekit's `slices`): slice by
+    /// slice, each layer of the sources' ranges becomes the next output
+    /// layer, renamed, and is merged from those sources' tensors; the
+    /// embeddings come from the first slice's sources and every other
+    /// tensor outside the layers (final norm, head) from the last slice's.
+    /// Gradients run over each slice, as in mergekit.
+    fn stacked_tensors_of(&self, merge: &crate::recipe::Merge) -> Vec<PlannedTensor> {
+        let model_of = |input: Option<usize>| match input {
+            None => merge.base,
+            Some(i) => merge.inputs.get(i).map(|x| x.model),
+        };
+        let info_of = |input: Option<usize>| {
+            model_of(input).and_then(|m| self.inventory.of_input(self.recipe, m))
+        };
+        let Some(shape) = merge.slices[0]
+            .sources
+            .first()
+            .and_then(|s| info_of(s.input))
+        else {
+            return Vec::new();
+        };
+        let plan_one =
+            |out: String, from: &[crate::recipe::SliceSource], layer: Option<(usize, usize)>| {
+                // `layer`: (offset in the slice, slice length).
+                let name_in = |s: &crate::recipe::SliceSource| match layer {
+                    Some((j, _)) => with_layer_index(&out, s.start + j),
+                    None => out.clone(),
+                };
+                let first = from.first()?;
+                let first_info = info_of(first.input)?;
+                let t = first_info.tensors.get(&name_in(first))?;
+                let position = match layer {
+                    Some((_, 1)) => 1.0,
+                    Some((j, len)) => j as f64 / (len - 1) as f64,
+                    None => 0.0,
+                };
+                let mut settings = merge.tensor_settings(&out, position);
+                let inputs: Vec<usize> = from.iter().filter_map(|s| s.input).collect();
+                settings.inputs = inputs.iter().map(|i| settings.inputs[*i].clone()).collect();
+                let linear = has_linear_input(&name_in(first), t, &first_info.tensors);
+                Some(PlannedTensor {
+                    info: t.clone(),
+                    op: Op::resolve(merge.method, &settings, linear),
+                    settings,
+                    has_linear_input: linear,
+                    sources: Some(TensorSources {
+                        base: from.iter().find(|s| s.input.is_none()).map(&name_in),
+                        inputs: from
+                            .iter()
+                            .filter_map(|s| Some((s.input?, name_in(s))))
+                            .collect(),
+                    }),
+                    name: out,
+                })
+            };
+        let mut outside: Vec<&String> = shape
+            .tensors
+            .keys()
+            .filter(|n| layer_index(n).is_none())
+            .collect();
+        outside.sort_by_key(|n| natural_key(n));
+        let (first, last) = (&merge.slices[0], &merge.slices[merge.slices.len() - 1]);
+        let mut tensors = Vec::new();
+        for name in &outside {
+            let slice = if name.contains("embed") { first } else { last };
+            tensors.extend(plan_one((*name).clone(), &slice.sources, None));
+        }
+        let mut out_layer = 0;
+        for slice in &merge.slices {
+            let Some(lead) = slice.sources.first() else {
+                continue;
+            };
+            let Some(lead_info) = info_of(lead.input) else {
+                continue;
+            };
+            for j in 0..slice.len() {
+                let mut names: Vec<&String> = lead_info
+                    .tensors
+                    .keys()
+                    .filter(|n| layer_index(n) == Some(lead.start + j))
+                    .collect();
+                names.sort_by_key(|n| natural_key(n));
+                for name in names {
+                    let out = with_layer_index(name, out_layer);
+                    tensors.extend(plan_one(out, &slice.sources, Some((j, slice.len()))));
+                }
+                out_layer += 1;
+            }
+        }
+        tensors.sort_by_key(|t| natural_key(&t.name));
+        tensors
+    }
+}
+
+/// `name` with its layer index replaced by `layer`
+/// (`model.layers.3.mlp.up_proj.weight`, 7 → `model.layers.7.mlp.up_proj.weight`).
+pub fn with_layer_index(name: &str, layer: usize) -> String {
+    let mut parts: Vec<String> = name.split('.').map(str::to_string).collect();
+    if let Some(i) = parts
+        .windows(2)
+        .position(|w| w[0] == "layers" && w[1].parse::<usize>().is_ok())
+    {
+        parts[i + 1] = layer.to_string();
+    }
+    parts.join(".")
 }
 
 /// blake3 of the parts, each length-prefixed.

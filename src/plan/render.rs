@@ -180,6 +180,8 @@ impl PlanView<'_> {
     }
 
     fn tensor_json(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> Value {
+        let labels = operand_labels(names, t);
+        let names: Vec<&str> = labels.iter().map(String::as_str).collect();
         let s = &t.settings;
         let per_input = |f: &dyn Fn(usize) -> Option<Value>| -> Map<String, Value> {
             names
@@ -374,6 +376,29 @@ impl PlanView<'_> {
                 patterns.join(", ")
             );
         }
+        let mut out_layer = 0;
+        for slice in &merge.slices {
+            let sources: Vec<String> = slice
+                .sources
+                .iter()
+                .map(|s| {
+                    let model = match s.input {
+                        None => merge.base,
+                        Some(i) => merge.inputs.get(i).map(|x| x.model),
+                    };
+                    let name = model.map_or("?", |m| self.recipe.input_name(m));
+                    format!("{name} layers {}..{}", s.start, s.end - 1)
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  slice    output layers {}..{} ← {}",
+                out_layer,
+                out_layer + slice.len() - 1,
+                sources.join(", ")
+            );
+            out_layer += slice.len();
+        }
         for site in &merge.autos {
             let values: Vec<String> = site.values.iter().map(f64::to_string).collect();
             let _ = writeln!(out, "  auto     {}: {}", site.label, values.join(", "));
@@ -436,6 +461,8 @@ impl PlanView<'_> {
 
     /// name, shape, what happens, rules.
     fn tensor_row(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> [String; 4] {
+        let labels = operand_labels(names, t);
+        let names: Vec<&str> = labels.iter().map(String::as_str).collect();
         let s = &t.settings;
         let shape = format!("{:?}", t.info.shape);
         let rules = if s.rule_lines.is_empty() {
@@ -518,6 +545,23 @@ impl PlanView<'_> {
             format!("{} | {}", parts.join(", "), params.join(", "))
         };
         [t.name.clone(), shape, what, rules]
+    }
+}
+
+/// The names of a tensor's operands besides the base: the merge's inputs,
+/// or in a stacked merge the slice's sources with the layer each gives
+/// (`a[3]`).
+fn operand_labels(names: &[&str], t: &PlannedTensor) -> Vec<String> {
+    match &t.sources {
+        None => names.iter().map(|n| n.to_string()).collect(),
+        Some(sources) => sources
+            .inputs
+            .iter()
+            .map(|(i, source)| match crate::pattern::layer_index(source) {
+                Some(layer) => format!("{}[{layer}]", names[*i]),
+                None => names[*i].to_string(),
+            })
+            .collect(),
     }
 }
 

@@ -185,6 +185,18 @@ pub enum StmtKind {
     },
     /// `scale VALUE`: the `scale` parameter written as a statement.
     Scale(KeyValue),
+    /// `slice a layers [0, 4], b layers [2, 6]`: one slice of the output's
+    /// layers and the models (and their layer ranges) it is made from.
+    Slice(Vec<SliceSource>),
+}
+
+/// `a layers [0, 4]`: layers 0 to 3 of `a`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceSource {
+    pub model: Path,
+    pub start: (f64, Span),
+    pub end: (f64, Span),
+    pub span: Span,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -254,6 +254,8 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::range => "a range `FROM..TO step STEP`",
         Rule::step_kw => "`step`",
         Rule::select_stmt => "`select by loss(...)`",
+        Rule::slice_stmt | Rule::slice_kw => "`slice`",
+        Rule::slice_source => "a slice source `MODEL layers [FROM, TO]`",
         Rule::by_kw => "`by`",
         Rule::scale_stmt | Rule::scale_kw => "`scale`",
         Rule::entry => "an input model",
@@ -646,6 +648,26 @@ impl Builder<'_> {
                 })
             }
             Rule::saliency_stmt => StmtKind::Saliency(self.ident(it.next().expect_pair())),
+            Rule::slice_stmt => StmtKind::Slice(
+                it.skip(1)
+                    .map(|source| {
+                        let span = self.span(&source);
+                        let mut parts = source.into_inner();
+                        let model = self.path(parts.next().expect_pair());
+                        let mut number = || {
+                            let p = parts.find(|p| p.as_rule() == Rule::number).expect_pair();
+                            (p.as_str().parse().unwrap_or(f64::NAN), self.span(&p))
+                        };
+                        let (start, end) = (number(), number());
+                        SliceSource {
+                            model,
+                            start,
+                            end,
+                            span,
+                        }
+                    })
+                    .collect(),
+            ),
             Rule::select_stmt => {
                 let mut it = it.skip(2);
                 let judge = self.ident(it.next().expect_pair());
