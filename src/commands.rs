@@ -427,19 +427,69 @@ pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
     code
 }
 
-/// `obim explain CODE`
+/// `obim explain CODE` or `obim explain METHOD`
 pub fn explain(io: &mut Io, code: &str) -> i32 {
+    if let Some(method) = crate::methods::Method::from_name(code) {
+        let _ = write!(io.out, "{}", explain_method(method));
+        return exit::OK;
+    }
     let Some(c) = Code::parse(code) else {
         let all: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
+        let methods: Vec<&str> = crate::methods::Method::ALL
+            .iter()
+            .map(|m| m.name())
+            .collect();
         let _ = writeln!(
             io.err,
-            "error: no diagnostic code `{code}`\nknown codes: {}",
-            all.join(", ")
+            "error: no diagnostic code or method `{code}`\nknown codes: {}\nmethods: {}",
+            all.join(", "),
+            methods.join(", ")
         );
         return exit::USAGE;
     };
     let _ = writeln!(io.out, "{c}: {}\n\n{}", c.title(), c.explanation());
     exit::OK
+}
+
+/// A method's maths, parameters with their defaults, base and inputs.
+fn explain_method(method: crate::methods::Method) -> String {
+    use crate::methods::{BaseUse, Default, Scope};
+    let mut out = format!(
+        "{method}: {}\n\n{}\n\nparameters:\n",
+        method.title(),
+        method.maths()
+    );
+    for p in method.params().iter().filter(|p| p.name != "base") {
+        let default = match p.default {
+            None => "required".to_string(),
+            Some(Default::Number(n)) => format!("default {n}"),
+            Some(Default::Bool(b)) => format!("default {b}"),
+            Some(Default::Unset) => "optional".to_string(),
+        };
+        let scope = match p.scope {
+            Scope::Merge => "merge",
+            Scope::Input => "per input",
+        };
+        out.push_str(&format!(
+            "  {:<18} {}, {scope}, {default}: {}\n",
+            p.name,
+            p.kind.describe(),
+            p.doc
+        ));
+    }
+    let base = match method.base() {
+        BaseUse::Required => "required (`base:`)",
+        BaseUse::Optional => "optional (`base:`)",
+        BaseUse::None => "none",
+    };
+    let inputs = match method.input_count() {
+        (min, Some(max)) if min == max => format!("exactly {min}"),
+        (min, _) => format!("at least {min}"),
+    };
+    out.push_str(&format!(
+        "base: {base}\ninputs besides the base: {inputs}\n"
+    ));
+    out
 }
 
 fn plural(n: usize, word: &str) -> String {

@@ -316,7 +316,19 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                 a.values.iter().position(|&v| v == largest).unwrap_or(0)
             })
             .collect();
-        let checked = merge.with_candidate(&worst);
+        let mut checked = merge.with_candidate(&worst);
+        // And every gradient at its largest value (for Σ retain).
+        let level = &mut checked.settings;
+        for g in &level.gradients {
+            let largest = g.values.iter().copied().fold(f64::MIN, f64::max);
+            let target = match g.input {
+                None => &mut level.defaults,
+                Some(k) => level.inputs.entry(k).or_default(),
+            };
+            if let Some(field) = target.number_mut(g.key) {
+                *field = Some(largest);
+            }
+        }
         self.requirements(&checked, src, &spans, base_span.is_some(), written_entries);
         self.weights_make_sense(&merge);
         merge

@@ -585,4 +585,81 @@ mod tests {
         // Signs: + (both), − (−2+1), + (tie → +: 0.5 agrees). Normalized by agreeing weights.
         assert_eq!(m.values, vec![2.0, -2.0, 0.5]);
     }
+
+    fn della(rescale: bool, seed: u64) -> Op {
+        Op::TaskVectors(TaskVectorParams {
+            sparsify: Sparsify::MagnitudeRank {
+                epsilons: vec![0.2],
+            },
+            elect_signs: false,
+            weights: vec![1.0],
+            densities: vec![0.5],
+            normalize: false,
+            rescale,
+            lambda: 1.0,
+            seed,
+            int8_mask: false,
+        })
+    }
+
+    #[test]
+    fn della_rescale_restores_the_l1_norm() {
+        // 64 rows of 8; δ = the input (the base is zero).
+        let delta: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0)
+            .collect();
+        let ctx = TensorContext {
+            name: "w",
+            shape: &[64, 8],
+            obd: &[None],
+        };
+        let m = merge_tensor(
+            &della(true, 5),
+            Some(vec![0.0; 512]),
+            vec![delta.clone()],
+            &ctx,
+        )
+        .unwrap();
+        let l1 = |v: &[f32]| v.iter().map(|x| x.abs() as f64).sum::<f64>();
+        assert!((l1(&m.values) - l1(&delta)).abs() < 1e-3 * l1(&delta));
+        assert!(
+            m.values.iter().filter(|v| **v == 0.0).count() > 100,
+            "entries were dropped"
+        );
+    }
+
+    #[test]
+    fn della_is_right_in_expectation_over_seeds() {
+        // Without rescale, E[merged] = p(rank)·δ: ranks 0..3 of a row of 4
+        // are kept with 0.3, 0.433, 0.567, 0.7.
+        let row = [0.4f32, -0.1, 0.3, -0.2]; // ranks 3, 0, 2, 1
+        let ctx = TensorContext {
+            name: "w",
+            shape: &[1, 4],
+            obd: &[None],
+        };
+        let seeds = 3000;
+        let mut sum = [0f64; 4];
+        for seed in 0..seeds {
+            let m = merge_tensor(
+                &della(false, seed),
+                Some(vec![0.0; 4]),
+                vec![row.to_vec()],
+                &ctx,
+            )
+            .unwrap();
+            for (s, v) in sum.iter_mut().zip(&m.values) {
+                *s += *v as f64;
+            }
+        }
+        for (j, rank) in [(0, 3.0), (1, 0.0), (2, 2.0), (3, 1.0)] {
+            let p = 0.3 + 0.4 * rank / 3.0;
+            let mean = sum[j] / seeds as f64;
+            assert!(
+                (mean - p * row[j] as f64).abs() < 0.03 * row[j].abs() as f64 + 0.005,
+                "position {j}: mean {mean}, expected {}",
+                p * row[j] as f64
+            );
+        }
+    }
 }

@@ -220,3 +220,21 @@ fn max_candidates_only_where_it_applies() {
         assert!(!help(cmd), "{cmd} --help offers --max-candidates");
     }
 }
+
+#[test]
+fn every_method_has_an_explanation() {
+    assert_cmd_snapshot!("explain_della", obim().args(["explain", "della"]));
+    for method in obim::methods::Method::ALL {
+        let out = obim().args(["explain", method.name()]).output().unwrap();
+        assert!(out.status.success(), "{method}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for p in method.params().iter().filter(|p| p.name != "base") {
+            assert!(
+                text.contains(p.name),
+                "{method}: `{}` not explained",
+                p.name
+            );
+        }
+        assert!(text.contains("base: "), "{method}: base not said");
+    }
+}

@@ -3,6 +3,8 @@
 //! method), plus obim's own `obim` method and the `seed` of the random
 //! sparsifiers (DARE, DELLA).
 
+mod maths;
+
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -226,7 +228,7 @@ const SEED: Param = p(
     Kind::Seed,
     Scope::Merge,
     Some(Default::Number(0.0)),
-    "seed of DARE's random keep mask (obim extension)",
+    "seed of the random keep masks of DARE and DELLA (obim extension)",
 );
 
 const fn normalize(default: bool) -> Param {
@@ -244,7 +246,7 @@ const fn rescale(default: bool) -> Param {
         Kind::Bool,
         Scope::Merge,
         Some(Default::Bool(default)),
-        "rescale kept values by 1/density",
+        "restore the task vector's L1 norm after sparsifying",
     )
 }
 
