@@ -9,7 +9,7 @@ mod params;
 mod render;
 
 use crate::pattern::layer_index;
-use crate::recipe::gradient_position;
+use crate::recipe::{TakeFrom, gradient_position};
 pub use params::{
     LinearParams, MultislerpParams, NuslerpParams, ObimParams, Op, RamParams, SlerpParams,
     Sparsify, TaskVectorParams,
@@ -549,21 +549,42 @@ impl Lowering<'_> {
                     None => 0.0,
                 };
                 let mut settings = merge.tensor_settings(&out, position);
-                let inputs: Vec<usize> = from.iter().filter_map(|s| s.input).collect();
-                settings.inputs = inputs.iter().map(|i| settings.inputs[*i].clone()).collect();
+                let mut sources = TensorSources {
+                    base: from.iter().find(|s| s.input.is_none()).map(&name_in),
+                    inputs: from
+                        .iter()
+                        .filter_map(|s| Some((s.input?, name_in(s))))
+                        .collect(),
+                };
+                // `take` of a model outside the slice: a tensor outside the
+                // layers (embeddings, head) comes from it under its own name.
+                match settings.take {
+                    Some(TakeFrom::Base) if sources.base.is_none() && layer.is_none() => {
+                        sources.base = Some(out.clone());
+                    }
+                    Some(TakeFrom::Input(i)) => {
+                        if !sources.inputs.iter().any(|(k, _)| *k == i) && layer.is_none() {
+                            sources.inputs.push((i, out.clone()));
+                        }
+                        // The take's index among this tensor's operands.
+                        if let Some(k) = sources.inputs.iter().position(|(k, _)| *k == i) {
+                            settings.take = Some(TakeFrom::Input(k));
+                        }
+                    }
+                    _ => {}
+                }
+                settings.inputs = sources
+                    .inputs
+                    .iter()
+                    .map(|(i, _)| settings.inputs[*i].clone())
+                    .collect();
                 let linear = has_linear_input(&name_in(first), t, &first_info.tensors);
                 Some(PlannedTensor {
                     info: t.clone(),
                     op: Op::resolve(merge.method, &settings, linear),
                     settings,
                     has_linear_input: linear,
-                    sources: Some(TensorSources {
-                        base: from.iter().find(|s| s.input.is_none()).map(&name_in),
-                        inputs: from
-                            .iter()
-                            .filter_map(|s| Some((s.input?, name_in(s))))
-                            .collect(),
-                    }),
+                    sources: Some(sources),
                     name: out,
                 })
             };

@@ -196,7 +196,7 @@ impl PlanView<'_> {
             "name": t.name,
             "shape": t.info.shape,
             "dtype": t.info.dtype,
-            "take": self.take_name(merge, s.take),
+            "take": self.take_name(merge, merge_take(t)),
             "order": s.order.iter().map(|i| names[*i]).collect::<Vec<_>>(),
             "retain": per_input(&|i| if obim { s.inputs[i].retain.map(Value::from) } else { None }),
             "saliency": per_input(&|i| obim.then(|| Value::from(saliency.name())).filter(|_| i < names.len())),
@@ -477,7 +477,7 @@ impl PlanView<'_> {
                     .join(",")
             )
         };
-        let what = if let Some(from) = self.take_name(merge, s.take) {
+        let what = if let Some(from) = self.take_name(merge, merge_take(t)) {
             format!("take {from}")
         } else if merge.method == Method::Obim {
             let order: Vec<String> = s
@@ -545,6 +545,17 @@ impl PlanView<'_> {
             format!("{} | {}", parts.join(", "), params.join(", "))
         };
         [t.name.clone(), shape, what, rules]
+    }
+}
+
+/// A tensor's `take` with the input index of the merge (a stacked tensor's
+/// plan counts the slice's sources instead).
+fn merge_take(t: &PlannedTensor) -> Option<TakeFrom> {
+    match (t.settings.take, &t.sources) {
+        (Some(TakeFrom::Input(k)), Some(sources)) => {
+            sources.inputs.get(k).map(|(i, _)| TakeFrom::Input(*i))
+        }
+        (take, _) => take,
     }
 }
 

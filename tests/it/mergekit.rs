@@ -460,3 +460,55 @@ fn stacked_model_runs_like_transformers() {
         "logits differ from transformers' by {worst} (relative)"
     );
 }
+
+/// `take` in a stacked merge: the embeddings and the head may come from a
+/// model other than the first and last slices'.
+#[test]
+fn stacked_embeddings_and_head_from_a_named_model() {
+    let deep = std::fs::canonicalize(Path::new(DIR).join("deep")).unwrap();
+    let dir = std::env::temp_dir().join(format!("obim-stack-take-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let recipe = dir.join("r.obim");
+    std::fs::write(
+        &recipe,
+        format!(
+            "model a = \"{0}/a\"\nmodel b = \"{0}/b\"\n\
+             merge m = passthrough {{\n    slice a layers [0, 4]\n    slice b layers [2, 6]\n\
+             \x20   layers \"model.embed_tokens.*\" {{ take b }}\n    layers \"lm_head.*\" {{ take a }}\n}}\n\
+             output m -> \"out\"\n",
+            deep.display()
+        ),
+    )
+    .unwrap();
+    let c = obim::compile_file(&recipe).unwrap();
+    assert!(!c.has_errors());
+    let plan = c.plan().unwrap();
+    let cancel = AtomicBool::new(false);
+    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).unwrap();
+    let options = obim::exec::RunOptions {
+        force: true,
+        cancel: &cancel,
+        cache: dir.join("cache"),
+        device: &device,
+        allow_non_finite: false,
+    };
+    obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap();
+    let out = read(&dir.join("out/model.safetensors"));
+    let a = read(&deep.join("a/model.safetensors"));
+    let b = read(&deep.join("b/model.safetensors"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        out["model.embed_tokens.weight"],
+        b["model.embed_tokens.weight"]
+    );
+    assert_eq!(out["lm_head.weight"], a["lm_head.weight"]);
+    assert_eq!(out["model.norm.weight"], b["model.norm.weight"]);
+    assert_eq!(
+        out["model.layers.7.mlp.up_proj.weight"],
+        b["model.layers.5.mlp.up_proj.weight"]
+    );
+    assert_eq!(
+        out["model.layers.3.self_attn.q_proj.weight"],
+        a["model.layers.3.self_attn.q_proj.weight"]
+    );
+}
