@@ -5,14 +5,22 @@ against (tests/mergekit.rs).
 
     python3 tools/mergekit_goldens.py            # makes .venv-mergekit, installs mergekit==0.1.5
     python3 tools/mergekit_goldens.py ram sce    # reruns only the merges named
+    python3 tools/mergekit_goldens.py examples   # reruns mergekit's six examples only
+    python3 tools/mergekit_goldens.py example_ties example_linear   # or some of them
 
 Every merge runs with `dtype: float32` and `out_dtype: bfloat16`, as obim does
 (arithmetic in f32, output bf16). The .obim recipe beside each mergekit config
 asks obim for the same merge.
 
 The family (base, a, b, c) and the deep family (deep/base, deep/a, deep/b: six
-layers, for gradients and layer stacking) are built only when absent: the
-committed goldens depend on them, so the script never regenerates them.
+layers, for gradients and layer stacking; deep/c, a third expert added later
+with its own seed) are built only when absent: the committed goldens depend on
+them, so the script never regenerates them.
+
+mergekit's own example configs, moved onto the deep family, live in
+examples/mergekit/ (NAME.yml and NAME.obim); their mergekit outputs go to
+expected/example_NAME/ (f16 where the original says float16, bf16 where it says
+bfloat16; always computed in float32).
 """
 import json
 import os
@@ -214,6 +222,13 @@ DEEP_MERGES = {
     },
 }
 
+# mergekit's own examples (its repository's examples/*.yml), rewritten onto the
+# deep family in examples/mergekit/NAME.yml beside an obim recipe NAME.obim for
+# the same merge; mergekit runs each yml as committed, from examples/mergekit/
+# (its model paths are relative to it), into expected/example_NAME/.
+EXAMPLES_DIR = os.path.join(ROOT, "examples", "mergekit")
+EXAMPLES = ("arcee_fusion", "bio-merge", "gradient-slerp", "linear", "orcamini-platy-44layer", "ties")
+
 # Files kept from each mergekit output (the rest is deleted).
 KEEP = ("model.safetensors", "config.json", "logits.json")
 STACK_LOGITS_INPUT = [[1, 5, 9, 13, 17, 21, 25, 29]]
@@ -230,15 +245,36 @@ def build_family(out=OUT, num_hidden_layers=2, seed=20251123, experts=("a", "b",
     base = LlamaForCausalLM(config).to(torch.bfloat16)
     base.save_pretrained(os.path.join(out, "base"), safe_serialization=True)
     for i, name in enumerate(experts):
-        expert = LlamaForCausalLM(config).to(torch.bfloat16)
-        expert.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in expert.parameters():
-                delta = torch.randn_like(p, dtype=torch.float32) * (0.02 + 0.01 * i)
-                # Some positions stay equal to the base, as in real fine-tunes.
-                delta[torch.rand_like(delta) < 0.05] = 0
-                p.copy_((p.float() + delta).to(torch.bfloat16))
-        expert.save_pretrained(os.path.join(out, name), safe_serialization=True)
+        build_expert(base, os.path.join(out, name), 0.02 + 0.01 * i)
+
+
+def build_expert(base, path, scale):
+    """An expert: the base plus random deltas (scale times a standard normal),
+    a few positions left equal to the base. Draws from torch's RNG as seeded."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    expert = LlamaForCausalLM(base.config).to(torch.bfloat16)
+    expert.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in expert.parameters():
+            delta = torch.randn_like(p, dtype=torch.float32) * scale
+            # Some positions stay equal to the base, as in real fine-tunes.
+            delta[torch.rand_like(delta) < 0.05] = 0
+            p.copy_((p.float() + delta).to(torch.bfloat16))
+    expert.save_pretrained(path, safe_serialization=True)
+
+
+def build_deep_c(deep):
+    """deep/c, the deep family's third expert (added after deep/a and deep/b were
+    committed): made as they were, from deep/base as saved, with its own seed and
+    the third expert's scale (0.04)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(os.path.join(deep, "base"), dtype=torch.bfloat16)
+    torch.manual_seed(20251125)
+    build_expert(base, os.path.join(deep, "c"), 0.02 + 0.01 * 2)
 
 
 def mergekit_config(spec):
@@ -281,6 +317,17 @@ def run_mergekit(name, cfg):
     return cfg_path
 
 
+def run_example(name):
+    """mergekit on examples/mergekit/NAME.yml, run from that folder, into
+    expected/example_NAME/ (model.safetensors and config.json)."""
+    out = os.path.join(OUT, "expected", f"example_{name}")
+    subprocess.check_call([os.path.join(VENV, "bin", "mergekit-yaml"), f"{name}.yml", out, "--no-copy-tokenizer",
+                           "--no-write-model-card", "--random-seed", "7", "--quiet"], cwd=EXAMPLES_DIR)
+    for f in os.listdir(out):
+        if f not in ("model.safetensors", "config.json"):
+            os.remove(os.path.join(out, f))
+
+
 def obim_recipe(name, spec, body):
     """The .obim beside NAME.yml: declares the base only when the body merges
     onto it (`base: base`), and every model the body names (inputs and a model
@@ -321,6 +368,8 @@ def main():
     deep = os.path.join(OUT, "deep")
     if not os.path.exists(os.path.join(deep, "base", "model.safetensors")):
         build_family(deep, num_hidden_layers=6, seed=20251124, experts=("a", "b"))
+    if not os.path.exists(os.path.join(deep, "c", "model.safetensors")):
+        build_deep_c(deep)
     only = set(sys.argv[1:])  # optional: names of the merges to (re)run
     for name, (spec, body) in MERGES.items():
         if only and name not in only:
@@ -332,6 +381,10 @@ def main():
         if only and name not in only:
             continue
         run_mergekit(name, absolute_paths(cfg))
+    for name in EXAMPLES:
+        if only and f"example_{name}" not in only and "examples" not in only:
+            continue
+        run_example(name)
     if not only or "deep_stack" in only:
         stack_logits("deep_stack")
     versions = {m: __import__(m).__version__ for m in ("torch", "transformers")}
