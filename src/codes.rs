@@ -382,6 +382,21 @@ from the last slice's, as in mergekit; the output's `config.json` gets the new
 `num_hidden_layers` (and per-layer lists such as `layer_types` follow the
 layers they came from)."#;
 
+E0040 => "cannot import", r#"`obim import` maps a mergekit config onto a recipe; a part with no `.obim`
+form is this error at its YAML line, never dropped silently, and no recipe is
+written. What cannot be imported (yet): mergekit-moe and mergekit-evolve
+configs, `tokenizer_source: union` and the `tokenizer:` block, `chat_template`,
+`modules`, slices with their own `base_model`, `parameters` or
+`residual_weight`, a model with different parameters in different slices, LoRA
+references (`model+adapter`), filters with glob characters, and parameters or
+methods mergekit 0.1.5 does not have either.
+
+    merge_method: della_ties          # error: obim has no merge method `della_ties`
+    tokenizer_source: union           # error: no `.obim` form yet
+
+Remove or rewrite the part and import again; `obim explain METHOD` shows what
+each method takes."#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot
@@ -508,6 +523,21 @@ division silently does nothing), or a weight far outside what merges use
 
 Fix: correct the weights, or set `normalize: false` when weights that sum to
 0 are intended (task-vector differences, for instance)."#;
+
+W0007 => "imported value never applies", r#"In a mergekit config, a parameter given as a list of `filter`/`value` pairs
+takes the first pair whose filter is in the tensor's name; a pair without a
+filter (or with `*`) matches every tensor, so the pairs after it are never
+used. `obim import` leaves them out of the recipe, as mergekit ignores them,
+and says so.
+
+    t:
+      - filter: self_attn
+        value: [0, 1]
+      - value: 0.5
+      - filter: mlp          # warning: never applies
+        value: 0.9
+
+Fix: move the pair above the one without a filter."#;
 
 N0001 => "model not available locally", r#"A model given by Hugging Face id is not in the local Hugging Face cache, so
 `obim check` cannot read its config and headers; architecture, tensor and

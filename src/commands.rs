@@ -427,6 +427,48 @@ pub fn format(io: &mut Io, paths: &[PathBuf], check_only: bool) -> i32 {
     code
 }
 
+/// `obim import CONFIG.yml [-o RECIPE.obim]`
+pub fn import(io: &mut Io, config: &Path, output: Option<&Path>, force: bool) -> i32 {
+    let text = match crate::source::read_recipe(config) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(io.err, "error: failed to read `{}`: {e}", config.display());
+            return exit::USAGE;
+        }
+    };
+    let recipe_dir = output
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let imported = crate::import::import(config, &text, recipe_dir);
+    print_diagnostics(io, &imported.diagnostics, &imported.sources);
+    let Some(recipe) = imported.recipe else {
+        let _ = writeln!(io.err, "error: `{}` not imported", config.display());
+        return exit::RECIPE;
+    };
+    match output {
+        None => {
+            let _ = write!(io.out, "{recipe}");
+        }
+        Some(path) => {
+            if path.exists() && !force {
+                let _ = writeln!(
+                    io.err,
+                    "error: `{}` exists; --force overwrites it",
+                    path.display()
+                );
+                return exit::USAGE;
+            }
+            if let Err(e) = std::fs::write(path, &recipe) {
+                let _ = writeln!(io.err, "error: cannot write `{}`: {e}", path.display());
+                return exit::USAGE;
+            }
+            let _ = writeln!(io.err, "wrote {}", path.display());
+        }
+    }
+    exit::OK
+}
+
 /// `obim explain CODE` or `obim explain METHOD`
 pub fn explain(io: &mut Io, code: &str) -> i32 {
     if let Some(method) = crate::methods::Method::from_name(code) {

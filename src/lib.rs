@@ -13,6 +13,7 @@ pub mod eval;
 pub mod exec;
 pub mod fmt;
 pub mod hub;
+pub mod import;
 pub mod load;
 pub mod merge;
 pub mod methods;

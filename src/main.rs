@@ -157,8 +157,19 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Explain a diagnostic code, with an example.
+    /// Explain a diagnostic code, with an example, or a merge method's maths.
     Explain { code: String },
+    /// Translate a mergekit config (mergekit-yaml or mergekit-multi) into a recipe.
+    Import {
+        config: PathBuf,
+        /// Write the recipe here (default: print it). Local model paths are
+        /// made relative to it.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Overwrite an existing recipe.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// What the checker may be told, on the commands that check recipes.
@@ -486,6 +497,11 @@ fn main() {
         }
         Command::Fmt { recipes, check } => commands::format(&mut io, &recipes, check),
         Command::Explain { code } => commands::explain(&mut io, &code),
+        Command::Import {
+            config,
+            output,
+            force,
+        } => commands::import(&mut io, &config, output.as_deref(), force),
         Command::Eval {
             limits: _,
             models,

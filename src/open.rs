@@ -92,10 +92,38 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
 }
 
 /// Slice ranges within their model's layers (E0039), where the model's
-/// headers are readable.
+/// headers are readable; and no stacked merge as another merge's input
+/// (its layers are not its base's, which is all the headers tell).
 fn slice_bounds(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
     let mut diagnostics = Vec::new();
     for merge in &recipe.merges {
+        for dep in merge.dependencies() {
+            let crate::recipe::InputRef::Merge(m) = dep else {
+                continue;
+            };
+            let stacked = &recipe.merges[m.0];
+            if stacked.slices.is_empty() {
+                continue;
+            }
+            let span = merge
+                .inputs
+                .iter()
+                .find(|i| i.model == dep)
+                .map_or(merge.span, |i| i.span);
+            diagnostics.push(
+                Diagnostic::new(
+                    Code::E0039,
+                    span,
+                    format!(
+                        "`{}` stacks slices and cannot be an input of another merge yet",
+                        stacked.name
+                    ),
+                )
+                .label("a stacked merge")
+                .with(stacked.span, "its layers are stacked here")
+                .help("write the stacked merge to an output and declare that directory as a model"),
+            );
+        }
         for source in merge.slices.iter().flat_map(|s| &s.sources) {
             let model = match source.input {
                 None => merge.base,

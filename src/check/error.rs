@@ -358,6 +358,10 @@ pub enum SliceIssue {
     SourceCount { method: Method, count: usize },
     /// `slice` inside a `layers` rule.
     InRule,
+    /// A model twice in one slice.
+    Twice,
+    /// A slice without the merge's base.
+    NoBase,
     /// OBIM's statistics and order follow the inputs' own layers.
     Obim,
     /// `select` scores candidates with the inputs' layer count.
@@ -594,6 +598,12 @@ impl Problem {
                         .label("here")
                         .help("`passthrough` stacks one source per slice: `slice a layers [0, 4]`; merging methods take several: `slice a layers [0, 4], b layers [0, 4]`")
                     }
+                    SliceIssue::Twice => d("a model appears twice in this slice".into())
+                        .label("again")
+                        .help("each source of a slice is a different model, as in mergekit"),
+                    SliceIssue::NoBase => d("this slice does not include the merge's base".into())
+                        .label("no base among the sources")
+                        .help("the base's layers must be a source of every slice, as mergekit requires: `slice base layers [0, 4], other layers [0, 4]`"),
                     SliceIssue::InRule => d("`slice` belongs to the merge, not to a `layers` rule".into())
                         .label("here")
                         .help("write the slices in the merge body; rules then apply to the output's tensors"),
@@ -830,6 +840,11 @@ impl Problem {
                             Method::Linear => "the output would be all zeros; give the inputs weights",
                             _ => "the output would be the base; give the inputs weights",
                         },
+                    ),
+                    WeightProblem::SumZero if method == Method::Multislerp => (
+                        format!("the weights of `{merge}` sum to 0"),
+                        "`normalize_weights` divides by the sum of the weights".to_string(),
+                        "every merged value would be NaN (mergekit's too); set `normalize_weights: false`, or fix the weights",
                     ),
                     WeightProblem::SumZero => (
                         format!("the weights of `{merge}` sum to 0"),

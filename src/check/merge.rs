@@ -317,16 +317,20 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             })
             .collect();
         let mut checked = merge.with_candidate(&worst);
-        // And every gradient at its largest value (for Σ retain).
-        let level = &mut checked.settings;
-        for g in &level.gradients {
-            let largest = g.values.iter().copied().fold(f64::MIN, f64::max);
-            let target = match g.input {
-                None => &mut level.defaults,
-                Some(k) => level.inputs.entry(k).or_default(),
-            };
-            if let Some(field) = target.number_mut(g.key) {
-                *field = Some(largest);
+        // And every gradient, in the merge or a rule, at its largest value
+        // (for Σ retain).
+        let levels = std::iter::once(&mut checked.settings)
+            .chain(checked.rules.iter_mut().map(|r| &mut r.settings));
+        for level in levels {
+            for g in &level.gradients {
+                let largest = g.values.iter().copied().fold(f64::MIN, f64::max);
+                let target = match g.input {
+                    None => &mut level.defaults,
+                    Some(k) => level.inputs.entry(k).or_default(),
+                };
+                if let Some(field) = target.number_mut(g.key) {
+                    *field = Some(largest);
+                }
             }
         }
         self.requirements(&checked, src, &spans, base_span.is_some(), written_entries);
@@ -346,16 +350,25 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         if weights.len() < merge.inputs.len() {
             return; // a missing weight is E0007's
         }
-        let normalize = merge
+        // A gradient's first value says nothing about its other layers.
+        if merge
             .settings
-            .params
-            .flag(ParamName::Normalize)
-            .unwrap_or_else(|| {
-                merge
-                    .method
-                    .default_bool(crate::methods::ParamName::Normalize)
-                    .unwrap_or(false)
-            });
+            .gradients
+            .iter()
+            .any(|g| g.key == ParamName::Weight)
+        {
+            return;
+        }
+        let flag = |key| {
+            merge
+                .settings
+                .params
+                .flag(key)
+                .or_else(|| merge.method.default_bool(key))
+        };
+        let normalize = flag(ParamName::Normalize)
+            .or_else(|| flag(ParamName::NormalizeWeights))
+            .unwrap_or(false);
         let sum: f64 = weights.iter().map(|(w, _)| w).sum();
         let problem = if weights.iter().all(|(w, _)| *w == 0.0) {
             Some(WeightProblem::AllZero)
@@ -808,6 +821,17 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                     span: source.span,
                 });
             }
+            // mergekit: a slice merges distinct models, and the merge's base
+            // is one of them whenever the merge has one.
+            for (k, source) in slice.sources.iter().enumerate() {
+                if slice.sources[..k].iter().any(|s| s.input == source.input) {
+                    bad(self, source.span, SliceIssue::Twice);
+                }
+            }
+            let complete = slice.sources.len() == sources.len();
+            if complete && merge.base.is_some() && slice.sources.iter().all(|s| s.input.is_some()) {
+                bad(self, stmt.span, SliceIssue::NoBase);
+            }
             if let Some(first) = slice.sources.first().cloned() {
                 for other in &slice.sources[1..] {
                     if other.end - other.start != first.end - first.start {
@@ -825,7 +849,6 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             }
             let others = slice.sources.iter().filter(|s| s.input.is_some()).count();
             let (min, max) = merge.method.input_count();
-            let complete = slice.sources.len() == sources.len();
             if complete && (others < min || max.is_some_and(|m| others > m)) {
                 bad(
                     self,
@@ -1156,14 +1179,55 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
     }
 
-    /// mergekit's DELLA refuses density ± epsilon outside (0, 1).
+    /// mergekit's DELLA refuses density ± epsilon outside (0, 1). Checked
+    /// for every density and epsilon written for an input (its own, the
+    /// default for all, in the merge or any rule, every point of a
+    /// gradient), in every combination: a run would fail on the tensors
+    /// where a bad pair meets.
     fn della_requirements(&mut self, merge: &Merge) {
         let default = |key| merge.method.default_number(key).unwrap_or(0.0);
         for (i, input) in merge.inputs.iter().enumerate() {
-            let s = merge.input_settings(i);
-            let density = s.density.unwrap_or_else(|| default(ParamName::Density));
-            let epsilon = s.epsilon.unwrap_or_else(|| default(ParamName::Epsilon));
-            if density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
+            let written = |key: ParamName| -> Vec<f64> {
+                let mut values = Vec::new();
+                let levels =
+                    std::iter::once(&merge.settings).chain(merge.rules.iter().map(|r| &r.settings));
+                for (n, level) in levels.enumerate() {
+                    for s in [level.inputs.get(&i), Some(&level.defaults)]
+                        .into_iter()
+                        .flatten()
+                    {
+                        let mut s = s.clone();
+                        values.extend(*s.number_mut(key).unwrap_or(&mut None));
+                    }
+                    for g in level
+                        .gradients
+                        .iter()
+                        .filter(|g| g.key == key && g.input.is_none_or(|k| k == i))
+                    {
+                        values.extend(&g.values);
+                    }
+                    if n == 0 && values.is_empty() {
+                        values.push(default(key));
+                    }
+                }
+                for site in merge
+                    .autos
+                    .iter()
+                    .filter(|a| a.field == key && a.input.is_none_or(|k| k == i))
+                {
+                    values.extend(&site.values);
+                }
+                values
+            };
+            let densities = written(ParamName::Density);
+            let epsilons = written(ParamName::Epsilon);
+            let bad = densities.iter().find_map(|d| {
+                epsilons
+                    .iter()
+                    .find(|e| *d < 1.0 && (d + *e >= 1.0 || d - *e <= 0.0))
+                    .map(|e| (*d, *e))
+            });
+            if let Some((density, epsilon)) = bad {
                 self.report(Problem::DellaProbabilities {
                     span: input.span,
                     input: self.checker.recipe.input_name(input.model).to_string(),

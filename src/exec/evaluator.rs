@@ -405,6 +405,21 @@ impl<'a> Evaluator<'a> {
             obd: &obd,
         };
         let Merged { values, won, spare } = merge::merge_tensor(&planned.op, base, inputs, &ctx)?;
+        // Finite inputs (checked as they were read) can still merge into
+        // NaN or ∞: multislerp's weights summing to 0, RAM+ with ε = 0.
+        if !self.allow_non_finite && !matches!(planned.op, Op::Take(_)) {
+            use rayon::prelude::*;
+            let bad = values.par_iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(ExecError::Merge(merge::MergeError::Invalid {
+                    tensor: name.to_string(),
+                    reason: format!(
+                        "{bad} of {} merged values are not finite, from finite inputs (check the method's parameters; --allow-non-finite writes them anyway)",
+                        values.len()
+                    ),
+                }));
+            }
+        }
         for buffer in spare {
             self.recycle(buffer);
         }

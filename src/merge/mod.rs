@@ -62,14 +62,18 @@ pub fn merge_tensor(
         Op::Take(TakeFrom::Base) => {
             return base
                 .map(|b| spare(b, inputs))
-                .ok_or_else(|| invalid("`take base` in a merge without a base"));
+                .ok_or_else(|| invalid("`take base`, but the tensor has no base (a merge without one, or a slice without it)"));
         }
         Op::Take(TakeFrom::Input(i)) if *i < inputs.len() => {
             let taken = inputs.swap_remove(*i);
             inputs.extend(base);
             return Ok(spare(taken, inputs));
         }
-        Op::Take(TakeFrom::Input(_)) => return Err(invalid("`take` names a missing input")),
+        Op::Take(TakeFrom::Input(_)) => {
+            return Err(invalid(
+                "`take` names an input the tensor does not come from (in a stacked merge: a model outside its slice)",
+            ));
+        }
         _ => {}
     }
     if let Some(p) = Pointwise::of(op) {
@@ -133,9 +137,12 @@ pub fn merge_tensor(
             selective::sce(&mut base, &mut inputs, *select_topk);
             Ok(spare(base, inputs))
         }
-        Op::Ram(RamParams { epsilon, plus }) => {
+        Op::Ram(RamParams {
+            epsilon,
+            plus: Some((r, alpha)),
+        }) => {
             let mut base = need_base(base)?;
-            selective::ram(&mut base, &mut inputs, *epsilon, *plus);
+            selective::ram_plus(&mut base, &mut inputs, *epsilon, *r, *alpha);
             Ok(spare(base, inputs))
         }
         Op::ArceeFusion => {
@@ -147,9 +154,11 @@ pub fn merge_tensor(
             Ok(spare(base, inputs))
         }
         // Always pointwise (merged above); a `take` returned earlier.
-        Op::Linear(_) | Op::Nearswap { .. } | Op::Passthrough { .. } | Op::Take(_) => {
-            Err(invalid("this method needs an input"))
-        }
+        Op::Linear(_)
+        | Op::Nearswap { .. }
+        | Op::Passthrough { .. }
+        | Op::Ram(RamParams { plus: None, .. })
+        | Op::Take(_) => Err(invalid("this method needs an input")),
     }
 }
 
@@ -661,5 +670,22 @@ mod tests {
                 p * row[j] as f64
             );
         }
+    }
+
+    #[test]
+    fn ram_keeps_unique_changes_and_averages_shared_ones() {
+        let op = Op::Ram(RamParams {
+            epsilon: 1e-5,
+            plus: None,
+        });
+        let ctx = TensorContext {
+            name: "x",
+            shape: &[4],
+            obd: &[None, None],
+        };
+        let a = vec![1.0f32, 2.0, 0.0, 0.0];
+        let b = vec![3.0f32, 0.0, 0.0, 1e-6];
+        let m = merge_tensor(&op, Some(vec![0.0; 4]), vec![a, b], &ctx).unwrap();
+        assert_eq!(m.values, vec![2.0, 2.0, 0.0, 0.0]);
     }
 }

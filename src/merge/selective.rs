@@ -71,48 +71,45 @@ pub fn sce(base: &mut [f32], deltas: &mut [Vec<f32>], select_topk: f64) {
     });
 }
 
-/// mergekit's `ram` and `ramplus_tl`: a position changed (|δ| > ε) by one
-/// input takes that input's δ; one changed by several takes their mean.
-/// RAM+ multiplies an input's unique changes by 1 + r·min(α, shared/unique),
-/// its counts of positions it shares with others and changes alone.
-pub fn ram(base: &mut [f32], deltas: &mut [Vec<f32>], epsilon: f64, plus: Option<(f64, f64)>) {
+/// mergekit's `ramplus_tl` (plain `ram` is pointwise: `Pointwise::Ram`): a
+/// position changed (|δ| > ε) by one input takes that input's δ, times
+/// 1 + r·min(α, shared/unique) from that input's counts over the tensor of
+/// positions it shares with others and changes alone; one changed by
+/// several takes their mean.
+pub fn ram_plus(base: &mut [f32], deltas: &mut [Vec<f32>], epsilon: f64, r: f64, alpha: f64) {
     for d in deltas.iter_mut() {
         d.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
     }
     let epsilon = epsilon as f32;
     let changed = |d: &[f32], i: usize| d[i].abs() > epsilon;
-    let count = |i: usize| deltas.iter().filter(|d| changed(d, i)).count();
-    let lambdas: Vec<f32> = match plus {
-        None => vec![1.0; deltas.len()],
-        Some((r, alpha)) => {
-            let counts: Vec<usize> = (0..base.len()).into_par_iter().map(count).collect();
-            deltas
-                .iter()
-                .map(|d| {
-                    let (shared, unique) =
-                        counts
-                            .iter()
-                            .enumerate()
-                            .fold((0u64, 0u64), |(s, u), (i, c)| match (changed(d, i), *c) {
-                                (true, 1) => (s, u + 1),
-                                (true, c) if c > 1 => (s + 1, u),
-                                _ => (s, u),
-                            });
-                    let rho = shared as f32 / (unique as f32).max(epsilon);
-                    1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
-                })
-                .collect()
-        }
-    };
+    // How many inputs change each position (at most 255 are counted).
+    let counts: Vec<u8> = (0..base.len())
+        .into_par_iter()
+        .map(|i| deltas.iter().filter(|d| changed(d, i)).count().min(255) as u8)
+        .collect();
+    let lambdas: Vec<f32> = deltas
+        .iter()
+        .map(|d| {
+            let (shared, unique) = counts
+                .par_iter()
+                .enumerate()
+                .filter(|(i, _)| changed(d, *i))
+                .map(|(_, c)| if *c == 1 { (0u64, 1u64) } else { (1, 0) })
+                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let rho = shared as f32 / (unique as f32).max(epsilon);
+            // torch.clamp(min=0, max=alpha): max wins when alpha < 0.
+            1.0 + r as f32 * rho.max(0.0).min(alpha as f32)
+        })
+        .collect();
     update(base, |i, b| {
-        let c = count(i);
+        let c = counts[i];
         let mut merged = 0f32;
         for (d, lambda) in deltas.iter().zip(&lambdas) {
             let x = if changed(d, i) { d[i] } else { 0.0 };
             merged += match c {
                 1 => x * lambda,
                 0 => 0.0,
-                c => x / c as f32,
+                c => x / f32::from(c),
             };
         }
         b + merged
@@ -126,6 +123,9 @@ pub fn ram(base: &mut [f32], deltas: &mut [Vec<f32>], epsilon: f64, plus: Option
 /// larger than that.
 pub fn arcee_fusion(base: &mut [f32], x: &[f32], shape: &[usize]) {
     let n = base.len();
+    if n == 0 {
+        return;
+    }
     let cols = shape.last().copied().unwrap_or(n).max(1);
     // In f64: the divergence of two nearly equal distributions is a small
     // difference of terms, which mergekit's f32 rounds differently (by about
@@ -169,11 +169,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ram_keeps_unique_changes_and_averages_shared_ones() {
+    fn ram_plus_boosts_unique_changes_by_overlap() {
         let mut base = vec![0.0f32; 4];
+        // Input 0 shares position 0 and changes position 1 alone: ρ = 1,
+        // λ = 1 + 0.5·min(0.2, 1) = 1.1. Input 1 shares 0, and changes
+        // position 3 by less than ε: ρ = 1/ε, λ = 1.1 too.
         let mut d = vec![vec![1.0, 2.0, 0.0, 0.0], vec![3.0, 0.0, 0.0, 1e-6]];
-        ram(&mut base, &mut d, 1e-5, None);
-        assert_eq!(base, vec![2.0, 2.0, 0.0, 0.0]);
+        ram_plus(&mut base, &mut d, 1e-5, 0.5, 0.2);
+        assert_eq!(base, vec![2.0, 2.2, 0.0, 0.0]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::kernels::update;
 use crate::plan::{MultislerpParams, NuslerpParams};
 
 const CHUNK: usize = 1 << 16;
@@ -25,8 +26,9 @@ fn norm(a: &[f32]) -> f64 {
     dot(a, a).sqrt()
 }
 
-/// The vectors a tensor of `shape` is cut into: `(count, length, index)`
-/// where `index(v, i)` is the flat position of element `i` of vector `v`.
+/// The vectors a tensor of `shape` is cut into: `count` of `len` elements,
+/// contiguous (rows, or the whole tensor) or `strided` (along the first
+/// axis: element `i` of vector `v` at `i·count + v`).
 #[derive(Debug, Clone, Copy)]
 struct Vectors {
     count: usize,
@@ -63,14 +65,6 @@ impl Vectors {
             strided: true,
         }
     }
-
-    fn index(&self, v: usize, i: usize) -> usize {
-        if self.strided {
-            i * self.count + v
-        } else {
-            v * self.len + i
-        }
-    }
 }
 
 /// mergekit's `nuslerp`: SLERP of `a` and `b` at t = w_b / (w_a + w_b)
@@ -102,17 +96,45 @@ pub fn nuslerp(
     } else {
         Vectors::rows(n, shape)
     };
-    let coefficients: Vec<(f32, f32)> = (0..vectors.count)
-        .into_par_iter()
-        .map(|v| {
-            let (mut aa, mut bb, mut ab) = (0f64, 0f64, 0f64);
-            for i in 0..vectors.len {
-                let j = vectors.index(v, i);
-                let (x, y) = (a[j] as f64, b[j] as f64);
-                aa += x * x;
-                bb += y * y;
-                ab += x * y;
+    // Per vector: Σa², Σb², Σab (one vector: over the whole tensor, in
+    // parallel chunks; rows: a row per task; columns: row by row, summed).
+    let sums: Vec<[f64; 3]> = if vectors.count == 1 {
+        let (a, b) = (&*a, &*b);
+        vec![[dot(a, a), dot(b, b), dot(a, b)]]
+    } else if !vectors.strided {
+        a.par_chunks(vectors.len)
+            .zip(b.par_chunks(vectors.len))
+            .map(|(a, b)| {
+                a.iter().zip(b).fold([0f64; 3], |[aa, bb, ab], (x, y)| {
+                    let (x, y) = (*x as f64, *y as f64);
+                    [aa + x * x, bb + y * y, ab + x * y]
+                })
+            })
+            .collect()
+    } else {
+        let add = |mut s: Vec<[f64; 3]>, (a, b): (&[f32], &[f32])| {
+            for ((s, x), y) in s.iter_mut().zip(a).zip(b) {
+                let (x, y) = (*x as f64, *y as f64);
+                *s = [s[0] + x * x, s[1] + y * y, s[2] + x * y];
             }
+            s
+        };
+        a.par_chunks(vectors.count)
+            .zip(b.par_chunks(vectors.count))
+            .fold(|| vec![[0f64; 3]; vectors.count], add)
+            .reduce(
+                || vec![[0f64; 3]; vectors.count],
+                |mut x, y| {
+                    for (x, y) in x.iter_mut().zip(y) {
+                        *x = [x[0] + y[0], x[1] + y[1], x[2] + y[2]];
+                    }
+                    x
+                },
+            )
+    };
+    let coefficients: Vec<(f32, f32)> = sums
+        .iter()
+        .map(|[aa, bb, ab]| {
             let cos = (ab / (aa.sqrt().max(1e-7) * bb.sqrt().max(1e-7))).clamp(-1.0, 1.0);
             // mergekit: colinear when 1 − cos² ≤ eps² (eps 1e-8), in f32.
             let c = cos as f32;
@@ -127,12 +149,16 @@ pub fn nuslerp(
             )
         })
         .collect();
-    for (v, (ca, cb)) in coefficients.iter().enumerate() {
-        for i in 0..vectors.len {
-            let j = vectors.index(v, i);
-            a[j] = ca * a[j] + cb * b[j];
-        }
-    }
+    let b = &*b;
+    update(a, |j, x| {
+        let v = if vectors.strided {
+            j % vectors.count
+        } else {
+            j / vectors.len
+        };
+        let (ca, cb) = coefficients[v];
+        ca * x + cb * b[j]
+    });
     if let Some(base) = base {
         a.iter_mut().zip(base).for_each(|(x, b)| *x += b);
     }
@@ -307,25 +333,49 @@ pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filte
         Vectors::whole(n)
     };
     let k = inputs.len();
-    let ratios: Vec<f32> = (0..vectors.count)
-        .into_par_iter()
-        .map(|v| {
-            let range = v * vectors.len..(v + 1) * vectors.len;
-            let b = &base[range.clone()];
-            let offset = |x: usize, i: usize| (inputs[x][range.start + i] - b[i]) as f64;
-            let norms: Vec<f64> = (0..k)
-                .map(|x| {
-                    (0..vectors.len)
-                        .map(|i| offset(x, i).powi(2))
-                        .sum::<f64>()
-                        .sqrt()
-                })
-                .collect();
+    // The Gram matrix of the task vectors (wₖ − w₀) of one vector.
+    let gram = |range: std::ops::Range<usize>| -> Vec<f64> {
+        let mut g = vec![0f64; k * k];
+        let mut offsets = vec![0f64; k];
+        for i in range {
+            for (x, o) in offsets.iter_mut().enumerate() {
+                *o = (inputs[x][i] - base[i]) as f64;
+            }
+            for x in 0..k {
+                for y in x..k {
+                    g[x * k + y] += offsets[x] * offsets[y];
+                }
+            }
+        }
+        g
+    };
+    let grams: Vec<Vec<f64>> = if vectors.count == 1 {
+        let chunks: Vec<usize> = (0..n).step_by(CHUNK).collect();
+        let total = chunks
+            .into_par_iter()
+            .map(|start| gram(start..(start + CHUNK).min(n)))
+            .reduce(
+                || vec![0f64; k * k],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        vec![total]
+    } else {
+        (0..vectors.count)
+            .into_par_iter()
+            .map(|v| gram(v * vectors.len..(v + 1) * vectors.len))
+            .collect()
+    };
+    let ratios: Vec<f32> = grams
+        .iter()
+        .map(|g| {
             let mut cosines = Vec::new();
             for x in 0..k {
                 for y in x + 1..k {
-                    let dot: f64 = (0..vectors.len).map(|i| offset(x, i) * offset(y, i)).sum();
-                    cosines.push((dot / (norms[x] * norms[y]).max(1e-6)).clamp(-1.0, 1.0));
+                    let norms = g[x * k + x].sqrt() * g[y * k + y].sqrt();
+                    cosines.push((g[x * k + y] / norms.max(1e-6)).clamp(-1.0, 1.0));
                 }
             }
             let cos = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
@@ -338,17 +388,12 @@ pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filte
         })
         .collect();
     let count = k as f32;
-    base.par_chunks_mut(vectors.len)
-        .enumerate()
-        .for_each(|(v, row)| {
-            let t = ratios[v];
-            let start = v * vectors.len;
-            for (i, w0) in row.iter_mut().enumerate() {
-                // mergekit: sum(ws) / count, then t·average + (1 − t)·w₀, in f32.
-                let sum = inputs.iter().fold(0f32, |s, x| s + x[start + i]);
-                *w0 = t * (sum / count) + (1.0 - t) * *w0;
-            }
-        });
+    update(base, |i, w0| {
+        let t = ratios[i / vectors.len];
+        // mergekit: sum(ws) / count, then t·average + (1 − t)·w₀, in f32.
+        let sum = inputs.iter().fold(0f32, |s, x| s + x[i]);
+        t * (sum / count) + (1.0 - t) * w0
+    });
 }
 
 #[cfg(test)]

@@ -440,7 +440,7 @@ impl Lowering<'_> {
     /// in order, then calibrations), method, settings, rules, `auto`
     /// candidates and selection data, and obim's version.
     fn merge_hash(&self, merge: &crate::recipe::Merge, deps: &[String]) -> String {
-        let mut h = ContentHash::new("obim merge v2");
+        let mut h = ContentHash::new("obim merge v3");
         h.u64(deps.len() as u64);
         for d in deps {
             h.str(d);
@@ -450,6 +450,17 @@ impl Lowering<'_> {
         h.u64(merge.rules.len() as u64);
         for rule in &merge.rules {
             rule.hash_into(&mut h);
+        }
+        h.u64(merge.slices.len() as u64);
+        for slice in &merge.slices {
+            h.u64(slice.sources.len() as u64);
+            for s in &slice.sources {
+                h.opt(s.input, |h, i| {
+                    h.u64(i as u64);
+                })
+                .u64(s.start as u64)
+                .u64(s.end as u64);
+            }
         }
         h.u64(merge.autos.len() as u64);
         for site in &merge.autos {
@@ -566,10 +577,10 @@ impl Lowering<'_> {
                         if !sources.inputs.iter().any(|(k, _)| *k == i) && layer.is_none() {
                             sources.inputs.push((i, out.clone()));
                         }
-                        // The take's index among this tensor's operands.
-                        if let Some(k) = sources.inputs.iter().position(|(k, _)| *k == i) {
-                            settings.take = Some(TakeFrom::Input(k));
-                        }
+                        // The take's index among this tensor's operands; a model
+                        // outside this slice has none, and the run says so.
+                        let k = sources.inputs.iter().position(|(k, _)| *k == i);
+                        settings.take = Some(TakeFrom::Input(k.unwrap_or(usize::MAX)));
                     }
                     _ => {}
                 }
@@ -597,7 +608,11 @@ impl Lowering<'_> {
         let (first, last) = (&merge.slices[0], &merge.slices[merge.slices.len() - 1]);
         let mut tensors = Vec::new();
         for name in &outside {
-            let slice = if name.contains("embed") { first } else { last };
+            let slice = if is_input_embedding(name) {
+                first
+            } else {
+                last
+            };
             tensors.extend(plan_one((*name).clone(), &slice.sources, None));
         }
         let mut out_layer = 0;
@@ -625,6 +640,23 @@ impl Lowering<'_> {
         tensors.sort_by_key(|t| natural_key(&t.name));
         tensors
     }
+}
+
+/// Whether a tensor outside the layers comes before them (mergekit's
+/// `pre_weights`: token and position embeddings), so that a stacked merge
+/// takes it from the first slice; the rest (final norm, head — also a head
+/// named `embed_out`) come after.
+fn is_input_embedding(name: &str) -> bool {
+    [
+        "embed_tokens",
+        "embed_in",
+        "wte",
+        "wpe",
+        "word_embeddings",
+        "position_embeddings",
+    ]
+    .iter()
+    .any(|e| name.split('.').any(|part| part == *e))
 }
 
 /// `name` with its layer index replaced by `layer`

@@ -25,6 +25,16 @@ pub const ITEM_KEYWORDS: &[&str] = &[
 ];
 /// Per-input settings inside a merge body.
 pub const SETTING_KEYWORDS: &[&str] = &["weight", "retain", "density", "using"];
+/// Whether `word` cannot be a name (a keyword of the grammar).
+pub fn is_reserved(word: &str) -> bool {
+    ITEM_KEYWORDS
+        .iter()
+        .chain(SETTING_KEYWORDS)
+        .chain(STATEMENT_KEYWORDS)
+        .chain(&["as", "rotate", "first", "true", "false", "base"])
+        .any(|k| *k == word)
+}
+
 /// Statements inside a merge body.
 pub const STATEMENT_KEYWORDS: &[&str] = &["order", "saliency", "take", "layers"];
 

@@ -238,3 +238,23 @@ fn every_method_has_an_explanation() {
         assert!(text.contains("base: "), "{method}: base not said");
     }
 }
+
+#[test]
+fn import_maps_mergekit_configs_and_says_what_it_cannot() {
+    assert_cmd_snapshot!(
+        "import_multi",
+        obim().args(["import", "tests/imports/multi.yml"])
+    );
+    assert_cmd_snapshot!(
+        "import_bad",
+        obim().args(["import", "tests/imports/bad.yml"])
+    );
+    assert_cmd_snapshot!(
+        "import_bad_param",
+        obim().args(["import", "tests/imports/bad_param.yml"])
+    );
+    assert_cmd_snapshot!(
+        "import_ties_example",
+        obim().args(["import", "examples/mergekit/ties.yml"])
+    );
+}

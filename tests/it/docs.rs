@@ -322,3 +322,13 @@ fn the_readme_recipe_is_shipped() {
         "README.md's recipe differs from examples/demo/two.obim"
     );
 }
+
+/// docs/cli.md's tables list every diagnostic code with its title.
+#[test]
+fn cli_reference_lists_every_code() {
+    let text = std::fs::read_to_string("docs/cli.md").unwrap();
+    for code in obim::codes::Code::ALL {
+        let row = format!("| {} | {}", code.as_str(), code.title());
+        assert!(text.contains(&row), "docs/cli.md lacks the row `{row}`");
+    }
+}

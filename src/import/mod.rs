@@ -1,0 +1,999 @@
+//! `obim import`: a mergekit config (`mergekit-yaml`'s schema, or
+//! `mergekit-multi`'s documents separated by `---`, each a named stage)
+//! read with positions ([`marked_yaml`]), mapped onto a `.obim` recipe that
+//! means the same merge, and formatted. What has no `.obim` form is a
+//! diagnostic at its YAML line ([`problem::ImportProblem`]), never a silent
+//! drop; comments are carried to the line made from what they annotate.
+//!
+//! mergekit's parameter precedence is kept: a model's own value beats a
+//! global one; within one parameter's list of `filter`s the first that
+//! matches wins (obim's later `layers` rules win, so filters become rules in
+//! reverse order); a filter is a substring, which is the glob `"*filter*"`.
+
+mod problem;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, Node};
+
+use crate::diagnostic::Diagnostic;
+use crate::methods::{Method, Scope};
+use crate::source::{FileId, SourceMap, Span};
+pub use problem::ImportProblem;
+
+/// The result of an import: the recipe (when nothing stopped it), and what
+/// was said about the YAML.
+pub struct Imported {
+    pub recipe: Option<String>,
+    pub diagnostics: Vec<Diagnostic>,
+    pub sources: SourceMap,
+}
+
+/// Imports the mergekit config `yaml` (read from `path`) as a recipe to be
+/// written into `recipe_dir`: local model paths (found beside the config,
+/// else in the working directory, where mergekit looks) are made relative
+/// to it.
+pub fn import(path: &Path, yaml: &str, recipe_dir: &Path) -> Imported {
+    let mut sources = SourceMap::default();
+    let file = sources.add(path.display().to_string(), Some(path.to_path_buf()), yaml);
+    let mut importer = Importer {
+        file,
+        yaml,
+        yaml_dir: path.parent().unwrap_or(Path::new(".")),
+        recipe_dir,
+        problems: Vec::new(),
+        names: Names::default(),
+        lines: Vec::new(),
+    };
+    let recipe = importer.run(path);
+    let diagnostics: Vec<Diagnostic> = importer
+        .problems
+        .into_iter()
+        .map(ImportProblem::into_diagnostic)
+        .collect();
+    let failed = diagnostics.iter().any(Diagnostic::is_error);
+    Imported {
+        recipe: recipe.filter(|_| !failed),
+        diagnostics,
+        sources,
+    }
+}
+
+/// One line of the recipe being written, the YAML line it comes from, and
+/// other YAML lines folded into it (whose trailing comments it takes).
+struct Line {
+    yaml_line: Option<usize>,
+    also: Vec<usize>,
+    text: String,
+}
+
+struct Importer<'a> {
+    file: FileId,
+    yaml: &'a str,
+    yaml_dir: &'a Path,
+    recipe_dir: &'a Path,
+    problems: Vec<ImportProblem>,
+    names: Names,
+    lines: Vec<Line>,
+}
+
+/// A document of the config: one merge.
+struct Stage<'y> {
+    name: String,
+    map: &'y MarkedMappingNode,
+    /// Where the document starts in the file (its markers count from there).
+    offset: usize,
+}
+
+/// A parameter value as the recipe writes it, and its YAML line.
+#[derive(Clone)]
+struct Value {
+    text: String,
+    line: usize,
+}
+
+/// One `filter`/`value` pair of a parameter (`filter: None` matches all).
+struct Conditional {
+    filter: Option<String>,
+    value: Value,
+}
+
+impl<'a> Importer<'a> {
+    fn run(&mut self, path: &Path) -> Option<String> {
+        let documents = split_documents(self.yaml);
+        let mut parsed = Vec::new();
+        for (offset, text) in &documents {
+            match marked_yaml::parse_yaml(0, text) {
+                Ok(node) => parsed.push((*offset, node)),
+                Err(e) => {
+                    let at =
+                        load_error_offset(&e).map_or(*offset, |c| offset + char_to_byte(text, c));
+                    self.problems.push(ImportProblem::Yaml {
+                        span: Span::new(self.file, at, at),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        if !self.problems.is_empty() {
+            return None;
+        }
+        let multi = parsed.len() > 1;
+        let stem = path
+            .file_stem()
+            .map_or("merged".to_string(), |s| s.to_string_lossy().to_string());
+        let mut stages = Vec::new();
+        for (i, (offset, node)) in parsed.iter().enumerate() {
+            let Some(map) = node.as_mapping() else {
+                continue;
+            };
+            let name = match map.get_scalar("name") {
+                Some(n) => n.as_str().to_string(),
+                None if multi => format!("stage{}", i + 1),
+                None => stem.clone(),
+            };
+            stages.push(Stage {
+                name,
+                map,
+                offset: *offset,
+            });
+        }
+        // Stage names first: a model named like a stage is that stage.
+        let stage_names: Vec<String> = stages.iter().map(|s| self.names.merge(&s.name)).collect();
+        self.line(
+            None,
+            format!(
+                "# Imported by `obim import` from {}.",
+                path.file_name()
+                    .map_or(String::new(), |f| f.to_string_lossy().to_string())
+            ),
+        );
+        let mut referenced = HashSet::new();
+        let mut bodies = Vec::new();
+        for (stage, name) in stages.iter().zip(&stage_names) {
+            let mut lines = std::mem::take(&mut self.lines);
+            let body = self.stage(stage, name, &stages, &mut referenced);
+            std::mem::swap(&mut self.lines, &mut lines);
+            bodies.push((lines, body));
+        }
+        // Model declarations, then each stage's merge and its output.
+        let declarations = self.names.declarations();
+        for (yaml_line, text) in declarations {
+            self.line(Some(yaml_line), text);
+        }
+        for ((lines, body), (stage, name)) in
+            bodies.into_iter().zip(stages.iter().zip(&stage_names))
+        {
+            self.line(None, String::new());
+            self.lines.extend(lines);
+            let Some(dtype) = body else { continue };
+            if !referenced.contains(name) {
+                let line = self.line_of(
+                    stage.map.span().start().map_or(0, |m| m.character()),
+                    stage.offset,
+                );
+                self.line(
+                    Some(line),
+                    format!("output {name} -> \"out/{}\"{dtype}", stage.name),
+                );
+            }
+        }
+        Some(self.render())
+    }
+
+    fn line(&mut self, yaml_line: Option<usize>, text: String) {
+        self.lines.push(Line {
+            yaml_line,
+            also: Vec::new(),
+            text,
+        });
+    }
+
+    /// The span in the whole file of a node of a document at `offset`.
+    fn span(&self, node_span: &marked_yaml::Span, offset: usize, text: &str) -> Span {
+        let start = node_span.start().map_or(0, |m| m.character());
+        let doc = &self.yaml[offset..];
+        let at = offset + char_to_byte(doc, start);
+        let end = (at + text.len()).min(self.yaml.len());
+        Span::new(self.file, at, end)
+    }
+
+    /// The 1-based line of character `character` of the document at `offset`.
+    fn line_of(&self, character: usize, offset: usize) -> usize {
+        let at = offset + char_to_byte(&self.yaml[offset..], character);
+        self.yaml[..at].matches('\n').count() + 1
+    }
+
+    fn scalar_span(&self, node: &MarkedScalarNode, offset: usize) -> Span {
+        self.span(node.span(), offset, node.as_str())
+    }
+
+    fn node_span(&self, node: &Node, offset: usize) -> Span {
+        match node {
+            Node::Scalar(s) => self.scalar_span(s, offset),
+            other => self.span(other.span(), offset, ""),
+        }
+    }
+
+    fn node_line(&self, node: &Node, offset: usize) -> usize {
+        self.line_of(node.span().start().map_or(0, |m| m.character()), offset)
+    }
+
+    /// One stage's merge; returns the output's options (` { dtype f16 }`),
+    /// `None` when the stage could not be mapped.
+    fn stage(
+        &mut self,
+        stage: &Stage,
+        name: &str,
+        stages: &[Stage],
+        referenced: &mut HashSet<String>,
+    ) -> Option<String> {
+        let (map, offset) = (stage.map, stage.offset);
+        let known = [
+            "name",
+            "merge_method",
+            "base_model",
+            "models",
+            "slices",
+            "parameters",
+            "dtype",
+            "out_dtype",
+            "tokenizer_source",
+            "tokenizer",
+            "chat_template",
+            "modules",
+        ];
+        for (key, value) in map.iter() {
+            let k = key.as_str();
+            if known.contains(&k) {
+                continue;
+            }
+            let what = match k {
+                "experts" | "gate_mode" | "experts_per_token" => ImportProblem::MoeConfig {
+                    span: self.scalar_span(key, offset),
+                },
+                "genome" | "tasks" => ImportProblem::EvolveConfig {
+                    span: self.scalar_span(key, offset),
+                },
+                _ => ImportProblem::UnknownKey {
+                    span: self.scalar_span(key, offset),
+                    key: k.to_string(),
+                },
+            };
+            let _ = value;
+            self.problems.push(what);
+        }
+        for unsupported in ["modules", "tokenizer", "chat_template"] {
+            if let Some((key, _)) = map.iter().find(|(k, _)| k.as_str() == unsupported) {
+                self.problems.push(ImportProblem::NotYet {
+                    span: self.scalar_span(key, offset),
+                    key: unsupported.to_string(),
+                });
+            }
+        }
+        let Some(method_node) = map.get_scalar("merge_method") else {
+            self.problems.push(ImportProblem::NoMethod {
+                span: self.span(map.span(), offset, ""),
+            });
+            return None;
+        };
+        let method = Method::from_name(method_node.as_str());
+        if method.is_none() {
+            self.problems.push(ImportProblem::UnknownMethod {
+                span: self.scalar_span(method_node, offset),
+                method: method_node.as_str().to_string(),
+            });
+        }
+        let mut model_ref = |this: &mut Self, node: &MarkedScalarNode| -> Option<String> {
+            let text = node.as_str();
+            if let Some(s) = stages.iter().find(|s| s.name == text) {
+                let merge = this.names.merge(&s.name);
+                referenced.insert(merge.clone());
+                return Some(merge);
+            }
+            if text.contains('+') {
+                this.problems.push(ImportProblem::Lora {
+                    span: this.scalar_span(node, offset),
+                });
+                return None;
+            }
+            let line = this.line_of(node.span().start().map_or(0, |m| m.character()), offset);
+            Some(
+                this.names
+                    .model(text, line, (this.yaml_dir, this.recipe_dir)),
+            )
+        };
+        let base = match map.get_scalar("base_model") {
+            Some(b) => model_ref(self, b),
+            None => None,
+        };
+        if let Some(b) = &base {
+            self.names.mark_base(b);
+        }
+        let Some(method) = method else {
+            // Still say what else could not be imported.
+            for entry in map.get_sequence("models").iter().flat_map(|l| l.iter()) {
+                if let Some(model) = entry.as_mapping().and_then(|m| m.get_scalar("model")) {
+                    model_ref(self, model);
+                }
+            }
+            self.output_options(map, offset);
+            return None;
+        };
+        // Inputs (in order) with their own parameters.
+        let mut inputs: Vec<(String, Option<&MarkedMappingNode>)> = Vec::new();
+        // The YAML line of each input's `model:`.
+        let mut input_lines: HashMap<String, usize> = HashMap::new();
+        let mut slices: Vec<Vec<(String, (usize, usize))>> = Vec::new();
+        if let Some(models) = map.get_sequence("models") {
+            for entry in models.iter() {
+                let Some(m) = entry.as_mapping() else {
+                    continue;
+                };
+                let Some(model) = m.get_scalar("model") else {
+                    continue;
+                };
+                let Some(name) = model_ref(self, model) else {
+                    continue;
+                };
+                if Some(&name) == base.as_ref() {
+                    continue; // the base is no input in obim
+                }
+                input_lines.insert(name.clone(), self.node_line(entry, offset));
+                inputs.push((name, m.get_mapping("parameters")));
+            }
+        }
+        if let Some(list) = map.get_sequence("slices") {
+            for slice in list.iter() {
+                let Some(s) = slice.as_mapping() else {
+                    continue;
+                };
+                for extra in ["base_model", "residual_weight", "parameters"] {
+                    if let Some((key, _)) = s.iter().find(|(k, _)| k.as_str() == extra) {
+                        self.problems.push(ImportProblem::NotYet {
+                            span: self.scalar_span(key, offset),
+                            key: format!("slices[].{extra}"),
+                        });
+                    }
+                }
+                let mut sources = Vec::new();
+                for source in s.get_sequence("sources").iter().flat_map(|l| l.iter()) {
+                    let Some(src) = source.as_mapping() else {
+                        continue;
+                    };
+                    let Some(model) = src.get_scalar("model") else {
+                        continue;
+                    };
+                    let Some(name) = model_ref(self, model) else {
+                        continue;
+                    };
+                    let range = src.get_sequence("layer_range").and_then(|r| {
+                        Some((r.get_scalar(0)?.as_usize()?, r.get_scalar(1)?.as_usize()?))
+                    });
+                    let Some(range) = range else {
+                        self.problems.push(ImportProblem::BadValue {
+                            span: self.node_span(source, offset),
+                            key: "layer_range".into(),
+                            reason: "a slice source needs `layer_range: [FROM, TO]`".into(),
+                        });
+                        continue;
+                    };
+                    let params = src.get_mapping("parameters");
+                    if Some(&name) != base.as_ref() {
+                        match inputs.iter().find(|(n, _)| *n == name) {
+                            None => {
+                                input_lines.insert(name.clone(), self.node_line(source, offset));
+                                inputs.push((name.clone(), params))
+                            }
+                            Some((_, first)) => {
+                                if !same_parameters(*first, params) {
+                                    self.problems.push(ImportProblem::SliceParameters {
+                                        span: self.node_span(source, offset),
+                                        model: name.clone(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    sources.push((name, range));
+                }
+                slices.push(sources);
+            }
+        }
+        // The merge header: base and global parameters.
+        let mut header: Vec<String> = Vec::new();
+        let mut header_lines: Vec<usize> = Vec::new();
+        if let Some(b) = &base {
+            match method.base() {
+                crate::methods::BaseUse::None => {
+                    // mergekit adds a base to methods without one as one more input.
+                    inputs.push((b.clone(), None));
+                }
+                _ => header.push(format!("base: {b}")),
+            }
+        }
+        let mut statements: Vec<(usize, String)> = Vec::new();
+        let mut rules: Vec<(usize, String, String)> = Vec::new(); // (line, pattern, body)
+        let own_keys: HashMap<String, HashSet<String>> = inputs
+            .iter()
+            .map(|(n, p)| {
+                let keys = p
+                    .map(|p| p.iter().map(|(k, _)| k.as_str().to_string()).collect())
+                    .unwrap_or_default();
+                (n.clone(), keys)
+            })
+            .collect();
+        if let Some(params) = map.get_mapping("parameters") {
+            for (key, value) in params.iter() {
+                let k = key.as_str();
+                let Some(param) = method.param(k).filter(|p| p.name != "base") else {
+                    self.problems.push(ImportProblem::UnknownParam {
+                        span: self.scalar_span(key, offset),
+                        method,
+                        key: k.to_string(),
+                    });
+                    continue;
+                };
+                let line = self.node_line(value, offset);
+                let conditionals = self.conditionals(value, k, offset);
+                for c in conditionals {
+                    match (&c.filter, param.scope) {
+                        (None, _) => {
+                            header_lines.push(c.value.line);
+                            header.push(format!("{k}: {}", c.value.text))
+                        }
+                        (Some(f), Scope::Merge) => {
+                            rules.push((line, f.clone(), format!("{k}: {}", c.value.text)))
+                        }
+                        (Some(f), Scope::Input) => {
+                            // A global value never beats a model's own: the rule names
+                            // only the inputs without one.
+                            for (input, _) in &inputs {
+                                if !own_keys[input].contains(k) {
+                                    rules.push((
+                                        line,
+                                        f.clone(),
+                                        format!("{input} {k} {}", c.value.text),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Each input's own parameters.
+        let single_input = inputs.len() == 1;
+        let mut entries: Vec<(usize, Vec<usize>, String)> = Vec::new();
+        for (input, params) in &inputs {
+            let mut entry = input.clone();
+            let mut line = input_lines.get(input).copied().unwrap_or(usize::MAX);
+            let mut also = Vec::new();
+            for (key, value) in params.iter().flat_map(|p| p.iter()) {
+                let k = key.as_str();
+                line = line.min(self.node_line(value, offset));
+                let Some(param) = method.param(k).filter(|p| p.name != "base") else {
+                    self.problems.push(ImportProblem::UnknownParam {
+                        span: self.scalar_span(key, offset),
+                        method,
+                        key: k.to_string(),
+                    });
+                    continue;
+                };
+                let setting = crate::syntax::SETTING_KEYWORDS.contains(&k)
+                    || ["gamma", "epsilon"].contains(&k);
+                let value_line = self.node_line(value, offset);
+                for c in self.conditionals(value, k, offset) {
+                    let text = match (param.scope, setting) {
+                        (Scope::Input, true) => format!("{input} {k} {}", c.value.text),
+                        // mergekit takes per-model values of merge-wide parameters
+                        // (passthrough's `scale`); with one input they are the merge's.
+                        _ if single_input => format!("{k}: {}", c.value.text),
+                        _ => {
+                            self.problems.push(ImportProblem::PerModelMergeParam {
+                                span: self.scalar_span(key, offset),
+                                key: k.to_string(),
+                                method,
+                            });
+                            continue;
+                        }
+                    };
+                    match &c.filter {
+                        None if text.starts_with(&format!("{input} ")) => {
+                            also.push(c.value.line);
+                            entry.push_str(&text[input.len()..]);
+                        }
+                        None => {
+                            header_lines.push(c.value.line);
+                            header.push(text)
+                        }
+                        Some(f) => rules.push((value_line, f.clone(), text)),
+                    }
+                }
+            }
+            if slices.is_empty() || entry != *input {
+                entries.push((line, also, entry));
+            }
+        }
+        for sources in &slices {
+            let parts: Vec<String> = sources
+                .iter()
+                .map(|(n, (from, to))| format!("{n} layers [{from}, {to}]"))
+                .collect();
+            statements.push((usize::MAX, format!("slice {}", parts.join(", "))));
+        }
+        // The merge.
+        let method_line = self.node_line(&Node::Scalar(method_node.clone()), offset);
+        let params = if header.is_empty() {
+            String::new()
+        } else {
+            format!("({})", header.join(", "))
+        };
+        self.line(
+            Some(method_line),
+            format!("merge {name} = {method}{params} {{"),
+        );
+        if let Some(last) = self.lines.last_mut() {
+            last.also = header_lines;
+        }
+        for (line, also, text) in entries {
+            self.line((line != usize::MAX).then_some(line), format!("    {text}"));
+            if let Some(last) = self.lines.last_mut() {
+                last.also = also;
+            }
+        }
+        for (line, text) in statements {
+            self.line((line != usize::MAX).then_some(line), format!("    {text}"));
+        }
+        // Rules: mergekit's first matching filter wins, obim's last rule does.
+        for (line, pattern, body) in rules.into_iter().rev() {
+            self.line(
+                Some(line),
+                format!("    layers \"*{pattern}*\" {{ {body} }}"),
+            );
+        }
+        self.line(None, "}".into());
+        Some(self.output_options(map, offset))
+    }
+
+    /// `dtype`, `out_dtype` and `tokenizer_source` as output options.
+    fn output_options(&mut self, map: &MarkedMappingNode, offset: usize) -> String {
+        let mut options = Vec::new();
+        let dtype = map
+            .get_scalar("out_dtype")
+            .or_else(|| map.get_scalar("dtype"));
+        if let Some(d) = dtype {
+            match crate::recipe::Dtype::from_word(d.as_str()) {
+                Some(d) => options.push(format!("dtype {}", d.name())),
+                None => self.problems.push(ImportProblem::BadValue {
+                    span: self.scalar_span(d, offset),
+                    key: "dtype".into(),
+                    reason: "obim writes bfloat16, float16 or float32".into(),
+                }),
+            }
+        }
+        if let Some(t) = map.get_scalar("tokenizer_source") {
+            match t.as_str() {
+                "base" => {}
+                "union" => self.problems.push(ImportProblem::NotYet {
+                    span: self.scalar_span(t, offset),
+                    key: "tokenizer_source: union".into(),
+                }),
+                other => {
+                    let line = self.line_of(t.span().start().map_or(0, |m| m.character()), offset);
+                    let name = self
+                        .names
+                        .model(other, line, (self.yaml_dir, self.recipe_dir));
+                    options.push(format!("tokenizer {name}"));
+                }
+            }
+        }
+        if options.is_empty() {
+            String::new()
+        } else {
+            format!(" {{ {} }}", options.join(", "))
+        }
+    }
+
+    /// A parameter's value as `filter`/`value` pairs in mergekit's order,
+    /// up to the first that matches every tensor (the rest never apply).
+    fn conditionals(&mut self, node: &Node, key: &str, offset: usize) -> Vec<Conditional> {
+        let plain = |this: &mut Self, node: &Node| this.value(node, key, offset);
+        let items: Vec<&Node> = match node {
+            Node::Sequence(s) if s.iter().all(|n| n.as_mapping().is_some()) && !s.is_empty() => {
+                s.iter().collect()
+            }
+            _ => {
+                return plain(self, node)
+                    .map(|value| {
+                        vec![Conditional {
+                            filter: None,
+                            value,
+                        }]
+                    })
+                    .unwrap_or_default();
+            }
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let Some(m) = item.as_mapping() else { continue };
+            let filter = m.get_scalar("filter").map(|f| f.as_str().to_string());
+            let filter = filter.filter(|f| f != "*");
+            let Some(value) = m.get_node("value") else {
+                self.problems.push(ImportProblem::BadValue {
+                    span: self.node_span(item, offset),
+                    key: key.into(),
+                    reason: "a conditional parameter needs `value`".into(),
+                });
+                continue;
+            };
+            if let Some(f) = &filter
+                && f.chars().any(|c| "*?{}[]\"\\".contains(c))
+            {
+                self.problems.push(ImportProblem::BadValue {
+                    span: self.node_span(item, offset),
+                    key: "filter".into(),
+                    reason: format!("`{f}` has glob characters; write the rule by hand"),
+                });
+                continue;
+            }
+            if out.last().is_some_and(|c: &Conditional| c.filter.is_none()) {
+                let span = match m.iter().find(|(k, _)| k.as_str() == "filter") {
+                    Some((k, _)) => self.scalar_span(k, offset),
+                    None => self.node_span(item, offset),
+                };
+                self.problems.push(ImportProblem::NeverApplies {
+                    span,
+                    key: key.into(),
+                });
+                continue;
+            }
+            let Some(value) = plain(self, value) else {
+                continue;
+            };
+            out.push(Conditional { filter, value });
+        }
+        out
+    }
+
+    /// A scalar or a gradient (a list of scalars) as recipe text.
+    fn value(&mut self, node: &Node, key: &str, offset: usize) -> Option<Value> {
+        let span = self.node_span(node, offset);
+        let line = self.node_line(node, offset);
+        let scalar = |s: &MarkedScalarNode| -> Option<String> {
+            let text = s.as_str();
+            if s.may_coerce() {
+                if let Some(b) = s.as_bool() {
+                    return Some(b.to_string());
+                }
+                if let Some(n) = s.as_f64() {
+                    return Some(format_number(text, n));
+                }
+            }
+            None
+        };
+        let text = match node {
+            Node::Scalar(s) => scalar(s),
+            Node::Sequence(list) => list
+                .iter()
+                .map(|n| n.as_scalar().and_then(scalar))
+                .collect::<Option<Vec<String>>>()
+                .map(|v| format!("[{}]", v.join(", "))),
+            Node::Mapping(_) => None,
+        };
+        match text {
+            Some(text) => Some(Value { text, line }),
+            None => {
+                self.problems.push(ImportProblem::BadValue {
+                    span,
+                    key: key.into(),
+                    reason: "obim takes a number, `true`/`false`, a list of numbers, or `filter`/`value` pairs here".into(),
+                });
+                None
+            }
+        }
+    }
+
+    /// The recipe's text, the YAML's comments put before the line made from
+    /// what they annotate (or after the line they end), then formatted.
+    fn render(&mut self) -> String {
+        let comments = yaml_comments(self.yaml);
+        let mut placed = vec![false; comments.len()];
+        let mut out = String::new();
+        for line in &self.lines {
+            let lines: Vec<usize> = line.yaml_line.iter().chain(&line.also).copied().collect();
+            let first = lines.iter().min().copied();
+            // A merge header cannot end in a comment: its trailing ones go above.
+            let opens = line.text.trim_end().ends_with('{');
+            for (i, c) in comments.iter().enumerate() {
+                let before = first.is_some_and(|f| !c.trailing && c.line < f);
+                let folded = opens && c.trailing && lines.contains(&c.line);
+                if !placed[i] && (before || folded) {
+                    out.push_str(&format!("# {}\n", c.text));
+                    placed[i] = true;
+                }
+            }
+            out.push_str(&line.text);
+            let trailing: Vec<&str> = comments
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| !placed[*i] && c.trailing && lines.contains(&c.line))
+                .map(|(_, c)| c.text.as_str())
+                .collect();
+            if !trailing.is_empty() {
+                out.push_str(&format!("  # {}", trailing.join("; ")));
+                for (i, c) in comments.iter().enumerate() {
+                    if c.trailing && lines.contains(&c.line) {
+                        placed[i] = true;
+                    }
+                }
+            }
+            out.push('\n');
+        }
+        let rest: Vec<&YamlComment> = comments
+            .iter()
+            .zip(&placed)
+            .filter(|(_, p)| !**p)
+            .map(|(c, _)| c)
+            .collect();
+        if !rest.is_empty() {
+            out.push('\n');
+            for c in rest {
+                out.push_str(&format!("# {}\n", c.text));
+            }
+        }
+        crate::fmt::format(&out).unwrap_or(out)
+    }
+}
+
+/// mergekit-multi's documents: `(byte offset, text)`, split at `---` lines.
+fn split_documents(yaml: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in yaml.split_inclusive('\n') {
+        if line.trim_end() == "---" {
+            if !yaml[start..at].trim().is_empty() {
+                docs.push((start, &yaml[start..at]));
+            }
+            start = at + line.len();
+        }
+        at += line.len();
+    }
+    if !yaml[start..].trim().is_empty() {
+        docs.push((start, &yaml[start..]));
+    }
+    docs
+}
+
+fn char_to_byte(text: &str, character: usize) -> usize {
+    text.char_indices()
+        .nth(character)
+        .map_or(text.len(), |(b, _)| b)
+}
+
+fn load_error_offset(e: &marked_yaml::LoadError) -> Option<usize> {
+    use marked_yaml::LoadError as E;
+    match e {
+        E::TopLevelMustBeMapping(m)
+        | E::TopLevelMustBeSequence(m)
+        | E::UnexpectedAnchor(m)
+        | E::MappingKeyMustBeScalar(m)
+        | E::UnexpectedTag(m)
+        | E::ScanError(m, _) => Some(m.character()),
+        _ => None,
+    }
+}
+
+/// A number as written in the YAML when obim reads it the same (`1`,
+/// `0.5`, `1e-5`), else its shortest form.
+fn format_number(text: &str, n: f64) -> String {
+    let t = text.trim();
+    let obim_like = t
+        .trim_start_matches('-')
+        .chars()
+        .all(|c| c.is_ascii_digit() || ".eE-+".contains(c))
+        && !t.starts_with('.')
+        && !t.ends_with('.');
+    if obim_like && t.parse::<f64>() == Ok(n) {
+        t.to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+fn same_parameters(a: Option<&MarkedMappingNode>, b: Option<&MarkedMappingNode>) -> bool {
+    let show = |m: Option<&MarkedMappingNode>| -> BTreeMap<String, String> {
+        m.map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.as_str().to_string(), render_node(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    show(a) == show(b)
+}
+
+fn render_node(node: &Node) -> String {
+    match node {
+        Node::Scalar(s) => s.as_str().to_string(),
+        Node::Sequence(l) => format!(
+            "[{}]",
+            l.iter().map(render_node).collect::<Vec<_>>().join(",")
+        ),
+        Node::Mapping(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("{}:{}", k.as_str(), render_node(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+struct YamlComment {
+    /// 1-based.
+    line: usize,
+    text: String,
+    /// After something on its line (else a line of its own).
+    trailing: bool,
+}
+
+/// `#` comments outside quoted scalars.
+fn yaml_comments(yaml: &str) -> Vec<YamlComment> {
+    let mut out = Vec::new();
+    for (i, line) in yaml.lines().enumerate() {
+        let mut quote = None;
+        for (at, c) in line.char_indices() {
+            match (quote, c) {
+                (None, '\'' | '"') => quote = Some(c),
+                (Some(q), c) if c == q => quote = None,
+                (None, '#') if at == 0 || line[..at].ends_with([' ', '\t']) => {
+                    let text = line[at + 1..].trim().to_string();
+                    let trailing = !line[..at].trim().is_empty();
+                    if !text.is_empty() {
+                        out.push(YamlComment {
+                            line: i + 1,
+                            text,
+                            trailing,
+                        });
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Names for the config's models and stages: from their paths or ids,
+/// valid `.obim` names, each used once.
+#[derive(Default)]
+struct Names {
+    /// reference as written → (name, path for the recipe, first YAML line).
+    models: BTreeMap<String, (String, String, usize)>,
+    order: Vec<String>,
+    taken: HashSet<String>,
+    merges: HashMap<String, String>,
+    base: HashSet<String>,
+}
+
+impl Names {
+    fn fresh(&mut self, wanted: &str) -> String {
+        let mut base: String = wanted
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        base = base.trim_matches('_').to_string();
+        while base.contains("__") {
+            base = base.replace("__", "_");
+        }
+        if base.is_empty() || base.starts_with(|c: char| c.is_ascii_digit()) {
+            base = format!("m_{base}");
+        }
+        if crate::syntax::is_reserved(&base) {
+            base.push_str("_model");
+        }
+        let mut name = base.clone();
+        let mut n = 2;
+        while self.taken.contains(&name) {
+            name = format!("{base}_{n}");
+            n += 1;
+        }
+        self.taken.insert(name.clone());
+        name
+    }
+
+    fn merge(&mut self, stage: &str) -> String {
+        if let Some(n) = self.merges.get(stage) {
+            return n.clone();
+        }
+        let n = self.fresh(stage);
+        self.merges.insert(stage.to_string(), n.clone());
+        n
+    }
+
+    /// The name of a model reference (`org/name`, `org/name@rev`, a path).
+    fn model(&mut self, reference: &str, line: usize, dirs: (&Path, &Path)) -> String {
+        if let Some((name, _, _)) = self.models.get(reference) {
+            return name.clone();
+        }
+        let (id, revision) = match reference.rsplit_once('@') {
+            Some((id, rev)) if !rev.contains('/') => (id, Some(rev)),
+            _ => (reference, None),
+        };
+        let stem = id.trim_end_matches('/').rsplit('/').next().unwrap_or(id);
+        let name = self.fresh(stem);
+        let path = relative_path(id, dirs.0, dirs.1);
+        let written = match revision {
+            Some(r) => format!("\"{path}\" @ \"{r}\""),
+            None => format!("\"{path}\""),
+        };
+        self.models
+            .insert(reference.to_string(), (name.clone(), written, line));
+        self.order.push(reference.to_string());
+        name
+    }
+
+    fn mark_base(&mut self, name: &str) {
+        self.base.insert(name.to_string());
+    }
+
+    /// `base NAME = "..."` / `model NAME = "..."`, in order of appearance.
+    fn declarations(&self) -> Vec<(usize, String)> {
+        self.order
+            .iter()
+            .map(|r| {
+                let (name, path, line) = &self.models[r];
+                let kind = if self.base.contains(name) {
+                    "base"
+                } else {
+                    "model"
+                };
+                (*line, format!("{kind} {name} = {path}"))
+            })
+            .collect()
+    }
+}
+
+/// A local model path as the recipe in `recipe_dir` reaches it; a hub id
+/// as it is. mergekit reads paths from its working directory; a path that
+/// exists beside the config (`yaml_dir`) is taken from there first.
+fn relative_path(reference: &str, yaml_dir: &Path, recipe_dir: &Path) -> String {
+    let beside = yaml_dir.join(reference);
+    let path = if beside.exists() {
+        beside
+    } else {
+        PathBuf::from(reference)
+    };
+    if !path.exists() {
+        return reference.to_string();
+    }
+    let (Ok(target), Ok(from)) = (
+        std::fs::canonicalize(&path),
+        std::fs::canonicalize(recipe_dir),
+    ) else {
+        return reference.to_string();
+    };
+    let common = target
+        .components()
+        .zip(from.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut rel = PathBuf::new();
+    for _ in from.components().skip(common) {
+        rel.push("..");
+    }
+    for c in target.components().skip(common) {
+        rel.push(c);
+    }
+    let text = rel.to_string_lossy().to_string();
+    if text.starts_with("..") {
+        text
+    } else {
+        format!("./{text}")
+    }
+}
