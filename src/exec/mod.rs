@@ -13,6 +13,7 @@
 //! | `error` | [`ExecError`]: typed runtime errors with codes and recipe spans |
 //! | `event` | [`Event`]s for the caller to draw; the back end never prints |
 
+mod card;
 mod driver;
 mod error;
 mod evaluator;

@@ -1,8 +1,9 @@
 //! Writes one output: tensors computed by the [`Evaluator`] are encoded and
 //! appended to staged shards on a thread of their own (tensor i is written
 //! while tensor i + 1 is computed), the inputs' file hashes are computed on
-//! another; then `config.json`, the tokenizer and generation files and the
-//! typed [`Report`] are added and the staging directory is renamed into place.
+//! another; then `config.json`, the tokenizer and generation files, the
+//! typed [`Report`] and the model card (`card.rs`) are added and the staging
+//! directory is renamed into place.
 
 use super::RunOptions;
 use super::error::ExecError;
@@ -150,6 +151,9 @@ pub(super) fn write_output(
         serde_json::to_string_pretty(&report).unwrap_or_default(),
     )
     .map_err(|source| TensorError::Write { path, source })?;
+    let path = staging.dir().join("README.md");
+    std::fs::write(&path, super::card::model_card(c, output.merge, &report))
+        .map_err(|source| TensorError::Write { path, source })?;
     // Once the new output is in place nothing fails: an old output that
     // could not be removed stays beside it under a name of its own, which
     // the next run into this output removes; the caller is told.

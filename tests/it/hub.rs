@@ -267,7 +267,8 @@ fn hub_models_are_downloaded_into_the_cache_then_used_offline() {
     );
     let snapshot = repo.join("snapshots").join(commit(2));
     for file in files(&sharded) {
-        if file == "obim-report.json" {
+        // obim's own records of the merge, which reading a model skips.
+        if file == "obim-report.json" || file == "README.md" {
             continue;
         }
         assert_eq!(

@@ -724,3 +724,43 @@ fn a_merge_that_produces_nan_fails() {
     assert!(!dir.join("out").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every output has a model card: YAML front matter in the Hugging Face
+/// convention, the merge in words, and the recipe.
+#[test]
+fn outputs_have_a_model_card() {
+    run("ties");
+    let card = std::fs::read_to_string(Path::new(DIR).join("out/ties/README.md")).unwrap();
+    let front = card
+        .strip_prefix("---\n")
+        .and_then(|rest| rest.split_once("\n---\n"))
+        .map(|(front, _)| front)
+        .expect("front matter");
+    let yaml = marked_yaml::parse_yaml(0, front).unwrap();
+    let map = yaml.as_mapping().unwrap();
+    assert_eq!(
+        map.get_scalar("library_name").unwrap().as_str(),
+        "transformers"
+    );
+    let tags: Vec<&str> = map
+        .get_sequence("tags")
+        .unwrap()
+        .iter()
+        .map(|t| t.as_scalar().unwrap().as_str())
+        .collect();
+    assert_eq!(tags, ["merge", "obim", "ties"]);
+    assert!(
+        card.contains("Method: `ties`, TIES (arXiv 2306.01708)."),
+        "{card}"
+    );
+    assert!(
+        card.contains("- `a`: a local checkpoint (`a`); weight 1, density 0.5"),
+        "{card}"
+    );
+    assert!(card.contains("`normalize` true (default)"), "{card}");
+    let recipe = std::fs::read_to_string(Path::new(DIR).join("ties.obim")).unwrap();
+    assert!(
+        card.contains(recipe.trim_end()),
+        "the recipe is in the card"
+    );
+}
