@@ -397,6 +397,18 @@ methods mergekit 0.1.5 does not have either.
 Remove or rewrite the part and import again; `obim explain METHOD` shows what
 each method takes."#;
 
+E0041 => "bad LoRA input", r#"`model NAME = lora("DIR", base: MODEL)` is a PEFT LoRA adapter applied to a
+declared model: its tensors are MODEL's, with W + s·B·A for every weight the
+adapter targets (s = lora_alpha / r, or lora_alpha / √r with `use_rslora`),
+computed as each tensor is read, as peft's `merge_and_unload` does. The
+adapter is a local directory with `adapter_config.json` and
+`adapter_model.safetensors`; its base is a model (not a merge, not another LoRA
+model). A LoRA input cannot have `using` calibration data yet.
+
+    model llama = "meta-llama/Llama-3.2-1B"
+    model chat = lora("./adapters/chat", base: llama)
+    merge m = ties(base: llama) { chat weight 1 density 0.5 }"#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot

@@ -195,11 +195,14 @@ impl Formatter<'_> {
                     .revision
                     .as_ref()
                     .map_or(String::new(), |r| format!(" @ {}", self.slice(r.span)));
+                let source = match &m.lora_base {
+                    Some(base) => format!("lora({}, base: {base})", self.slice(m.source.span)),
+                    None => self.slice(m.source.span).to_string(),
+                };
                 format!(
-                    "{} {} = {}{rev}",
+                    "{} {} = {source}{rev}",
                     if m.is_base { "base" } else { "model" },
                     m.name.name,
-                    self.slice(m.source.span)
                 )
             }
             ItemKind::Data(d) => format!(

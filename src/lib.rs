@@ -15,6 +15,7 @@ pub mod fmt;
 pub mod hub;
 pub mod import;
 pub mod load;
+pub mod lora;
 pub mod merge;
 pub mod methods;
 pub mod model;

@@ -18,9 +18,17 @@ use std::collections::HashSet;
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
     pub models: Vec<Option<ModelInfo>>,
+    /// Per model: its LoRA adapter (a `lora(...)` model; its `models` entry
+    /// is its base's checkpoint).
+    pub adapters: Vec<Option<std::sync::Arc<crate::lora::Adapter>>>,
 }
 
 impl Inventory {
+    /// The LoRA adapter of a `lora(...)` model.
+    pub fn adapter(&self, id: ModelId) -> Option<&crate::lora::Adapter> {
+        self.adapters.get(id.0).and_then(Option::as_deref)
+    }
+
     pub fn get(&self, id: ModelId) -> Option<&ModelInfo> {
         self.models.get(id.0).and_then(Option::as_ref)
     }
@@ -38,6 +46,14 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
         .models
         .iter()
         .map(|model| {
+            let adapter = match &model.source {
+                ModelSource::Local { path } => path.join("adapter_config.json").is_file(),
+                ModelSource::Hub { .. } => false,
+            };
+            if model.lora_base.is_some() || adapter {
+                // Opened below, once its base is (or its `lora` was an error).
+                return None;
+            }
             let dir = match &model.source {
                 ModelSource::Local { path } => path.clone(),
                 ModelSource::Hub { id, revision } => match hub::find_cached(id, revision.as_deref()) {
@@ -84,7 +100,51 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
             "`obim run` downloads them where the network allows; or fetch them into the Hugging Face cache (HF_HUB_CACHE / HF_HOME) with `huggingface-cli download ORG/NAME`",
         ));
     }
-    let inventory = Inventory { models };
+    let mut models: Vec<Option<ModelInfo>> = models;
+    let mut adapters = vec![None; recipe.models.len()];
+    for (i, model) in recipe.models.iter().enumerate() {
+        let (Some(base), ModelSource::Local { path }) = (model.lora_base, &model.source) else {
+            continue;
+        };
+        match crate::lora::Adapter::open(path) {
+            Ok(adapter) => {
+                // The base's tensors, identified by the base and the adapter.
+                models[i] = models[base.0].clone().map(|mut info| {
+                    info.hash =
+                        blake3::hash(format!("{}+lora:{}", info.hash, adapter.hash).as_bytes())
+                            .to_hex()
+                            .to_string();
+                    info
+                });
+                if let Some(info) = &models[base.0] {
+                    for target in adapter.targeted() {
+                        if !info.tensors.contains_key(target) {
+                            diagnostics.push(
+                                Diagnostic::new(
+                                    Code::E0041,
+                                    model.span,
+                                    format!("the adapter of `{}` changes `{target}`, which `{}` does not have", model.name, recipe.models[base.0].name),
+                                )
+                                .label("adapter for another architecture?")
+                                .help("give the adapter the checkpoint it was trained on as `base:`"),
+                            );
+                            break;
+                        }
+                    }
+                }
+                adapters[i] = Some(std::sync::Arc::new(adapter));
+            }
+            Err(e) => diagnostics.push(
+                Diagnostic::new(
+                    Code::E0041,
+                    model.span,
+                    format!("cannot read the LoRA adapter of `{}`", model.name),
+                )
+                .label(crate::errors::with_causes(&e)),
+            ),
+        }
+    }
+    let inventory = Inventory { models, adapters };
     diagnostics.extend(compatibility(recipe, &inventory));
     diagnostics.extend(calibration(recipe, &inventory));
     diagnostics.extend(slice_bounds(recipe, &inventory));

@@ -45,7 +45,11 @@ pub struct Model {
     /// As written where it is defined, qualified when imported (`m.math`).
     pub name: String,
     pub is_base: bool,
+    /// Where the weights are; for a LoRA model, the adapter's directory
+    /// (its weights are its base model's, changed by the adapter).
     pub source: ModelSource,
+    /// `lora("./adapter", base: MODEL)`: the model the adapter applies to.
+    pub lora_base: Option<ModelId>,
     /// The declaration's name.
     pub span: Span,
 }

@@ -1,6 +1,6 @@
 //! Checks of `base`/`model`, `data` and `output` declarations.
 
-use super::error::Problem;
+use super::error::{LoraIssue, Problem};
 use super::{Checker, Def, Scope};
 use crate::diagnostic;
 use crate::recipe::{Data, DataKind, Dtype, InputRef, Model, ModelSource, Output};
@@ -39,6 +39,32 @@ impl Checker<'_> {
                 revision: decl.revision.as_ref().map(|r| r.value.clone()),
             }
         };
+        let lora_base = decl.lora_base.as_ref().and_then(|base| {
+            if !matches!(source, ModelSource::Local { .. }) {
+                self.report(Problem::BadLora {
+                    span: decl.source.span,
+                    issue: LoraIssue::NotLocal,
+                });
+            }
+            let scope = Scope {
+                module: def.module,
+                args: None,
+            };
+            let expr = ast::Expr {
+                kind: ast::ExprKind::Path(base.clone()),
+                span: base.span,
+            };
+            match self.input_ref(&scope, &expr)? {
+                InputRef::Model(m) => Some(m),
+                InputRef::Merge(_) => {
+                    self.report(Problem::BadLora {
+                        span: base.span,
+                        issue: LoraIssue::MergeBase,
+                    });
+                    None
+                }
+            }
+        });
         Model {
             name: self
                 .recipe
@@ -48,6 +74,7 @@ impl Checker<'_> {
                 .map_or_else(|| decl.name.name.clone(), |m| m.name.clone()),
             is_base: decl.is_base,
             source,
+            lora_base,
             span: decl.name.span,
         }
     }

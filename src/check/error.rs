@@ -108,6 +108,8 @@ pub(super) enum Problem {
         /// What the element is; `None`: the list is empty.
         found: Option<&'static str>,
     },
+    /// A `lora(...)` model that cannot be (E0041).
+    BadLora { span: Span, issue: LoraIssue },
     /// A `slice` that cannot be built (E0039).
     BadSlice { span: Span, issue: SliceIssue },
     /// DELLA's density ± epsilon outside (0, 1) (E0038).
@@ -343,6 +345,19 @@ pub(super) enum InvalidAuto {
     TooMany { count: f64 },
 }
 
+/// What is wrong with a `lora(...)` model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraIssue {
+    /// The adapter is not a local directory.
+    NotLocal,
+    /// The adapter's base is a merge.
+    MergeBase,
+    /// The adapter's base is itself a LoRA model.
+    LoraBase,
+    /// A LoRA model with calibration data.
+    Calibrated,
+}
+
 /// What is wrong with a `slice`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SliceIssue {
@@ -567,6 +582,23 @@ impl Problem {
                 Diagnostic::new(Code::E0037, span, message).label(label).help(format!(
                     "`{name}: [0, 0.5, 1]` goes from 0 at the first layer to 1 at the last; `{name}: auto [0.3, 0.5]` gives candidates for `select` instead"
                 ))
+            }
+            Problem::BadLora { span, issue } => {
+                let d = |message: &str| Diagnostic::new(Code::E0041, span, message.to_string());
+                match issue {
+                    LoraIssue::NotLocal => d("a LoRA adapter must be a local directory")
+                        .label("not found here")
+                        .help("download the adapter (adapter_config.json and adapter_model.safetensors) and give its directory, relative to the recipe"),
+                    LoraIssue::MergeBase => d("a LoRA adapter applies to a model, not to a merge")
+                        .label("a merge")
+                        .help("declare the checkpoint the adapter was trained on: `model llama = \"...\"`, then `lora(\"./adapter\", base: llama)`"),
+                    LoraIssue::LoraBase => d("a LoRA adapter's base cannot be another LoRA model")
+                        .label("a LoRA model")
+                        .help("merge the first adapter into its base, or give the adapter the checkpoint it was trained on"),
+                    LoraIssue::Calibrated => d("a LoRA model cannot be calibrated yet")
+                        .label("`using` data on a LoRA input")
+                        .help("use `saliency magnitude` for this merge, or merge the adapter into its base first"),
+                }
             }
             Problem::BadSlice { span, issue } => {
                 let d = |message: String| Diagnostic::new(Code::E0039, span, message);

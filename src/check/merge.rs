@@ -10,8 +10,8 @@ use crate::diagnostic;
 use crate::methods::{Kind, Method, Param, ParamName, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
-    AutoSite, Gradient, Input, InputSettings, LayerRule, Merge, OrderSpec, ParamValue, Saliency,
-    Select, Settings, Slice, SliceSource, TakeFrom,
+    AutoSite, Gradient, Input, InputRef, InputSettings, LayerRule, Merge, OrderSpec, ParamValue,
+    Saliency, Select, Settings, Slice, SliceSource, TakeFrom,
 };
 use crate::source::Span;
 use crate::syntax::ast::{self, Block, ExprKind, ItemKind, KeyValue, Stmt, StmtKind};
@@ -1268,6 +1268,14 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                 self.report(Problem::NoCalibrationData {
                     span: input.span,
                     input: name,
+                });
+            }
+            if let (Some(_), InputRef::Model(m)) = (using, input.model)
+                && self.checker.recipe.models[m.0].lora_base.is_some()
+            {
+                self.report(Problem::BadLora {
+                    span: input.span,
+                    issue: error::LoraIssue::Calibrated,
                 });
             }
             if !any_obd && let Some(s) = spans.using.get(&i) {

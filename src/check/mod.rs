@@ -195,6 +195,17 @@ impl<'p> Checker<'p> {
                 _ => {}
             }
         }
+        // An adapter applies to a checkpoint, not to another adapter's model.
+        for i in 0..self.recipe.models.len() {
+            if let Some(base) = self.recipe.models[i].lora_base
+                && self.recipe.models[base.0].lora_base.is_some()
+            {
+                self.report(Problem::BadLora {
+                    span: self.recipe.models[i].span,
+                    issue: error::LoraIssue::LoraBase,
+                });
+            }
+        }
         for index in 0..self.defs.len() {
             let def = self.defs[index].clone();
             match (def.kind, &self.item(&def).kind) {
@@ -774,6 +785,7 @@ fn placeholder_model(d: &ast::ModelDecl) -> crate::recipe::Model {
         source: crate::recipe::ModelSource::Local {
             path: Default::default(),
         },
+        lora_base: None,
         span: d.name.span,
     }
 }

@@ -4,7 +4,7 @@
 //! slices, the merges it builds on — the `auto` selection table, and the
 //! recipe itself, so a merged model pushed to the hub explains itself.
 
-use super::writer::Report;
+use super::report::Report;
 use crate::Compilation;
 use crate::methods::{ParamName, Scope};
 use crate::recipe::{InputRef, Merge, MergeId, ModelSource, ParamValue, Recipe};
@@ -234,6 +234,8 @@ fn describe(out: &mut String, recipe: &Recipe, merge: &Merge, is_output: bool) {
                 (Some(g), _) => format!("{:?} over the layers", g.values),
                 (None, Some(ParamValue::Number(n))) => n.to_string(),
                 (None, Some(ParamValue::Bool(b))) => b.to_string(),
+                // A per-input default shows on the inputs above.
+                (None, None) if p.scope == Scope::Input => return None,
                 (None, None) => match p.default {
                     Some(crate::methods::Default::Number(n)) => format!("{n} (default)"),
                     Some(crate::methods::Default::Bool(b)) => format!("{b} (default)"),
@@ -249,9 +251,13 @@ fn describe(out: &mut String, recipe: &Recipe, merge: &Merge, is_output: bool) {
     if !merge.rules.is_empty() {
         let _ = writeln!(
             out,
-            "{} `layers` rule{} change the settings of some tensors (see the recipe).\n",
+            "{} `layers` rule{} the settings of some tensors (see the recipe).\n",
             merge.rules.len(),
-            if merge.rules.len() == 1 { "" } else { "s" }
+            if merge.rules.len() == 1 {
+                " changes"
+            } else {
+                "s change"
+            }
         );
     }
     if !merge.slices.is_empty() {
@@ -296,7 +302,7 @@ fn yaml_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::writer::RecipeRecord;
+    use crate::exec::report::RecipeRecord;
 
     #[test]
     fn hub_models_are_the_cards_base_models() {

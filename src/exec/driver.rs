@@ -8,9 +8,10 @@
 use super::RunOptions;
 use super::error::{CalibrationFailure, ExecError};
 use super::event::Event;
+use super::report::Report;
 use super::select::{Selection, Selector};
 use super::stats::Statistics;
-use super::writer::{self, Report};
+use super::writer;
 use crate::Compilation;
 use crate::calibrate::{self, ActStats};
 use crate::checkpoint::ModelInfo;

@@ -186,7 +186,23 @@ impl<'a> Evaluator<'a> {
             Some(Values::NonFinite) if !self.allow_non_finite => {
                 Err(self.non_finite(model, name, t))
             }
-            Some(_) => Ok(values),
+            Some(_) => {
+                // A LoRA model: its base's tensor, plus the adapter's update.
+                if let Some(adapter) = self.c.inventory.adapter(model) {
+                    adapter
+                        .apply(name, &mut values, &t.shape)
+                        .map_err(|reason| {
+                            ExecError::Merge(merge::MergeError::Invalid {
+                                tensor: name.to_string(),
+                                reason: format!(
+                                    "the LoRA adapter of `{}`: {reason}",
+                                    self.c.recipe.models[model.0].name
+                                ),
+                            })
+                        })?;
+                }
+                Ok(values)
+            }
         }
     }
 
@@ -322,11 +338,13 @@ impl<'a> Evaluator<'a> {
                     .collect()
             }
         };
+        // Streams only from checkpoints as they are on disk: a LoRA model's
+        // tensors are computed.
         let models = operands
             .into_iter()
             .map(|(input, n)| match input {
-                InputRef::Model(m) => Some((m, n)),
-                InputRef::Merge(_) => None,
+                InputRef::Model(m) if self.c.inventory.adapter(m).is_none() => Some((m, n)),
+                _ => None,
             })
             .collect::<Option<Vec<_>>>()?;
         Some((pointwise, models))

@@ -18,6 +18,7 @@ mod driver;
 mod error;
 mod evaluator;
 mod event;
+mod report;
 mod select;
 mod stats;
 mod writer;
@@ -25,8 +26,8 @@ mod writer;
 pub use driver::{OutputState, calibration_states, materialise_merge, output_states, run};
 pub use error::{CalibrationFailure, ExecError, SelectionFailure};
 pub use event::Event;
+pub use report::{InputRecord, RecipeRecord, Report};
 pub use select::{CandidateScore, Selection};
-pub use writer::{InputRecord, RecipeRecord, Report};
 
 use crate::device::Device;
 use std::path::PathBuf;

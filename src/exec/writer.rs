@@ -9,67 +9,19 @@ use super::RunOptions;
 use super::error::ExecError;
 use super::evaluator::Evaluator;
 use super::event::Event;
+use super::report::{InputRecord, RecipeRecord, Report};
 use super::select::Selection;
 use super::stats::Statistics;
 use crate::Compilation;
 use crate::checkpoint::ModelInfo;
 use crate::plan::{Plan, PlannedTensor};
-use crate::provenance::FileHash;
-use crate::recipe::{Dtype, ModelId, ModelSource, Output};
+use crate::recipe::{Dtype, ModelId, Output};
 use crate::staging::{OutputLock, Staging};
 use crate::tensors::{self, CheckpointWriter, TensorError, TensorSpec};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-/// `obim-report.json`: what was written, from what, how.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
-    pub obim_version: String,
-    pub recipe: RecipeRecord,
-    /// The merge written.
-    pub merge: String,
-    /// The content hash of the plan's write step: an output with the same
-    /// hash is up to date.
-    pub plan_hash: String,
-    pub device: String,
-    pub threads: usize,
-    pub seconds: f64,
-    pub bytes: u64,
-    pub shards: Vec<String>,
-    pub inputs: Vec<InputRecord>,
-    /// OBIM: merge → tensor → input → positions the input won.
-    pub positions_won: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
-    /// `auto` merges: every candidate's score and the winner, by merge.
-    pub selection: BTreeMap<String, Selection>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RecipeRecord {
-    pub path: String,
-    pub blake3: String,
-    pub text: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InputRecord {
-    pub name: String,
-    pub source: ModelSource,
-    pub path: Option<String>,
-    pub files: Vec<FileHash>,
-}
-
-impl Report {
-    pub const FILE: &'static str = "obim-report.json";
-
-    /// The report of the output in `dir`, if it has a readable one.
-    pub fn read(dir: &Path) -> Option<Report> {
-        let text = std::fs::read_to_string(dir.join(Report::FILE)).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-}
 
 /// One output to write, and what computing it needs.
 pub(super) struct Job<'a> {
@@ -218,7 +170,18 @@ fn stream_and_hash(
 fn base_of<'c>(c: &'c Compilation, output: &Output) -> Result<&'c ModelInfo, ExecError> {
     let recipe = &c.recipe;
     let merge = &recipe.merges[output.merge.0];
-    let model = merge.shape_input().and_then(|b| recipe.shape_source(b));
+    // A stacked merge is shaped like its first slice's first source, as in mergekit.
+    let first_source = merge
+        .slices
+        .first()
+        .and_then(|s| s.sources.first())
+        .and_then(|s| match s.input {
+            None => merge.base,
+            Some(i) => merge.inputs.get(i).map(|x| x.model),
+        });
+    let model = first_source
+        .or_else(|| merge.shape_input())
+        .and_then(|b| recipe.shape_source(b));
     let declared = model.map(|m| &recipe.models[m.0]);
     model
         .and_then(|m| c.inventory.get(m))
@@ -343,7 +306,9 @@ fn write_config(
             .and_then(serde_json::Value::as_u64)
             .map(|n| n as usize);
         if let (false, Some(layers)) = (from.is_empty(), layers) {
-            for value in object.values_mut() {
+            // Per-layer lists (`layer_types`, `mlp_only_layers`, ...): named
+            // for layers and one entry per layer.
+            for (_, value) in object.iter_mut().filter(|(k, _)| k.contains("layer")) {
                 if let Some(list) = value.as_array().filter(|l| l.len() == layers) {
                     *value = from
                         .iter()

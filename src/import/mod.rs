@@ -292,13 +292,19 @@ impl<'a> Importer<'a> {
                 referenced.insert(merge.clone());
                 return Some(merge);
             }
-            if text.contains('+') {
-                this.problems.push(ImportProblem::Lora {
-                    span: this.scalar_span(node, offset),
-                });
-                return None;
-            }
             let line = this.line_of(node.span().start().map_or(0, |m| m.character()), offset);
+            // mergekit's `model+adapter`: a LoRA adapter on the model.
+            if let Some((model, adapter)) = text.split_once('+') {
+                if model.is_empty() || adapter.is_empty() || adapter.contains('+') {
+                    this.problems.push(ImportProblem::Lora {
+                        span: this.scalar_span(node, offset),
+                    });
+                    return None;
+                }
+                let dirs = (this.yaml_dir, this.recipe_dir);
+                let base = this.names.model(model, line, dirs);
+                return Some(this.names.lora(text, adapter, &base, line, dirs));
+            }
             Some(
                 this.names
                     .model(text, line, (this.yaml_dir, this.recipe_dir)),
@@ -943,6 +949,37 @@ impl Names {
     }
 
     /// `base NAME = "..."` / `model NAME = "..."`, in order of appearance.
+    /// The name of `model+adapter`: the adapter on the model named `base`.
+    fn lora(
+        &mut self,
+        reference: &str,
+        adapter: &str,
+        base: &str,
+        line: usize,
+        dirs: (&Path, &Path),
+    ) -> String {
+        if let Some((name, _, _)) = self.models.get(reference) {
+            return name.clone();
+        }
+        let stem = adapter
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(adapter);
+        let name = self.fresh(stem);
+        let path = relative_path(adapter, dirs.0, dirs.1);
+        self.models.insert(
+            reference.to_string(),
+            (
+                name.clone(),
+                format!("lora(\"{path}\", base: {base})"),
+                line,
+            ),
+        );
+        self.order.push(reference.to_string());
+        name
+    }
+
     fn declarations(&self) -> Vec<(usize, String)> {
         self.order
             .iter()

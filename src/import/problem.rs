@@ -36,7 +36,7 @@ pub enum ImportProblem {
     },
     /// A model with different parameters in different slices (E0040).
     SliceParameters { span: Span, model: String },
-    /// A LoRA reference (`model+adapter`) (E0040).
+    /// A LoRA reference (`model+adapter`) that is not one model and one adapter (E0040).
     Lora { span: Span },
     /// A `filter`/`value` pair after one that matches every tensor: mergekit
     /// never reaches it, so it is left out (W0007).
@@ -107,10 +107,10 @@ impl ImportProblem {
             .help("obim gives each input one set of settings; split the merge into one per slice"),
             ImportProblem::Lora { span } => cannot(
                 span,
-                "a LoRA adapter (`model+adapter`) cannot be an input yet".into(),
+                "a LoRA reference is `model+adapter`: one model, one adapter".into(),
             )
-            .label("LoRA reference")
-            .help("merge the adapter into its model first (e.g. with peft's merge_and_unload) and name that directory"),
+            .label("not of that form")
+            .help("write one adapter on one model; obim applies it as `lora(\"adapter\", base: model)`"),
             ImportProblem::NeverApplies { span, key } => Diagnostic::new(
                 Code::W0007,
                 span,

@@ -290,16 +290,27 @@ impl PlanView<'_> {
         match step.kind {
             StepKind::Open(id) => {
                 let m = &self.recipe.models[id.0];
+                let source = match m.lora_base {
+                    Some(base) => format!(
+                        "LoRA adapter {} on `{}` ({} weights)",
+                        self.source(&m.source),
+                        self.recipe.models[base.0].name,
+                        self.inventory
+                            .adapter(id)
+                            .map_or(0, |a| a.targeted().count())
+                    ),
+                    None => self.source(&m.source),
+                };
                 match self.inventory.get(id) {
                     Some(i) => format!(
                         "{}: {}, {} tensors, {} params, {}",
-                        self.source(&m.source),
+                        source,
                         i.architecture.as_deref().unwrap_or("unknown architecture"),
                         i.tensors.len(),
                         thousands(i.params()),
                         i.dtype().map_or("?", |d| d.name())
                     ),
-                    None => format!("{}: not available locally", self.source(&m.source)),
+                    None => format!("{source}: not available locally"),
                 }
             }
             StepKind::Calibrate(_, d) => {

@@ -110,8 +110,11 @@ pub struct Let {
 pub struct ModelDecl {
     pub is_base: bool,
     pub name: Ident,
+    /// The checkpoint, or with `lora_base` the adapter's directory.
     pub source: StringLit,
     pub revision: Option<StringLit>,
+    /// `lora("./adapter", base: MODEL)`: the model the adapter applies to.
+    pub lora_base: Option<Path>,
 }
 
 /// `data NAME = KIND("arg") { options }`.

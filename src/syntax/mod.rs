@@ -276,6 +276,7 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::let_decl => "`let`",
         Rule::base_decl => "`base`",
         Rule::model_decl => "`model`",
+        Rule::lora_call | Rule::lora_kw => "`lora(\"DIR\", base: MODEL)`",
         Rule::data_decl => "`data`",
         Rule::merge_decl => "`merge`",
         Rule::stage_decl => "`stage`",
@@ -554,7 +555,16 @@ impl Builder<'_> {
             }
             Rule::base_decl | Rule::model_decl => {
                 let name = self.ident(it.next().expect_pair());
-                let source = self.string(it.next().expect_pair());
+                let next = it.next().expect_pair();
+                let (source, lora_base) = if next.as_rule() == Rule::lora_call {
+                    let mut parts = next
+                        .into_inner()
+                        .filter(|p| matches!(p.as_rule(), Rule::string | Rule::path));
+                    let source = self.string(parts.next().expect_pair());
+                    (source, Some(self.path(parts.next().expect_pair())))
+                } else {
+                    (self.string(next), None)
+                };
                 let revision = it
                     .next()
                     .and_then(|r| r.into_inner().next())
@@ -564,6 +574,7 @@ impl Builder<'_> {
                     name,
                     source,
                     revision,
+                    lora_base,
                 })
             }
             Rule::data_decl => {

@@ -257,4 +257,8 @@ fn import_maps_mergekit_configs_and_says_what_it_cannot() {
         "import_ties_example",
         obim().args(["import", "examples/mergekit/ties.yml"])
     );
+    assert_cmd_snapshot!(
+        "import_lora",
+        obim().args(["import", "tests/imports/lora.yml"])
+    );
 }

@@ -7,6 +7,7 @@ mod common;
 mod docs;
 mod forward;
 mod hub;
+mod lora;
 mod mergekit;
 mod mutations;
 mod obd;
