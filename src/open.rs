@@ -198,8 +198,18 @@ fn slice_bounds(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
                 .filter_map(|n| crate::pattern::layer_index(n))
                 .max()
                 .map_or(0, |i| i + 1);
-            if source.end > layers {
-                let name = model.map_or("", |m| recipe.input_name(m));
+            let name = model.map_or("", |m| recipe.input_name(m));
+            if layers == 0 {
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::E0039,
+                        source.span,
+                        format!("obim finds no decoder layers in `{name}`"),
+                    )
+                    .label("no tensor named `*.layers.N.*`")
+                    .help("slices need Llama-style layer names (`model.layers.N.`), as Llama, Mistral and Qwen2 checkpoints have"),
+                );
+            } else if source.end > layers {
                 diagnostics.push(
                     Diagnostic::new(
                         Code::E0039,

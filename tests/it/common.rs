@@ -25,3 +25,40 @@ pub fn temp(name: &str) -> PathBuf {
 pub fn demo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
 }
+
+/// Every tensor of a safetensors file, as f32.
+pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let (_, tensors) = obim::checkpoint::read_header(path).expect("a readable header");
+    let bytes = std::fs::read(path).expect("a readable file");
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let range =
+                (t.data_start + t.offsets.0) as usize..(t.data_start + t.offsets.1) as usize;
+            let values = obim::tensors::to_f32(&bytes[range], t.dtype).expect("a float tensor");
+            (name, values)
+        })
+        .collect()
+}
+
+/// Compiles `recipe`, which must check, and runs it on the CPU with
+/// `--force`, caching in `cache`.
+pub fn run_recipe(recipe: &Path, cache: &Path) -> Result<(), obim::exec::ExecError> {
+    let c = obim::compile_file(recipe).expect("a readable recipe");
+    assert!(
+        !c.has_errors(),
+        "{}",
+        obim::diagnostic::render(&c.diagnostics, &c.sources, false)
+    );
+    let plan = c.plan().expect("a plan");
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).expect("the CPU");
+    let options = obim::exec::RunOptions {
+        force: true,
+        cancel: &cancel,
+        cache: cache.to_path_buf(),
+        device: &device,
+        allow_non_finite: false,
+    };
+    obim::exec::run(&c, &plan, &options, &mut |_| {})
+}

@@ -12,39 +12,13 @@ use obim::model::ModelConfig;
 use obim::model::blocks::{Sequence, Transformer, Weights};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 
 fn read(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let (_, tensors) = obim::checkpoint::read_header(path).unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    tensors
-        .into_iter()
-        .map(|(name, t)| {
-            let range =
-                (t.data_start + t.offsets.0) as usize..(t.data_start + t.offsets.1) as usize;
-            (name, obim::tensors::to_f32(&bytes[range], t.dtype).unwrap())
-        })
-        .collect()
+    crate::common::read_tensors(path)
 }
 
 fn run(recipe: &Path) {
-    let c = obim::compile_file(recipe).unwrap();
-    assert!(
-        !c.has_errors(),
-        "{}",
-        obim::diagnostic::render(&c.diagnostics, &c.sources, false)
-    );
-    let plan = c.plan().unwrap();
-    let cancel = AtomicBool::new(false);
-    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).unwrap();
-    let options = obim::exec::RunOptions {
-        force: true,
-        cancel: &cancel,
-        cache: std::env::temp_dir(),
-        device: &device,
-        allow_non_finite: false,
-    };
-    obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap();
+    crate::common::run_recipe(recipe, &std::env::temp_dir()).unwrap();
 }
 
 fn check(name: &str) {

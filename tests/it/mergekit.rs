@@ -15,43 +15,17 @@
 use obim::checkpoint::read_header;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 const DIR: &str = "tests/goldens/mergekit";
 
 fn read(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let (_, tensors) = read_header(path).unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    tensors
-        .into_iter()
-        .map(|(name, t)| {
-            let range =
-                (t.data_start + t.offsets.0) as usize..(t.data_start + t.offsets.1) as usize;
-            (name, obim::tensors::to_f32(&bytes[range], t.dtype).unwrap())
-        })
-        .collect()
+    crate::common::read_tensors(path)
 }
 
 /// Runs `DIR/NAME.obim` and returns the merged tensors.
 fn run(name: &str) -> BTreeMap<String, Vec<f32>> {
     let recipe = PathBuf::from(format!("{DIR}/{name}.obim"));
-    let c = obim::compile_file(&recipe).unwrap();
-    assert!(
-        !c.has_errors(),
-        "{}",
-        obim::diagnostic::render(&c.diagnostics, &c.sources, false)
-    );
-    let plan = c.plan().unwrap();
-    let cancel = AtomicBool::new(false);
-    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).unwrap();
-    let options = obim::exec::RunOptions {
-        force: true,
-        cancel: &cancel,
-        cache: std::env::temp_dir(),
-        device: &device,
-        allow_non_finite: false,
-    };
-    obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap();
+    crate::common::run_recipe(&recipe, &std::env::temp_dir()).unwrap();
     read(
         &Path::new(DIR)
             .join("out")
@@ -480,19 +454,7 @@ fn stacked_embeddings_and_head_from_a_named_model() {
         ),
     )
     .unwrap();
-    let c = obim::compile_file(&recipe).unwrap();
-    assert!(!c.has_errors());
-    let plan = c.plan().unwrap();
-    let cancel = AtomicBool::new(false);
-    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).unwrap();
-    let options = obim::exec::RunOptions {
-        force: true,
-        cancel: &cancel,
-        cache: dir.join("cache"),
-        device: &device,
-        allow_non_finite: false,
-    };
-    obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap();
+    crate::common::run_recipe(&recipe, &dir.join("cache")).unwrap();
     let out = read(&dir.join("out/model.safetensors"));
     let a = read(&deep.join("a/model.safetensors"));
     let b = read(&deep.join("b/model.safetensors"));
@@ -584,23 +546,7 @@ fn tied_in_plan(recipe: &Path) -> std::collections::HashSet<(String, usize)> {
 
 /// Runs a recipe (its one output) and returns the written tensors.
 fn run_recipe(recipe: &Path, output: &Path) -> BTreeMap<String, Vec<f32>> {
-    let c = obim::compile_file(recipe).unwrap();
-    assert!(
-        !c.has_errors(),
-        "{}",
-        obim::diagnostic::render(&c.diagnostics, &c.sources, false)
-    );
-    let plan = c.plan().unwrap();
-    let cancel = AtomicBool::new(false);
-    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).unwrap();
-    let options = obim::exec::RunOptions {
-        force: true,
-        cancel: &cancel,
-        cache: std::env::temp_dir(),
-        device: &device,
-        allow_non_finite: false,
-    };
-    obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap();
+    crate::common::run_recipe(recipe, &std::env::temp_dir()).unwrap();
     read(&output.join("model.safetensors"))
 }
 
@@ -706,17 +652,7 @@ fn a_merge_that_produces_nan_fails() {
             .iter()
             .any(|d| d.code == obim::codes::Code::W0006)
     );
-    let plan = c.plan().unwrap();
-    let cancel = AtomicBool::new(false);
-    let device = obim::device::Device::open(obim::device::DeviceRequest::Cpu).unwrap();
-    let options = obim::exec::RunOptions {
-        force: true,
-        cancel: &cancel,
-        cache: dir.join("cache"),
-        device: &device,
-        allow_non_finite: false,
-    };
-    let err = obim::exec::run(&c, &plan, &options, &mut |_| {}).unwrap_err();
+    let err = crate::common::run_recipe(&recipe, &dir.join("cache")).unwrap_err();
     assert!(
         obim::errors::with_causes(&err).contains("not finite"),
         "{err}"
