@@ -4,7 +4,8 @@ the I/O floor. Prints a markdown table (wall time, peak RSS, obim/mergekit,
 obim/floor).
 
     python3 bench/run.py                 # every method (makes bench/.venv and bench/data first)
-    python3 bench/run.py ties karcher    # only the methods named
+    python3 bench/run.py ties karcher    # only the methods named (and the floors they need)
+    python3 bench/run.py floor           # only the floor
     python3 bench/run.py --list          # the method names
 
 Every input is read once untimed before each method, so all runs start with
@@ -251,7 +252,8 @@ def main():
     if args[:1] == ["--list"]:
         print("\n".join(METHODS))
         return
-    names = [a for a in args if a != "floor"] or list(METHODS)
+    # `floor` alone measures only the floor; no names: every method.
+    names = [a for a in args if a != "floor"] if args else list(METHODS)
     unknown = [a for a in names if a not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s): {', '.join(unknown)}; known: floor, {', '.join(METHODS)}")
