@@ -140,6 +140,18 @@ impl InputSettings {
         self.epsilon = over.epsilon.or(self.epsilon);
     }
 
+    /// The value of numeric setting `key` at this level.
+    pub fn number(&self, key: ParamName) -> Option<f64> {
+        match key {
+            ParamName::Weight => self.weight,
+            ParamName::Density => self.density,
+            ParamName::Retain => self.retain,
+            ParamName::Gamma => self.gamma,
+            ParamName::Epsilon => self.epsilon,
+            _ => None,
+        }
+    }
+
     /// The numeric setting `key`, if this is where it lives.
     pub fn number_mut(&mut self, key: ParamName) -> Option<&mut Option<f64>> {
         Some(match key {

@@ -11,7 +11,7 @@ use crate::methods::{Kind, Method, Param, ParamName, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
     AutoSite, Gradient, Input, InputRef, InputSettings, LayerRule, Merge, OrderSpec, ParamValue,
-    Saliency, Select, Settings, Slice, SliceSource, TakeFrom,
+    Saliency, Select, Settings, TakeFrom,
 };
 use crate::source::Span;
 use crate::syntax::ast::{self, Block, ExprKind, ItemKind, KeyValue, Stmt, StmtKind};
@@ -175,12 +175,12 @@ impl Checker<'_> {
 /// gathers on the way (input names, `auto` sites, the `select`, the `layers`
 /// rule being checked). Names are resolved and problems reported through the
 /// outer [`Checker`], which it borrows for as long as the merge is checked.
-struct MergeChecker<'c, 'p> {
-    checker: &'c mut Checker<'p>,
-    scope: Scope,
+pub(super) struct MergeChecker<'c, 'p> {
+    pub(super) checker: &'c mut Checker<'p>,
+    pub(super) scope: Scope,
     method: Method,
     /// Names of the inputs accepted so far, for `auto` labels.
-    inputs: Vec<String>,
+    pub(super) inputs: Vec<String>,
     /// The `layers` rule being checked; `None` at the merge level.
     current_rule: Option<RuleAt>,
     /// `auto` sites, in the order they were written.
@@ -215,7 +215,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
     }
 
-    fn report(&mut self, problem: Problem) {
+    pub(super) fn report(&mut self, problem: Problem) {
         self.checker.report(problem);
     }
 
@@ -767,102 +767,6 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
     }
 
-    /// `slice` statements: each source resolved to the base or an input (a
-    /// model named only in slices becomes an input), ranges of whole layers
-    /// of one length per slice, and as many sources as the method takes.
-    fn slices(&mut self, body: &[Stmt], merge: &mut Merge) {
-        for stmt in body {
-            let StmtKind::Slice(sources) = &stmt.kind else {
-                continue;
-            };
-            let bad = |this: &mut Self, span, issue| this.report(Problem::BadSlice { span, issue });
-            if merge.method == Method::Obim {
-                bad(self, stmt.span, SliceIssue::Obim);
-                continue;
-            }
-            let mut slice = Slice {
-                sources: Vec::new(),
-                span: stmt.span,
-            };
-            for source in sources {
-                let expr = ast::Expr {
-                    kind: ExprKind::Path(source.model.clone()),
-                    span: source.model.span,
-                };
-                let Some(model) = self.checker.input_ref(&self.scope, &expr) else {
-                    continue;
-                };
-                let input = if merge.base == Some(model) {
-                    None
-                } else if let Some(i) = merge.inputs.iter().position(|x| x.model == model) {
-                    Some(i)
-                } else {
-                    self.inputs.push(source.model.to_string());
-                    merge.inputs.push(Input {
-                        model,
-                        span: source.model.span,
-                    });
-                    Some(merge.inputs.len() - 1)
-                };
-                let whole = |n: f64| n >= 0.0 && n.fract() == 0.0 && n < 1e6;
-                let (start, end) = (source.start.0, source.end.0);
-                if !whole(start) || !whole(end) || start >= end {
-                    bad(
-                        self,
-                        source.start.1.to(source.end.1),
-                        SliceIssue::BadRange { start, end },
-                    );
-                    continue;
-                }
-                slice.sources.push(SliceSource {
-                    input,
-                    start: start as usize,
-                    end: end as usize,
-                    span: source.span,
-                });
-            }
-            // mergekit: a slice merges distinct models, and the merge's base
-            // is one of them whenever the merge has one.
-            for (k, source) in slice.sources.iter().enumerate() {
-                if slice.sources[..k].iter().any(|s| s.input == source.input) {
-                    bad(self, source.span, SliceIssue::Twice);
-                }
-            }
-            let complete = slice.sources.len() == sources.len();
-            if complete && merge.base.is_some() && slice.sources.iter().all(|s| s.input.is_some()) {
-                bad(self, stmt.span, SliceIssue::NoBase);
-            }
-            if let Some(first) = slice.sources.first().cloned() {
-                for other in &slice.sources[1..] {
-                    if other.end - other.start != first.end - first.start {
-                        bad(
-                            self,
-                            other.span,
-                            SliceIssue::Lengths {
-                                expected: first.end - first.start,
-                                found: other.end - other.start,
-                                first: first.span,
-                            },
-                        );
-                    }
-                }
-            }
-            let others = slice.sources.iter().filter(|s| s.input.is_some()).count();
-            let (min, max) = merge.method.input_count();
-            if complete && (others < min || max.is_some_and(|m| others > m)) {
-                bad(
-                    self,
-                    stmt.span,
-                    SliceIssue::SourceCount {
-                        method: merge.method,
-                        count: others,
-                    },
-                );
-            }
-            merge.slices.push(slice);
-        }
-    }
-
     /// `select by loss(data, ...)`, at the merge level only.
     fn select_stmt(&mut self, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
         if self.current_rule.is_some() {
@@ -1196,8 +1100,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                         .into_iter()
                         .flatten()
                     {
-                        let mut s = s.clone();
-                        values.extend(*s.number_mut(key).unwrap_or(&mut None));
+                        values.extend(s.number(key));
                     }
                     for g in level
                         .gradients

@@ -7,6 +7,7 @@
 mod decls;
 mod error;
 mod merge;
+mod slices;
 
 use crate::diagnostic::{self, Diagnostic};
 use crate::load::Program;

@@ -220,10 +220,11 @@ fn describe(out: &mut String, recipe: &Recipe, merge: &Merge, is_output: bool) {
                     .iter()
                     .find(|(k, _)| *k == p.key)
                     .map(|(_, v)| v),
-                Scope::Input => {
-                    let mut d = merge.settings.defaults.clone();
-                    d.number_mut(p.key).and_then(|v| v.map(ParamValue::Number))
-                }
+                Scope::Input => merge
+                    .settings
+                    .defaults
+                    .number(p.key)
+                    .map(ParamValue::Number),
             };
             let gradient = merge
                 .settings

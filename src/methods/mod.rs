@@ -231,6 +231,38 @@ const SEED: Param = p(
     "seed of the random keep masks of DARE and DELLA (obim extension)",
 );
 
+/// The parameters of mergekit's generalized task arithmetic, with the
+/// method's defaults of `normalize` and `rescale`.
+const fn task_vectors(normalize_by_default: bool, rescale_by_default: bool) -> [Param; 7] {
+    [
+        BASE,
+        WEIGHT,
+        DENSITY,
+        normalize(normalize_by_default),
+        rescale(rescale_by_default),
+        LAMBDA,
+        INT8_MASK,
+    ]
+}
+
+/// [`task_vectors`] followed by the method's own parameters (`M` = 7 + `N`,
+/// checked when the table is built).
+const fn task_vectors_and<const N: usize, const M: usize>(
+    normalize_by_default: bool,
+    rescale_by_default: bool,
+    own: [Param; N],
+) -> [Param; M] {
+    assert!(M == 7 + N, "M must be 7 + N");
+    let shared = task_vectors(normalize_by_default, rescale_by_default);
+    let mut all = [BASE; M];
+    let mut i = 0;
+    while i < M {
+        all[i] = if i < 7 { shared[i] } else { own[i - 7] };
+        i += 1;
+    }
+    all
+}
+
 const fn normalize(default: bool) -> Param {
     p(
         ParamName::Normalize,
@@ -376,66 +408,13 @@ impl Method {
                 "multiplies the kept deltas (1.0: OBIM as published)",
             ),
         ];
-        const TASK_ARITHMETIC: &[Param] = &[
-            BASE,
-            WEIGHT,
-            DENSITY,
-            normalize(false),
-            rescale(false),
-            LAMBDA,
-            INT8_MASK,
-        ];
-        const TIES: &[Param] = &[
-            BASE,
-            WEIGHT,
-            DENSITY,
-            normalize(true),
-            rescale(false),
-            LAMBDA,
-            INT8_MASK,
-        ];
-        const DARE: &[Param] = &[
-            BASE,
-            WEIGHT,
-            DENSITY,
-            normalize(false),
-            rescale(true),
-            LAMBDA,
-            INT8_MASK,
-            SEED,
-        ];
-        const BREADCRUMBS: &[Param] = &[
-            BASE,
-            WEIGHT,
-            DENSITY,
-            normalize(false),
-            rescale(false),
-            LAMBDA,
-            INT8_MASK,
-            gamma(),
-        ];
-        const DELLA: &[Param] = &[
-            BASE,
-            WEIGHT,
-            DENSITY,
-            normalize(true),
-            rescale(true),
-            LAMBDA,
-            INT8_MASK,
-            della_epsilon(),
-            SEED,
-        ];
-        const DELLA_LINEAR: &[Param] = &[
-            BASE,
-            WEIGHT,
-            DENSITY,
-            normalize(false),
-            rescale(true),
-            LAMBDA,
-            INT8_MASK,
-            della_epsilon(),
-            SEED,
-        ];
+        const TASK_ARITHMETIC: &[Param] = &task_vectors(false, false);
+        const TIES: &[Param] = &task_vectors(true, false);
+        const DARE: &[Param] = &task_vectors_and::<1, 8>(false, true, [SEED]);
+        const BREADCRUMBS: &[Param] = &task_vectors_and::<1, 8>(false, false, [gamma()]);
+        const DELLA: &[Param] = &task_vectors_and::<2, 9>(true, true, [della_epsilon(), SEED]);
+        const DELLA_LINEAR: &[Param] =
+            &task_vectors_and::<2, 9>(false, true, [della_epsilon(), SEED]);
         const LINEAR: &[Param] = &[WEIGHT, normalize(true)];
         const SLERP: &[Param] = &[
             BASE,

@@ -62,3 +62,53 @@ pub fn run_recipe(recipe: &Path, cache: &Path) -> Result<(), obim::exec::ExecErr
     };
     obim::exec::run(&c, &plan, &options, &mut |_| {})
 }
+
+/// The logits of the checkpoint in `model` from obim's own forward pass,
+/// for the input ids of a reference file `{"input_ids": [[...]], "logits":
+/// ...}` written by a `tools/` script with transformers, and the reference
+/// logits (one row per position; a batch of one is unwrapped).
+pub fn logits_and_reference(model: &Path, reference: &Path) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
+    use obim::model::ModelConfig;
+    use obim::model::blocks::{Sequence, Transformer, Weights};
+    let info = obim::checkpoint::open_dir(model).expect("a checkpoint");
+    let transformer = Transformer::load(
+        ModelConfig::of(&info).expect("a config"),
+        &mut Weights::new(&info, candle_core::Device::Cpu),
+    )
+    .expect("weights");
+    let text = std::fs::read_to_string(reference).expect("a reference file");
+    let reference: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let ids: Vec<u32> = reference["input_ids"][0]
+        .as_array()
+        .expect("input ids")
+        .iter()
+        .map(|v| v.as_u64().expect("an id") as u32)
+        .collect();
+    let sequence = Sequence {
+        start: 0,
+        len: ids.len(),
+        pos: 0,
+    };
+    let ours: Vec<Vec<f32>> = transformer
+        .forward(&ids, &[sequence], None)
+        .expect("a forward pass")
+        .to_vec2()
+        .expect("logits");
+    let mut rows = &reference["logits"];
+    if rows[0][0].is_array() {
+        rows = &rows[0];
+    }
+    let expected = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("a row")
+                .iter()
+                .map(|v| v.as_f64().expect("a number"))
+                .collect()
+        })
+        .collect();
+    (ours, expected)
+}

@@ -8,8 +8,6 @@
     reason = "helpers of tests: a failure should stop the test loudly"
 )]
 
-use obim::model::ModelConfig;
-use obim::model::blocks::{Sequence, Transformer, Weights};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -48,41 +46,13 @@ fn check(name: &str) {
     let norm = "model.layers.0.input_layernorm.weight";
     assert_eq!(ours[norm], base[norm]);
     // The adapted model runs as transformers runs peft's merge.
-    let info = obim::checkpoint::open_dir(&out).unwrap();
-    let model = Transformer::load(
-        ModelConfig::of(&info).unwrap(),
-        &mut Weights::new(&info, candle_core::Device::Cpu),
-    )
-    .unwrap();
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(name).join("logits.json")).unwrap())
-            .unwrap();
-    let ids: Vec<u32> = reference["input_ids"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let logits: Vec<Vec<f32>> = model
-        .forward(
-            &ids,
-            &[Sequence {
-                start: 0,
-                len: ids.len(),
-                pos: 0,
-            }],
-            None,
-        )
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let (logits, reference) =
+        crate::common::logits_and_reference(&out, &dir.join(name).join("logits.json"));
+    assert_eq!(reference.len(), logits.len());
     let mut worst = 0f64;
-    // [batch][position][vocabulary]: the one sequence.
-    let rows = reference["logits"][0].as_array().unwrap();
-    assert_eq!(rows.len(), logits.len());
-    for (row, expected) in logits.iter().zip(rows) {
-        for (a, b) in row.iter().zip(expected.as_array().unwrap()) {
-            worst = worst.max((*a as f64 - b.as_f64().unwrap()).abs());
+    for (row, expected) in logits.iter().zip(&reference) {
+        for (a, b) in row.iter().zip(expected) {
+            worst = worst.max((*a as f64 - b).abs());
         }
     }
     assert!(

@@ -390,45 +390,18 @@ fn stacked_slices_equal_mergekit() {
 /// output gives `transformers`' logits (tools/mergekit_goldens.py wrote
 /// them from mergekit's output).
 fn stacked_model_runs_like_transformers() {
-    use obim::model::ModelConfig;
-    use obim::model::blocks::{Sequence, Transformer, Weights};
-    let dir = Path::new(DIR).join("out/deep_stack");
-    let info = obim::checkpoint::open_dir(&dir).unwrap();
-    let device = candle_core::Device::Cpu;
-    let model = Transformer::load(
-        ModelConfig::of(&info).unwrap(),
-        &mut Weights::new(&info, device),
-    )
-    .unwrap();
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(DIR).join("expected/deep_stack/logits.json")).unwrap(),
-    )
-    .unwrap();
-    let ids: Vec<u32> = reference["input_ids"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let sequence = Sequence {
-        start: 0,
-        len: ids.len(),
-        pos: 0,
-    };
-    let logits: Vec<Vec<f32>> = model
-        .forward(&ids, &[sequence], None)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let (logits, reference) = crate::common::logits_and_reference(
+        &Path::new(DIR).join("out/deep_stack"),
+        &Path::new(DIR).join("expected/deep_stack/logits.json"),
+    );
     let mut worst = 0f64;
-    for (row, expected) in logits.iter().zip(reference["logits"].as_array().unwrap()) {
-        for (a, b) in row.iter().zip(expected.as_array().unwrap()) {
-            let b = b.as_f64().unwrap();
+    for (row, expected) in logits.iter().zip(&reference) {
+        for (a, b) in row.iter().zip(expected) {
             // The reference is rounded to 6 significant digits.
             worst = worst.max((*a as f64 - b).abs() / b.abs().max(1e-3));
         }
     }
-    assert_eq!(logits.len(), ids.len());
+    assert_eq!(logits.len(), reference.len());
     assert!(
         worst < 1e-4,
         "logits differ from transformers' by {worst} (relative)"
