@@ -409,6 +409,38 @@ model). A LoRA input cannot have `using` calibration data yet.
     model chat = lora("./adapters/chat", base: llama)
     merge m = ties(base: llama) { chat weight 1 density 0.5 }"#;
 
+E0042 => "vocabulary cannot be built", r#"An output with `tokenizer union`, `tokenizer base` or `tokenizer MODEL` gets a
+vocabulary built from its merge's models' tokenizers (`tokenizer.json`), and
+every model's embedding and head rows are put at their token's id in it, as
+mergekit's `tokenizer_source` does. The tokenizer the output starts from (the
+base's, or the model's) must be readable; a model whose tokenizer cannot be
+read is taken to have the first model's tokens, as mergekit assumes the
+base's. A `token ... from MODEL` line needs MODEL among the merge's models and
+the token (or id) in its tokenizer.
+
+    output m -> "out/m" { tokenizer union }    # the base needs tokenizer.json
+
+Fix: give the models their tokenizer files (as `save_pretrained` writes
+them), or take the row from a model that has the token."#;
+
+E0043 => "bad tokenizer option", r#"An output's tokenizer options say which vocabulary the merged model gets and
+what its tokenizer files hold:
+
+    output m -> "out/m" {
+        tokenizer union           # or `base`, or a model: the vocabulary
+        pad_to_multiple_of 64     # embedding rows padded (mean of the rows)
+        chat_template chatml      # or auto, or "{% for m in messages %}..."
+        token "<|im_end|>" from chat          # chat's row of that token
+        token "<|tool|>" from chat "<eos>"    # chat's row of another token
+        token "<pad>" zero force              # zeros, for every model
+    }
+
+`token` lines and `pad_to_multiple_of` need `tokenizer union`, `base` or a
+model (mergekit's `tokenizer:` block defaults to union; obim asks for it). A
+token is given once; `from MODEL ID` takes a whole number; a chat template is
+`auto` (the template most models have), a name (alpaca, chatml, exaone,
+llama3, mistral) or Jinja text."#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot

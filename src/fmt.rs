@@ -226,12 +226,36 @@ impl Formatter<'_> {
                 );
                 self.with_params(head, s.method_params.as_ref())
             }
-            ItemKind::Output(o) => format!(
+            ItemKind::Output(o) if o.tokens.is_empty() => format!(
                 "output {} -> {}{}",
                 o.merge,
                 self.slice(o.path.span),
                 self.options(o.options.as_ref(), true)
             ),
+            // With `token` lines: one option or token per line.
+            ItemKind::Output(o) => {
+                let options = o.options.iter().flat_map(|b| &b.items).map(|kv| {
+                    let one = Block {
+                        items: vec![kv.clone()],
+                        span: kv.span,
+                    };
+                    let text = self.options(Some(&one), true);
+                    text.trim_start_matches(" { ")
+                        .trim_end_matches(" }")
+                        .to_string()
+                });
+                let tokens = o.tokens.iter().map(|t| self.token(t));
+                let lines: Vec<String> = options
+                    .chain(tokens)
+                    .map(|line| format!("{INDENT}{line}\n"))
+                    .collect();
+                format!(
+                    "output {} -> {} {{\n{}}}",
+                    o.merge,
+                    self.slice(o.path.span),
+                    lines.concat()
+                )
+            }
         }
     }
 
@@ -258,6 +282,25 @@ impl Formatter<'_> {
             }
             _ => String::new(),
         }
+    }
+
+    /// `token "TEXT" [zero | from MODEL [TOKEN]] [force]`.
+    fn token(&self, t: &TokenDecl) -> String {
+        let mut line = format!("token {}", self.slice(t.token.span));
+        match &t.source {
+            None => {}
+            Some(TokenSourceDecl::Zero) => line.push_str(" zero"),
+            Some(TokenSourceDecl::From { model, token }) => {
+                line.push_str(&format!(" from {model}"));
+                if let Some(token) = token {
+                    line.push_str(&format!(" {}", self.expr(token)));
+                }
+            }
+        }
+        if t.force {
+            line.push_str(" force");
+        }
+        line
     }
 
     /// `head(params)`, one parameter per line when the line would be too long.

@@ -29,6 +29,7 @@ pub mod staging;
 pub mod stdlib;
 pub mod syntax;
 pub mod tensors;
+pub mod vocab;
 
 pub use check::Limits;
 use diagnostic::Diagnostic;

@@ -14,6 +14,11 @@ use crate::model::ModelConfig;
 use crate::recipe::{DataKind, InputRef, ModelId, ModelSource, Recipe};
 use std::collections::HashSet;
 
+use crate::recipe::MergeId;
+use crate::vocab::{VocabError, VocabSource, Vocabulary};
+use std::collections::HashMap;
+use std::sync::Arc;
+
 /// What `open` found for each model of the recipe (indexed by [`ModelId`]).
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
@@ -21,6 +26,9 @@ pub struct Inventory {
     /// Per model: its LoRA adapter (a `lora(...)` model; its `models` entry
     /// is its base's checkpoint).
     pub adapters: Vec<Option<std::sync::Arc<crate::lora::Adapter>>>,
+    /// Per merge written with `tokenizer union | base | MODEL`: its output
+    /// vocabulary and how each model's rows map onto it.
+    pub vocabularies: HashMap<MergeId, Arc<Vocabulary>>,
 }
 
 impl Inventory {
@@ -144,11 +152,102 @@ pub fn open(recipe: &Recipe) -> (Inventory, Vec<Diagnostic>) {
             ),
         }
     }
-    let inventory = Inventory { models, adapters };
+    let mut inventory = Inventory {
+        models,
+        adapters,
+        vocabularies: Default::default(),
+    };
+    diagnostics.extend(vocabularies(recipe, &mut inventory));
     diagnostics.extend(compatibility(recipe, &inventory));
     diagnostics.extend(calibration(recipe, &inventory));
     diagnostics.extend(slice_bounds(recipe, &inventory));
     (inventory, diagnostics)
+}
+
+/// Builds the vocabulary of every output with `tokenizer union | base |
+/// MODEL` (E0042 where it cannot be built; E0043 for one merge written
+/// twice with different vocabularies).
+fn vocabularies(recipe: &Recipe, inventory: &mut Inventory) -> Vec<Diagnostic> {
+    let mut diagnostics = Vec::new();
+    for (i, output) in recipe.outputs.iter().enumerate() {
+        let Some(spec) = &output.vocabulary else {
+            continue;
+        };
+        let name = &recipe.merges[output.merge.0].name;
+        // The merge's tensors have one vocabulary: every output of it asks for it.
+        let same_merge = |o: &&crate::recipe::Output| o.merge == output.merge;
+        let first = recipe
+            .outputs
+            .iter()
+            .position(|o| same_merge(&o) && o.vocabulary.is_some());
+        if first != Some(i) {
+            continue;
+        }
+        for other in recipe.outputs.iter().filter(same_merge) {
+            if other.vocabulary.as_ref() != Some(spec) {
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::E0043,
+                        other.span,
+                        format!("`{name}` is written with two vocabularies"),
+                    )
+                    .label("this output's tokenizer options differ")
+                    .with(output.span, "from this output's")
+                    .help("give every output of the merge the same `tokenizer`, `pad_to_multiple_of` and `token` lines, or merge twice under two names"),
+                );
+            }
+        }
+        match vocabulary(recipe, inventory, output.merge, spec) {
+            Some(Ok(v)) => {
+                inventory.vocabularies.insert(output.merge, Arc::new(v));
+            }
+            Some(Err(e)) => {
+                let span = e.span().unwrap_or(output.span);
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::E0042,
+                        span,
+                        format!("cannot build the vocabulary of `{name}`"),
+                    )
+                    .label(crate::errors::with_causes(&e))
+                    .help(match e {
+                        VocabError::Tokenizer { .. } => "the output's tokenizer comes from there: give that model its tokenizer.json, or choose another `tokenizer`",
+                        VocabError::NotAnInput { .. } => "take the row from the base or one of the merge's inputs",
+                        VocabError::NoSuchToken { .. } => "name a token that model's tokenizer has (its tokenizer.json), or an id below its vocabulary size",
+                    }),
+                );
+            }
+            None => {}
+        }
+    }
+    diagnostics
+}
+
+/// The vocabulary of merge `id` as `spec` asks, from its models'
+/// tokenizers (`None` while a model is not available).
+fn vocabulary(
+    recipe: &Recipe,
+    inventory: &Inventory,
+    id: MergeId,
+    spec: &crate::vocab::VocabSpec,
+) -> Option<Result<Vocabulary, VocabError>> {
+    let merge = &recipe.merges[id.0];
+    let base = merge.base.and_then(|b| recipe.shape_source(b));
+    let mut models: Vec<(ModelId, &ModelInfo)> = Vec::new();
+    for dep in merge.dependencies() {
+        let m = recipe.shape_source(dep)?;
+        if !models.iter().any(|(id, _)| *id == m) {
+            models.push((m, inventory.get(m)?));
+        }
+    }
+    let source_model = match spec.source {
+        VocabSource::Model(m) => m,
+        VocabSource::Base | VocabSource::Union => {
+            merge.shape_input().and_then(|b| recipe.shape_source(b))?
+        }
+    };
+    let source_info = inventory.get(source_model)?;
+    Some(Vocabulary::build(&models, base, spec, source_info))
 }
 
 /// Slice ranges within their model's layers (E0039), where the model's
@@ -320,11 +419,17 @@ fn calibration(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
 /// against the base's tensor names.
 fn compatibility(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
     let mut diagnostics = Vec::new();
-    let mut reported: HashSet<(ModelId, ModelId)> = HashSet::new();
-    for merge in &recipe.merges {
+    let mut reported: HashSet<(ModelId, ModelId, bool)> = HashSet::new();
+    for (m, merge) in recipe.merges.iter().enumerate() {
         let Some(base_id) = merge.shape_input().and_then(|b| recipe.shape_source(b)) else {
             continue;
         };
+        // With an output vocabulary, token rows are aligned by token (one
+        // that cannot be built has its own error).
+        let aligned = recipe
+            .outputs
+            .iter()
+            .any(|o| o.merge == MergeId(m) && o.vocabulary.is_some());
         let Some(base) = inventory.get(base_id) else {
             continue;
         };
@@ -332,11 +437,11 @@ fn compatibility(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
             let Some(id) = recipe.shape_source(input.model) else {
                 continue;
             };
-            if id == base_id || !reported.insert((id, base_id)) {
+            if id == base_id || !reported.insert((id, base_id, aligned)) {
                 continue;
             }
             if let Some(info) = inventory.get(id) {
-                diagnostics.extend(against_base(recipe, (id, info), (base_id, base)));
+                diagnostics.extend(against_base(recipe, (id, info), (base_id, base), aligned));
             }
         }
         diagnostics.extend(unmatched_patterns(
@@ -354,6 +459,7 @@ fn against_base(
     recipe: &Recipe,
     (id, info): (ModelId, &ModelInfo),
     (base_id, base): (ModelId, &ModelInfo),
+    aligned_vocabulary: bool,
 ) -> Vec<Diagnostic> {
     let mut diagnostics = Vec::new();
     let base_name = &recipe.models[base_id.0].name;
@@ -432,13 +538,25 @@ fn against_base(
             info.tensors
                 .get(n)
                 .filter(|o| o.shape != t.shape)
+                // With a vocabulary, token rows are aligned: only the width must agree.
+                .filter(|o| {
+                    !(aligned_vocabulary
+                        && crate::vocab::is_vocabulary_tensor(n)
+                        && o.shape.get(1..) == t.shape.get(1..))
+                })
                 .map(|o| format!("`{n}`: {:?} here, {:?} in the base", o.shape, t.shape))
         })
         .collect();
     if !mismatched.is_empty() {
-        let vocab = mismatched
-            .iter()
-            .any(|m| m.contains("embed_tokens") || m.contains("lm_head"));
+        // Only token rows differ: a fine-tune that added tokens.
+        let vocab = !aligned_vocabulary
+            && base.tensors.iter().all(|(n, t)| {
+                info.tensors.get(n).is_none_or(|o| {
+                    o.shape == t.shape
+                        || (crate::vocab::is_vocabulary_tensor(n)
+                            && o.shape.get(1..) == t.shape.get(1..))
+                })
+            });
         let mut d = Diagnostic::new(
             Code::E0025,
             model.span,
@@ -458,7 +576,7 @@ fn against_base(
             d = d.note(format!("and {} more", mismatched.len() - 5));
         }
         if vocab {
-            d = d.help("the vocabulary sizes differ; obim does not resize vocabularies yet (mergekit's `tokenizer_source` is out of scope for now)");
+            d = d.help("only the token rows differ (added tokens?): give the merge's output `tokenizer union` (or `tokenizer base`, or a model) to align the rows by token, as mergekit's `tokenizer_source`");
         }
         diagnostics.push(d);
     }

@@ -430,6 +430,12 @@ pub struct Output {
     pub shard_size: u64,
     /// Where the tokenizer files come from (`None`: the base).
     pub tokenizer: Option<InputRef>,
+    /// `tokenizer union | base | MODEL` (with `token` lines and
+    /// `pad_to_multiple_of`): the merge's tokens are put in this vocabulary,
+    /// rows aligned by token (`None`: the base's tensors as they are).
+    pub vocabulary: Option<crate::vocab::VocabSpec>,
+    /// `chat_template NAME | auto | "TEXT"`: written into the tokenizer files.
+    pub chat_template: Option<crate::vocab::ChatTemplate>,
     pub span: Span,
 }
 

@@ -89,6 +89,30 @@ MERGES = {
         "tokenizer_source": "union",
         **COMMON,
     },
+    # The `tokenizer:` block's other keys: per-token sources (a zero row, a
+    # model's row of another token by text or by id, a token no model has),
+    # `force`, `pad_to_multiple_of`; and a named chat template.
+    "tokens_block": {
+        "merge_method": "linear",
+        "models": [{"model": "./base", "parameters": {"weight": 1.0}},
+                   {"model": "./tools", "parameters": {"weight": 1.0}},
+                   {"model": "./chat", "parameters": {"weight": 1.0}}],
+        "tokenizer": {
+            "source": "union",
+            "pad_to_multiple_of": 8,
+            "tokens": {
+                "<tool_call>": {"source": {"kind": "model_token", "model": "./chat",
+                                           "token": "<|user|>"}, "force": True},
+                "<pad>": {"source": {"kind": "zero"}, "force": True},
+                "<|assistant|>": {"source": {"kind": "model_token", "model": "./base",
+                                             "token_id": 5}},
+                "<|new|>": {"source": {"kind": "model_token", "model": "./tools",
+                                       "token": "<tool_call>"}},
+            },
+        },
+        "chat_template": "chatml",
+        **COMMON,
+    },
     "model_source": {
         "merge_method": "linear",
         "models": [{"model": "./tools", "parameters": {"weight": 1.0}},
@@ -265,8 +289,11 @@ def check(name):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rows = model.get_input_embeddings().weight.shape[0]
     head_rows = model.get_output_embeddings().weight.shape[0]
-    assert len(tok) == rows == head_rows == model.config.vocab_size, (name, len(tok), rows, head_rows,
+    pad = (MERGES[name].get("tokenizer") or {}).get("pad_to_multiple_of") or 1
+    # Padded rows (pad_to_multiple_of) are past the tokenizer's tokens.
+    assert len(tok) <= rows == head_rows == model.config.vocab_size, (name, len(tok), rows, head_rows,
                                                                          model.config.vocab_size)
+    assert rows == -(-len(tok) // pad) * pad, (name, len(tok), rows, pad)
     vocab = tok.get_vocab()
     return {"vocab_size": rows, "added_token_ids": {t: vocab[t] for t in ADDED if t in vocab},
             "files": sorted(os.listdir(path))}

@@ -156,7 +156,7 @@ impl Checker<'_> {
         }
     }
 
-    fn positive_int(&mut self, scope: &Scope, option: &KeyValue) -> Option<u64> {
+    pub(super) fn positive_int(&mut self, scope: &Scope, option: &KeyValue) -> Option<u64> {
         let n = self.number(scope, &option.value, "a positive integer")?;
         if n >= 1.0 && n.fract() == 0.0 && n <= 1e15 {
             return Some(n as u64);
@@ -247,6 +247,8 @@ impl Checker<'_> {
                 dtype: None,
                 shard_size: DEFAULT_SHARD_SIZE,
                 tokenizer: None,
+                vocabulary: None,
+                chat_template: None,
                 span: decl.path.span,
             };
             for option in decl.options.iter().flat_map(|b| &b.items) {
@@ -267,14 +269,21 @@ impl Checker<'_> {
                             }
                         }
                     }
-                    "tokenizer" => output.tokenizer = self.input_ref(&scope, &option.value),
+                    key if super::tokenizer::TOKENIZER_OPTIONS.contains(&key) => {}
                     _ => self.unknown_option(
                         option,
-                        &["dtype", "shard_size", "tokenizer"],
+                        &[
+                            "dtype",
+                            "shard_size",
+                            "tokenizer",
+                            "pad_to_multiple_of",
+                            "chat_template",
+                        ],
                         "output option",
                     ),
                 }
             }
+            self.output_tokenizer(&scope, decl, &mut output);
             if merge.is_some() {
                 self.recipe.outputs.push(output);
             }

@@ -112,6 +112,8 @@ pub(super) enum Problem {
     BadLora { span: Span, issue: LoraIssue },
     /// A `slice` that cannot be built (E0039).
     BadSlice { span: Span, issue: SliceIssue },
+    /// An output's tokenizer option that cannot be (E0043).
+    BadTokenizerOption { span: Span, issue: TokenizerIssue },
     /// DELLA's density ± epsilon outside (0, 1) (E0038).
     DellaProbabilities {
         span: Span,
@@ -358,6 +360,22 @@ pub enum LoraIssue {
     Calibrated,
 }
 
+/// What is wrong with an output's tokenizer options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizerIssue {
+    /// `token` or `pad_to_multiple_of` without `tokenizer union | base | MODEL`.
+    NoVocabulary { option: &'static str },
+    /// The same token in two `token` lines.
+    Repeated { token: String, first: Span },
+    /// `from MODEL ID` with an ID that is no token id.
+    BadId { value: f64 },
+    /// A `chat_template` that is neither a known name nor a template.
+    UnknownTemplate {
+        text: String,
+        suggestion: Option<String>,
+    },
+}
+
 /// What is wrong with a `slice`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SliceIssue {
@@ -598,6 +616,42 @@ impl Problem {
                     LoraIssue::Calibrated => d("a LoRA model cannot be calibrated yet")
                         .label("`using` data on a LoRA input")
                         .help("use `saliency magnitude` for this merge, or merge the adapter into its base first"),
+                }
+            }
+            Problem::BadTokenizerOption { span, issue } => {
+                let d = |message: String| Diagnostic::new(Code::E0043, span, message);
+                match issue {
+                    TokenizerIssue::NoVocabulary { option } => {
+                        d(format!("`{option}` needs an output vocabulary"))
+                            .label("no `tokenizer union`, `base` or model in this output")
+                            .help("add `tokenizer union` (what mergekit's `tokenizer:` block uses by default), `tokenizer base` or `tokenizer MODEL`")
+                    }
+                    TokenizerIssue::Repeated { token, first } => {
+                        d(format!("token {token:?} is given twice"))
+                            .label("again here")
+                            .with(first, "first here")
+                            .help("keep one `token` line per token")
+                    }
+                    TokenizerIssue::BadId { value } => {
+                        d(format!("`{value}` is not a token id"))
+                            .label("expected a whole number from 0")
+                            .help("give the id of a token in that model's tokenizer, or the token's text in quotes")
+                    }
+                    TokenizerIssue::UnknownTemplate { text, suggestion } => {
+                        let diagnostic = d(format!("`{text}` is neither a chat template name nor a template"))
+                            .label(format!(
+                                "known names: `auto`, {}",
+                                crate::vocab::CHAT_TEMPLATES
+                                    .iter()
+                                    .map(|(n, _)| format!("`{n}`"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ));
+                        match suggestion {
+                            Some(s) => diagnostic.help(format!("did you mean `{s}`?")),
+                            None => diagnostic.help("a template is Jinja text with `{{ ... }}` or `{% ... %}`, as `tokenizer_config.json`'s `chat_template`"),
+                        }
+                    }
                 }
             }
             Problem::BadSlice { span, issue } => {

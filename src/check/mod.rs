@@ -8,6 +8,7 @@ mod decls;
 mod error;
 mod merge;
 mod slices;
+mod tokenizer;
 
 use crate::diagnostic::{self, Diagnostic};
 use crate::load::Program;

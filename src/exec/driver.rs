@@ -297,6 +297,8 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
                 dtype: Some(Dtype::F32),
                 shard_size: u64::MAX,
                 tokenizer: None,
+                vocabulary: None,
+                chat_template: None,
                 span: self.c.recipe.merges[merge.0].span,
             };
             let forced = RunOptions {

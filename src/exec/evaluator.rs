@@ -12,6 +12,7 @@ use crate::merge::{self, Merged, TensorContext};
 use crate::plan::{Op, Plan, PlannedTensor};
 use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Saliency, TakeFrom};
 use crate::tensors::{self, Shards, Values};
+use crate::vocab::Vocabulary;
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -310,6 +311,10 @@ impl<'a> Evaluator<'a> {
         let merge = &self.c.recipe.merges[id.0];
         let planned = self.planned(id, name).ok()?;
         let pointwise = merge::Pointwise::of(&planned.op)?;
+        if self.vocabulary(id, name).is_some() {
+            // Token rows are aligned first.
+            return None;
+        }
         let operands: Vec<(InputRef, String)> = match &planned.sources {
             None => {
                 let base = if pointwise.uses_base() {
@@ -375,8 +380,12 @@ impl<'a> Evaluator<'a> {
             Op::Take(from) => Some(from),
             _ => None,
         };
-        // A `take` needs only the tensor it takes.
-        let wanted = |i: usize| take.is_none_or(|t| t == TakeFrom::Input(i));
+        // An output vocabulary: every operand's token rows are aligned.
+        let vocabulary = self.vocabulary(id, name);
+        // A `take` needs only the tensor it takes (and, aligning token
+        // rows, the others, whose rows fill tokens that one lacks).
+        let wanted =
+            |i: usize| vocabulary.is_some() || take.is_none_or(|t| t == TakeFrom::Input(i));
         // Each operand's model and the tensor's name there (a stacked
         // merge reads another layer, and only the slice's sources).
         type Operand = (InputRef, String);
@@ -397,8 +406,15 @@ impl<'a> Evaluator<'a> {
                     .collect(),
             ),
         };
+        let operand_models: Vec<InputRef> = base_source
+            .iter()
+            .chain(&input_sources)
+            .map(|(m, _)| *m)
+            .collect();
         let base = match base_source {
-            Some((b, source)) if take.is_none_or(|t| t == TakeFrom::Base) => {
+            Some((b, source))
+                if vocabulary.is_some() || take.is_none_or(|t| t == TakeFrom::Base) =>
+            {
                 Some(self.tensor(b, &source)?)
             }
             _ => None,
@@ -411,6 +427,17 @@ impl<'a> Evaluator<'a> {
                 Vec::new()
             });
         }
+        let (base, inputs) = match vocabulary {
+            Some(v) => self.aligned(
+                &v,
+                id,
+                name,
+                &planned.info.shape,
+                &operand_models,
+                (base, inputs),
+            )?,
+            None => (base, inputs),
+        };
         let obd = match &planned.op {
             Op::Obim(p) if p.saliency == Saliency::Obd => {
                 self.stats.obd(&self.c.recipe, merge, &p.using, name)?
@@ -448,6 +475,51 @@ impl<'a> Evaluator<'a> {
                 .insert(name.to_string(), won);
         }
         Ok(values)
+    }
+}
+
+/// One tensor of a merge's base (where it has one) and inputs, in order.
+type Operands = (Option<Vec<f32>>, Vec<Vec<f32>>);
+
+impl Evaluator<'_> {
+    /// The output vocabulary tensor `name` of merge `id` gets, where it has one.
+    fn vocabulary(&self, id: MergeId, name: &str) -> Option<Arc<Vocabulary>> {
+        self.c
+            .inventory
+            .vocabularies
+            .get(&id)
+            .filter(|_| crate::vocab::is_vocabulary_tensor(name))
+            .cloned()
+    }
+
+    /// The base's and inputs' token rows put at the output vocabulary's ids.
+    fn aligned(
+        &self,
+        vocabulary: &Vocabulary,
+        id: MergeId,
+        name: &str,
+        shape: &[usize],
+        models: &[InputRef],
+        (base, inputs): Operands,
+    ) -> Result<Operands, ExecError> {
+        let recipe = &self.c.recipe;
+        let merge = &recipe.merges[id.0];
+        let cols: usize = shape.iter().skip(1).product();
+        let has_base = base.is_some();
+        let mut operands: Vec<(ModelId, Vec<f32>)> = models
+            .iter()
+            .map(|m| recipe.shape_source(*m).unwrap_or(ModelId(0)))
+            .zip(base.into_iter().chain(inputs))
+            .collect();
+        vocabulary.align(&mut operands, cols).map_err(|reason| {
+            ExecError::Merge(merge::MergeError::Invalid {
+                tensor: name.to_string(),
+                reason: format!("aligning the token rows of `{}`: {reason}", merge.name),
+            })
+        })?;
+        let mut values = operands.into_iter().map(|(_, v)| v);
+        let base = if has_base { values.next() } else { None };
+        Ok((base, values.collect()))
     }
 }
 

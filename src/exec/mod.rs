@@ -10,6 +10,7 @@
 //! | `evaluator` | computing one tensor of a merge from its inputs (mmap'd reads, streamed pointwise merges, memoised shared inputs) |
 //! | `select` | scoring the candidates the driver hands it on held-out data, and choosing the winner |
 //! | `writer` | the shard-writing thread, `config.json`, side files and the typed [`Report`] |
+//! | `tokenizer` | the output vocabulary's `tokenizer.json` and added tokens, the chat template |
 //! | `error` | [`ExecError`]: typed runtime errors with codes and recipe spans |
 //! | `event` | [`Event`]s for the caller to draw; the back end never prints |
 
@@ -21,6 +22,7 @@ mod event;
 mod report;
 mod select;
 mod stats;
+mod tokenizer;
 mod writer;
 
 pub use driver::{OutputState, calibration_states, materialise_merge, output_states, run};

@@ -70,13 +70,16 @@ pub(super) fn write_output(
         .and_then(|t| c.recipe.shape_source(t))
         .and_then(|m| c.inventory.get(m))
         .map_or(&base.dir, |i| &i.dir);
+    let vocabulary = c.inventory.vocabularies.get(&output.merge);
     write_config(
         staging.dir(),
         base,
         dtype,
         &c.recipe.merges[output.merge.0].slices,
+        vocabulary.map(|v| v.size),
     )?;
     copy_side_files(&base.dir, tokenizer_dir, staging.dir())?;
+    super::tokenizer::write_tokenizer(c, output, vocabulary.map(|v| &**v), staging.dir())?;
     let bytes = shard_bytes(tensors, dtype);
     let root = c.sources.get(c.recipe.root);
     let report = Report {
@@ -285,17 +288,21 @@ fn stream(
     })
 }
 
-/// The base's config.json with the output dtype, and for a stacked merge
-/// its layers: `num_hidden_layers`, and every per-layer list (such as
+/// The base's config.json with the output dtype and vocabulary size, and
+/// for a stacked merge its layers: `num_hidden_layers`, and every per-layer list (such as
 /// `layer_types`) rebuilt from the layers the output's come from.
 fn write_config(
     dir: &Path,
     base: &ModelInfo,
     dtype: Dtype,
     slices: &[crate::recipe::Slice],
+    vocab_size: Option<usize>,
 ) -> Result<(), ExecError> {
     let mut config = base.config.clone();
     if let Some(object) = config.as_object_mut() {
+        if let Some(size) = vocab_size {
+            object.insert("vocab_size".into(), size.into());
+        }
         let from: Vec<usize> = slices
             .iter()
             .filter_map(|s| s.sources.first())

@@ -271,7 +271,7 @@ impl<'a> Importer<'a> {
             let _ = value;
             self.problems.push(what);
         }
-        for unsupported in ["modules", "tokenizer", "chat_template"] {
+        for unsupported in ["modules"] {
             if let Some((key, _)) = map.iter().find(|(k, _)| k.as_str() == unsupported) {
                 self.problems.push(ImportProblem::NotYet {
                     span: self.scalar_span(key, offset),
@@ -570,7 +570,8 @@ impl<'a> Importer<'a> {
         Some(self.output_options(map, offset))
     }
 
-    /// `dtype`, `out_dtype` and `tokenizer_source` as output options.
+    /// `dtype`, `out_dtype`, `tokenizer_source`, the `tokenizer:` block and
+    /// `chat_template` as output options.
     fn output_options(&mut self, map: &MarkedMappingNode, offset: usize) -> String {
         let mut options = Vec::new();
         let dtype = map
@@ -587,26 +588,145 @@ impl<'a> Importer<'a> {
             }
         }
         if let Some(t) = map.get_scalar("tokenizer_source") {
-            match t.as_str() {
-                "base" => {}
-                "union" => self.problems.push(ImportProblem::NotYet {
+            options.push(format!("tokenizer {}", self.tokenizer_source(t, offset)));
+        }
+        if let Some(block) = map.get_node("tokenizer") {
+            options.extend(self.tokenizer_block(block, offset));
+        }
+        if let Some(t) = map.get_scalar("chat_template") {
+            let text = t.as_str();
+            let named =
+                text == "auto" || crate::vocab::CHAT_TEMPLATES.iter().any(|(n, _)| *n == text);
+            if named {
+                options.push(format!("chat_template {text}"));
+            } else if text.len() < 20 || !text.contains('{') {
+                // mergekit refuses it too ("Invalid chat template").
+                self.problems.push(ImportProblem::BadValue {
                     span: self.scalar_span(t, offset),
-                    key: "tokenizer_source: union".into(),
-                }),
-                other => {
-                    let line = self.line_of(t.span().start().map_or(0, |m| m.character()), offset);
-                    let name = self
-                        .names
-                        .model(other, line, (self.yaml_dir, self.recipe_dir));
-                    options.push(format!("tokenizer {name}"));
-                }
+                    key: "chat_template".into(),
+                    reason: "neither a template name (auto, alpaca, chatml, exaone, llama3, mistral) nor a Jinja template".into(),
+                });
+            } else {
+                options.push(format!("chat_template {}", quote(text)));
             }
         }
         if options.is_empty() {
             String::new()
         } else {
-            format!(" {{ {} }}", options.join(", "))
+            format!(" {{\n{}\n}}", options.join("\n"))
         }
+    }
+
+    /// `tokenizer_source` (or the `tokenizer:` block's `source`): `union`,
+    /// `base` or a model's name.
+    fn tokenizer_source(&mut self, t: &MarkedScalarNode, offset: usize) -> String {
+        match t.as_str() {
+            word @ ("base" | "union") => word.to_string(),
+            other => self.model_name(t, other, offset),
+        }
+    }
+
+    fn model_name(&mut self, node: &MarkedScalarNode, reference: &str, offset: usize) -> String {
+        let line = self.line_of(node.span().start().map_or(0, |m| m.character()), offset);
+        self.names
+            .model(reference, line, (self.yaml_dir, self.recipe_dir))
+    }
+
+    /// mergekit's `tokenizer:` block: `source` (union by default),
+    /// `pad_to_multiple_of` and `tokens`, as output options and `token` lines.
+    fn tokenizer_block(&mut self, node: &Node, offset: usize) -> Vec<String> {
+        let Some(block) = node.as_mapping() else {
+            self.problems.push(ImportProblem::BadValue {
+                span: self.node_span(node, offset),
+                key: "tokenizer".into(),
+                reason: "expected a mapping with `source`, `tokens`, `pad_to_multiple_of`".into(),
+            });
+            return Vec::new();
+        };
+        let mut lines = vec![match block.get_scalar("source") {
+            Some(t) => format!("tokenizer {}", self.tokenizer_source(t, offset)),
+            None => "tokenizer union".to_string(),
+        }];
+        if let Some(pad) = block.get_scalar("pad_to_multiple_of") {
+            lines.push(format!("pad_to_multiple_of {}", pad.as_str()));
+        }
+        let tokens = block.get_node("tokens").and_then(Node::as_mapping);
+        for (token, cfg) in tokens.iter().flat_map(|m| m.iter()) {
+            if let Some(line) = self.token_line(token.as_str(), cfg, offset) {
+                lines.push(line);
+            }
+        }
+        lines
+    }
+
+    /// One entry of `tokenizer.tokens` as a `token` line.
+    fn token_line(&mut self, token: &str, cfg: &Node, offset: usize) -> Option<String> {
+        let bad = |this: &mut Self, node: &Node, reason: &str| {
+            this.problems.push(ImportProblem::BadValue {
+                span: this.node_span(node, offset),
+                key: format!("tokenizer.tokens.{token}"),
+                reason: reason.into(),
+            });
+        };
+        let Some(cfg) = cfg.as_mapping() else {
+            bad(self, cfg, "expected a mapping with `source` and `force`");
+            return None;
+        };
+        let mut line = format!("token {}", quote(token));
+        match cfg.get_node("source") {
+            None => {}
+            Some(Node::Scalar(model)) => {
+                let name = self.model_name(model, model.as_str(), offset);
+                line.push_str(&format!(" from {name}"));
+            }
+            Some(source @ Node::Mapping(m)) => match m.get_scalar("kind").map(|k| k.as_str()) {
+                Some("zero") => line.push_str(" zero"),
+                Some("model_token") => {
+                    let Some(model) = m.get_scalar("model") else {
+                        bad(self, source, "`model_token` needs `model`");
+                        return None;
+                    };
+                    let name = self.model_name(model, model.as_str(), offset);
+                    let of = match (m.get_scalar("token"), m.get_scalar("token_id")) {
+                        (Some(t), None) => quote(t.as_str()),
+                        (None, Some(id)) if id.as_str().parse::<u32>().is_ok() => {
+                            id.as_str().to_string()
+                        }
+                        _ => {
+                            bad(
+                                self,
+                                source,
+                                "`model_token` needs one of `token` or `token_id` (a whole number)",
+                            );
+                            return None;
+                        }
+                    };
+                    line.push_str(&format!(" from {name} {of}"));
+                }
+                _ => {
+                    bad(self, source, "expected `kind: zero` or `kind: model_token`");
+                    return None;
+                }
+            },
+            Some(other) => {
+                bad(
+                    self,
+                    other,
+                    "expected a model, `{kind: zero}` or `{kind: model_token, ...}`",
+                );
+                return None;
+            }
+        }
+        match cfg.get_scalar("force").map(|f| f.as_str()) {
+            Some("true" | "True") => line.push_str(" force"),
+            Some("false" | "False") | None => {}
+            Some(_) => {
+                if let Some(f) = cfg.get_node("force") {
+                    bad(self, f, "`force` is true or false");
+                }
+            }
+        }
+        Some(line)
     }
 
     /// A parameter's value as `filter`/`value` pairs in mergekit's order,
@@ -758,4 +878,21 @@ impl<'a> Importer<'a> {
         }
         crate::fmt::format(&out).unwrap_or(out)
     }
+}
+
+/// `text` as a `.obim` string literal.
+fn quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }

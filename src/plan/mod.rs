@@ -187,6 +187,9 @@ impl Plan {
                 .u64(output.shard_size)
                 .opt(tokenizer, |h, t| {
                     h.str(&lowering.graph[t].hash);
+                })
+                .opt(output.chat_template.as_ref(), |h, t| {
+                    h.str(&t.key());
                 });
             let hash = h.finish();
             let id = format!("write:{}", output.written);
@@ -364,7 +367,7 @@ impl Lowering<'_> {
         }
         let merge = &self.recipe.merges[id.0];
         let inputs: Vec<NodeIndex> = merge.dependencies().map(|d| self.input(d)).collect();
-        let tensors = self.tensors_of(merge);
+        let tensors = self.tensors_with_vocabulary(id, merge);
         // Calibrations: every (input, data) pair some tensor needs for OBD.
         let mut needed: Vec<(usize, DataId)> = Vec::new();
         for t in &tensors {
@@ -411,13 +414,13 @@ impl Lowering<'_> {
                 let fixed = merge.with_candidate(&choice);
                 Variant {
                     label: merge.describe(&choice),
-                    tensors: self.tensors_of(&fixed),
-                    hash: self.merge_hash(&fixed, &deps),
+                    tensors: self.tensors_with_vocabulary(id, &fixed),
+                    hash: self.merge_hash(id, &fixed, &deps),
                     choice,
                 }
             })
             .collect();
-        let hash = self.merge_hash(merge, &deps);
+        let hash = self.merge_hash(id, merge, &deps);
         let all: Vec<Option<NodeIndex>> =
             inputs.into_iter().chain(calibrations).map(Some).collect();
         let node = self.add(
@@ -439,7 +442,7 @@ impl Lowering<'_> {
     /// What determines a merge's result: its dependencies' hashes (inputs
     /// in order, then calibrations), method, settings, rules, `auto`
     /// candidates and selection data, and obim's version.
-    fn merge_hash(&self, merge: &crate::recipe::Merge, deps: &[String]) -> String {
+    fn merge_hash(&self, id: MergeId, merge: &crate::recipe::Merge, deps: &[String]) -> String {
         let mut h = ContentHash::new("obim merge v3");
         h.u64(deps.len() as u64);
         for d in deps {
@@ -484,8 +487,29 @@ impl Lowering<'_> {
                 h.str(&data_content_hash(data));
             }
         });
+        h.opt(self.inventory.vocabularies.get(&id), |h, v| {
+            h.str(v.fingerprint());
+        });
         h.str(env!("CARGO_PKG_VERSION"));
         h.finish()
+    }
+
+    /// The merge's tensors; with an output vocabulary, the embedding and
+    /// head get its rows.
+    fn tensors_with_vocabulary(
+        &self,
+        id: MergeId,
+        merge: &crate::recipe::Merge,
+    ) -> Vec<PlannedTensor> {
+        let mut tensors = self.tensors_of(merge);
+        if let Some(v) = self.inventory.vocabularies.get(&id) {
+            for t in &mut tensors {
+                if crate::vocab::is_vocabulary_tensor(&t.name) && !t.info.shape.is_empty() {
+                    t.info.shape[0] = v.size;
+                }
+            }
+        }
+        tensors
     }
 
     fn tensors_of(&self, merge: &crate::recipe::Merge) -> Vec<PlannedTensor> {

@@ -101,6 +101,12 @@ impl PlanView<'_> {
                     "dtype": o.dtype.map(|d| d.name()),
                     "shard_size": o.shard_size,
                     "tokenizer": o.tokenizer.map(|t| self.recipe.input_name(t)),
+                    "vocabulary": self.inventory.vocabularies.get(&o.merge).map(|v| json!({
+                        "tokens": v.tokens,
+                        "rows": v.size,
+                        "added": v.new_added.len(),
+                        "aligned": v.differing.iter().map(|m| &self.recipe.models[m.0].name).collect::<Vec<_>>(),
+                    })),
                 })
             })
             .collect();
@@ -346,6 +352,56 @@ impl PlanView<'_> {
         }
     }
 
+    /// The output vocabulary, or that the models' tokenizers differ (each
+    /// input's data is tokenized with its own).
+    fn tokenizers_text(&self, out: &mut String, id: MergeId) {
+        let merge = &self.recipe.merges[id.0];
+        let name = |m: &crate::recipe::ModelId| self.recipe.models[m.0].name.as_str();
+        if let Some(v) = self.inventory.vocabularies.get(&id) {
+            let source = self
+                .recipe
+                .outputs
+                .iter()
+                .find(|o| o.merge == id)
+                .and_then(|o| o.vocabulary.as_ref())
+                .map(|spec| match spec.source {
+                    crate::vocab::VocabSource::Union => "union".to_string(),
+                    crate::vocab::VocabSource::Base => "base".to_string(),
+                    crate::vocab::VocabSource::Model(m) => name(&m).to_string(),
+                })
+                .unwrap_or_default();
+            let aligned = if v.differing.is_empty() {
+                "every model's rows already in place".to_string()
+            } else {
+                let names: Vec<&str> = v.differing.iter().map(name).collect();
+                format!("rows of {} aligned by token", names.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "  vocab    {source}: {} tokens ({} added), {} rows; {aligned}",
+                v.tokens,
+                v.new_added.len(),
+                v.size
+            );
+            return;
+        }
+        let models: Vec<(crate::recipe::ModelId, &crate::checkpoint::ModelInfo)> = merge
+            .dependencies()
+            .filter_map(|d| self.recipe.shape_source(d))
+            .filter_map(|m| Some((m, self.inventory.get(m)?)))
+            .collect();
+        let differing = crate::vocab::differing_tokenizers(&models);
+        if let (false, Some((first, _))) = (differing.is_empty(), models.first()) {
+            let names: Vec<&str> = differing.iter().map(name).collect();
+            let _ = writeln!(
+                out,
+                "  tokens   {} tokenized differently from {}: each input's data is tokenized with its own tokenizer",
+                names.join(", "),
+                name(first)
+            );
+        }
+    }
+
     fn merge_text(&self, out: &mut String, id: MergeId) {
         let merge = &self.recipe.merges[id.0];
         let names: Vec<&str> = merge
@@ -410,6 +466,7 @@ impl PlanView<'_> {
             );
             out_layer += slice.len();
         }
+        self.tokenizers_text(out, id);
         for site in &merge.autos {
             let values: Vec<String> = site.values.iter().map(f64::to_string).collect();
             let _ = writeln!(out, "  auto     {}: {}", site.label, values.join(", "));

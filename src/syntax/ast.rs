@@ -157,6 +157,29 @@ pub struct OutputDecl {
     pub merge: Path,
     pub path: StringLit,
     pub options: Option<Block<KeyValue>>,
+    /// `token "..." ...` lines of the option block, in order.
+    pub tokens: Vec<TokenDecl>,
+}
+
+/// `token "<|im_end|>" from chat "<eos>" force`: where one output token's
+/// embedding and head rows come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenDecl {
+    pub token: StringLit,
+    pub source: Option<TokenSourceDecl>,
+    pub force: bool,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSourceDecl {
+    /// `zero`: a row of zeros.
+    Zero,
+    /// `from MODEL`, or `from MODEL "token"` / `from MODEL 7` (another token's row).
+    From {
+        model: Path,
+        token: Option<Box<Expr>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

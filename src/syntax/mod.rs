@@ -246,7 +246,12 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::list => "a list `[...]`",
         Rule::expr => "a value",
         Rule::revision => "`@ \"revision\"`",
-        Rule::options => "an option block `{ ... }`",
+        Rule::options | Rule::output_options => "an option block `{ ... }`",
+        Rule::token_decl => "`token \"...\"`",
+        Rule::token_kw => "`token`",
+        Rule::zero_kw => "`zero`",
+        Rule::from_kw => "`from`",
+        Rule::force_kw => "`force`",
         Rule::option => "an option",
         Rule::params => "a parameter list `(...)`",
         Rule::param => "a parameter `name: value`",
@@ -527,6 +532,43 @@ impl Builder<'_> {
         }
     }
 
+    fn token_decl(&self, pair: Pair<Rule>) -> TokenDecl {
+        let span = self.span(&pair);
+        let mut it = pair.into_inner().skip(1).peekable();
+        let token = self.string(it.next().expect_pair());
+        let mut source = None;
+        let mut force = false;
+        while let Some(p) = it.next() {
+            match p.as_rule() {
+                Rule::zero_kw => source = Some(TokenSourceDecl::Zero),
+                Rule::from_kw => {
+                    let model = self.path(it.next().expect_pair());
+                    let token = it
+                        .next_if(|p| matches!(p.as_rule(), Rule::string | Rule::number))
+                        .map(|p| {
+                            let span = self.span(&p);
+                            let kind = match p.as_rule() {
+                                Rule::string => ExprKind::String(self.string(p).value),
+                                _ => ExprKind::Number(p.as_str().parse().unwrap_or(f64::NAN)),
+                            };
+                            Expr { kind, span }
+                        });
+                    source = Some(TokenSourceDecl::From {
+                        model,
+                        token: token.map(Box::new),
+                    });
+                }
+                _ => force = true,
+            }
+        }
+        TokenDecl {
+            token,
+            source,
+            force,
+            span,
+        }
+    }
+
     fn block<T>(&self, pair: Pair<Rule>, f: impl Fn(&Self, Pair<Rule>) -> T) -> Block<T> {
         let span = self.span(&pair);
         Block {
@@ -619,11 +661,25 @@ impl Builder<'_> {
             _ => {
                 let merge = self.path(it.next().expect_pair());
                 let path = self.string(it.next().expect_pair());
-                let options = it.next().map(|p| self.block(p, Self::key_value));
+                let (options, tokens) = match it.next() {
+                    Some(block) => {
+                        let span = self.span(&block);
+                        let (mut items, mut tokens) = (Vec::new(), Vec::new());
+                        for p in block.into_inner() {
+                            match p.as_rule() {
+                                Rule::token_decl => tokens.push(self.token_decl(p)),
+                                _ => items.push(self.key_value(p)),
+                            }
+                        }
+                        (Some(Block { items, span }), tokens)
+                    }
+                    None => (None, Vec::new()),
+                };
                 ItemKind::Output(OutputDecl {
                     merge,
                     path,
                     options,
+                    tokens,
                 })
             }
         };

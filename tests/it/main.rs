@@ -16,3 +16,4 @@ mod recipes;
 mod run;
 mod run_errors;
 mod select;
+mod vocab;

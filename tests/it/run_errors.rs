@@ -319,7 +319,7 @@ fn vocabulary_size_mismatch() {
     case.fails_with(&[
         "model.embed_tokens.weight",
         "[9, 4] here, [8, 4] in the base",
-        "tokenizer_source",
+        "tokenizer union",
     ]);
 }
 
