@@ -30,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         name: "t",
         shape: &shape,
         obd: &obd,
+        grams: &[],
     };
     for (method, input) in [
         (

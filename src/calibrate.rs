@@ -241,3 +241,283 @@ pub fn hash_tokens(h: &mut blake3::Hasher, sequences: &[Vec<u32>]) {
 pub fn cache_path(cache: &Path, key: &str) -> PathBuf {
     cache.join("actstats").join(format!("{key}.safetensors"))
 }
+
+/// Which moments of the linear inputs a calibration collects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Moments {
+    /// Σ x² per input feature (OBD's diagonal Hessian).
+    Diagonal,
+    /// Σ x xᵀ, the whole Gram matrix (RegMean).
+    Gram,
+}
+
+/// A model's Gram matrices on one data source, as written by [`gram`]: one
+/// safetensors file per decoder layer (and one for `lm_head`) in a cache
+/// directory, so neither the calibration nor a merge holds more than one
+/// layer's matrices. Modules that read the same input (q/k/v, gate/up)
+/// share one matrix.
+#[derive(Debug, Clone)]
+pub struct Grams {
+    pub dir: PathBuf,
+    pub tokens: u64,
+    /// Module → (file in `dir`, tensor key in it, in_features).
+    modules: BTreeMap<String, (String, String, usize)>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GramIndex {
+    tokens: u64,
+    /// Module → [file, key, in_features].
+    modules: BTreeMap<String, (String, String, usize)>,
+}
+
+/// Accumulates Σ x xᵀ (f64) of every observed input, one layer at a time:
+/// when a module of the next layer shows up, the finished layer's matrices
+/// are written to `dir` and dropped.
+struct GramSums {
+    dir: PathBuf,
+    layer: Option<String>,
+    /// First module → (every module reading that input, d, Σ x xᵀ).
+    current: BTreeMap<String, (Vec<String>, usize, Vec<f64>)>,
+    index: BTreeMap<String, (String, String, usize)>,
+    files: usize,
+    failed: Option<CalibrationError>,
+}
+
+/// `model.layers.3` for `model.layers.3.mlp.up_proj`; `lm_head` for itself.
+fn layer_of(module: &str) -> &str {
+    let mut dots = module.match_indices('.').map(|(i, _)| i);
+    match (dots.next(), dots.next(), dots.next()) {
+        (Some(_), Some(_), Some(end)) if module.starts_with("model.layers.") => &module[..end],
+        _ => module,
+    }
+}
+
+impl GramSums {
+    fn flush(&mut self) -> Result<(), CalibrationError> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let file = format!("{:04}.safetensors", self.files);
+        self.files += 1;
+        let path = self.dir.join(&file);
+        let fail = |reason: String| CalibrationError::File {
+            path: path.clone(),
+            reason,
+        };
+        let current = std::mem::take(&mut self.current);
+        let bytes: Vec<(String, usize, Vec<u8>)> = current
+            .iter()
+            .map(|(key, (_, d, sums))| {
+                let data = sums
+                    .iter()
+                    .flat_map(|x| (*x as f32).to_le_bytes())
+                    .collect();
+                (key.clone(), *d, data)
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(key, d, data)| {
+                TensorView::new(Dtype::F32, vec![*d, *d], data)
+                    .map(|v| (key.as_str(), v))
+                    .map_err(|e| fail(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        safetensors::serialize_to_file(views, None, &path).map_err(|source| {
+            CalibrationError::Format {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        for (key, (modules, d, _)) in current {
+            for m in modules {
+                self.index.insert(m, (file.clone(), key.clone(), d));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Observer for GramSums {
+    fn observe(&mut self, modules: &[String], x: &Tensor) -> blocks::Result<()> {
+        let Some(first) = modules.first() else {
+            return Ok(());
+        };
+        if self.failed.is_some() {
+            return Ok(());
+        }
+        let layer = layer_of(first);
+        if self.layer.as_deref() != Some(layer) {
+            if let Err(e) = self.flush() {
+                self.failed = Some(e);
+                return Ok(());
+            }
+            self.layer = Some(layer.to_string());
+        }
+        let x = x.to_dtype(candle_core::DType::F64)?;
+        let d = x.dim(1)?;
+        let gram = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f64>()?;
+        let (_, _, sums) = self
+            .current
+            .entry(first.clone())
+            .or_insert_with(|| (modules.to_vec(), d, vec![0.0; d * d]));
+        for (s, g) in sums.iter_mut().zip(&gram) {
+            *s += g;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `sequences` through `model` layer by layer and writes the Gram
+/// matrix of every linear input into `dir` (made anew; a partial directory
+/// beside it is renamed into place when complete).
+pub fn gram(
+    model: &ModelInfo,
+    sequences: &[Vec<u32>],
+    device: &Device,
+    dir: &Path,
+) -> Result<Grams, CalibrationError> {
+    let cfg = ModelConfig::of(model).map_err(|source| CalibrationError::Config {
+        dir: model.dir.clone(),
+        source,
+    })?;
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    if tokens == 0 {
+        return Err(CalibrationError::NoTokens);
+    }
+    if let Some(&id) = sequences
+        .iter()
+        .flatten()
+        .find(|&&id| id as usize >= cfg.vocab_size)
+    {
+        return Err(CalibrationError::Vocab {
+            id,
+            vocab: cfg.vocab_size,
+            dir: model.dir.clone(),
+        });
+    }
+    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let mut observer = GramSums {
+        dir: partial.clone(),
+        layer: None,
+        current: BTreeMap::new(),
+        index: BTreeMap::new(),
+        files: 0,
+        failed: None,
+    };
+    let mut weights = Weights::new(model, device.clone());
+    let passed = stream::pass(&cfg, &mut weights, sequences, &mut observer);
+    let flushed = observer.flush();
+    let written = match (passed, observer.failed.take(), flushed) {
+        (Err(e), _, _) => Err(e.into()),
+        (_, Some(e), _) | (_, _, Err(e)) => Err(e),
+        _ => {
+            let index = GramIndex {
+                tokens: tokens as u64,
+                modules: observer.index,
+            };
+            let json = serde_json::to_vec_pretty(&index).expect("the index serialises");
+            let path = partial.join("index.json");
+            std::fs::write(&path, json).map_err(io(&path))
+        }
+    };
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&partial, dir).map_err(io(dir))?;
+    Grams::load(dir)
+}
+
+impl Grams {
+    /// Reads the index of Gram matrices written by [`gram`].
+    pub fn load(dir: &Path) -> Result<Grams, CalibrationError> {
+        let path = dir.join("index.json");
+        let text = std::fs::read(&path).map_err(io(&path))?;
+        let index: GramIndex =
+            serde_json::from_slice(&text).map_err(|e| CalibrationError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Grams {
+            dir: dir.to_path_buf(),
+            tokens: index.tokens,
+            modules: index.modules,
+        })
+    }
+
+    /// Whether `module` (e.g. `model.layers.0.self_attn.q_proj`) has a matrix.
+    pub fn has(&self, module: &str) -> bool {
+        self.modules.contains_key(module)
+    }
+
+    /// The Gram matrix of `module`'s input, `[d, d]` row-major: its layer's
+    /// file's header, then only this matrix's bytes, are read.
+    pub fn matrix(&self, module: &str) -> Result<Option<Vec<f32>>, CalibrationError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some((file, key, d)) = self.modules.get(module) else {
+            return Ok(None);
+        };
+        let path = self.dir.join(file);
+        let fail = |reason: String| CalibrationError::File {
+            path: path.clone(),
+            reason,
+        };
+        let mut handle = std::fs::File::open(&path).map_err(io(&path))?;
+        let mut len = [0u8; 8];
+        handle.read_exact(&mut len).map_err(io(&path))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100_000_000 {
+            return Err(fail(format!("a header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        handle.read_exact(&mut header).map_err(io(&path))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| fail(e.to_string()))?;
+        let entry = &header[key.as_str()];
+        let offsets = entry["data_offsets"]
+            .as_array()
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
+        let wanted = serde_json::json!([d, d]);
+        let (Some((start, end)), Some("F32"), true) =
+            (offsets, entry["dtype"].as_str(), entry["shape"] == wanted)
+        else {
+            return Err(fail(format!("no F32 [{d}, {d}] tensor `{key}`")));
+        };
+        if end - start != (d * d * 4) as u64 {
+            return Err(fail(format!("`{key}` has {} bytes", end - start)));
+        }
+        let mut bytes = vec![0u8; d * d * 4];
+        handle
+            .seek(SeekFrom::Start(8 + len + start))
+            .and_then(|_| handle.read_exact(&mut bytes))
+            .map_err(io(&path))?;
+        let (chunks, _) = bytes.as_chunks::<4>();
+        Ok(Some(
+            chunks.iter().map(|b| f32::from_le_bytes(*b)).collect(),
+        ))
+    }
+}
+
+/// The cache key of a model's statistics on given token sequences.
+pub fn moments_key(moments: Moments, model: &ModelInfo, sequences: &[Vec<u32>]) -> String {
+    match moments {
+        Moments::Diagonal => cache_key(model, sequences),
+        Moments::Gram => {
+            let mut h = blake3::Hasher::new();
+            h.update(b"obim gram v1\0");
+            h.update(model.hash.as_bytes());
+            hash_tokens(&mut h, sequences);
+            h.finalize().to_hex()[..32].to_string()
+        }
+    }
+}
+
+/// Where cached Gram matrices of that key live.
+pub fn gram_path(cache: &Path, key: &str) -> PathBuf {
+    cache.join("grams").join(key)
+}

@@ -9,7 +9,6 @@ use crate::codes::Code;
 use crate::data;
 use crate::diagnostic::Diagnostic;
 use crate::hub;
-use crate::methods::Method;
 use crate::model::ModelConfig;
 use crate::recipe::{DataKind, InputRef, ModelId, ModelSource, Recipe};
 use std::collections::HashSet;
@@ -364,7 +363,7 @@ fn calibration(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
         }
     }
     let mut reported = HashSet::new();
-    for merge in recipe.merges.iter().filter(|m| m.method == Method::Obim) {
+    for merge in recipe.merges.iter().filter(|m| m.method.calibrates()) {
         for (i, input) in merge.inputs.iter().enumerate() {
             let levels =
                 std::iter::once(&merge.settings).chain(merge.rules.iter().map(|r| &r.settings));

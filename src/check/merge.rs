@@ -1062,6 +1062,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                             || match param.key {
                                 ParamName::Weight => s.weight.is_some(),
                                 ParamName::Retain => s.retain.is_some(),
+                                ParamName::Using => s.using.is_some(),
                                 _ => true,
                             };
                         if !given {
@@ -1077,6 +1078,13 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
         if method == Method::Obim {
             self.obim_requirements(merge, spans);
+        }
+        if method == Method::Regmean {
+            for (i, input) in merge.inputs.iter().enumerate() {
+                if merge.input_settings(i).using.is_some() {
+                    self.no_calibrated_lora(input.model, input.span);
+                }
+            }
         }
         if matches!(method, Method::Della | Method::DellaLinear) {
             self.della_requirements(merge);
@@ -1141,6 +1149,18 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
     }
 
+    /// A LoRA input has no forward pass yet, so no statistics.
+    fn no_calibrated_lora(&mut self, input: InputRef, span: Span) {
+        if let InputRef::Model(m) = input
+            && self.checker.recipe.models[m.0].lora_base.is_some()
+        {
+            self.report(Problem::BadLora {
+                span,
+                issue: error::LoraIssue::Calibrated,
+            });
+        }
+    }
+
     fn obim_requirements(&mut self, merge: &Merge, spans: &Spans) {
         let merge_obd = merge.settings.saliency.unwrap_or(Saliency::Obd) == Saliency::Obd;
         let any_obd = merge_obd
@@ -1173,13 +1193,8 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                     input: name,
                 });
             }
-            if let (Some(_), InputRef::Model(m)) = (using, input.model)
-                && self.checker.recipe.models[m.0].lora_base.is_some()
-            {
-                self.report(Problem::BadLora {
-                    span: input.span,
-                    issue: error::LoraIssue::Calibrated,
-                });
+            if using.is_some() {
+                self.no_calibrated_lora(input.model, input.span);
             }
             if !any_obd && let Some(s) = spans.using.get(&i) {
                 self.report(Problem::UsingIgnored {

@@ -312,6 +312,7 @@ mod tests {
         let c = crate::compile_source("r.obim", None, text.to_string());
         assert!(!c.has_errors());
         let report = Report {
+            regmean: Default::default(),
             obim_version: "0.1.0".into(),
             recipe: RecipeRecord {
                 path: "r.obim".into(),

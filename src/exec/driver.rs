@@ -13,11 +13,11 @@ use super::select::{Selection, Selector};
 use super::stats::Statistics;
 use super::writer;
 use crate::Compilation;
-use crate::calibrate::{self, ActStats};
+use crate::calibrate::{self, ActStats, Grams, Moments};
 use crate::checkpoint::ModelInfo;
 use crate::data;
-use crate::plan::{Op, Plan, StepKind};
-use crate::recipe::{DataId, Dtype, InputRef, MergeId, Output, Saliency};
+use crate::plan::{Plan, StepKind, calibrate_step_id};
+use crate::recipe::{DataId, Dtype, InputRef, MergeId, Output};
 use crate::staging::OutputLock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -208,20 +208,41 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
     /// input that is itself a merge is first written whole into the cache.
     fn calibrate_for(&mut self, merge: MergeId) -> Result<(), ExecError> {
         let c = self.c;
-        for (input, data) in calibrations(c, &self.plan, merge) {
-            if self.stats.contains(input, data) {
-                continue;
+        for (input, data, moments) in calibrations(c, &self.plan, merge) {
+            let in_step = |e: ExecError| {
+                e.in_step(
+                    calibrate_step_id(&c.recipe, input, data, moments),
+                    c.recipe.data[data.0].span,
+                )
+            };
+            match moments {
+                Moments::Diagonal if !self.stats.contains(input, data) => {
+                    let stats = self.calibrate(input, data, moments).map_err(in_step)?;
+                    let Calibration::Diagonal(stats) = stats else {
+                        unreachable!("asked for Σ x²")
+                    };
+                    self.stats.insert(input, data, stats);
+                }
+                Moments::Gram if !self.stats.contains_grams(input, data) => {
+                    let grams = self.calibrate(input, data, moments).map_err(in_step)?;
+                    let Calibration::Gram(grams) = grams else {
+                        unreachable!("asked for Σ x xᵀ")
+                    };
+                    self.stats.insert_grams(input, data, grams);
+                }
+                _ => {}
             }
-            let stats = self.calibrate(input, data).map_err(|e| {
-                e.in_step(calibrate_step(c, input, data), c.recipe.data[data.0].span)
-            })?;
-            self.stats.insert(input, data, stats);
         }
         Ok(())
     }
 
     /// The statistics of `input` on `data`, from the cache or computed.
-    fn calibrate(&mut self, input: InputRef, data: DataId) -> Result<ActStats, ExecError> {
+    fn calibrate(
+        &mut self,
+        input: InputRef,
+        data: DataId,
+        moments: Moments,
+    ) -> Result<Calibration, ExecError> {
         let c = self.c;
         let recipe = &c.recipe;
         let source = &recipe.data[data.0];
@@ -249,30 +270,56 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
         };
         let tokenizer = data::Tokenizer::from_dir(&tokenizer_dir).map_err(|e| fail(e.into()))?;
         let sequences = data::sequences(source, &tokenizer).map_err(|e| fail(e.into()))?;
-        let key = calibrate::cache_key(&info, &sequences);
-        let path = calibrate::cache_path(&self.options.cache, &key);
+        let key = calibrate::moments_key(moments, &info, &sequences);
         let started = Instant::now();
-        let (result, cached) = match ActStats::load(&path, "") {
-            Ok(s) => (s, true),
-            Err(_) => {
+        let cached = match moments {
+            Moments::Diagonal => {
+                ActStats::load(&calibrate::cache_path(&self.options.cache, &key), "")
+                    .ok()
+                    .map(Calibration::Diagonal)
+            }
+            Moments::Gram => Grams::load(&calibrate::gram_path(&self.options.cache, &key))
+                .ok()
+                .map(Calibration::Gram),
+        };
+        let was_cached = cached.is_some();
+        let result = match cached {
+            Some(result) => result,
+            None => {
                 (self.progress)(Event::CalibrationStarted {
                     input: recipe.input_name(input).to_string(),
                     data: source.name.clone(),
                     sequences: sequences.len(),
                     tokens: sequences.iter().map(Vec::len).sum(),
                 });
-                let s = calibrate::calibrate(&info, &sequences, self.options.device.candle())
-                    .map_err(|e| fail(e.into()))?;
-                s.save(&path).map_err(|e| fail(e.into()))?;
-                (s, false)
+                let device = self.options.device.candle();
+                match moments {
+                    Moments::Diagonal => {
+                        let s = calibrate::calibrate(&info, &sequences, device)
+                            .map_err(|e| fail(e.into()))?;
+                        s.save(&calibrate::cache_path(&self.options.cache, &key))
+                            .map_err(|e| fail(e.into()))?;
+                        Calibration::Diagonal(s)
+                    }
+                    Moments::Gram => {
+                        let dir = calibrate::gram_path(&self.options.cache, &key);
+                        Calibration::Gram(
+                            calibrate::gram(&info, &sequences, device, &dir)
+                                .map_err(|e| fail(e.into()))?,
+                        )
+                    }
+                }
             }
         };
         (self.progress)(Event::Calibrated {
             input: recipe.input_name(input).to_string(),
             data: source.name.clone(),
-            tokens: result.tokens,
+            tokens: match &result {
+                Calibration::Diagonal(s) => s.tokens,
+                Calibration::Gram(g) => g.tokens,
+            },
             seconds: started.elapsed().as_secs_f64(),
-            cached,
+            cached: was_cached,
         });
         Ok(result)
     }
@@ -320,12 +367,10 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
     }
 }
 
-fn calibrate_step(c: &Compilation, input: InputRef, data: DataId) -> String {
-    format!(
-        "calibrate:{}@{}",
-        c.recipe.input_name(input),
-        c.recipe.data[data.0].name
-    )
+/// What one calibration gives.
+enum Calibration {
+    Diagonal(ActStats),
+    Gram(Grams),
 }
 
 /// For `--dry-run`: each calibration the outputs need, and whether the cache
@@ -341,7 +386,7 @@ pub fn calibration_states(c: &Compilation, plan: &Plan, cache: &Path) -> Vec<Str
     }
     needed
         .into_iter()
-        .map(|(input, data)| {
+        .map(|(input, data, moments)| {
             let recipe = &c.recipe;
             let state = match input {
                 InputRef::Merge(_) => {
@@ -355,9 +400,17 @@ pub fn calibration_states(c: &Compilation, plan: &Plan, cache: &Path) -> Vec<Str
                         match sequences {
                             Err(e) => format!("cannot tokenize: {e}"),
                             Ok(seqs) => {
-                                let key = calibrate::cache_key(info, &seqs);
+                                let key = calibrate::moments_key(moments, info, &seqs);
                                 let tokens: usize = seqs.iter().map(Vec::len).sum();
-                                if calibrate::cache_path(cache, &key).is_file() {
+                                let cached = match moments {
+                                    Moments::Diagonal => {
+                                        calibrate::cache_path(cache, &key).is_file()
+                                    }
+                                    Moments::Gram => calibrate::gram_path(cache, &key)
+                                        .join("index.json")
+                                        .is_file(),
+                                };
+                                if cached {
                                     format!("in the cache ({tokens} tokens)")
                                 } else {
                                     format!(
@@ -370,14 +423,17 @@ pub fn calibration_states(c: &Compilation, plan: &Plan, cache: &Path) -> Vec<Str
                     }
                 },
             };
-            format!("{}: {state}", calibrate_step(c, input, data))
+            format!(
+                "{}: {state}",
+                calibrate_step_id(&c.recipe, input, data, moments)
+            )
         })
         .collect()
 }
 
-/// The (input, data) pairs whose statistics OBD needs to compute `merge`,
-/// the merges it depends on first, each once.
-fn calibrations(c: &Compilation, plan: &Plan, merge: MergeId) -> Vec<(InputRef, DataId)> {
+/// The (input, data, moments) the statistics OBD and RegMean need to
+/// compute `merge`, the merges it depends on first, each once.
+fn calibrations(c: &Compilation, plan: &Plan, merge: MergeId) -> Vec<(InputRef, DataId, Moments)> {
     let mut out = Vec::new();
     collect_calibrations(c, plan, merge, &mut out);
     out
@@ -387,7 +443,7 @@ fn collect_calibrations(
     c: &Compilation,
     plan: &Plan,
     merge: MergeId,
-    out: &mut Vec<(InputRef, DataId)>,
+    out: &mut Vec<(InputRef, DataId, Moments)>,
 ) {
     let m = &c.recipe.merges[merge.0];
     for dep in m.dependencies() {
@@ -401,15 +457,14 @@ fn collect_calibrations(
         .map(Vec::as_slice)
         .unwrap_or_default()
     {
-        let Op::Obim(p) = &t.op else { continue };
-        if p.saliency != Saliency::Obd {
+        let Some((using, moments)) = t.op.calibration() else {
             continue;
-        }
-        for (input, using) in m.inputs.iter().zip(&p.using) {
+        };
+        for (input, using) in m.inputs.iter().zip(using) {
             if let Some(data) = *using
-                && !out.contains(&(input.model, data))
+                && !out.contains(&(input.model, data, moments))
             {
-                out.push((input.model, data));
+                out.push((input.model, data, moments));
             }
         }
     }

@@ -31,6 +31,8 @@ pub(super) struct Evaluator<'a> {
     memo: HashMap<InputRef, Vec<f32>>,
     /// OBIM: positions each input won, per merge and tensor.
     won: BTreeMap<MergeId, BTreeMap<String, Vec<u64>>>,
+    /// RegMean: how each linear layer's system was solved.
+    solves: BTreeMap<MergeId, BTreeMap<String, merge::Solve>>,
     /// Buffers of earlier tensors, reused so that large tensors do not
     /// fault fresh pages in every time.
     pool: Vec<Vec<f32>>,
@@ -77,6 +79,7 @@ impl<'a> Evaluator<'a> {
             remaining: HashMap::new(),
             memo: HashMap::new(),
             won: BTreeMap::new(),
+            solves: BTreeMap::new(),
             pool: Vec::new(),
             shared: None,
             variant: None,
@@ -98,6 +101,11 @@ impl<'a> Evaluator<'a> {
     /// OBIM: how many positions each input won, per merge and tensor.
     pub(super) fn positions_won(&self) -> &BTreeMap<MergeId, BTreeMap<String, Vec<u64>>> {
         &self.won
+    }
+
+    /// RegMean: how each linear layer's system was solved, per merge.
+    pub(super) fn solves(&self) -> &BTreeMap<MergeId, BTreeMap<String, merge::Solve>> {
+        &self.solves
     }
 
     /// Drops the buffers kept for reuse (a selection's candidates each have
@@ -444,12 +452,22 @@ impl<'a> Evaluator<'a> {
             }
             _ => vec![None; merge.inputs.len()],
         };
+        let grams = match &planned.op {
+            Op::Regmean(p) => self.stats.grams(&self.c.recipe, merge, &p.using, name)?,
+            _ => Vec::new(),
+        };
         let ctx = TensorContext {
             name,
             shape: &planned.info.shape,
             obd: &obd,
+            grams: &grams,
         };
-        let Merged { values, won, spare } = merge::merge_tensor(&planned.op, base, inputs, &ctx)?;
+        let Merged {
+            values,
+            won,
+            solve,
+            spare,
+        } = merge::merge_tensor(&planned.op, base, inputs, &ctx)?;
         // Finite inputs (checked as they were read) can still merge into
         // NaN or ∞: multislerp's weights summing to 0, RAM+ with ε = 0.
         if !self.allow_non_finite && !matches!(planned.op, Op::Take(_)) {
@@ -473,6 +491,12 @@ impl<'a> Evaluator<'a> {
                 .entry(id)
                 .or_default()
                 .insert(name.to_string(), won);
+        }
+        if let Some(solve) = solve {
+            self.solves
+                .entry(id)
+                .or_default()
+                .insert(name.to_string(), solve);
         }
         Ok(values)
     }

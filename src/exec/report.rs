@@ -30,6 +30,19 @@ pub struct Report {
     pub positions_won: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
     /// `auto` merges: every candidate's score and the winner, by merge.
     pub selection: BTreeMap<String, Selection>,
+    /// RegMean: merge → linear layer's weight → how its system was solved.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regmean: BTreeMap<String, BTreeMap<String, SolveRecord>>,
+}
+
+/// How RegMean solved one linear layer's system.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct SolveRecord {
+    /// The ridge added to the sum of the Gram matrices, relative to its
+    /// mean diagonal (0: none was needed).
+    pub ridge: f64,
+    /// (largest / smallest Cholesky pivot)²: a lower bound of its condition number.
+    pub condition: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,11 +6,14 @@
 //! methods in `spherical.rs`, the per-position selections in `selective.rs`.
 
 pub mod kernels;
+mod regmean;
 mod selective;
 mod sparsify;
 mod spherical;
 
 use std::cell::RefCell;
+
+pub use regmean::Solve;
 
 use crate::plan::{ObimParams, Op, RamParams, Sparsify, TaskVectorParams};
 use crate::recipe::{Saliency, TakeFrom};
@@ -20,6 +23,8 @@ use crate::recipe::{Saliency, TakeFrom};
 pub struct Merged {
     pub values: Vec<f32>,
     pub won: Option<Vec<u64>>,
+    /// For RegMean's linear layers: how the system was solved.
+    pub solve: Option<Solve>,
     /// Input buffers the merge no longer needs, for the caller to reuse.
     pub spare: Vec<Vec<f32>>,
 }
@@ -38,6 +43,9 @@ pub struct TensorContext<'a> {
     pub shape: &'a [usize],
     /// Per input; `None` where the saliency is `magnitude` (or no statistics apply).
     pub obd: &'a [Option<ObdStats<'a>>],
+    /// RegMean: per input, the Gram matrix of the layer's input; empty for a
+    /// tensor that is not a linear layer's weight.
+    pub grams: &'a [Vec<f32>],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -98,6 +106,14 @@ pub fn merge_tensor(
         |base: Option<Vec<f32>>| base.ok_or_else(|| invalid("this method needs a base"));
     match op {
         Op::Obim(p) => obim(p, need_base(base)?, inputs, ctx),
+        Op::Regmean(p) => {
+            let mut base = need_base(base)?;
+            let solve = regmean::regmean(p, &mut base, &inputs, ctx.grams, ctx.shape)
+                .map_err(|r| invalid(&r))?;
+            let mut merged = spare(base, inputs);
+            merged.solve = solve;
+            Ok(merged)
+        }
         Op::Slerp(p) => {
             let mut base = need_base(base)?;
             let other = inputs
@@ -311,6 +327,7 @@ fn spare(values: Vec<f32>, spare: Vec<Vec<f32>>) -> Merged {
     Merged {
         values,
         won: None,
+        solve: None,
         spare,
     }
 }
@@ -474,6 +491,7 @@ fn obim(
     Ok(Merged {
         values: base,
         won: Some(won),
+        solve: None,
         spare: deltas,
     })
 }
@@ -562,6 +580,7 @@ mod tests {
             name: "x",
             shape: &[4],
             obd: &[None, None],
+            grams: &[],
         };
         let m = merge_tensor(&op, Some(base.to_vec()), vec![a.to_vec(), b.to_vec()], &ctx).unwrap();
         // a picks 2 of 4: positions 2 (9.0) and 0 (1.0); b gets 1 (4.0) and 3 (0.0).
@@ -589,6 +608,7 @@ mod tests {
             name: "x",
             shape: &[3],
             obd: &[None, None],
+            grams: &[],
         };
         let m = merge_tensor(&op, Some(base.to_vec()), vec![a.to_vec(), b.to_vec()], &ctx).unwrap();
         // Signs: + (both), − (−2+1), + (tie → +: 0.5 agrees). Normalized by agreeing weights.
@@ -621,6 +641,7 @@ mod tests {
             name: "w",
             shape: &[64, 8],
             obd: &[None],
+            grams: &[],
         };
         let m = merge_tensor(
             &della(true, 5),
@@ -646,6 +667,7 @@ mod tests {
             name: "w",
             shape: &[1, 4],
             obd: &[None],
+            grams: &[],
         };
         let seeds = 3000;
         let mut sum = [0f64; 4];
@@ -682,6 +704,7 @@ mod tests {
             name: "x",
             shape: &[4],
             obd: &[None, None],
+            grams: &[],
         };
         let a = vec![1.0f32, 2.0, 0.0, 0.0];
         let b = vec![3.0f32, 0.0, 0.0, 1e-6];

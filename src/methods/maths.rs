@@ -30,6 +30,7 @@ impl Method {
             Method::Passthrough => "Passthrough",
             Method::Ram => "Reinforced Agent Merging (arXiv 2601.13572)",
             Method::RamplusTl => "Reinforced Agent Merging Plus, tensor-local (arXiv 2601.13572)",
+            Method::Regmean => "RegMean, Dataless Knowledge Fusion (arXiv 2212.09849)",
         }
     }
 
@@ -133,6 +134,13 @@ impl Method {
             Method::RamplusTl => {
                 "As ram, but input k's unique changes are multiplied by 1 + r·min(alpha, ρₖ), ρₖ =\n\
                  (positions k shares with others) / (positions k changes alone), counted per tensor."
+            }
+            Method::Regmean => {
+                "For a linear layer's weight W (y = W x): Gₖ = Σ_t x xᵀ of the layer's input over\n\
+                 input k's own `using` data, G̃ₖ = alpha·Gₖ + (1 − alpha)·diag(Gₖ); merged = θ_B +\n\
+                 λ·(Σₖ δₖ G̃ₖ)(Σₖ G̃ₖ)⁻¹, solved in f64 by Cholesky (a ridge added where the sum is\n\
+                 not positive definite). Every other tensor (embeddings, norms, biases): θ_B + λ·mean\n\
+                 of the δₖ, the mean of the inputs at λ = 1."
             }
         }
     }

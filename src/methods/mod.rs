@@ -31,6 +31,7 @@ pub enum Method {
     Passthrough,
     Ram,
     RamplusTl,
+    Regmean,
 }
 
 /// Whether a method takes a `base:` (mergekit's `BasePolicy`).
@@ -350,6 +351,7 @@ impl Method {
         Method::Passthrough,
         Method::Ram,
         Method::RamplusTl,
+        Method::Regmean,
     ];
 
     pub fn name(self) -> &'static str {
@@ -375,6 +377,7 @@ impl Method {
             Method::Passthrough => "passthrough",
             Method::Ram => "ram",
             Method::RamplusTl => "ramplus_tl",
+            Method::Regmean => "regmean",
         }
     }
 
@@ -521,6 +524,28 @@ impl Method {
             ),
             RAM_EPSILON,
         ];
+        const REGMEAN: &[Param] = &[
+            BASE,
+            p(
+                ParamName::Using,
+                Kind::Data,
+                Scope::Input,
+                None,
+                "the data whose layer inputs give the input's Gram matrices",
+            ),
+            merge_number(
+                ParamName::Alpha,
+                Kind::Unit,
+                0.9,
+                "scale of the Gram matrices' off-diagonal entries (0: diagonal RegMean)",
+            ),
+            merge_number(
+                ParamName::Lambda,
+                Kind::Number,
+                1.0,
+                "multiplies the merged task vector (1: RegMean as published)",
+            ),
+        ];
         match self {
             Method::Obim => OBIM,
             Method::TaskArithmetic => TASK_ARITHMETIC,
@@ -541,6 +566,7 @@ impl Method {
             Method::Passthrough => PASSTHROUGH,
             Method::Ram => RAM,
             Method::RamplusTl => RAMPLUS_TL,
+            Method::Regmean => REGMEAN,
         }
     }
 
@@ -568,6 +594,11 @@ impl Method {
     /// `order` and `saliency` statements belong to OBIM alone.
     pub fn has_order(self) -> bool {
         self == Method::Obim
+    }
+
+    /// Whether the method reads statistics of a forward pass on `using` data.
+    pub fn calibrates(self) -> bool {
+        matches!(self, Method::Obim | Method::Regmean)
     }
 
     /// Inputs besides the base: (min, max), mergekit's `InputContract`.

@@ -11,11 +11,12 @@ mod render;
 use crate::pattern::layer_index;
 use crate::recipe::{TakeFrom, gradient_position};
 pub use params::{
-    LinearParams, MultislerpParams, NuslerpParams, ObimParams, Op, RamParams, SlerpParams,
-    Sparsify, TaskVectorParams,
+    LinearParams, MultislerpParams, NuslerpParams, ObimParams, Op, RamParams, RegmeanParams,
+    SlerpParams, Sparsify, TaskVectorParams,
 };
 pub use render::PlanView;
 
+use crate::calibrate::Moments;
 use crate::checkpoint::TensorInfo;
 use crate::methods::Method;
 use crate::open::Inventory;
@@ -31,8 +32,9 @@ use std::collections::{BTreeMap, HashMap};
 pub enum StepKind {
     /// Resolve a model to files and read its headers.
     Open(ModelId),
-    /// Activation statistics of an input on a data source.
-    Calibrate(InputRef, DataId),
+    /// Activation statistics of an input on a data source: Σ x² (OBD) or
+    /// Σ x xᵀ (RegMean) of every linear input.
+    Calibrate(InputRef, DataId, Moments),
     Merge(MergeId),
     /// Index into `Recipe::outputs`.
     Write(usize),
@@ -336,19 +338,22 @@ impl Lowering<'_> {
         }
     }
 
-    fn calibrate(&mut self, input: InputRef, data: DataId) -> NodeIndex {
-        let kind = StepKind::Calibrate(input, data);
+    fn calibrate(&mut self, input: InputRef, data: DataId, moments: Moments) -> NodeIndex {
+        let kind = StepKind::Calibrate(input, data, moments);
         if let Some(n) = self.nodes.get(&kind) {
             return *n;
         }
         let model = self.input(input);
         let d = &self.recipe.data[data.0];
-        let mut h = ContentHash::new("obim calibrate v2");
+        let mut h = ContentHash::new(match moments {
+            Moments::Diagonal => "obim calibrate v2",
+            Moments::Gram => "obim gram v1",
+        });
         h.str(&self.graph[model].hash);
         d.hash_into(&mut h);
         h.str(&data_content_hash(d));
         let hash = h.finish();
-        let id = format!("calibrate:{}@{}", self.recipe.input_name(input), d.name);
+        let id = calibrate_step_id(self.recipe, input, data, moments);
 
         self.add(
             Step {
@@ -368,18 +373,18 @@ impl Lowering<'_> {
         let merge = &self.recipe.merges[id.0];
         let inputs: Vec<NodeIndex> = merge.dependencies().map(|d| self.input(d)).collect();
         let tensors = self.tensors_with_vocabulary(id, merge);
-        // Calibrations: every (input, data) pair some tensor needs for OBD.
-        let mut needed: Vec<(usize, DataId)> = Vec::new();
+        // Calibrations: every (input, data) pair some tensor needs for OBD
+        // or RegMean.
+        let mut needed: Vec<(usize, DataId, Moments)> = Vec::new();
         for t in &tensors {
-            if let Op::Obim(p) = &t.op
-                && p.saliency == Saliency::Obd
-            {
-                for (i, using) in p.using.iter().enumerate() {
-                    if let Some(d) = *using
-                        && !needed.contains(&(i, d))
-                    {
-                        needed.push((i, d));
-                    }
+            let Some((using, moments)) = t.op.calibration() else {
+                continue;
+            };
+            for (i, using) in using.iter().enumerate() {
+                if let Some(d) = *using
+                    && !needed.contains(&(i, d, moments))
+                {
+                    needed.push((i, d, moments));
                 }
             }
         }
@@ -390,14 +395,21 @@ impl Lowering<'_> {
             // No headers to decide per tensor: plan every input's own data.
             for i in 0..merge.inputs.len() {
                 if let Some(d) = merge.input_settings(i).using {
-                    needed.push((i, d));
+                    needed.push((i, d, Moments::Diagonal));
+                }
+            }
+        }
+        if tensors.is_empty() && merge.method == Method::Regmean {
+            for i in 0..merge.inputs.len() {
+                if let Some(d) = merge.input_settings(i).using {
+                    needed.push((i, d, Moments::Gram));
                 }
             }
         }
         needed.sort();
         let calibrations: Vec<NodeIndex> = needed
             .into_iter()
-            .map(|(i, data)| self.calibrate(merge.inputs[i].model, data))
+            .map(|(i, data, moments)| self.calibrate(merge.inputs[i].model, data, moments))
             .collect();
         let deps: Vec<String> = inputs
             .iter()
@@ -730,4 +742,22 @@ fn natural_key(name: &str) -> Vec<(u64, String)> {
                 .map_or((u64::MAX, part.to_string()), |n| (n, String::new()))
         })
         .collect()
+}
+
+/// `calibrate:add@add_calib` (Σ x²) or `gram:add@add_calib` (Σ x xᵀ).
+pub fn calibrate_step_id(
+    recipe: &Recipe,
+    input: InputRef,
+    data: DataId,
+    moments: Moments,
+) -> String {
+    let kind = match moments {
+        Moments::Diagonal => "calibrate",
+        Moments::Gram => "gram",
+    };
+    format!(
+        "{kind}:{}@{}",
+        recipe.input_name(input),
+        recipe.data[data.0].name
+    )
 }

@@ -4,6 +4,7 @@
 //! plan stores one [`Op`] per tensor; the executor and the kernels read it
 //! and never look a parameter up by name or default it again.
 
+use crate::calibrate::Moments;
 use crate::methods::{Method, ParamName, Scope};
 use crate::recipe::{DataId, InputSettings, Saliency, TakeFrom, TensorSettings};
 use serde_json::Value;
@@ -39,6 +40,18 @@ pub enum Op {
         scale: f64,
     },
     Ram(RamParams),
+    Regmean(RegmeanParams),
+}
+
+/// RegMean: each linear layer's weight from the inputs' Gram matrices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegmeanParams {
+    /// Scale of the Gram matrices' off-diagonal entries.
+    pub alpha: f64,
+    /// The factor on the merged task vector.
+    pub lambda: f64,
+    /// Per input: the data its Gram matrices come from.
+    pub using: Vec<Option<DataId>>,
 }
 
 /// OBIM (DESIGN §3).
@@ -248,6 +261,21 @@ impl Op {
                 plus: (method == Method::RamplusTl)
                     .then(|| (number(ParamName::R, 0.1), number(ParamName::Alpha, 0.2))),
             }),
+            Method::Regmean => Op::Regmean(RegmeanParams {
+                alpha: number(ParamName::Alpha, 0.9),
+                lambda: number(ParamName::Lambda, 1.0),
+                using: s.inputs.iter().map(|x| x.using).collect(),
+            }),
+        }
+    }
+
+    /// The statistics the tensor's merge reads: each input's `using` data
+    /// and which moments of it (OBD's Σ x², RegMean's Σ x xᵀ).
+    pub fn calibration(&self) -> Option<(&[Option<DataId>], Moments)> {
+        match self {
+            Op::Obim(p) if p.saliency == Saliency::Obd => Some((&p.using, Moments::Diagonal)),
+            Op::Regmean(p) => Some((&p.using, Moments::Gram)),
+            _ => None,
         }
     }
 
@@ -283,6 +311,8 @@ impl Op {
             (Op::Nearswap { t }, ParamName::T) => (*t).into(),
             (Op::Passthrough { scale }, ParamName::Scale) => (*scale).into(),
             (Op::Ram(p), ParamName::Epsilon) => p.epsilon.into(),
+            (Op::Regmean(p), ParamName::Alpha) => p.alpha.into(),
+            (Op::Regmean(p), ParamName::Lambda) => p.lambda.into(),
             (
                 Op::Ram(RamParams {
                     plus: Some((r, _)), ..

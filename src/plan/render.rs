@@ -319,7 +319,7 @@ impl PlanView<'_> {
                     None => format!("{source}: not available locally"),
                 }
             }
-            StepKind::Calibrate(_, d) => {
+            StepKind::Calibrate(_, d, _) => {
                 let d = &self.recipe.data[d.0];
                 let samples = d.samples.map_or("all".to_string(), |n| n.to_string());
                 format!(
@@ -505,6 +505,13 @@ impl PlanView<'_> {
             return;
         };
         let _ = writeln!(out, "  tensors  {}", tensors.len());
+        if merge.method == Method::Regmean {
+            let _ = writeln!(
+                out,
+                "  grams    {}",
+                gram_memory(tensors, merge.inputs.len())
+            );
+        }
         let rows: Vec<[String; 4]> = tensors
             .iter()
             .map(|t| self.tensor_row(merge, &names, t))
@@ -673,4 +680,61 @@ fn thousands(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// RegMean's Gram matrices in bytes: on disk per input, held while one
+/// layer is calibrated (f64), and held while one weight is solved (every
+/// input's f32 matrix; the sum and its two Cholesky factors and the
+/// right-hand side in f64).
+fn gram_memory(tensors: &[PlannedTensor], inputs: usize) -> String {
+    use std::collections::BTreeMap;
+    let mut groups: BTreeMap<String, usize> = BTreeMap::new();
+    let mut solve = 0usize;
+    for t in tensors {
+        let [rows, d] = t.info.shape[..] else {
+            continue;
+        };
+        let Some(module) = t.name.strip_suffix(".weight") else {
+            continue;
+        };
+        let linear = module.ends_with("_proj") || module == "lm_head";
+        if !linear || module.ends_with("embed_tokens") {
+            continue;
+        }
+        // Modules that read one input share its matrix (q/k/v, gate/up).
+        let shared = module
+            .replace("k_proj", "q_proj")
+            .replace("v_proj", "q_proj")
+            .replace("up_proj", "gate_proj");
+        groups.insert(shared, d);
+        solve = solve.max(inputs * d * d * 4 + 3 * d * d * 8 + 2 * rows * d * 8);
+    }
+    let mut layers: BTreeMap<&str, usize> = BTreeMap::new();
+    for (module, d) in &groups {
+        let layer = module
+            .match_indices('.')
+            .nth(2)
+            .map_or(module.as_str(), |(i, _)| &module[..i]);
+        *layers.entry(layer).or_default() += d * d * 8;
+    }
+    let disk: usize = groups.values().map(|d| d * d * 4).sum();
+    let largest = groups.values().max().copied().unwrap_or(0);
+    format!(
+        "{} matrices per input (largest {largest}²), {} on disk per input; a layer's calibration holds {}, a weight's solve {}",
+        groups.len(),
+        bytes(disk),
+        bytes(layers.values().max().copied().unwrap_or(0)),
+        bytes(solve)
+    )
+}
+
+fn bytes(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} MB", n / 1e6)
+    } else {
+        format!("{:.0} kB", n / 1e3)
+    }
 }
