@@ -441,6 +441,20 @@ token is given once; `from MODEL ID` takes a whole number; a chat template is
 `auto` (the template most models have), a name (alpaca, chatml, exaone,
 llama3, mistral) or Jinja text."#;
 
+E0044 => "data cannot be judged by accuracy", r#"`select by accuracy(DATA, ...)` decodes each candidate's answers greedily
+and compares them with the data's answers, as `obim eval` does: every data
+source it names must be a jsonl file whose every line has `prompt` and
+`answer` strings.
+
+    data val = jsonl("val.jsonl")           # {"prompt": "2+2=", "answer": "4"}
+    merge m = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {
+        x weight 1
+        select by accuracy(val)
+    }
+
+Fix: give the source `prompt` and `answer` fields, or judge by `loss(...)`
+(any text)."#;
+
 E0101 => "model not available at run time", r#"`obim run` needs every model of the merges it runs on this machine: a local
 directory (relative to the recipe file) or a Hugging Face id that is in the
 local cache or can be downloaded. `obim check` only notes a hub model it cannot

@@ -566,8 +566,8 @@ fn open_model(io: &mut Io, model: &str) -> Option<crate::checkpoint::ModelInfo> 
 pub struct EvalOptions {
     pub limit: Option<usize>,
     pub json: bool,
-    /// Mean next-token loss of the `field` texts instead of exact match.
-    pub loss: Option<String>,
+    /// Mean next-token loss instead of exact match.
+    pub loss: Option<LossOf>,
     /// Where a recipe's merges are materialised to be evaluated.
     pub cache: PathBuf,
     /// Where the models run.
@@ -642,17 +642,30 @@ pub fn eval(
     options: &EvalOptions,
     progress: &(dyn Fn(EvalProgress) + Sync),
 ) -> i32 {
+    use crate::eval::LossTexts;
     enum Set {
         Examples(Vec<crate::eval::Example>),
-        Texts(Vec<String>),
+        Texts(LossTexts),
     }
+    let limit = options.limit.unwrap_or(usize::MAX);
     let mut sets = Vec::new();
     for file in files {
+        let texts = |field: &str| {
+            crate::data::jsonl_texts(file, field).map(|mut t| {
+                t.truncate(limit);
+                Set::Texts(LossTexts::Texts(t))
+            })
+        };
         let read = match &options.loss {
-            Some(field) => crate::data::jsonl_texts(file, field).map(|mut t| {
-                t.truncate(options.limit.unwrap_or(usize::MAX));
-                Set::Texts(t)
-            }),
+            Some(LossOf::Field(field)) => texts(field),
+            Some(LossOf::Auto) => match crate::data::jsonl_pairs(file) {
+                Ok(Some(mut pairs)) => {
+                    pairs.truncate(limit);
+                    Ok(Set::Texts(LossTexts::Pairs(pairs)))
+                }
+                Ok(None) => texts("text"),
+                Err(e) => Err(e),
+            },
             None => crate::eval::examples(file, options.limit).map(Set::Examples),
         };
         match read {
@@ -667,8 +680,8 @@ pub fn eval(
     if !options.json {
         let header = if options.loss.is_some() {
             format!(
-                "{:<40} {:<40} {:>8} {:>10} {:>10}",
-                "model", "data", "texts", "loss", "perplexity"
+                "{:<40} {:<40} {:>8} {:>10} {:>10}  {}",
+                "model", "data", "texts", "loss", "perplexity", "scored"
             )
         } else {
             format!(
@@ -712,8 +725,11 @@ pub fn eval(
                 }),
                 Set::Texts(texts) => generator.loss(file, texts, &done).map(|s| {
                     let line = format!(
-                        "{model:<40} {file:<40} {:>8} {:>10.6} {:>10.4}",
-                        s.texts, s.loss, s.perplexity
+                        "{model:<40} {file:<40} {:>8} {:>10.6} {:>10.4}  {}",
+                        s.texts,
+                        s.loss,
+                        s.perplexity,
+                        s.scored.describe()
                     );
                     (serde_json::to_value(s).unwrap_or_default(), line)
                 }),
@@ -742,6 +758,15 @@ pub fn eval(
         );
     }
     exit::OK
+}
+
+/// What `obim eval --loss` scores.
+pub enum LossOf {
+    /// A file whose lines have `prompt` and `answer`: the answer given the
+    /// prompt; any other: the whole text of `text`.
+    Auto,
+    /// The whole text of this field.
+    Field(String),
 }
 
 /// What `obim stats` measures on.

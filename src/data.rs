@@ -69,6 +69,152 @@ pub fn jsonl_texts(path: &Path, field: &str) -> Result<Vec<String>, DataError> {
     Ok(texts)
 }
 
+/// Each line's `prompt` and `answer`, when every non-empty line of the
+/// jsonl file has both as strings; `None` otherwise.
+pub fn jsonl_pairs(path: &Path) -> Result<Option<Vec<(String, String)>>, DataError> {
+    let text = read(path)?;
+    let mut pairs = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+            return Ok(None);
+        };
+        match (value.get("prompt"), value.get("answer")) {
+            (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(a))) => {
+                pairs.push((p.clone(), a.clone()));
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok((!pairs.is_empty()).then_some(pairs))
+}
+
+/// A sequence to score: its token ids, and the first of them whose
+/// prediction counts (1 for a whole text; for prompt/answer data the first
+/// answer token, so that the loss is the answer's given the prompt).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub ids: Vec<u32>,
+    pub from: usize,
+}
+
+/// How a source's texts are scored by a loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Judged {
+    /// Every token of the text after the first.
+    WholeText,
+    /// The answer's tokens, given the prompt (jsonl with `prompt` and `answer`).
+    AnswerGivenPrompt,
+}
+
+impl Judged {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Judged::WholeText => "whole text",
+            Judged::AnswerGivenPrompt => "answer given the prompt",
+        }
+    }
+}
+
+/// Prompt/answer pairs as scored sequences: `tokenizer(prompt + answer)`,
+/// scored from the length of `tokenizer(prompt)` on, truncated to
+/// `max_len` tokens. A pair with no answer token left is dropped.
+pub fn answer_sequences(
+    pairs: &[(String, String)],
+    tokenizer: &Tokenizer,
+    max_len: Option<usize>,
+) -> Result<Vec<Scored>, DataError> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for (prompt, answer) in pairs {
+        let from = tokenizer.encode(prompt, None)?.len().max(1);
+        let ids = tokenizer.encode(&format!("{prompt}{answer}"), max_len)?;
+        if ids.len() > from {
+            out.push(Scored { ids, from });
+        }
+    }
+    Ok(out)
+}
+
+/// Whole texts as scored sequences (texts of fewer than 2 tokens dropped).
+pub fn text_sequences(sequences: Vec<Vec<u32>>) -> Vec<Scored> {
+    sequences
+        .into_iter()
+        .filter(|ids| ids.len() >= 2)
+        .map(|ids| Scored { ids, from: 1 })
+        .collect()
+}
+
+/// What a loss judge scores of a `data` source: a jsonl source whose every
+/// line has `prompt` and `answer` strings by the answer given the prompt,
+/// any other by the whole text of its `field`. Sampled as for calibration.
+pub fn judged_sequences(
+    data: &Data,
+    tokenizer: &Tokenizer,
+) -> Result<(Judged, Vec<Scored>), DataError> {
+    let (judged, seqs, _) = judged_source(data, tokenizer)?;
+    Ok((judged, seqs))
+}
+
+type Judging = (Judged, Vec<Scored>, Vec<(String, String)>);
+
+/// [`judged_sequences`], with the sampled prompt/answer pairs.
+fn judged_source(data: &Data, tokenizer: &Tokenizer) -> Result<Judging, DataError> {
+    if data.kind == DataKind::Jsonl
+        && let Some(pairs) = jsonl_pairs(&data.path)?
+    {
+        let pairs = sample(pairs, data.samples, data.seed);
+        let seqs = answer_sequences(&pairs, tokenizer, Some(data.seq_len as usize))?;
+        return Ok((Judged::AnswerGivenPrompt, seqs, pairs));
+    }
+    let seqs = text_sequences(sequences(data, tokenizer)?);
+    Ok((Judged::WholeText, seqs, Vec::new()))
+}
+
+/// One data source of a `select by loss(...)`, as every candidate is scored on it.
+#[derive(Debug, Clone)]
+pub struct JudgedSource {
+    pub name: String,
+    pub judged: Judged,
+    pub seqs: Vec<Scored>,
+    /// Prompt/answer data: the (sampled) pairs, for exact match.
+    pub pairs: Vec<(String, String)>,
+}
+
+/// The sources a merge's `select` scores candidates on, tokenized with the
+/// base's tokenizer: the one definition used by the run and by the plan's
+/// `chosen` line (whose cache keys must agree).
+pub fn selection_sources(
+    recipe: &crate::recipe::Recipe,
+    select: &crate::recipe::Select,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<JudgedSource>, DataError> {
+    select
+        .data
+        .iter()
+        .map(|d| {
+            let source = &recipe.data[d.0];
+            let (judged, seqs, pairs) = judged_source(source, tokenizer)?;
+            Ok(JudgedSource {
+                name: source.name.clone(),
+                judged,
+                seqs,
+                pairs,
+            })
+        })
+        .collect()
+}
+
+/// Feeds scored sequences (ids, lengths and first scored token) into a cache key.
+pub fn hash_scored(h: &mut blake3::Hasher, seqs: &[Scored]) {
+    for s in seqs {
+        h.update(&(s.ids.len() as u64).to_le_bytes());
+        h.update(&(s.from as u64).to_le_bytes());
+        for id in &s.ids {
+            h.update(&id.to_le_bytes());
+        }
+    }
+}
+
 fn read(path: &Path) -> Result<String, DataError> {
     std::fs::read_to_string(path).map_err(|source| DataError::Read {
         path: path.to_path_buf(),
@@ -116,7 +262,7 @@ pub fn source_texts(data: &Data) -> Result<Vec<String>, DataError> {
 }
 
 /// `samples` of the texts, drawn by a seeded shuffle and kept in order.
-pub fn sample(texts: Vec<String>, samples: Option<u64>, seed: u64) -> Vec<String> {
+pub fn sample<T>(texts: Vec<T>, samples: Option<u64>, seed: u64) -> Vec<T> {
     let n = texts.len();
     let Some(k) = samples.map(|s| s as usize).filter(|&k| k < n) else {
         return texts;
@@ -129,7 +275,7 @@ pub fn sample(texts: Vec<String>, samples: Option<u64>, seed: u64) -> Vec<String
     }
     let mut chosen = index[..k].to_vec();
     chosen.sort_unstable();
-    let mut texts: Vec<Option<String>> = texts.into_iter().map(Some).collect();
+    let mut texts: Vec<Option<T>> = texts.into_iter().map(Some).collect();
     chosen.into_iter().filter_map(|i| texts[i].take()).collect()
 }
 

@@ -4,7 +4,7 @@
 //! the decoded text before it must equal `answer`.
 
 use crate::checkpoint::ModelInfo;
-use crate::data::{DataError, Tokenizer};
+use crate::data::{DataError, Judged, Scored, Tokenizer};
 use crate::model::ModelConfig;
 use crate::model::blocks::{self, ForwardError, Sequence, Transformer, Weights};
 use crate::model::stream;
@@ -46,11 +46,34 @@ pub struct Score {
 pub struct LossScore {
     pub file: String,
     pub texts: usize,
-    /// Tokens predicted (each text's length − 1).
+    /// Tokens predicted (each text's length − 1, or its answer's length).
     pub tokens: usize,
+    /// What was scored: the whole text, or the answer given the prompt.
+    pub scored: Judged,
     /// Mean over texts of each text's mean NLL, in nats.
     pub loss: f64,
     pub perplexity: f64,
+}
+
+/// What `obim eval --loss` scores in one file.
+pub enum LossTexts {
+    /// Whole texts.
+    Texts(Vec<String>),
+    /// Prompt/answer pairs: the answer's tokens given the prompt.
+    Pairs(Vec<(String, String)>),
+}
+
+impl LossTexts {
+    pub fn len(&self) -> usize {
+        match self {
+            LossTexts::Texts(t) => t.len(),
+            LossTexts::Pairs(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Logits of packed sequences are computed in groups of about this many
@@ -105,6 +128,21 @@ impl Generator {
         Ok(Generator {
             eos: eos_ids(model, &tokenizer),
             model: transformer,
+            tokenizer,
+        })
+    }
+
+    /// A generator over weights from `source` (a merge computed as it is
+    /// read) with `model`'s config, tokenizer and end-of-sequence ids.
+    pub fn from_source(
+        model: &ModelInfo,
+        cfg: ModelConfig,
+        source: &mut dyn blocks::Source,
+    ) -> Result<Generator, EvalError> {
+        let tokenizer = Tokenizer::from_dir(&model.dir)?;
+        Ok(Generator {
+            eos: eos_ids(model, &tokenizer),
+            model: Transformer::load(cfg, source)?,
             tokenizer,
         })
     }
@@ -181,49 +219,80 @@ impl Generator {
         })
     }
 
-    /// Each sequence's mean next-token negative log-likelihood (nats);
-    /// sequences shorter than 2 tokens predict nothing and are left out.
-    pub fn losses(&self, sequences: &[Vec<u32>]) -> Result<Vec<f64>, EvalError> {
+    /// Each sequence's mean next-token negative log-likelihood (nats) of
+    /// its tokens from `from` on; sequences that predict nothing (shorter
+    /// than 2 tokens, or no token at or after `from`) are left out.
+    pub fn losses(&self, sequences: &[Scored]) -> Result<Vec<f64>, EvalError> {
         self.losses_reporting(sequences, &|_| {})
     }
 
     /// [`Generator::losses`], with `done(n)` as sequences finish.
     fn losses_reporting(
         &self,
-        sequences: &[Vec<u32>],
+        sequences: &[Scored],
         done: &(dyn Fn(usize) + Sync),
     ) -> Result<Vec<f64>, EvalError> {
-        let usable: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).cloned().collect();
+        let usable: Vec<&Scored> = sequences
+            .iter()
+            .filter(|s| s.ids.len() >= 2 && s.from < s.ids.len())
+            .collect();
         // Sequences too short to predict anything are done at once.
         done(sequences.len() - usable.len());
+        let ids: Vec<Vec<u32>> = usable.iter().map(|s| s.ids.clone()).collect();
         let per_group = (LOSS_GROUP_VALUES / self.model.cfg.vocab_size.max(1)).max(1);
         let mut losses = Vec::with_capacity(usable.len());
-        for (seqs, ids) in stream::packed(&usable, per_group) {
-            let logits = self.model.forward(&ids, &seqs, None)?;
-            let picked = stream::log_prob(&logits, &stream::targets(&seqs, &ids))?;
-            losses.extend(stream::mean_per_sequence(&seqs, &picked));
+        for (seqs, packed) in stream::packed(&ids, per_group) {
+            let logits = self.model.forward(&packed, &seqs, None)?;
+            let picked = stream::log_prob(&logits, &stream::targets(&seqs, &packed))?;
+            let from: Vec<usize> = usable[losses.len()..losses.len() + seqs.len()]
+                .iter()
+                .map(|s| s.from)
+                .collect();
+            losses.extend(stream::mean_per_sequence(&seqs, &picked, &from));
             done(seqs.len());
         }
         Ok(losses)
     }
 
-    /// Mean loss and perplexity of texts; `done(n)` as texts finish.
+    /// Mean loss and perplexity of texts (or of answers given their
+    /// prompts); `done(n)` as texts finish.
     pub fn loss(
         &self,
         file: &str,
-        texts: &[String],
+        texts: &LossTexts,
         done: &(dyn Fn(usize) + Sync),
     ) -> Result<LossScore, EvalError> {
-        let sequences = texts
-            .iter()
-            .map(|t| self.tokenizer.encode(t, None))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (scored, sequences) = match texts {
+            LossTexts::Texts(texts) => {
+                let sequences = texts
+                    .iter()
+                    .map(|t| {
+                        let ids = self.tokenizer.encode(t, None)?;
+                        Ok(Scored { ids, from: 1 })
+                    })
+                    .collect::<Result<Vec<_>, DataError>>()?;
+                (Judged::WholeText, sequences)
+            }
+            LossTexts::Pairs(pairs) => (
+                Judged::AnswerGivenPrompt,
+                crate::data::answer_sequences(pairs, &self.tokenizer, None)?,
+            ),
+        };
+        if let LossTexts::Pairs(pairs) = texts {
+            // Pairs with no answer token are never scored.
+            done(pairs.len() - sequences.len());
+        }
         let losses = self.losses_reporting(&sequences, done)?;
         let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         Ok(LossScore {
             file: file.to_string(),
             texts: losses.len(),
-            tokens: sequences.iter().map(|s| s.len().saturating_sub(1)).sum(),
+            tokens: sequences
+                .iter()
+                .filter(|s| s.ids.len() >= 2)
+                .map(|s| s.ids.len() - s.from.max(1))
+                .sum(),
+            scored,
             loss,
             perplexity: loss.exp(),
         })

@@ -118,9 +118,11 @@ enum Command {
         /// Mean next-token loss (nats) and perplexity of each file's texts instead of exact match.
         #[arg(long)]
         loss: bool,
-        /// With --loss: the jsonl field holding the text.
-        #[arg(long, default_value = "text")]
-        field: String,
+        /// With --loss: score the whole text of this jsonl field. Without it,
+        /// files whose lines have `prompt` and `answer` are scored on the
+        /// answer given the prompt, others on the field `text`.
+        #[arg(long)]
+        field: Option<String>,
         /// Where forward passes run: `auto`, `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
@@ -397,11 +399,13 @@ fn line(event: &obim::exec::Event) -> Option<String> {
             candidate,
             losses,
             mean,
+            accuracy,
             cached,
         } => {
             let per: Vec<String> = losses.iter().map(|(d, l)| format!("{d} {l:.4}")).collect();
+            let accuracy = accuracy.map_or(String::new(), |a| format!("accuracy {a:.3}, "));
             format!(
-                "{merge}: {candidate:<32} loss {mean:.4} ({}){}",
+                "{merge}: {candidate:<32} {accuracy}loss {mean:.4} ({}){}",
                 per.join(", "),
                 if *cached { " [cached]" } else { "" }
             )
@@ -410,8 +414,12 @@ fn line(event: &obim::exec::Event) -> Option<String> {
             merge,
             candidate,
             mean,
+            accuracy,
             seconds,
-        } => format!("{merge}: chose {candidate} (loss {mean:.4}; {seconds:.2} s)"),
+        } => {
+            let accuracy = accuracy.map_or(String::new(), |a| format!("accuracy {a:.3}, "));
+            format!("{merge}: chose {candidate} ({accuracy}loss {mean:.4}; {seconds:.2} s)")
+        }
         _ => return None,
     })
 }
@@ -518,7 +526,10 @@ fn main() {
             let options = commands::EvalOptions {
                 limit,
                 json: matches!(format, CheckFormat::Json),
-                loss: loss.then_some(field),
+                loss: loss.then_some(match field {
+                    Some(f) => commands::LossOf::Field(f),
+                    None => commands::LossOf::Auto,
+                }),
                 cache: cache.unwrap_or_else(cache_dir),
                 device: open_device(device),
             };

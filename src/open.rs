@@ -10,7 +10,7 @@ use crate::data;
 use crate::diagnostic::Diagnostic;
 use crate::hub;
 use crate::model::ModelConfig;
-use crate::recipe::{DataKind, InputRef, ModelId, ModelSource, Recipe};
+use crate::recipe::{DataKind, InputRef, Judge, ModelId, ModelSource, Recipe};
 use std::collections::HashSet;
 
 use crate::recipe::MergeId;
@@ -330,6 +330,36 @@ fn slice_bounds(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
 /// `obim` input with `using` data) has a forward pass.
 fn calibration(recipe: &Recipe, inventory: &Inventory) -> Vec<Diagnostic> {
     let mut diagnostics = Vec::new();
+    for merge in &recipe.merges {
+        let Some(select) = merge.select.as_ref().filter(|s| s.judge == Judge::Accuracy) else {
+            continue;
+        };
+        for d in &select.data {
+            let source = &recipe.data[d.0];
+            let pairs = match source.kind {
+                DataKind::Jsonl if source.path.is_file() => {
+                    data::jsonl_pairs(&source.path).ok().flatten().is_some()
+                }
+                DataKind::Jsonl => continue, // E0026 said so.
+                DataKind::Text => false,
+            };
+            if !pairs {
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::E0044,
+                        select.span,
+                        format!(
+                            "`{}` cannot judge `{}` by accuracy: it has no `prompt` and `answer` on every line",
+                            source.name, merge.name
+                        ),
+                    )
+                    .label("judged by accuracy")
+                    .with(source.span, "this data source")
+                    .help("accuracy needs jsonl lines with `prompt` and `answer` strings; judge by `loss(...)` for plain text"),
+                );
+            }
+        }
+    }
     for source in &recipe.data {
         // A source whose file is missing was reported by the checker (E0026).
         let exists = match source.kind {

@@ -359,11 +359,31 @@ pub struct AutoSite {
     pub span: Span,
 }
 
-/// `select by loss(data, ...)`.
+/// `select by loss(data, ...)` or `select by accuracy(data, ...)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Select {
+    pub judge: Judge,
     pub data: Vec<DataId>,
     pub span: Span,
+}
+
+/// How a merge's `auto` candidates are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Judge {
+    /// The lowest mean next-token loss (of the answers, for prompt/answer data).
+    Loss,
+    /// The highest greedy exact match on prompt/answer data, ties by loss.
+    Accuracy,
+}
+
+impl Judge {
+    pub fn name(self) -> &'static str {
+        match self {
+            Judge::Loss => "loss",
+            Judge::Accuracy => "accuracy",
+        }
+    }
 }
 
 /// The most candidates one merge may have (the cross product of its `auto`s).

@@ -308,7 +308,7 @@ pub(super) enum Problem {
     /// `select by` something other than `loss` (E0006).
     UnknownJudge { span: Span, judge: String },
     /// `select by loss()` without data (E0007).
-    SelectWithoutData { span: Span },
+    SelectWithoutData { span: Span, judge: String },
 
     // Data sources and outputs.
     /// A data source whose file (or glob) finds nothing (E0026).
@@ -1184,12 +1184,12 @@ impl Problem {
             Problem::UnknownJudge { span, judge } => {
                 Diagnostic::new(Code::E0006, span, format!("unknown judge `{judge}`"))
                     .label("not a judge")
-                    .help("candidates are judged by `loss(DATA, ...)`: the mean next-token loss on held-out data")
+                    .help("candidates are judged by `loss(DATA, ...)`, the mean next-token loss on held-out data (of the answers, for prompt/answer data), or by `accuracy(DATA, ...)`, greedy exact match on prompt/answer data")
             }
-            Problem::SelectWithoutData { span } => {
-                Diagnostic::new(Code::E0007, span, "`select by loss()` names no data")
+            Problem::SelectWithoutData { span, judge } => {
+                Diagnostic::new(Code::E0007, span, format!("`select by {judge}()` names no data"))
                     .label("no data sources")
-                    .help("name held-out `data` sources: `select by loss(val_a, val_b)`")
+                    .help(format!("name held-out `data` sources: `select by {judge}(val_a, val_b)`"))
             }
 
             Problem::DataNotFound {

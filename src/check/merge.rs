@@ -10,8 +10,8 @@ use crate::diagnostic;
 use crate::methods::{Kind, Method, Param, ParamName, Scope as ParamScope};
 use crate::pattern::Pattern;
 use crate::recipe::{
-    AutoSite, Gradient, Input, InputRef, InputSettings, LayerRule, Merge, OrderSpec, ParamValue,
-    Saliency, Select, Settings, TakeFrom,
+    AutoSite, Gradient, Input, InputRef, InputSettings, Judge, LayerRule, Merge, OrderSpec,
+    ParamValue, Saliency, Select, Settings, TakeFrom,
 };
 use crate::source::Span;
 use crate::syntax::ast::{self, Block, ExprKind, ItemKind, KeyValue, Stmt, StmtKind};
@@ -773,15 +773,22 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             self.report(Problem::SelectInRule { span: stmt.span });
             return;
         }
-        if judge.name != "loss" {
-            self.report(Problem::UnknownJudge {
-                span: judge.span,
+        let judge_kind = match judge.name.as_str() {
+            "loss" => Judge::Loss,
+            "accuracy" => Judge::Accuracy,
+            _ => {
+                self.report(Problem::UnknownJudge {
+                    span: judge.span,
+                    judge: judge.name.clone(),
+                });
+                return;
+            }
+        };
+        if data.is_empty() {
+            self.report(Problem::SelectWithoutData {
+                span: stmt.span,
                 judge: judge.name.clone(),
             });
-            return;
-        }
-        if data.is_empty() {
-            self.report(Problem::SelectWithoutData { span: stmt.span });
             return;
         }
         let mut ids = Vec::new();
@@ -796,6 +803,7 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
         }
         if ids.len() == data.len() {
             self.select = Some(Select {
+                judge: judge_kind,
                 data: ids,
                 span: stmt.span,
             });

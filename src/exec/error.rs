@@ -120,6 +120,8 @@ pub enum SelectionFailure {
     TooShort(String),
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    #[error("decoding the answers")]
+    Eval(#[source] crate::eval::EvalError),
     #[error("every candidate's loss is NaN or infinite")]
     NoFiniteLoss,
 }

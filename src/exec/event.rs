@@ -57,12 +57,15 @@ pub enum Event {
         /// Mean loss per selection data source, then their mean.
         losses: Vec<(String, f64)>,
         mean: f64,
+        /// `select by accuracy`: the mean exact match over the sources.
+        accuracy: Option<f64>,
         cached: bool,
     },
     Selected {
         merge: String,
         candidate: String,
         mean: f64,
+        accuracy: Option<f64>,
         seconds: f64,
     },
 }

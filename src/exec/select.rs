@@ -20,12 +20,14 @@ use super::evaluator::{Evaluator, SharedInputs};
 use super::event::Event;
 use super::stats::Statistics;
 use crate::Compilation;
-use crate::data;
+use crate::checkpoint::ModelInfo;
+use crate::data::{self, JudgedSource};
+use crate::eval::{EvalError, Example, Generator};
 use crate::model::ModelConfig;
 use crate::model::blocks::{self, ForwardError, Source};
 use crate::model::stream;
 use crate::plan::{Plan, Variant};
-use crate::recipe::MergeId;
+use crate::recipe::{Judge, MergeId};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -38,12 +40,21 @@ pub struct CandidateScore {
     /// Mean loss per selection data source.
     pub losses: Vec<(String, f64)>,
     pub mean: f64,
+    /// `select by accuracy`: exact match per source, and their mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracies: Option<Vec<(String, f64)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
     #[serde(skip)]
     pub cached: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Selection {
+    /// What the loss scores of each source: the whole text, or the answer
+    /// given the prompt (prompt/answer data).
+    #[serde(default)]
+    pub scored: Vec<(String, data::Judged)>,
     pub candidates: Vec<CandidateScore>,
     /// Index into `candidates`.
     pub winner: usize,
@@ -60,14 +71,32 @@ struct Candidate {
     path: PathBuf,
 }
 
+impl Candidate {
+    /// Keeps a fresh score and caches it (a cache that cannot be written
+    /// only costs a rescore next time).
+    fn keep(&mut self, score: CandidateScore) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(
+            &self.path,
+            serde_json::to_string(&score).unwrap_or_default(),
+        );
+        self.score = Some(score);
+    }
+}
+
 /// The selection of one merge's settings.
 pub(super) struct Selector<'a> {
     c: &'a Compilation,
     id: MergeId,
     started: Instant,
     config: ModelConfig,
-    /// The token sequences of each selection data source.
-    sources: Vec<(String, Vec<Vec<u32>>)>,
+    /// The base, whose tokenizer and end-of-sequence ids decode answers.
+    base: ModelInfo,
+    judge: Judge,
+    /// Each selection data source, as scored.
+    sources: Vec<JudgedSource>,
     candidates: Vec<Candidate>,
 }
 
@@ -95,30 +124,27 @@ impl<'a> Selector<'a> {
         let config = ModelConfig::of(base).map_err(|e| fail(SelectionFailure::Config(e)))?;
         let tokenizer =
             data::Tokenizer::from_dir(&base.dir).map_err(|e| fail(SelectionFailure::Data(e)))?;
-        let mut sources = Vec::new();
-        for d in merge.select.iter().flat_map(|s| &s.data) {
-            let source = &recipe.data[d.0];
-            let seqs: Vec<Vec<u32>> = data::sequences(source, &tokenizer)
-                .map_err(|e| fail(SelectionFailure::Data(e)))?
-                .into_iter()
-                .filter(|s| s.len() >= 2)
-                .collect();
-            if seqs.is_empty() {
-                return Err(fail(SelectionFailure::TooShort(source.name.clone())));
-            }
-            sources.push((source.name.clone(), seqs));
+        let sources = match &merge.select {
+            Some(select) => data::selection_sources(recipe, select, &tokenizer)
+                .map_err(|e| fail(SelectionFailure::Data(e)))?,
+            None => Vec::new(),
+        };
+        if let Some(empty) = sources.iter().find(|s| s.seqs.is_empty()) {
+            return Err(fail(SelectionFailure::TooShort(empty.name.clone())));
         }
+        let judge = merge.select.as_ref().map_or(Judge::Loss, |s| s.judge);
         let mut selector = Selector {
             c,
             id,
             started,
             config,
+            base: base.clone(),
+            judge,
             sources,
             candidates: Vec::new(),
         };
-        let all = selector.tokens();
         for (index, variant) in variants(plan, id).iter().enumerate() {
-            let path = variant.score_path(cache, &all);
+            let path = variant.score_path(cache, judge, &selector.sources);
             let cached = std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|t| serde_json::from_str::<CandidateScore>(&t).ok())
@@ -137,11 +163,13 @@ impl<'a> Selector<'a> {
         Ok(selector)
     }
 
-    fn tokens(&self) -> Vec<Vec<u32>> {
-        self.sources
-            .iter()
-            .flat_map(|(_, s)| s.iter().cloned())
-            .collect()
+    /// Every source's token ids and first scored token, in order.
+    fn sequences(&self) -> (Vec<Vec<u32>>, Vec<usize>) {
+        let all = self.sources.iter().flat_map(|s| &s.seqs);
+        (
+            all.clone().map(|s| s.ids.clone()).collect(),
+            all.map(|s| s.from).collect(),
+        )
     }
 
     /// Whether some candidate is not in the cache (so the driver must
@@ -159,9 +187,12 @@ impl<'a> Selector<'a> {
         stats: &Statistics,
         options: &RunOptions,
     ) -> Result<(), ExecError> {
+        if self.judge == Judge::Accuracy {
+            return self.score_by_accuracy(plan, stats, options);
+        }
         let id = self.id;
         let merge_name = self.c.recipe.merges[id.0].name.clone();
-        let all = self.tokens();
+        let (all, from) = self.sequences();
         let shared = SharedInputs::default();
         let mut merged: Vec<MergedSource> = self
             .candidates
@@ -185,7 +216,7 @@ impl<'a> Selector<'a> {
         }
         let mut refs: Vec<&mut dyn Source> =
             merged.iter_mut().map(|m| m as &mut dyn Source).collect();
-        let losses = stream::nll_many(&self.config, &mut refs, &all, &mut || {
+        let losses = stream::nll_many(&self.config, &mut refs, &all, &from, &mut || {
             shared.borrow_mut().clear()
         })
         .map_err(|e| match e {
@@ -209,27 +240,97 @@ impl<'a> Selector<'a> {
         for (candidate, losses) in pending.zip(losses) {
             let mut per_source = Vec::new();
             let mut at = 0;
-            for (name, seqs) in &self.sources {
-                let part = &losses[at..at + seqs.len()];
-                per_source.push((name.clone(), part.iter().sum::<f64>() / part.len() as f64));
-                at += seqs.len();
+            for source in &self.sources {
+                let part = &losses[at..at + source.seqs.len()];
+                per_source.push((
+                    source.name.clone(),
+                    part.iter().sum::<f64>() / part.len() as f64,
+                ));
+                at += source.seqs.len();
             }
             let mean = per_source.iter().map(|(_, l)| l).sum::<f64>() / per_source.len() as f64;
-            let score = CandidateScore {
+            candidate.keep(CandidateScore {
                 candidate: candidate.label.clone(),
                 losses: per_source,
                 mean,
+                accuracies: None,
+                accuracy: None,
                 cached: false,
-            };
-            if let Some(dir) = candidate.path.parent() {
-                let _ = std::fs::create_dir_all(dir);
+            });
+        }
+        Ok(())
+    }
+
+    /// `select by accuracy`: each pending candidate is merged whole in
+    /// memory (one at a time), decodes every source's prompts greedily as
+    /// `obim eval` does, and is scored by exact match, with the loss of the
+    /// answers for ties.
+    fn score_by_accuracy(
+        &mut self,
+        plan: &Plan,
+        stats: &Statistics,
+        options: &RunOptions,
+    ) -> Result<(), ExecError> {
+        let id = self.id;
+        let merge_name = self.c.recipe.merges[id.0].name.clone();
+        let failed = |e: EvalError| match e {
+            EvalError::Forward(ForwardError::Source(source)) => {
+                match source.downcast::<ExecError>() {
+                    Ok(exec) => *exec,
+                    Err(other) => ExecError::Selection {
+                        merge: merge_name.clone(),
+                        source: Box::new(SelectionFailure::Forward(ForwardError::Source(other))),
+                    },
+                }
             }
-            // A cache that cannot be written only costs a rescore next time.
-            let _ = std::fs::write(
-                &candidate.path,
-                serde_json::to_string(&score).unwrap_or_default(),
-            );
-            candidate.score = Some(score);
+            e => ExecError::Selection {
+                merge: merge_name.clone(),
+                source: Box::new(SelectionFailure::Eval(e)),
+            },
+        };
+        for candidate in self.candidates.iter_mut().filter(|c| c.score.is_none()) {
+            let tensors = &variants(plan, id)[candidate.variant].tensors;
+            let mut merged = MergedSource {
+                eval: Evaluator::new(self.c, plan, stats, id)
+                    .allowing_non_finite(options.allow_non_finite),
+                merge: id,
+                names: tensors.iter().map(|t| t.name.clone()).collect(),
+                device: options.device.candle().clone(),
+            };
+            merged.eval = merged.eval.with_variant(id, tensors);
+            let generator = Generator::from_source(&self.base, self.config.clone(), &mut merged)
+                .map_err(failed)?;
+            drop(merged);
+            let mut losses = Vec::new();
+            let mut accuracies = Vec::new();
+            for source in &self.sources {
+                let examples: Vec<Example> = source
+                    .pairs
+                    .iter()
+                    .map(|(prompt, answer)| Example {
+                        prompt: prompt.clone(),
+                        answer: answer.clone(),
+                    })
+                    .collect();
+                let score = generator
+                    .score(&source.name, &examples, &|_| {})
+                    .map_err(failed)?;
+                accuracies.push((source.name.clone(), score.accuracy));
+                let l = generator.losses(&source.seqs).map_err(failed)?;
+                losses.push((
+                    source.name.clone(),
+                    l.iter().sum::<f64>() / l.len().max(1) as f64,
+                ));
+            }
+            let mean = |v: &[(String, f64)]| v.iter().map(|(_, x)| x).sum::<f64>() / v.len() as f64;
+            candidate.keep(CandidateScore {
+                candidate: candidate.label.clone(),
+                mean: mean(&losses),
+                accuracy: Some(mean(&accuracies)),
+                losses,
+                accuracies: Some(accuracies),
+                cached: false,
+            });
         }
         Ok(())
     }
@@ -252,15 +353,29 @@ impl<'a> Selector<'a> {
                 candidate: score.candidate.clone(),
                 losses: score.losses.clone(),
                 mean: score.mean,
+                accuracy: score.accuracy,
                 cached: score.cached,
             });
         }
         let means: Vec<f64> = scored.iter().map(|s| s.mean).collect();
-        let winner = lowest_finite(&means).ok_or_else(|| ExecError::Selection {
+        let winner = match self.judge {
+            Judge::Loss => lowest_finite(&means),
+            Judge::Accuracy => {
+                let accuracies: Vec<f64> =
+                    scored.iter().map(|s| s.accuracy.unwrap_or(0.0)).collect();
+                most_accurate(&accuracies, &means)
+            }
+        };
+        let winner = winner.ok_or_else(|| ExecError::Selection {
             merge: merge.name.clone(),
             source: Box::new(SelectionFailure::NoFiniteLoss),
         })?;
         let selection = Selection {
+            scored: self
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), s.judged))
+                .collect(),
             candidates: scored,
             winner,
             seconds: self.started.elapsed().as_secs_f64(),
@@ -270,11 +385,25 @@ impl<'a> Selector<'a> {
                 merge: merge.name.clone(),
                 candidate: w.candidate.clone(),
                 mean: w.mean,
+                accuracy: w.accuracy,
                 seconds: selection.seconds,
             });
         }
         Ok((indices[winner], selection))
     }
+}
+
+/// The highest accuracy, ties to the lowest finite loss, then the earlier;
+/// a candidate whose loss is NaN or ±∞ never wins.
+fn most_accurate(accuracies: &[f64], losses: &[f64]) -> Option<usize> {
+    (0..accuracies.len())
+        .filter(|&i| losses[i].is_finite())
+        .min_by(|&i, &j| {
+            accuracies[j]
+                .total_cmp(&accuracies[i])
+                .then(losses[i].total_cmp(&losses[j]))
+                .then(i.cmp(&j))
+        })
 }
 
 /// The lowest finite loss, the earlier on ties; a NaN or ±∞ never wins.

@@ -117,8 +117,8 @@ pub fn pass(
     Ok(groups)
 }
 
-/// Each sequence's mean next-token negative log-likelihood (nats) under
-/// each source, the sources advancing in lockstep, one stage (embedding,
+/// Each sequence's mean next-token negative log-likelihood (nats) of its
+/// tokens from `from[i]` on (1: all but the first) under each source, the sources advancing in lockstep, one stage (embedding,
 /// a layer, the head) at a time; `between` runs after each stage, so
 /// that what the sources share for one stage can be dropped. Sequences
 /// must have 2 tokens or more.
@@ -126,6 +126,7 @@ pub fn nll_many(
     cfg: &ModelConfig,
     sources: &mut [&mut dyn Source],
     sequences: &[Vec<u32>],
+    from: &[usize],
     between: &mut dyn FnMut(),
 ) -> Result<Vec<Vec<f64>>> {
     let mut groups = Vec::with_capacity(sources.len());
@@ -142,14 +143,23 @@ pub fn nll_many(
     let mut out = Vec::with_capacity(sources.len());
     for (source, g) in sources.iter_mut().zip(&mut groups) {
         finish(cfg, *source, g, &mut blocks::Blind)?;
-        out.push(head_nll(cfg, *source, g)?);
+        let per_group = head_nll(cfg, *source, g)?;
+        let mut losses = Vec::with_capacity(sequences.len());
+        let mut at = 0;
+        for (group, picked) in g.iter().zip(per_group) {
+            let firsts = &from[at..at + group.seqs.len()];
+            losses.extend(mean_per_sequence(&group.seqs, &picked, firsts));
+            at += group.seqs.len();
+        }
+        out.push(losses);
     }
     between();
     Ok(out)
 }
 
-/// The loss of groups whose hidden states are the final norm's output.
-fn head_nll(cfg: &ModelConfig, source: &mut dyn Source, groups: &[Group]) -> Result<Vec<f64>> {
+/// log p of each row's next token, per group, for groups whose hidden
+/// states are the final norm's output.
+fn head_nll(cfg: &ModelConfig, source: &mut dyn Source, groups: &[Group]) -> Result<Vec<Vec<f32>>> {
     let head = if cfg.tied_embeddings {
         "model.embed_tokens.weight"
     } else {
@@ -174,7 +184,7 @@ fn head_nll(cfg: &ModelConfig, source: &mut dyn Source, groups: &[Group]) -> Res
             picked.extend(log_prob(&logits, &targets[at..at + n])?);
             at += n;
         }
-        out.extend(mean_per_sequence(&g.seqs, &picked));
+        out.push(picked);
     }
     Ok(out)
 }
@@ -194,11 +204,13 @@ pub fn log_prob(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
     Ok(lp.gather(&t, 1)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// −mean log p over each sequence's predicted tokens.
-pub fn mean_per_sequence(seqs: &[Sequence], picked: &[f32]) -> Vec<f64> {
+/// −mean log p over each sequence's predicted tokens from `from[i]` on.
+pub fn mean_per_sequence(seqs: &[Sequence], picked: &[f32], from: &[usize]) -> Vec<f64> {
     seqs.iter()
-        .map(|s| {
-            let predicted = &picked[s.start..s.start + s.len - 1];
+        .zip(from)
+        .map(|(s, &from)| {
+            let first = s.start + from.clamp(1, s.len.max(1)) - 1;
+            let predicted = &picked[first..s.start + s.len - 1];
             -predicted.iter().map(|&v| f64::from(v)).sum::<f64>() / predicted.len().max(1) as f64
         })
         .collect()

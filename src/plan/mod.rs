@@ -90,11 +90,19 @@ pub struct Variant {
 impl Variant {
     /// Where the candidate's score on `tokens` (the selection data) is
     /// cached: the run writes it, `obim plan` reads it.
-    pub fn score_path(&self, cache: &std::path::Path, tokens: &[Vec<u32>]) -> std::path::PathBuf {
+    pub fn score_path(
+        &self,
+        cache: &std::path::Path,
+        judge: crate::recipe::Judge,
+        sources: &[crate::data::JudgedSource],
+    ) -> std::path::PathBuf {
         let mut h = blake3::Hasher::new();
-        h.update(b"obim candidate loss v2\0");
+        h.update(b"obim candidate score v3\0");
+        h.update(judge.name().as_bytes());
         h.update(self.hash.as_bytes());
-        crate::calibrate::hash_tokens(&mut h, tokens);
+        for s in sources {
+            crate::data::hash_scored(&mut h, &s.seqs);
+        }
         cache
             .join("scores")
             .join(format!("{}.json", &h.finalize().to_hex()[..32]))

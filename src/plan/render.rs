@@ -5,7 +5,7 @@
 use super::{Plan, PlannedTensor, Step, StepKind};
 use crate::methods::{Method, ParamName, Scope};
 use crate::open::Inventory;
-use crate::recipe::{Merge, MergeId, ModelSource, Recipe, TakeFrom};
+use crate::recipe::{Judge, Merge, MergeId, ModelSource, Recipe, TakeFrom};
 use crate::source::SourceMap;
 use serde_json::{Map, Value, json};
 use std::fmt::Write;
@@ -131,11 +131,24 @@ impl PlanView<'_> {
             .map(|a| json!({"setting": a.label, "values": a.values}))
             .collect();
         let select = merge.select.as_ref().map(|s| {
+            let sources = self.selection_sources(merge);
+            let tokens = sources.as_ref().map(|s| {
+                s.iter()
+                    .flat_map(|s| &s.seqs)
+                    .map(|s| s.ids.len())
+                    .sum::<usize>()
+            });
+            let scored = sources.map(|s| {
+                s.iter()
+                    .map(|s| (s.name.clone(), json!(s.judged)))
+                    .collect::<Map<String, Value>>()
+            });
             json!({
-                "by": "loss",
+                "by": s.judge.name(),
                 "data": s.data.iter().map(|d| &self.recipe.data[d.0].name).collect::<Vec<_>>(),
                 "candidates": merge.candidate_count(),
-                "tokens": self.selection_tokens(merge),
+                "tokens": tokens,
+                "scored": scored,
             })
         });
         json!({
@@ -149,40 +162,34 @@ impl PlanView<'_> {
         })
     }
 
-    /// The token sequences of a merge's selection data (texts of 2 tokens
-    /// or more, tokenized by the base's tokenizer), as the run scores them,
-    /// when the base is available.
-    fn selection_sequences(&self, merge: &Merge) -> Option<Vec<Vec<u32>>> {
+    /// A merge's selection data as the run scores it, when the base (and
+    /// so its tokenizer) is available.
+    fn selection_sources(&self, merge: &Merge) -> Option<Vec<crate::data::JudgedSource>> {
         let select = merge.select.as_ref()?;
         let base = merge.shape_input()?;
         let info = self.inventory.get(self.recipe.shape_source(base)?)?;
         let tokenizer = crate::data::Tokenizer::from_dir(&info.dir).ok()?;
-        let mut all = Vec::new();
-        for d in &select.data {
-            let seqs = crate::data::sequences(&self.recipe.data[d.0], &tokenizer).ok()?;
-            all.extend(seqs.into_iter().filter(|s| s.len() >= 2));
-        }
-        Some(all)
-    }
-
-    fn selection_tokens(&self, merge: &Merge) -> Option<usize> {
-        Some(self.selection_sequences(merge)?.iter().map(Vec::len).sum())
+        crate::data::selection_sources(self.recipe, select, &tokenizer).ok()
     }
 
     /// The candidate of merge `id` an earlier run chose, and its loss: when
     /// the cache holds every candidate's score, the lowest finite one.
     fn chosen(&self, id: MergeId, merge: &Merge) -> Option<(String, f64)> {
         let cache = self.cache?;
-        let tokens = self.selection_sequences(merge)?;
-        let mut best: Option<(String, f64)> = None;
+        let sources = self.selection_sources(merge)?;
+        let mut best: Option<(String, f64, (f64, f64))> = None;
         for v in self.plan.variants.get(&id)? {
-            let text = std::fs::read_to_string(v.score_path(cache, &tokens)).ok()?;
-            let mean = serde_json::from_str::<Value>(&text).ok()?["mean"].as_f64()?;
-            if mean.is_finite() && best.as_ref().is_none_or(|(_, b)| mean < *b) {
-                best = Some((v.label.clone(), mean));
+            let judge = merge.select.as_ref()?.judge;
+            let text = std::fs::read_to_string(v.score_path(cache, judge, &sources)).ok()?;
+            let score = serde_json::from_str::<Value>(&text).ok()?;
+            let mean = score["mean"].as_f64()?;
+            // Accuracy: higher wins, ties by loss; as a key to minimise.
+            let key = (-score["accuracy"].as_f64().unwrap_or(0.0), mean);
+            if mean.is_finite() && best.as_ref().is_none_or(|(_, _, k)| key < *k) {
+                best = Some((v.label.clone(), mean, key));
             }
         }
-        best
+        best.map(|(label, mean, _)| (label, mean))
     }
 
     fn tensor_json(&self, merge: &Merge, names: &[&str], t: &PlannedTensor) -> Value {
@@ -478,18 +485,48 @@ impl PlanView<'_> {
                 .map(|d| self.recipe.data[d.0].name.as_str())
                 .collect();
             let n = merge.candidate_count();
-            let cost = match self.selection_tokens(merge) {
-                Some(t) => format!(
+            let sources = self.selection_sources(merge);
+            let tokens = sources.as_ref().map(|s| {
+                s.iter()
+                    .flat_map(|s| &s.seqs)
+                    .map(|s| s.ids.len())
+                    .sum::<usize>()
+            });
+            let cost = match (tokens, select.judge) {
+                (Some(t), Judge::Loss) => format!(
                     "{n} candidates × {t} tokens = {} tokens through a merged model",
                     n * t
                 ),
-                None => format!("{n} candidates"),
+                (_, Judge::Accuracy) => {
+                    let examples = sources
+                        .as_ref()
+                        .map(|s| s.iter().map(|s| s.pairs.len()).sum::<usize>());
+                    match examples {
+                        Some(e) => format!(
+                            "{n} candidates × {e} examples decoded greedily, each candidate merged whole in memory"
+                        ),
+                        None => format!("{n} candidates"),
+                    }
+                }
+                (None, _) => format!("{n} candidates"),
             };
             let _ = writeln!(
                 out,
-                "  select   by loss({}): {cost} (tensors below: the first candidate)",
+                "  select   by {}({}): {cost} (tensors below: the first candidate)",
+                select.judge.name(),
                 names.join(", ")
             );
+            if let Some(sources) = sources {
+                let judged: Vec<String> = sources
+                    .iter()
+                    .map(|s| format!("{}: {}", s.name, s.judged.describe()))
+                    .collect();
+                let what = match select.judge {
+                    Judge::Loss => "scored  ",
+                    Judge::Accuracy => "ties by  loss of",
+                };
+                let _ = writeln!(out, "  {what} {}", judged.join("; "));
+            }
             if let Some((label, loss)) = self.chosen(id, merge) {
                 let _ = writeln!(
                     out,

@@ -8,7 +8,7 @@ use candle_core::Device;
 use obim::calibrate::{self, ActStats};
 use obim::checkpoint;
 use obim::data::{self, Tokenizer};
-use obim::eval::Generator;
+use obim::eval::{Generator, LossTexts};
 use std::path::{Path, PathBuf};
 
 /// The larger `alpha` family, read from the shared fixtures when present.
@@ -307,7 +307,9 @@ fn demo_loss_matches_transformers() {
                 data::jsonl_texts(&demo().join(format!("data/{task}/calib.jsonl")), "text")
                     .unwrap();
             texts.truncate(n);
-            let score = generator.loss(task, &texts, &|_| {}).unwrap();
+            let score = generator
+                .loss(task, &LossTexts::Texts(texts), &|_| {})
+                .unwrap();
             let expected = golden["loss"][model][task].as_f64().unwrap();
             assert!(
                 (score.loss - expected).abs() <= 1e-4,
@@ -315,6 +317,21 @@ fn demo_loss_matches_transformers() {
                 score.loss
             );
             assert!((score.perplexity - expected.exp()).abs() <= 1e-3 * expected.exp());
+            // Prompt/answer data: the answer's loss given the prompt.
+            let mut pairs = data::jsonl_pairs(&demo().join(format!("data/{task}/calib.jsonl")))
+                .unwrap()
+                .unwrap();
+            pairs.truncate(n);
+            let score = generator
+                .loss(task, &LossTexts::Pairs(pairs), &|_| {})
+                .unwrap();
+            let expected = golden["answer_loss"][model][task].as_f64().unwrap();
+            assert_eq!(score.texts, n);
+            assert!(
+                (score.loss - expected).abs() <= 1e-4,
+                "{model}/{task} answers: {} vs {expected}",
+                score.loss
+            );
         }
     }
 }

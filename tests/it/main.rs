@@ -13,6 +13,7 @@ mod mutations;
 mod obd;
 mod output;
 mod recipes;
+mod regmean;
 mod run;
 mod run_errors;
 mod select;

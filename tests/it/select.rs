@@ -1,4 +1,5 @@
-//! `auto` candidates chosen by `select by loss(...)` on the demo family: the
+//! `auto` candidates chosen by `select by loss(...)` on the demo family
+//! (prompt/answer data, so the loss of the answers given the prompts): the
 //! winner is pinned, its score equals the loss of the written merge computed
 //! by the ordinary whole-model forward, the written merge equals the same
 //! merge with the winning value fixed, and scores are cached per candidate.
@@ -37,8 +38,8 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
         assert!(out.status.success(), "{stderr}");
         stderr
     };
-    let first = run(&recipe("auto [1.0, 0.2, 0.6]"));
-    assert!(first.contains("m: chose lambda=0.2"), "{first}");
+    let first = run(&recipe("auto [0.2, 1.0, 0.6]"));
+    assert!(first.contains("m: chose lambda=1"), "{first}");
     // `obim plan` with the same cache names the candidate the run chose.
     let plan = |cache: &std::path::Path| {
         let out = obim(&[
@@ -50,7 +51,7 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let shown = plan(&cache);
-    assert!(shown.contains("chosen   lambda=0.2 (loss "), "{shown}");
+    assert!(shown.contains("chosen   lambda=1 (loss "), "{shown}");
     assert!(!plan(&dir.join("no-cache")).contains("chosen"));
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap())
@@ -72,7 +73,7 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
     let c = obim::compile_file(&dir.join("r.obim")).unwrap();
     let tokenizer = Tokenizer::from_dir(&demo().join("base")).unwrap();
     for (i, source) in c.recipe.data.iter().enumerate() {
-        let sequences = data::sequences(source, &tokenizer).unwrap();
+        let (_, sequences) = data::judged_sequences(source, &tokenizer).unwrap();
         let losses = generator.losses(&sequences).unwrap();
         let mean = losses.iter().sum::<f64>() / losses.len() as f64;
         let scored = candidates[1]["losses"][i][1].as_f64().unwrap();
@@ -85,7 +86,7 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
 
     // The same merge with λ fixed at the winner writes the same tensors.
     let chosen = std::fs::read(dir.join("out/model.safetensors")).unwrap();
-    let fixed = run(&recipe("0.2"));
+    let fixed = run(&recipe("1.0"));
     assert!(!fixed.contains("chose"), "{fixed}");
     assert_eq!(
         chosen,
@@ -93,7 +94,7 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
     );
 
     // One more candidate: only it is scored.
-    let again = run(&recipe("auto [1.0, 0.2, 0.6, 0.4]"));
+    let again = run(&recipe("auto [0.2, 1.0, 0.6, 0.4]"));
     assert_eq!(again.matches("[cached]").count(), 3, "{again}");
     assert_eq!(again.matches("m: lambda=").count(), 4, "{again}");
 
@@ -167,4 +168,92 @@ fn obim_candidates_with_rules_and_scale() {
         "the settings changed nothing: {means:?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `select by accuracy`: every candidate decodes the sources' prompts; the
+/// most accurate wins (ties by loss), and its exact match per source equals
+/// `obim eval` of the written (f32) merge on the same examples.
+#[test]
+fn the_most_accurate_candidate_is_written() {
+    let dir = temp("select-accuracy");
+    for (task, name) in [("add", "a.jsonl"), ("sort", "s.jsonl")] {
+        let lines =
+            std::fs::read_to_string(demo().join(format!("data/{task}/calib.jsonl"))).unwrap();
+        let first: Vec<&str> = lines.lines().take(24).collect();
+        std::fs::write(dir.join(name), first.join("\n") + "\n").unwrap();
+    }
+    let text = format!(
+        "base llama = \"{0}/base\"\nmodel add = \"{0}/expert_add\"\nmodel sort = \"{0}/expert_sort\"\n\
+         data a = jsonl(\"a.jsonl\")\ndata s = jsonl(\"s.jsonl\")\n\
+         merge m = ties(base: llama, density: auto [0.2, 0.5, 0.8]) {{\n    add weight 1.0\n    sort weight 1.0\n    select by accuracy(a, s)\n}}\n\
+         output m -> \"out\" {{ dtype f32 }}\n",
+        demo().display()
+    );
+    std::fs::write(dir.join("r.obim"), text).unwrap();
+    let cache = dir.join("cache");
+    let out = obim(&[
+        "run",
+        "--cache",
+        cache.to_str().unwrap(),
+        dir.join("r.obim").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap())
+            .unwrap();
+    let selection = &report["selection"]["m"];
+    let candidates = selection["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 3);
+    let key = |c: &serde_json::Value| {
+        (
+            c["accuracy"].as_f64().unwrap(),
+            -c["mean"].as_f64().unwrap(),
+        )
+    };
+    let best = (0..3)
+        .max_by(|&i, &j| {
+            key(&candidates[i])
+                .partial_cmp(&key(&candidates[j]))
+                .unwrap()
+                .then(j.cmp(&i))
+        })
+        .unwrap();
+    assert_eq!(selection["winner"].as_u64().unwrap() as usize, best);
+    let winner = &candidates[best];
+    assert!(stderr.contains("chose"), "{stderr}");
+    let eval = obim(&[
+        "eval",
+        dir.join("out").to_str().unwrap(),
+        "--data",
+        dir.join("a.jsonl").to_str().unwrap(),
+        "--data",
+        dir.join("s.jsonl").to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert!(eval.status.success());
+    let eval: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    for (i, score) in eval["models"][0]["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            score["accuracy"].as_f64().unwrap(),
+            winner["accuracies"][i][1].as_f64().unwrap(),
+            "source {i}"
+        );
+    }
+    // A second run reads every score from the cache.
+    let again = obim(&[
+        "run",
+        "--force",
+        "--cache",
+        cache.to_str().unwrap(),
+        dir.join("r.obim").to_str().unwrap(),
+    ]);
+    let again = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.matches("[cached]").count(), 3, "{again}");
 }
