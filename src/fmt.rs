@@ -437,13 +437,21 @@ impl Formatter<'_> {
             StmtKind::Saliency(s) => format!("saliency {}", s.name),
             StmtKind::Take(Take::Base(_)) => "take base".into(),
             StmtKind::Take(Take::Model(p)) => format!("take {p}"),
-            StmtKind::Select { judge, data } => format!(
-                "select by {}({})",
+            StmtKind::Select {
+                judge,
+                data,
+                search,
+            } => format!(
+                "select by {}({}){}",
                 judge.name,
                 data.iter()
                     .map(|p| p.to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                search.as_ref().map_or(String::new(), |s| format!(
+                    " search {} budget {}",
+                    s.strategy.name, s.budget.0
+                ))
             ),
             StmtKind::Scale(kv) => format!("scale {}", self.expr(&kv.value)),
             StmtKind::Slice(sources) => format!(

@@ -364,6 +364,18 @@ pub struct AutoSite {
 pub struct Select {
     pub judge: Judge,
     pub data: Vec<DataId>,
+    /// `search coordinate budget N`: coordinate descent over the `auto`
+    /// sites instead of every candidate.
+    pub search: Option<Search>,
+    pub span: Span,
+}
+
+/// A coordinate search over a merge's `auto` sites: one site at a time,
+/// each over its values, the others held, repeated while the judge
+/// improves, at most `budget` candidates scored (cached ones included).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Search {
+    pub budget: usize,
     pub span: Span,
 }
 
@@ -495,7 +507,14 @@ impl Merge {
 
     /// The number of candidates, without listing them.
     pub fn candidate_count(&self) -> usize {
-        self.autos.iter().map(|a| a.values.len()).product()
+        self.autos
+            .iter()
+            .fold(1usize, |n, a| n.saturating_mul(a.values.len()))
+    }
+
+    /// Whether the merge's candidates are searched rather than all scored.
+    pub fn searched(&self) -> Option<Search> {
+        self.select.as_ref().and_then(|s| s.search)
     }
 
     /// `lambda=0.5, add retain=0.2`.

@@ -307,6 +307,8 @@ pub(super) enum Problem {
     },
     /// `select by` something other than `loss` (E0006).
     UnknownJudge { span: Span, judge: String },
+    /// `search` with a strategy other than `coordinate` (E0006).
+    UnknownSearch { span: Span, name: String },
     /// `select by loss()` without data (E0007).
     SelectWithoutData { span: Span, judge: String },
 
@@ -1180,6 +1182,11 @@ impl Problem {
                     d = d.with(span, format!("× {values} values"));
                 }
                 d.help("each candidate is a merge scored on the selection data; use fewer values, or raise the limit with `--max-candidates N`")
+            }
+            Problem::UnknownSearch { span, name } => {
+                Diagnostic::new(Code::E0006, span, format!("unknown search `{name}`"))
+                    .label("not a search strategy")
+                    .help("`search coordinate budget N`: one `auto` setting at a time, over its values, while the judge improves, at most N candidates")
             }
             Problem::UnknownJudge { span, judge } => {
                 Diagnostic::new(Code::E0006, span, format!("unknown judge `{judge}`"))

@@ -470,7 +470,8 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             _ => {}
         }
         let count = merge.candidate_count();
-        if count > self.checker.max_candidates {
+        // A search bounds its cost by its budget, not by the candidates.
+        if count > self.checker.max_candidates && merge.searched().is_none() {
             self.report(Problem::TooManyCandidates {
                 merge: merge.name.clone(),
                 count,
@@ -482,6 +483,31 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                     .collect(),
             });
         }
+    }
+
+    /// `search coordinate budget N`.
+    fn search(&mut self, search: &ast::Search) -> Option<crate::recipe::Search> {
+        if search.strategy.name != "coordinate" {
+            self.report(Problem::UnknownSearch {
+                span: search.strategy.span,
+                name: search.strategy.name.clone(),
+            });
+            return None;
+        }
+        let (budget, span) = search.budget;
+        if !(budget >= 1.0 && budget.fract() == 0.0 && budget <= 1e6) {
+            self.report(Problem::OutOfRange {
+                span,
+                name: "budget".into(),
+                kind: Kind::Count,
+                value: budget,
+            });
+            return None;
+        }
+        Some(crate::recipe::Search {
+            budget: budget as usize,
+            span: search.span,
+        })
     }
 
     /// `key: value` in a parameter list, a body or a rule.
@@ -758,7 +784,11 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
                 self.param(kv, settings, spans, in_rule)
             }
             StmtKind::Scale(_) => obim_only(self, "scale"),
-            StmtKind::Select { judge, data } => self.select_stmt(stmt, judge, data),
+            StmtKind::Select {
+                judge,
+                data,
+                search,
+            } => self.select_stmt(stmt, judge, data, search.as_ref()),
             StmtKind::Slice(_) if self.current_rule.is_some() => self.report(Problem::BadSlice {
                 span: stmt.span,
                 issue: SliceIssue::InRule,
@@ -768,7 +798,13 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
     }
 
     /// `select by loss(data, ...)`, at the merge level only.
-    fn select_stmt(&mut self, stmt: &Stmt, judge: &ast::Ident, data: &[ast::Path]) {
+    fn select_stmt(
+        &mut self,
+        stmt: &Stmt,
+        judge: &ast::Ident,
+        data: &[ast::Path],
+        search: Option<&ast::Search>,
+    ) {
         if self.current_rule.is_some() {
             self.report(Problem::SelectInRule { span: stmt.span });
             return;
@@ -802,9 +838,11 @@ impl<'c, 'p> MergeChecker<'c, 'p> {
             }
         }
         if ids.len() == data.len() {
+            let search = search.and_then(|s| self.search(s));
             self.select = Some(Select {
                 judge: judge_kind,
                 data: ids,
+                search,
                 span: stmt.span,
             });
         }

@@ -191,17 +191,88 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
         let in_step = |e: ExecError| e.in_step(format!("select:{}", m.name), span);
         let mut selector =
             Selector::new(c, &self.plan, merge, &self.options.cache).map_err(in_step)?;
-        if selector.has_pending() {
-            // `auto` values are numbers: every candidate needs the same statistics.
-            self.calibrate_for(merge)?;
-            selector
-                .score(&self.plan, &self.stats, self.options)
+        self.score_pending(merge, &mut selector).map_err(in_step)?;
+        if let Some(search) = m.searched() {
+            self.coordinate_search(merge, search.budget, &mut selector)
                 .map_err(in_step)?;
         }
         let (winner, selection) = selector.finish(self.progress).map_err(in_step)?;
         self.selections.insert(m.name.clone(), selection);
         self.plan.choose(merge, winner);
         Ok(())
+    }
+
+    /// Scores the selector's candidates that are not in the cache.
+    fn score_pending(&mut self, merge: MergeId, selector: &mut Selector) -> Result<(), ExecError> {
+        if selector.has_pending() {
+            // `auto` values are numbers: every candidate needs the same
+            // statistics (computed once; later calls find them).
+            self.calibrate_for(merge)?;
+            selector.score(&self.plan, &self.stats, self.options)?;
+        }
+        Ok(())
+    }
+
+    /// Coordinate descent over the merge's `auto` sites from the plan's
+    /// start candidate: each site in turn is tried at all its values with
+    /// the others held, and moves to the best if it beats the current
+    /// point; rounds repeat while one improves, until `budget` candidates
+    /// have been scored (cached ones count, so a rerun walks the same path
+    /// from the cache and a larger budget goes on from where it stopped).
+    fn coordinate_search(
+        &mut self,
+        merge: MergeId,
+        budget: usize,
+        selector: &mut Selector,
+    ) -> Result<(), ExecError> {
+        let c = self.c;
+        let sites: Vec<usize> = c.recipe.merges[merge.0]
+            .autos
+            .iter()
+            .map(|a| a.values.len())
+            .collect();
+        let Some(start) = self.plan.variants.get(&merge).and_then(|v| v.first()) else {
+            return Ok(());
+        };
+        let mut current = (start.choice.clone(), 0usize);
+        let mut scored = 1;
+        loop {
+            let mut improved = false;
+            for (site, &values) in sites.iter().enumerate() {
+                let mut tried = vec![current.1];
+                for value in (0..values).filter(|&v| v != current.0[site]) {
+                    if scored >= budget {
+                        break;
+                    }
+                    let mut choice = current.0.clone();
+                    choice[site] = value;
+                    let before = self.plan.variants.get(&merge).map_or(0, Vec::len);
+                    let index = self
+                        .plan
+                        .add_variant(&c.recipe, &c.inventory, merge, choice);
+                    if index >= before {
+                        scored += 1;
+                    }
+                    tried.push(index);
+                }
+                selector.sync(&self.plan, &self.options.cache);
+                self.score_pending(merge, selector)?;
+                let best = tried
+                    .iter()
+                    .copied()
+                    .filter_map(|i| Some((selector.rank(i)?, i)))
+                    .min_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+                if let Some((_, i)) = best
+                    && i != current.1
+                {
+                    current = (self.plan.variants[&merge][i].choice.clone(), i);
+                    improved = true;
+                }
+            }
+            if !improved || scored >= budget {
+                return Ok(());
+            }
+        }
     }
 
     /// Computes (or reads from the cache) every statistic `merge` needs. An

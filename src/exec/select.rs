@@ -143,8 +143,19 @@ impl<'a> Selector<'a> {
             sources,
             candidates: Vec::new(),
         };
-        for (index, variant) in variants(plan, id).iter().enumerate() {
-            let path = variant.score_path(cache, judge, &selector.sources);
+        selector.sync(plan, cache);
+        Ok(selector)
+    }
+
+    /// Takes in the plan's variants of the merge not yet among the
+    /// candidates (a search adds them as it goes), with their cached scores.
+    pub(super) fn sync(&mut self, plan: &Plan, cache: &Path) {
+        for (index, variant) in variants(plan, self.id)
+            .iter()
+            .enumerate()
+            .skip(self.candidates.len())
+        {
+            let path = variant.score_path(cache, self.judge, &self.sources);
             let cached = std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|t| serde_json::from_str::<CandidateScore>(&t).ok())
@@ -153,14 +164,27 @@ impl<'a> Selector<'a> {
                     candidate: variant.label.clone(),
                     ..s
                 });
-            selector.candidates.push(Candidate {
+            self.candidates.push(Candidate {
                 variant: index,
                 label: variant.label.clone(),
                 score: cached,
                 path,
             });
         }
-        Ok(selector)
+    }
+
+    /// How good variant `index`'s score is, smaller better (the judge's
+    /// order: loss; or accuracy, then loss); `None` until it is scored or
+    /// when its loss is not finite.
+    pub(super) fn rank(&self, index: usize) -> Option<(f64, f64)> {
+        let score = self.candidates.get(index)?.score.as_ref()?;
+        if !score.mean.is_finite() {
+            return None;
+        }
+        Some(match self.judge {
+            Judge::Loss => (score.mean, 0.0),
+            Judge::Accuracy => (-score.accuracy.unwrap_or(0.0), score.mean),
+        })
     }
 
     /// Every source's token ids and first scored token, in order.

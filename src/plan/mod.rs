@@ -70,8 +70,11 @@ pub struct Plan {
     /// [`Plan::choose`] puts the winner in place.
     pub tensors: HashMap<MergeId, Vec<PlannedTensor>>,
     /// The candidates of every merge with `auto` settings, in the order of
-    /// `Merge::candidates`.
+    /// `Merge::candidates`; for a searched merge, the start and then every
+    /// candidate the search added ([`Plan::add_variant`]).
     pub variants: HashMap<MergeId, Vec<Variant>>,
+    /// A searched merge's dependency hashes, to lower more candidates.
+    search_deps: HashMap<MergeId, Vec<String>>,
 }
 
 /// One `auto` candidate of a merge: its values and what each tensor gets.
@@ -180,6 +183,7 @@ impl Plan {
             nodes: HashMap::new(),
             tensors: HashMap::new(),
             variants: HashMap::new(),
+            search_deps: HashMap::new(),
         };
         for (i, merge) in recipe.merges.iter().enumerate() {
             if merge.span.file == recipe.root {
@@ -217,7 +221,37 @@ impl Plan {
             graph: lowering.graph,
             tensors: lowering.tensors,
             variants: lowering.variants,
+            search_deps: lowering.search_deps,
         }
+    }
+
+    /// Lowers one more candidate of a searched merge and returns its index
+    /// among the merge's variants (the existing one's, if lowered before).
+    pub fn add_variant(
+        &mut self,
+        recipe: &Recipe,
+        inventory: &Inventory,
+        id: MergeId,
+        choice: Choice,
+    ) -> usize {
+        let existing = self.variants.get(&id).into_iter().flatten();
+        if let Some(i) = existing.clone().position(|v| v.choice == choice) {
+            return i;
+        }
+        let lowering = Lowering {
+            recipe,
+            inventory,
+            graph: DiGraph::new(),
+            nodes: HashMap::new(),
+            tensors: HashMap::new(),
+            variants: HashMap::new(),
+            search_deps: HashMap::new(),
+        };
+        let deps = self.search_deps.get(&id).cloned().unwrap_or_default();
+        let variant = lowering.variant(id, choice, &deps);
+        let list = self.variants.entry(id).or_default();
+        list.push(variant);
+        list.len() - 1
     }
 
     /// Puts candidate `index` of merge `id` in place of the first (after
@@ -295,9 +329,22 @@ struct Lowering<'a> {
     nodes: HashMap<StepKind, NodeIndex>,
     tensors: HashMap<MergeId, Vec<PlannedTensor>>,
     variants: HashMap<MergeId, Vec<Variant>>,
+    search_deps: HashMap<MergeId, Vec<String>>,
 }
 
 impl Lowering<'_> {
+    /// One candidate of merge `id`: its values written in, its tensors and hash.
+    fn variant(&self, id: MergeId, choice: Choice, deps: &[String]) -> Variant {
+        let merge = &self.recipe.merges[id.0];
+        let fixed = merge.with_candidate(&choice);
+        Variant {
+            label: merge.describe(&choice),
+            tensors: self.tensors_with_vocabulary(id, &fixed),
+            hash: self.merge_hash(id, &fixed, deps),
+            choice,
+        }
+    }
+
     /// Adds a step after its dependencies and remembers it by kind, so each
     /// model, calibration, merge and output is planned once.
     fn add(&mut self, step: Step, deps: &[Option<NodeIndex>]) -> NodeIndex {
@@ -426,19 +473,25 @@ impl Lowering<'_> {
             .collect();
         // `auto` values change no dependency (they are numbers, never a
         // `using` or a `take`), so every candidate shares these.
-        let variants: Vec<Variant> = merge
-            .candidates()
+        // A searched merge starts with one candidate (each site's middle
+        // value); the search lowers more as it goes.
+        let choices = match merge.searched() {
+            Some(_) => {
+                self.search_deps.insert(id, deps.clone());
+                vec![
+                    merge
+                        .autos
+                        .iter()
+                        .map(|a| (a.values.len() - 1) / 2)
+                        .collect(),
+                ]
+            }
+            None => merge.candidates(),
+        };
+        let variants: Vec<Variant> = choices
             .into_iter()
             .filter(|_| !merge.autos.is_empty())
-            .map(|choice| {
-                let fixed = merge.with_candidate(&choice);
-                Variant {
-                    label: merge.describe(&choice),
-                    tensors: self.tensors_with_vocabulary(id, &fixed),
-                    hash: self.merge_hash(id, &fixed, &deps),
-                    choice,
-                }
-            })
+            .map(|choice| self.variant(id, choice, &deps))
             .collect();
         let hash = self.merge_hash(id, merge, &deps);
         let all: Vec<Option<NodeIndex>> =

@@ -145,6 +145,7 @@ impl PlanView<'_> {
             });
             json!({
                 "by": s.judge.name(),
+                "search": s.search.map(|s| json!({"strategy": "coordinate", "budget": s.budget})),
                 "data": s.data.iter().map(|d| &self.recipe.data[d.0].name).collect::<Vec<_>>(),
                 "candidates": merge.candidate_count(),
                 "tokens": tokens,
@@ -176,6 +177,10 @@ impl PlanView<'_> {
     /// the cache holds every candidate's score, the lowest finite one.
     fn chosen(&self, id: MergeId, merge: &Merge) -> Option<(String, f64)> {
         let cache = self.cache?;
+        // A search's candidates are known only as it runs.
+        if merge.searched().is_some() {
+            return None;
+        }
         let sources = self.selection_sources(merge)?;
         let mut best: Option<(String, f64, (f64, f64))> = None;
         for v in self.plan.variants.get(&id)? {
@@ -492,10 +497,21 @@ impl PlanView<'_> {
                     .map(|s| s.ids.len())
                     .sum::<usize>()
             });
+            // A search scores at most its budget of the candidates.
+            let (k, what) = match merge.searched() {
+                Some(s) => (
+                    s.budget.min(n),
+                    format!(
+                        "{n} candidates, searched coordinate-wise: at most {}",
+                        s.budget.min(n)
+                    ),
+                ),
+                None => (n, format!("{n} candidates")),
+            };
             let cost = match (tokens, select.judge) {
                 (Some(t), Judge::Loss) => format!(
-                    "{n} candidates × {t} tokens = {} tokens through a merged model",
-                    n * t
+                    "{what} × {t} tokens = {} tokens through a merged model",
+                    k * t
                 ),
                 (_, Judge::Accuracy) => {
                     let examples = sources
@@ -503,12 +519,12 @@ impl PlanView<'_> {
                         .map(|s| s.iter().map(|s| s.pairs.len()).sum::<usize>());
                     match examples {
                         Some(e) => format!(
-                            "{n} candidates × {e} examples decoded greedily, each candidate merged whole in memory"
+                            "{what} × {e} examples decoded greedily, each candidate merged whole in memory"
                         ),
-                        None => format!("{n} candidates"),
+                        None => what,
                     }
                 }
-                (None, _) => format!("{n} candidates"),
+                (None, _) => what,
             };
             let _ = writeln!(
                 out,

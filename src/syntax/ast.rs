@@ -208,12 +208,22 @@ pub enum StmtKind {
     Select {
         judge: Ident,
         data: Vec<Path>,
+        search: Option<Search>,
     },
     /// `scale VALUE`: the `scale` parameter written as a statement.
     Scale(KeyValue),
     /// `slice a layers [0, 4], b layers [2, 6]`: one slice of the output's
     /// layers and the models (and their layer ranges) it is made from.
     Slice(Vec<SliceSource>),
+}
+
+/// `search STRATEGY budget N` after a `select`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Search {
+    pub strategy: Ident,
+    /// The budget as written, and its span.
+    pub budget: (f64, Span),
+    pub span: Span,
 }
 
 /// `a layers [0, 4]`: layers 0 to 3 of `a`.

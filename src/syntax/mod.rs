@@ -272,6 +272,8 @@ fn rule_name(rule: Rule) -> Option<&'static str> {
         Rule::slice_stmt | Rule::slice_kw => "`slice`",
         Rule::slice_source => "a slice source `MODEL layers [FROM, TO]`",
         Rule::by_kw => "`by`",
+        Rule::search | Rule::search_kw => "`search coordinate budget N`",
+        Rule::budget_kw => "`budget`",
         Rule::scale_stmt | Rule::scale_kw => "`scale`",
         Rule::entry => "an input model",
         Rule::setting | Rule::setting_key => {
@@ -748,9 +750,27 @@ impl Builder<'_> {
             Rule::select_stmt => {
                 let mut it = it.skip(2);
                 let judge = self.ident(it.next().expect_pair());
+                let mut data = Vec::new();
+                let mut search = None;
+                for p in it {
+                    if p.as_rule() == Rule::search {
+                        let span = self.span(&p);
+                        let mut parts = p.into_inner().skip(1);
+                        let strategy = self.ident(parts.next().expect_pair());
+                        let n = parts.nth(1).expect_pair();
+                        search = Some(Search {
+                            strategy,
+                            budget: (n.as_str().parse().unwrap_or(f64::NAN), self.span(&n)),
+                            span,
+                        });
+                    } else {
+                        data.push(self.path(p));
+                    }
+                }
                 StmtKind::Select {
                     judge,
-                    data: it.map(|p| self.path(p)).collect(),
+                    data,
+                    search,
                 }
             }
             Rule::scale_stmt => {

@@ -257,3 +257,76 @@ fn the_most_accurate_candidate_is_written() {
     let again = String::from_utf8_lossy(&again.stderr);
     assert_eq!(again.matches("[cached]").count(), 3, "{again}");
 }
+
+/// `search coordinate budget N`: 4 × 4 = 16 candidates (one λ per pair of
+/// layers), at most N scored, each move to a better point; a rerun with a
+/// larger budget walks the same path from the cache and goes on.
+#[test]
+fn a_coordinate_search_stays_within_its_budget_and_continues() {
+    let dir = temp("select-search");
+    let recipe = |budget: usize| {
+        format!(
+            "base llama = \"{0}/base\"\nmodel add = \"{0}/expert_add\"\nmodel sort = \"{0}/expert_sort\"\n\
+             data a = jsonl(\"{0}/data/add/calib.jsonl\") {{ samples 16 }}\n\
+             data s = jsonl(\"{0}/data/sort/calib.jsonl\") {{ samples 16 }}\n\
+             merge m = task_arithmetic(base: llama, lambda: 0.5) {{\n    add weight 1.0\n    sort weight 1.0\n\
+             layers \"model.layers.{{0..1}}.*\" {{ lambda: auto [0.2, 0.5, 0.8, 1.1] }}\n\
+             layers \"model.layers.{{2..3}}.*\" {{ lambda: auto [0.2, 0.5, 0.8, 1.1] }}\n\
+             select by loss(a, s) search coordinate budget {budget}\n}}\n\
+             output m -> \"out\" {{ dtype f32 }}\n",
+            demo().display()
+        )
+    };
+    let cache = dir.join("cache");
+    let run = |budget: usize| {
+        std::fs::write(dir.join("r.obim"), recipe(budget)).unwrap();
+        let out = obim(&[
+            "run",
+            "--force",
+            "--cache",
+            cache.to_str().unwrap(),
+            dir.join("r.obim").to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap(),
+        )
+        .unwrap();
+        (stderr, report["selection"]["m"].clone())
+    };
+    let (_, first) = run(4);
+    let candidates = first["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 4, "{first}");
+    // The start is each site's middle value; the first round tries the
+    // first site's other values.
+    assert!(
+        candidates[0]["candidate"]
+            .as_str()
+            .unwrap()
+            .ends_with("line 9: lambda=0.5, line 10: lambda=0.5")
+    );
+    let means: Vec<f64> = candidates
+        .iter()
+        .map(|c| c["mean"].as_f64().unwrap())
+        .collect();
+    let winner = first["winner"].as_u64().unwrap() as usize;
+    assert!(means.iter().all(|m| means[winner] <= *m));
+
+    let (stderr, second) = run(10);
+    let candidates = second["candidates"].as_array().unwrap();
+    assert!(candidates.len() > 4 && candidates.len() <= 10, "{second}");
+    assert_eq!(stderr.matches("[cached]").count(), 4, "{stderr}");
+    let best = second["candidates"][second["winner"].as_u64().unwrap() as usize]["mean"]
+        .as_f64()
+        .unwrap();
+    assert!(best <= means[winner]);
+    // Every candidate is distinct.
+    let mut labels: Vec<&str> = candidates
+        .iter()
+        .map(|c| c["candidate"].as_str().unwrap())
+        .collect();
+    labels.sort();
+    labels.dedup();
+    assert_eq!(labels.len(), candidates.len());
+}
