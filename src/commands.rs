@@ -609,6 +609,7 @@ fn recipe_merge(
         cache: options.cache.clone(),
         device: &options.device,
         allow_non_finite: false,
+        part: None,
     };
     let id = crate::recipe::MergeId(merge);
     match crate::exec::materialise_merge(&c, &plan, id, &run, &mut |_| {}) {

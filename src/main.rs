@@ -219,6 +219,34 @@ struct RunArgs {
     /// Merge inputs that hold NaN or infinite values instead of stopping (E0112).
     #[arg(long)]
     allow_non_finite: bool,
+    /// Write only the K-th of N parts of every output's shards (1-based), into
+    /// `OUTPUT.obim-parts/` beside it; the parts can run at once, on machines
+    /// that share the filesystem. Then `--assemble`.
+    #[arg(long, value_name = "K/N", value_parser = parse_part, conflicts_with_all = ["assemble", "dry_run"])]
+    part: Option<(usize, usize)>,
+    /// Put the shards of every part in place and write the rest of each
+    /// output (index, config, tokenizer, report, card).
+    #[arg(long, conflicts_with = "dry_run")]
+    assemble: bool,
+}
+
+/// `K/N` with 1 ≤ K ≤ N.
+fn parse_part(text: &str) -> Result<(usize, usize), String> {
+    let (k, n) = text
+        .split_once('/')
+        .ok_or_else(|| format!("`{text}` is not K/N"))?;
+    let (k, n): (usize, usize) = (
+        k.trim()
+            .parse()
+            .map_err(|_| format!("`{k}` is not a whole number"))?,
+        n.trim()
+            .parse()
+            .map_err(|_| format!("`{n}` is not a whole number"))?,
+    );
+    if k == 0 || k > n {
+        return Err(format!("part {k} of {n}: K must be 1 to N"));
+    }
+    Ok((k, n))
 }
 
 fn set_threads(threads: Option<usize>) {
@@ -458,6 +486,11 @@ fn run(io: &mut Io, args: RunArgs) -> i32 {
         cache: args.cache.unwrap_or_else(cache_dir),
         device: &device,
         allow_non_finite: args.allow_non_finite,
+        part: match (args.part, args.assemble) {
+            (Some((k, n)), _) => Some(obim::exec::Part::Shards { k, n }),
+            (None, true) => Some(obim::exec::Part::Assemble),
+            (None, false) => None,
+        },
     };
     let mut progress = Progress::new();
     commands::run(

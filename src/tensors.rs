@@ -420,6 +420,10 @@ pub struct CheckpointWriter {
     names: Vec<String>,
     /// (shard index, position in shard) of the next tensor.
     next: usize,
+    /// One past the last tensor this writer writes (all, or a part's).
+    end: usize,
+    /// Whether `finish` writes the index (not for one part of several).
+    index: bool,
     current: Option<OpenShard>,
 }
 
@@ -443,12 +447,93 @@ impl CheckpointWriter {
         CheckpointWriter {
             dir: dir.to_path_buf(),
             dtype,
+            end: tensors.len(),
             tensors,
             layout,
             names,
             next: 0,
+            index: true,
             current: None,
         }
+    }
+
+    /// Part `k` of `n` (1-based): this writer writes only its shards (a
+    /// contiguous run of the layout, shards ⌊(k−1)·S/n⌋ up to ⌊k·S/n⌋) and no
+    /// index. Returns the range of tensors to write, in order.
+    pub fn part(&mut self, k: usize, n: usize) -> std::ops::Range<usize> {
+        let shards = self.layout.len();
+        let (from, to) = ((k - 1) * shards / n, k * shards / n);
+        let first = self.layout[from..to]
+            .first()
+            .and_then(|s| s.first())
+            .copied()
+            .unwrap_or(self.tensors.len());
+        let last = self.layout[from..to]
+            .last()
+            .and_then(|s| s.last())
+            .map_or(first, |l| l + 1);
+        self.next = first;
+        self.end = last;
+        self.index = false;
+        first..last
+    }
+
+    /// Each shard's file name and its exact size in bytes (header and data).
+    pub fn shard_files(&self) -> Vec<(String, u64)> {
+        (0..self.layout.len())
+            .map(|shard| {
+                let data: u64 = self.layout[shard]
+                    .iter()
+                    .map(|&i| self.tensors[i].bytes)
+                    .sum();
+                (
+                    self.names[shard].clone(),
+                    8 + self.header(shard).len() as u64 + data,
+                )
+            })
+            .collect()
+    }
+
+    /// Writes the index of a sharded checkpoint whose shards are in place.
+    pub fn write_index(&self) -> Result<(), TensorError> {
+        if self.layout.len() > 1 {
+            let mut map = serde_json::Map::new();
+            for (shard, indices) in self.layout.iter().enumerate() {
+                for &i in indices {
+                    map.insert(
+                        self.tensors[i].name.clone(),
+                        self.names[shard].clone().into(),
+                    );
+                }
+            }
+            let total: u64 = self.tensors.iter().map(|t| t.bytes).sum();
+            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
+            let path = self.dir.join("model.safetensors.index.json");
+            let text = serde_json::to_string_pretty(&index).unwrap_or_default();
+            std::fs::write(&path, text).map_err(|source| TensorError::Write { path, source })?;
+        }
+        Ok(())
+    }
+
+    /// Shard `shard`'s JSON header, padded to a multiple of 8 bytes.
+    fn header(&self, shard: usize) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut offset = 0u64;
+        for &i in &self.layout[shard] {
+            let t = &self.tensors[i];
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": safetensors_dtype(self.dtype), "shape": t.shape, "data_offsets": [offset, offset + t.bytes]}),
+            );
+            offset += t.bytes;
+        }
+        let mut json = serde_json::to_vec(&header).unwrap_or_default();
+        // Pad the header to a multiple of 8 bytes, as the safetensors writer does.
+        while !json.len().is_multiple_of(8) {
+            json.push(b' ');
+        }
+        json
     }
 
     pub fn shard_count(&self) -> usize {
@@ -468,22 +553,7 @@ impl CheckpointWriter {
             path: path.clone(),
             source,
         };
-        let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-        let mut offset = 0u64;
-        for &i in &self.layout[shard] {
-            let t = &self.tensors[i];
-            header.insert(
-                t.name.clone(),
-                serde_json::json!({"dtype": safetensors_dtype(self.dtype), "shape": t.shape, "data_offsets": [offset, offset + t.bytes]}),
-            );
-            offset += t.bytes;
-        }
-        let mut json = serde_json::to_vec(&header).map_err(|e| werr(std::io::Error::other(e)))?;
-        // Pad the header to a multiple of 8 bytes, as the safetensors writer does.
-        while json.len() % 8 != 0 {
-            json.push(b' ');
-        }
+        let json = self.header(shard);
         let mut file = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(werr)?);
         file.write_all(&(json.len() as u64).to_le_bytes())
             .map_err(werr)?;
@@ -500,11 +570,13 @@ impl CheckpointWriter {
     /// Writes the next tensor; tensors must come in the order given to `new`.
     pub fn write(&mut self, name: &str, data: &[u8]) -> Result<(), TensorError> {
         let index = self.next;
-        let spec = self.tensors.get(index).ok_or_else(|| TensorError::Tensor {
-            path: self.dir.clone(),
-            tensor: name.to_string(),
-            reason: "more tensors written than planned".into(),
-        })?;
+        let spec = self.tensors[..self.end]
+            .get(index)
+            .ok_or_else(|| TensorError::Tensor {
+                path: self.dir.clone(),
+                tensor: name.to_string(),
+                reason: "more tensors written than planned".into(),
+            })?;
         if spec.name != name || spec.bytes != data.len() as u64 {
             return Err(TensorError::Tensor {
                 path: self.dir.clone(),
@@ -561,7 +633,7 @@ impl CheckpointWriter {
     /// Closes the last shard and writes the index (when there are several).
     pub fn finish(mut self) -> Result<Vec<String>, TensorError> {
         self.finish_shard()?;
-        if self.next != self.tensors.len() {
+        if self.next != self.end {
             return Err(TensorError::Tensor {
                 path: self.dir.clone(),
                 tensor: self
@@ -571,21 +643,8 @@ impl CheckpointWriter {
                 reason: "never written".into(),
             });
         }
-        if self.layout.len() > 1 {
-            let mut map = serde_json::Map::new();
-            for (shard, indices) in self.layout.iter().enumerate() {
-                for &i in indices {
-                    map.insert(
-                        self.tensors[i].name.clone(),
-                        self.names[shard].clone().into(),
-                    );
-                }
-            }
-            let total: u64 = self.tensors.iter().map(|t| t.bytes).sum();
-            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
-            let path = self.dir.join("model.safetensors.index.json");
-            let text = serde_json::to_string_pretty(&index).unwrap_or_default();
-            std::fs::write(&path, text).map_err(|source| TensorError::Write { path, source })?;
+        if self.index {
+            self.write_index()?;
         }
         Ok(self.names)
     }

@@ -5,13 +5,13 @@
 //! then writes the output. Outputs already written by the same plan are
 //! left alone unless `--force`.
 
-use super::RunOptions;
 use super::error::{CalibrationFailure, ExecError};
 use super::event::Event;
 use super::report::Report;
 use super::select::{Selection, Selector};
 use super::stats::Statistics;
 use super::writer;
+use super::{Part, RunOptions};
 use crate::Compilation;
 use crate::calibrate::{self, ActStats, Grams, Moments};
 use crate::checkpoint::ModelInfo;
@@ -80,10 +80,22 @@ pub fn run(
     progress: &mut dyn FnMut(Event),
 ) -> Result<(), ExecError> {
     preflight(c, plan)?;
+    let step = |o: &Output| format!("write:{}", o.written);
+    if let Some(Part::Shards { k, n }) = options.part {
+        // Parts run side by side: no output lock; each writes only its own
+        // shard files.
+        let mut driver = Driver::new(c, plan, options, progress);
+        for (index, hash) in writes(plan) {
+            let output = &c.recipe.outputs[index];
+            driver
+                .part(output, &hash, k, n)
+                .map_err(|e| e.in_step(step(output), output.span))?;
+        }
+        return Ok(());
+    }
     // Every output is locked for the whole run, before anything is
     // computed: a second run into one of them fails at once (E0111)
     // instead of after its calibration and selection.
-    let step = |o: &Output| format!("write:{}", o.written);
     let mut locked = Vec::new();
     for (index, hash) in writes(plan) {
         let output = &c.recipe.outputs[index];
@@ -146,6 +158,21 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
             selections: BTreeMap::new(),
             progress,
         }
+    }
+
+    /// Part `k` of `n` of one output: its shards only.
+    fn part(&mut self, output: &Output, hash: &str, k: usize, n: usize) -> Result<(), ExecError> {
+        self.choose(output.merge)?;
+        self.calibrate_for(output.merge)?;
+        let job = writer::Job {
+            c: self.c,
+            plan: &self.plan,
+            output,
+            hash,
+            stats: &self.stats,
+            selections: &self.selections,
+        };
+        writer::write_part(&job, k, n, self.options, self.progress)
     }
 
     /// Chooses, calibrates and writes one output, whose lock the run holds.
@@ -422,6 +449,7 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
             let forced = RunOptions {
                 force: true,
                 cache: self.options.cache.clone(),
+                part: None,
                 ..*self.options
             };
             let job = writer::Job {

@@ -47,4 +47,28 @@ pub struct RunOptions<'a> {
     pub device: &'a Device,
     /// Merge inputs with NaN or ±∞ values instead of stopping (E0112).
     pub allow_non_finite: bool,
+    /// One part of a run split across processes or machines.
+    pub part: Option<Part>,
+}
+
+/// A run split by shards (`obim run --part K/N`, then `obim run --assemble`):
+/// each part computes and writes only its shards of every output into a
+/// directory beside the output ([`parts_dir`]); the assembly checks that
+/// every shard is there and whole, moves them into the output with the
+/// index, config, tokenizer, report and card, and commits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Part `k` of `n`, 1-based.
+    Shards {
+        k: usize,
+        n: usize,
+    },
+    Assemble,
+}
+
+/// Where the parts of the output at `output` put their shards.
+pub fn parts_dir(output: &std::path::Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".obim-parts");
+    output.with_file_name(name)
 }

@@ -5,13 +5,13 @@
 //! typed [`Report`] and the model card (`card.rs`) are added and the staging
 //! directory is renamed into place.
 
-use super::RunOptions;
 use super::error::ExecError;
 use super::evaluator::Evaluator;
 use super::event::Event;
 use super::report::{InputRecord, RecipeRecord, Report, SolveRecord};
 use super::select::Selection;
 use super::stats::Statistics;
+use super::{Part, RunOptions};
 use crate::Compilation;
 use crate::checkpoint::ModelInfo;
 use crate::plan::{Plan, PlannedTensor};
@@ -63,8 +63,21 @@ pub(super) fn write_output(
         shard_size: output.shard_size,
         output,
         tensors,
+        part: None,
     };
-    let (shards, inputs) = stream_and_hash(c, &mut eval, target, options, progress)?;
+    let (shards, inputs) = if options.part == Some(Part::Assemble) {
+        let shards = assemble(&target)?;
+        let infos = models_read(c, &eval);
+        let stop = AtomicBool::new(false);
+        let hashes = crate::provenance::models(
+            &infos.iter().map(|(_, i)| *i).collect::<Vec<_>>(),
+            &options.cache,
+            &stop,
+        )?;
+        (shards, input_records(c, &infos, hashes))
+    } else {
+        stream_and_hash(c, &mut eval, target, options, progress)?
+    };
     let tokenizer_dir = output
         .tokenizer
         .and_then(|t| c.recipe.shape_source(t))
@@ -116,7 +129,12 @@ pub(super) fn write_output(
     // Once the new output is in place nothing fails: an old output that
     // could not be removed stays beside it under a name of its own, which
     // the next run into this output removes; the caller is told.
-    if let Some(leftover) = staging.commit()? {
+    let committed = staging.commit()?;
+    if options.part == Some(Part::Assemble) {
+        // The output holds the shards now (linked): the parts are done.
+        let _ = std::fs::remove_dir_all(super::parts_dir(&output.path));
+    }
+    if let Some(leftover) = committed {
         progress(Event::Warning {
             message: crate::errors::with_causes(&leftover),
         });
@@ -129,6 +147,123 @@ pub(super) fn write_output(
     Ok(())
 }
 
+/// Part `k` of `n` of `job`'s output: computes and writes only its shards,
+/// into the parts directory beside the output.
+pub(super) fn write_part(
+    job: &Job,
+    k: usize,
+    n: usize,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Event),
+) -> Result<(), ExecError> {
+    let Job { c, output, .. } = *job;
+    let tensors = job
+        .plan
+        .tensors
+        .get(&output.merge)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let base = base_of(c, output)?;
+    let dtype = output
+        .dtype
+        .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
+    let dir = super::parts_dir(&output.path);
+    std::fs::create_dir_all(&dir).map_err(|source| TensorError::Write {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut eval = Evaluator::new(c, job.plan, job.stats, output.merge)
+        .allowing_non_finite(options.allow_non_finite);
+    let target = Target {
+        dir: &dir,
+        dtype,
+        shard_size: output.shard_size,
+        output,
+        tensors,
+        part: Some((k, n)),
+    };
+    stream(&mut eval, target, options.cancel, progress)?;
+    Ok(())
+}
+
+/// `--assemble`: every shard the parts wrote, checked whole (its exact
+/// size) and moved into the staging directory, and the index beside them.
+fn assemble(target: &Target) -> Result<Vec<String>, ExecError> {
+    let writer = CheckpointWriter::new(
+        target.dir,
+        target.dtype,
+        specs(target.tensors, target.dtype),
+        target.shard_size,
+    );
+    let parts = super::parts_dir(&target.output.path);
+    let files = writer.shard_files();
+    for (name, size) in &files {
+        let from = parts.join(name);
+        let found = std::fs::metadata(&from).map(|m| m.len()).ok();
+        if found != Some(*size) {
+            return Err(TensorError::Tensor {
+                path: from,
+                tensor: name.clone(),
+                reason: match found {
+                    None => "missing: run `obim run --part K/N` for every K first".into(),
+                    Some(n) => format!("{n} bytes, expected {size}: its part did not finish"),
+                },
+            }
+            .into());
+        }
+    }
+    // Linked, not moved: until the output is committed the parts stay whole,
+    // so a failed assembly loses nothing.
+    for (name, _) in &files {
+        let (from, to) = (parts.join(name), target.dir.join(name));
+        std::fs::hard_link(&from, &to)
+            .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+            .map_err(|source| TensorError::Write { path: to, source })?;
+    }
+    writer.write_index()?;
+    Ok(writer.shard_files().into_iter().map(|(n, _)| n).collect())
+}
+
+fn specs(tensors: &[PlannedTensor], dtype: Dtype) -> Vec<TensorSpec> {
+    tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            shape: t.info.shape.clone(),
+            bytes: (t.info.numel() * tensors::dtype_bytes(dtype)) as u64,
+        })
+        .collect()
+}
+
+/// The models (not merges) the output reads.
+fn models_read<'c>(c: &'c Compilation, eval: &Evaluator) -> Vec<(ModelId, &'c ModelInfo)> {
+    eval.models_read()
+        .into_iter()
+        .filter_map(|m| c.inventory.get(m).map(|i| (m, i)))
+        .collect()
+}
+
+/// The report's record of each input read, with its files' hashes.
+fn input_records(
+    c: &Compilation,
+    models: &[(ModelId, &ModelInfo)],
+    hashes: Vec<Vec<crate::provenance::FileHash>>,
+) -> Vec<InputRecord> {
+    models
+        .iter()
+        .zip(hashes)
+        .map(|((m, info), files)| {
+            let declared = &c.recipe.models[m.0];
+            InputRecord {
+                name: declared.name.clone(),
+                source: declared.source.clone(),
+                path: Some(info.dir.display().to_string()),
+                files,
+            }
+        })
+        .collect()
+}
+
 /// Streams the tensors into the staged shards while the inputs' weight
 /// files are hashed on a thread of their own (for the report); returns the
 /// shard names and the records of the inputs read.
@@ -139,11 +274,7 @@ fn stream_and_hash(
     options: &RunOptions,
     progress: &mut dyn FnMut(Event),
 ) -> Result<(Vec<String>, Vec<InputRecord>), ExecError> {
-    let models: Vec<(ModelId, &ModelInfo)> = eval
-        .models_read()
-        .into_iter()
-        .filter_map(|m| c.inventory.get(m).map(|i| (m, i)))
-        .collect();
+    let models = models_read(c, eval);
     let infos: Vec<&ModelInfo> = models.iter().map(|(_, i)| *i).collect();
     let stop = AtomicBool::new(false);
     let (shards, hashes) = std::thread::scope(|scope| {
@@ -156,20 +287,7 @@ fn stream_and_hash(
     });
     let shards = shards?;
     let hashes = hashes.map_err(|_| ExecError::Thread("input hashing"))??;
-    let inputs = models
-        .iter()
-        .zip(hashes)
-        .map(|((m, info), files)| {
-            let declared = &c.recipe.models[m.0];
-            InputRecord {
-                name: declared.name.clone(),
-                source: declared.source.clone(),
-                path: Some(info.dir.display().to_string()),
-                files,
-            }
-        })
-        .collect();
-    Ok((shards, inputs))
+    Ok((shards, input_records(c, &models, hashes)))
 }
 
 /// The checkpoint whose config, tokenizer and dtype the output takes: the
@@ -212,6 +330,8 @@ struct Target<'a> {
     shard_size: u64,
     output: &'a Output,
     tensors: &'a [PlannedTensor],
+    /// Part `k` of `n`: only its shards.
+    part: Option<(usize, usize)>,
 }
 
 /// Computes every tensor and writes it into the staged shards; returns the
@@ -228,16 +348,13 @@ fn stream(
         shard_size,
         output,
         tensors,
+        part,
     } = target;
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            shape: t.info.shape.clone(),
-            bytes: (t.info.numel() * tensors::dtype_bytes(dtype)) as u64,
-        })
-        .collect();
-    let mut writer = CheckpointWriter::new(dir, dtype, specs, shard_size);
+    let mut writer = CheckpointWriter::new(dir, dtype, specs(tensors, dtype), shard_size);
+    let tensors = match part {
+        Some((k, n)) => &tensors[writer.part(k, n)],
+        None => tensors,
+    };
     progress(Event::OutputStarted {
         path: output.path.clone(),
         tensors: tensors.len(),

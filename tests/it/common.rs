@@ -59,6 +59,7 @@ pub fn run_recipe(recipe: &Path, cache: &Path) -> Result<(), obim::exec::ExecErr
         cache: cache.to_path_buf(),
         device: &device,
         allow_non_finite: false,
+        part: None,
     };
     obim::exec::run(&c, &plan, &options, &mut |_| {})
 }

@@ -12,6 +12,7 @@ mod mergekit;
 mod mutations;
 mod obd;
 mod output;
+mod parts;
 mod recipes;
 mod regmean;
 mod run;

@@ -1,0 +1,119 @@
+//! `obim run --part K/N` and `--assemble`: an output written by N parts and
+//! assembled equals the single-process output byte for byte (all but the
+//! report's timings); a missing part stops the assembly and writes nothing.
+
+use crate::common::{demo, obim, temp};
+use std::path::Path;
+
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    let recipe = dir.join("p.obim");
+    let cache = dir.join("cache");
+    let mut all = vec![
+        "run",
+        "--cache",
+        cache.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+    ];
+    all.extend(args);
+    obim(&all)
+}
+
+fn setup(name: &str) -> std::path::PathBuf {
+    let dir = temp(name);
+    let text = format!(
+        "base llama = \"{0}/base\"\nmodel add = \"{0}/expert_add\"\nmodel sort = \"{0}/expert_sort\"\n\
+         merge m = ties(base: llama, density: 0.5) {{ add weight 1  sort weight 0.7 }}\n\
+         output m -> \"single\" {{ shard_size \"200kB\" }}\n",
+        demo().display()
+    );
+    std::fs::write(dir.join("p.obim"), text).unwrap();
+    dir
+}
+
+#[test]
+fn parts_assembled_equal_one_process() {
+    let dir = setup("parts");
+    assert!(run(&dir, &[]).status.success());
+    let split = dir.join("split");
+    for k in ["3/3", "1/3", "2/3"] {
+        let out = run(&dir, &["--part", k, "-o", split.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !split.exists(),
+            "a part writes only into the parts directory"
+        );
+    }
+    let out = run(&dir, &["--assemble", "-o", split.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("single"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names.iter().filter(|n| n.starts_with("model-")).count(), 5);
+    for name in &names {
+        let (a, b) = (dir.join("single").join(name), split.join(name));
+        if name == "obim-report.json" {
+            // Seconds and threads differ; what was written does not.
+            let read = |p: &Path| -> serde_json::Value {
+                serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+            };
+            let (a, b) = (read(&a), read(&b));
+            for key in ["plan_hash", "shards", "bytes", "inputs", "recipe"] {
+                assert_eq!(a[key], b[key], "{key}");
+            }
+            continue;
+        }
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{name}"
+        );
+    }
+    assert!(
+        !dir.join("split.obim-parts").exists(),
+        "the parts directory is removed"
+    );
+}
+
+#[test]
+fn a_missing_part_stops_the_assembly() {
+    let dir = setup("parts-missing");
+    for k in ["1/3", "3/3"] {
+        assert!(run(&dir, &["--part", k]).status.success());
+    }
+    let out = run(&dir, &["--assemble"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("missing: run `obim run --part K/N`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("model-00002-of-00005.safetensors"),
+        "{stderr}"
+    );
+    assert!(!dir.join("single").exists());
+    // Nothing the parts wrote is lost: the missing part, then the assembly.
+    assert!(run(&dir, &["--part", "2/3"]).status.success());
+    let out = run(&dir, &["--assemble"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dir.join("single/model-00001-of-00005.safetensors")
+            .is_file()
+    );
+    let bad = run(&dir, &["--part", "4/3"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
