@@ -11,8 +11,8 @@ fn run(dir: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec![
         "run",
         "--cache",
-        cache.to_str().unwrap(),
-        recipe.to_str().unwrap(),
+        cache.to_str().expect("a UTF-8 path"),
+        recipe.to_str().expect("a UTF-8 path"),
     ];
     all.extend(args);
     obim(&all)
@@ -26,7 +26,7 @@ fn setup(name: &str) -> std::path::PathBuf {
          output m -> \"single\" {{ shard_size \"200kB\" }}\n",
         demo().display()
     );
-    std::fs::write(dir.join("p.obim"), text).unwrap();
+    std::fs::write(dir.join("p.obim"), text).expect("a writable temporary directory");
     dir
 }
 
