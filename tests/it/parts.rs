@@ -117,3 +117,55 @@ fn a_missing_part_stops_the_assembly() {
     let bad = run(&dir, &["--part", "4/3"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// `examples/distributed/ray_parts.py` runs the parts as Ray tasks (a local
+/// cluster) and assembles them: the same shards as one process. Needs a
+/// Python with `ray` (`OBIM_RAY_PYTHON`, else `.ci/venv/bin/python`, which
+/// `.ci/run` makes, else `python3`); skipped with the reason otherwise.
+#[test]
+fn the_ray_example_runs_the_parts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var("OBIM_RAY_PYTHON").unwrap_or_else(|_| {
+        let venv = root.join(".ci/venv/bin/python");
+        if venv.is_file() {
+            venv.display().to_string()
+        } else {
+            "python3".into()
+        }
+    });
+    let has_ray = std::process::Command::new(&python)
+        .args(["-c", "import ray"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_ray {
+        println!(
+            "skipped: `{python}` cannot import ray (set OBIM_RAY_PYTHON, or let .ci/run install it)"
+        );
+        return;
+    }
+    let dir = setup("parts-ray");
+    assert!(run(&dir, &[]).status.success());
+    let split = dir.join("split");
+    let out = std::process::Command::new(&python)
+        .arg(root.join("examples/distributed/ray_parts.py"))
+        .arg(dir.join("p.obim"))
+        .args(["--parts", "3", "--obim", env!("CARGO_BIN_EXE_obim"), "--"])
+        .args(["--cache", dir.join("cache").to_str().unwrap()])
+        .args(["-o", split.to_str().unwrap()])
+        .env("RAY_DISABLE_USAGE_STATS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for shard in 1..=5 {
+        let name = format!("model-{shard:05}-of-00005.safetensors");
+        assert_eq!(
+            std::fs::read(dir.join("single").join(&name)).unwrap(),
+            std::fs::read(split.join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+}
