@@ -88,12 +88,12 @@ impl Observer for SquareSums {
     }
 }
 
-/// Runs `sequences` through `model` layer by layer and returns the statistics.
-pub fn calibrate(
+/// The model's config and the sequences' token count, after checking that
+/// there are tokens and that every id is in the vocabulary.
+fn checked(
     model: &ModelInfo,
     sequences: &[Vec<u32>],
-    device: &Device,
-) -> Result<ActStats, CalibrationError> {
+) -> Result<(ModelConfig, usize), CalibrationError> {
     let cfg = ModelConfig::of(model).map_err(|source| CalibrationError::Config {
         dir: model.dir.clone(),
         source,
@@ -113,6 +113,16 @@ pub fn calibrate(
             dir: model.dir.clone(),
         });
     }
+    Ok((cfg, tokens))
+}
+
+/// Runs `sequences` through `model` layer by layer and returns the statistics.
+pub fn calibrate(
+    model: &ModelInfo,
+    sequences: &[Vec<u32>],
+    device: &Device,
+) -> Result<ActStats, CalibrationError> {
+    let (cfg, tokens) = checked(model, sequences)?;
     let mut weights = Weights::new(model, device.clone());
     let mut observer = SquareSums::default();
     stream::pass(&cfg, &mut weights, sequences, &mut observer)?;
@@ -378,25 +388,7 @@ pub fn gram(
     device: &Device,
     dir: &Path,
 ) -> Result<Grams, CalibrationError> {
-    let cfg = ModelConfig::of(model).map_err(|source| CalibrationError::Config {
-        dir: model.dir.clone(),
-        source,
-    })?;
-    let tokens: usize = sequences.iter().map(Vec::len).sum();
-    if tokens == 0 {
-        return Err(CalibrationError::NoTokens);
-    }
-    if let Some(&id) = sequences
-        .iter()
-        .flatten()
-        .find(|&&id| id as usize >= cfg.vocab_size)
-    {
-        return Err(CalibrationError::Vocab {
-            id,
-            vocab: cfg.vocab_size,
-            dir: model.dir.clone(),
-        });
-    }
+    let (cfg, tokens) = checked(model, sequences)?;
     let partial = dir.with_extension(format!("partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;

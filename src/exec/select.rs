@@ -243,21 +243,7 @@ impl<'a> Selector<'a> {
         let losses = stream::nll_many(&self.config, &mut refs, &all, &from, &mut || {
             shared.borrow_mut().clear()
         })
-        .map_err(|e| match e {
-            // A fault of an input found while merging (a NaN, a bad tensor)
-            // is reported as itself, not as a failed selection.
-            ForwardError::Source(source) => match source.downcast::<ExecError>() {
-                Ok(exec) => *exec,
-                Err(other) => ExecError::Selection {
-                    merge: merge_name.clone(),
-                    source: Box::new(SelectionFailure::Forward(ForwardError::Source(other))),
-                },
-            },
-            e => ExecError::Selection {
-                merge: merge_name.clone(),
-                source: Box::new(SelectionFailure::Forward(e)),
-            },
-        })?;
+        .map_err(|e| selection_error(&merge_name, SelectionFailure::Forward(e)))?;
         drop(refs);
         drop(merged);
         let pending = self.candidates.iter_mut().filter(|c| c.score.is_none());
@@ -297,20 +283,12 @@ impl<'a> Selector<'a> {
     ) -> Result<(), ExecError> {
         let id = self.id;
         let merge_name = self.c.recipe.merges[id.0].name.clone();
-        let failed = |e: EvalError| match e {
-            EvalError::Forward(ForwardError::Source(source)) => {
-                match source.downcast::<ExecError>() {
-                    Ok(exec) => *exec,
-                    Err(other) => ExecError::Selection {
-                        merge: merge_name.clone(),
-                        source: Box::new(SelectionFailure::Forward(ForwardError::Source(other))),
-                    },
-                }
-            }
-            e => ExecError::Selection {
-                merge: merge_name.clone(),
-                source: Box::new(SelectionFailure::Eval(e)),
-            },
+        let failed = |e: EvalError| {
+            let failure = match e {
+                EvalError::Forward(e) => SelectionFailure::Forward(e),
+                e => SelectionFailure::Eval(e),
+            };
+            selection_error(&merge_name, failure)
         };
         for candidate in self.candidates.iter_mut().filter(|c| c.score.is_none()) {
             let tensors = &variants(plan, id)[candidate.variant].tensors;
@@ -414,6 +392,24 @@ impl<'a> Selector<'a> {
             });
         }
         Ok((indices[winner], selection))
+    }
+}
+
+/// A failed selection of `merge`; a fault of an input found while merging
+/// (a NaN, a bad tensor) is reported as itself, not as a failed selection.
+fn selection_error(merge: &str, failure: SelectionFailure) -> ExecError {
+    let failure = match failure {
+        SelectionFailure::Forward(ForwardError::Source(source)) => {
+            match source.downcast::<ExecError>() {
+                Ok(exec) => return *exec,
+                Err(other) => SelectionFailure::Forward(ForwardError::Source(other)),
+            }
+        }
+        other => other,
+    };
+    ExecError::Selection {
+        merge: merge.to_string(),
+        source: Box::new(failure),
     }
 }
 

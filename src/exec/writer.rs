@@ -34,6 +34,25 @@ pub(super) struct Job<'a> {
     pub selections: &'a BTreeMap<String, Selection>,
 }
 
+impl<'a> Job<'a> {
+    /// The output's planned tensors, the checkpoint it takes its config and
+    /// tokenizer from, and its dtype.
+    fn planned(&self) -> Result<(&'a [PlannedTensor], &'a ModelInfo, Dtype), ExecError> {
+        let tensors = self
+            .plan
+            .tensors
+            .get(&self.output.merge)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let base = base_of(self.c, self.output)?;
+        let dtype = self
+            .output
+            .dtype
+            .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
+        Ok((tensors, base, dtype))
+    }
+}
+
 /// Writes `job`'s output into a staging directory and renames it into
 /// place; `lock` is the output's, which the caller took.
 pub(super) fn write_output(
@@ -44,16 +63,7 @@ pub(super) fn write_output(
 ) -> Result<(), ExecError> {
     let started = Instant::now();
     let Job { c, output, .. } = *job;
-    let tensors = job
-        .plan
-        .tensors
-        .get(&output.merge)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let base = base_of(c, output)?;
-    let dtype = output
-        .dtype
-        .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
+    let (tensors, base, dtype) = job.planned()?;
     let staging = Staging::locked(lock, options.force)?;
     let mut eval = Evaluator::new(c, job.plan, job.stats, output.merge)
         .allowing_non_finite(options.allow_non_finite);
@@ -157,16 +167,7 @@ pub(super) fn write_part(
     progress: &mut dyn FnMut(Event),
 ) -> Result<(), ExecError> {
     let Job { c, output, .. } = *job;
-    let tensors = job
-        .plan
-        .tensors
-        .get(&output.merge)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let base = base_of(c, output)?;
-    let dtype = output
-        .dtype
-        .unwrap_or_else(|| Dtype::of_checkpoint(base.dtype()));
+    let (tensors, _, dtype) = job.planned()?;
     let dir = super::parts_dir(&output.path);
     std::fs::create_dir_all(&dir).map_err(|source| TensorError::Write {
         path: dir.clone(),

@@ -176,15 +176,7 @@ impl Plan {
     /// Lowers a checked recipe (without errors) into its plan: the outputs of
     /// the root file and every merge defined there, with what they need.
     pub fn lower(recipe: &Recipe, inventory: &Inventory) -> Plan {
-        let mut lowering = Lowering {
-            recipe,
-            inventory,
-            graph: DiGraph::new(),
-            nodes: HashMap::new(),
-            tensors: HashMap::new(),
-            variants: HashMap::new(),
-            search_deps: HashMap::new(),
-        };
+        let mut lowering = Lowering::new(recipe, inventory);
         for (i, merge) in recipe.merges.iter().enumerate() {
             if merge.span.file == recipe.root {
                 lowering.merge(MergeId(i));
@@ -238,15 +230,7 @@ impl Plan {
         if let Some(i) = existing.clone().position(|v| v.choice == choice) {
             return i;
         }
-        let lowering = Lowering {
-            recipe,
-            inventory,
-            graph: DiGraph::new(),
-            nodes: HashMap::new(),
-            tensors: HashMap::new(),
-            variants: HashMap::new(),
-            search_deps: HashMap::new(),
-        };
+        let lowering = Lowering::new(recipe, inventory);
         let deps = self.search_deps.get(&id).cloned().unwrap_or_default();
         let variant = lowering.variant(id, choice, &deps);
         let list = self.variants.entry(id).or_default();
@@ -332,7 +316,19 @@ struct Lowering<'a> {
     search_deps: HashMap<MergeId, Vec<String>>,
 }
 
-impl Lowering<'_> {
+impl<'a> Lowering<'a> {
+    fn new(recipe: &'a Recipe, inventory: &'a Inventory) -> Self {
+        Lowering {
+            recipe,
+            inventory,
+            graph: DiGraph::new(),
+            nodes: HashMap::new(),
+            tensors: HashMap::new(),
+            variants: HashMap::new(),
+            search_deps: HashMap::new(),
+        }
+    }
+
     /// One candidate of merge `id`: its values written in, its tensors and hash.
     fn variant(&self, id: MergeId, choice: Choice, deps: &[String]) -> Variant {
         let merge = &self.recipe.merges[id.0];

@@ -132,12 +132,7 @@ impl PlanView<'_> {
             .collect();
         let select = merge.select.as_ref().map(|s| {
             let sources = self.selection_sources(merge);
-            let tokens = sources.as_ref().map(|s| {
-                s.iter()
-                    .flat_map(|s| &s.seqs)
-                    .map(|s| s.ids.len())
-                    .sum::<usize>()
-            });
+            let tokens = sources.as_deref().map(token_count);
             let scored = sources.map(|s| {
                 s.iter()
                     .map(|s| (s.name.clone(), json!(s.judged)))
@@ -491,12 +486,7 @@ impl PlanView<'_> {
                 .collect();
             let n = merge.candidate_count();
             let sources = self.selection_sources(merge);
-            let tokens = sources.as_ref().map(|s| {
-                s.iter()
-                    .flat_map(|s| &s.seqs)
-                    .map(|s| s.ids.len())
-                    .sum::<usize>()
-            });
+            let tokens = sources.as_deref().map(token_count);
             // A search scores at most its budget of the candidates.
             let (k, what) = match merge.searched() {
                 Some(s) => (
@@ -790,4 +780,13 @@ fn bytes(n: usize) -> String {
     } else {
         format!("{:.0} kB", n / 1e3)
     }
+}
+
+/// The tokens every candidate runs through a merged model.
+fn token_count(sources: &[crate::data::JudgedSource]) -> usize {
+    sources
+        .iter()
+        .flat_map(|s| &s.seqs)
+        .map(|s| s.ids.len())
+        .sum()
 }
