@@ -165,7 +165,8 @@ impl ActStats {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
-        let tmp = path.with_extension("safetensors.partial");
+        // A name of this process's own: parts of one run may calibrate at once.
+        let tmp = path.with_extension(format!("safetensors.{}", unique_suffix()));
         safetensors::serialize_to_file(views, None, &tmp).map_err(|source| {
             CalibrationError::Format {
                 path: tmp.clone(),
@@ -389,7 +390,7 @@ pub fn gram(
     dir: &Path,
 ) -> Result<Grams, CalibrationError> {
     let (cfg, tokens) = checked(model, sequences)?;
-    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
+    let partial = dir.with_extension(unique_suffix());
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let mut observer = GramSums {
@@ -420,9 +421,32 @@ pub fn gram(
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e);
     }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&partial, dir).map_err(io(dir))?;
+    // Another process (a part of the same run) may have finished first:
+    // its matrices are the same, and may be in use.
+    if dir.join("index.json").is_file() {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Grams::load(dir);
+    }
+    if std::fs::rename(&partial, dir).is_err() {
+        if dir.join("index.json").is_file() {
+            // Renamed into place by another process meanwhile.
+            let _ = std::fs::remove_dir_all(&partial);
+        } else {
+            // A directory without an index is a leftover (a rename is whole).
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::rename(&partial, dir).map_err(io(dir))?;
+        }
+    }
     Grams::load(dir)
+}
+
+/// `partial-PID-NANOS`: a temporary name no other process (on this machine
+/// or another sharing the cache) picks.
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("partial-{}-{nanos}", std::process::id())
 }
 
 impl Grams {

@@ -126,8 +126,17 @@ pub fn answer_sequences(
 ) -> Result<Vec<Scored>, DataError> {
     let mut out = Vec::with_capacity(pairs.len());
     for (prompt, answer) in pairs {
-        let from = tokenizer.encode(prompt, None)?.len().max(1);
+        let alone = tokenizer.encode(prompt, None)?;
         let ids = tokenizer.encode(&format!("{prompt}{answer}"), max_len)?;
+        // The prompt's tokens as they stand in the whole text (a token that
+        // spans the boundary, or an end token the tokenizer appends to the
+        // prompt alone, belongs to the answer).
+        let from = alone
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .max(1);
         if ids.len() > from {
             out.push(Scored { ids, from });
         }

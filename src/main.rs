@@ -246,6 +246,9 @@ fn parse_part(text: &str) -> Result<(usize, usize), String> {
     if k == 0 || k > n {
         return Err(format!("part {k} of {n}: K must be 1 to N"));
     }
+    if n > 1_000_000 {
+        return Err(format!("{n} parts: at most 1,000,000"));
+    }
     Ok((k, n))
 }
 

@@ -196,6 +196,21 @@ fn vocabularies(recipe: &Recipe, inventory: &mut Inventory) -> Vec<Diagnostic> {
                 );
             }
         }
+        if let Some(select) = &recipe.merges[output.merge.0].select {
+            // Candidates are scored by the base's forward pass and tokenizer,
+            // which do not have the output vocabulary's rows.
+            diagnostics.push(
+                Diagnostic::new(
+                    Code::E0043,
+                    select.span,
+                    format!("`{name}` chooses settings and is written with an output vocabulary"),
+                )
+                .label("scored with the base's vocabulary")
+                .with(output.span, "an output vocabulary")
+                .help("choose the settings without `tokenizer ...` on the output first, then fix them and add the vocabulary (both together are not supported yet)"),
+            );
+            continue;
+        }
         match vocabulary(recipe, inventory, output.merge, spec) {
             Some(Ok(v)) => {
                 inventory.vocabularies.insert(output.merge, Arc::new(v));

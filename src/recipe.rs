@@ -527,6 +527,23 @@ impl Merge {
             .join(", ")
     }
 
+    /// The candidate [`Merge::describe`] calls `label`, found site by site
+    /// (a search's merge may have too many candidates to list).
+    pub fn choice_of(&self, label: &str) -> Option<Choice> {
+        let parts: Vec<&str> = label.split(", ").collect();
+        if parts.len() != self.autos.len() {
+            return None;
+        }
+        self.autos
+            .iter()
+            .zip(parts)
+            .map(|(site, part)| {
+                (0..site.values.len())
+                    .find(|&i| format!("{}={}", site.label, site.values[i]) == part)
+            })
+            .collect()
+    }
+
     /// This merge with one candidate's values in place and no `auto` left.
     pub fn with_candidate(&self, choice: &[usize]) -> Merge {
         let mut merge = self.clone();

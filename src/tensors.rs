@@ -458,11 +458,13 @@ impl CheckpointWriter {
     }
 
     /// Part `k` of `n` (1-based): this writer writes only its shards (a
-    /// contiguous run of the layout, shards ⌊(k−1)·S/n⌋ up to ⌊k·S/n⌋) and no
-    /// index. Returns the range of tensors to write, in order.
-    pub fn part(&mut self, k: usize, n: usize) -> std::ops::Range<usize> {
-        let shards = self.layout.len();
-        let (from, to) = ((k - 1) * shards / n, k * shards / n);
+    /// contiguous run of the layout, shards ⌊(k−1)·S/n⌋ up to ⌊k·S/n⌋), each
+    /// as `NAME.partial` renamed when whole, and no index. Returns the range
+    /// of tensors to write, in order, and the range of shards.
+    pub fn part(&mut self, k: usize, n: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let shards = self.layout.len() as u128;
+        let (k, n) = (k as u128, n as u128);
+        let (from, to) = (((k - 1) * shards / n) as usize, (k * shards / n) as usize);
         let first = self.layout[from..to]
             .first()
             .and_then(|s| s.first())
@@ -475,7 +477,18 @@ impl CheckpointWriter {
         self.next = first;
         self.end = last;
         self.index = false;
-        first..last
+        (first..last, from..to)
+    }
+
+    /// Where shard `shard` is written: its name, or for a part `NAME.partial`
+    /// (renamed when whole, so that a new file never truncates one an
+    /// assembled output links to).
+    fn staged(&self, shard: usize) -> PathBuf {
+        let name = &self.names[shard];
+        match self.index {
+            true => self.dir.join(name),
+            false => self.dir.join(format!("{name}.partial")),
+        }
     }
 
     /// Each shard's file name and its exact size in bytes (header and data).
@@ -548,7 +561,7 @@ impl CheckpointWriter {
     }
 
     fn open_shard(&mut self, shard: usize) -> Result<(), TensorError> {
-        let path = self.dir.join(&self.names[shard]);
+        let path = self.staged(shard);
         let werr = |source| TensorError::Write {
             path: path.clone(),
             source,
@@ -618,14 +631,22 @@ impl CheckpointWriter {
             ..
         }) = self.current.take()
         {
-            let path = self.dir.join(&self.names[shard]);
+            let path = self.staged(shard);
             file.flush().map_err(|source| TensorError::Write {
                 path: path.clone(),
                 source,
             })?;
             file.get_ref()
                 .sync_all()
-                .map_err(|source| TensorError::Write { path, source })?;
+                .map_err(|source| TensorError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            let done = self.dir.join(&self.names[shard]);
+            if path != done {
+                std::fs::rename(&path, &done)
+                    .map_err(|source| TensorError::Write { path: done, source })?;
+            }
         }
         Ok(())
     }

@@ -32,6 +32,18 @@ impl Checker<'_> {
                 "pad_to_multiple_of" => {
                     pad = self
                         .positive_int(scope, option)
+                        .filter(|&n| {
+                            // Far past any vocabulary's padding (64 to 256).
+                            let fits = n <= 65_536;
+                            if !fits {
+                                self.report(Problem::NotPositiveInt {
+                                    span: option.value.span,
+                                    key: "pad_to_multiple_of (at most 65536)".into(),
+                                    value: n as f64,
+                                });
+                            }
+                            fits
+                        })
                         .map(|n| (n as usize, option.key.span));
                 }
                 "chat_template" => output.chat_template = self.chat_template(scope, &option.value),

@@ -46,10 +46,7 @@ pub fn model_card(c: &Compilation, id: MergeId, report: &Report) -> String {
         // An `auto` merge as the selection chose it.
         let chosen = report.selection.get(&merge.name).and_then(|s| {
             let label = &s.candidates.get(s.winner)?.candidate;
-            let choice = merge
-                .candidates()
-                .into_iter()
-                .find(|c| merge.describe(c) == *label)?;
+            let choice = merge.choice_of(label)?;
             Some((label.clone(), merge.with_candidate(&choice)))
         });
         match &chosen {

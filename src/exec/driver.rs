@@ -188,7 +188,10 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
             return Err(crate::tensors::TensorError::OutputExists(output.path.clone()).into());
         }
         self.choose(output.merge)?;
-        self.calibrate_for(output.merge)?;
+        // The assembly of a split run computes no tensor.
+        if self.options.part != Some(Part::Assemble) {
+            self.calibrate_for(output.merge)?;
+        }
         let job = writer::Job {
             c: self.c,
             plan: &self.plan,

@@ -75,8 +75,10 @@ pub(super) fn write_output(
         tensors,
         part: None,
     };
+    let mut assembled = PartRecord::default();
     let (shards, inputs) = if options.part == Some(Part::Assemble) {
-        let shards = assemble(&target)?;
+        let (shards, parts) = assemble(&target, job.hash)?;
+        assembled = parts;
         let infos = models_read(c, &eval);
         let stop = AtomicBool::new(false);
         let hashes = crate::provenance::models(
@@ -120,9 +122,15 @@ pub(super) fn write_output(
         bytes,
         shards,
         inputs,
-        positions_won: positions_won(c, &eval),
+        positions_won: match options.part {
+            Some(Part::Assemble) => std::mem::take(&mut assembled.positions_won),
+            _ => positions_won(c, &eval),
+        },
         selection: job.selections.clone(),
-        regmean: solves(c, &eval),
+        regmean: match options.part {
+            Some(Part::Assemble) => std::mem::take(&mut assembled.regmean),
+            _ => solves(c, &eval),
+        },
     };
     if let Some(message) = conditioning_warning(&report) {
         progress(Event::Warning { message });
@@ -184,12 +192,41 @@ pub(super) fn write_part(
         part: Some((k, n)),
     };
     stream(&mut eval, target, options.cancel, progress)?;
+    // What the assembly needs to know of this part: which plan wrote which
+    // shards, and what the report gets from computing them.
+    let mut layout = CheckpointWriter::new(&dir, dtype, specs(tensors, dtype), output.shard_size);
+    let (_, range) = layout.part(k, n);
+    let record = PartRecord {
+        plan_hash: job.hash.to_string(),
+        shards: layout.shard_files()[range]
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect(),
+        positions_won: positions_won(c, &eval),
+        regmean: solves(c, &eval),
+    };
+    let path = dir.join(format!("part-{k}-of-{n}.json"));
+    let staged = dir.join(format!("part-{k}-of-{n}.json.partial"));
+    std::fs::write(&staged, serde_json::to_string(&record).unwrap_or_default())
+        .and_then(|()| std::fs::rename(&staged, &path))
+        .map_err(|source| TensorError::Write { path, source })?;
     Ok(())
 }
 
-/// `--assemble`: every shard the parts wrote, checked whole (its exact
-/// size) and moved into the staging directory, and the index beside them.
-fn assemble(target: &Target) -> Result<Vec<String>, ExecError> {
+/// What one part of a split run wrote (`part-K-of-N.json` in the parts
+/// directory): the assembly takes only the shards of parts of its own plan.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct PartRecord {
+    plan_hash: String,
+    shards: Vec<String>,
+    positions_won: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+    regmean: BTreeMap<String, BTreeMap<String, SolveRecord>>,
+}
+
+/// `--assemble`: every shard the parts of this plan (`hash`) wrote, checked
+/// whole (its exact size) and linked into the staging directory, and the
+/// index beside them; with what the parts' records give the report.
+fn assemble(target: &Target, hash: &str) -> Result<(Vec<String>, PartRecord), ExecError> {
     let writer = CheckpointWriter::new(
         target.dir,
         target.dtype,
@@ -197,18 +234,49 @@ fn assemble(target: &Target) -> Result<Vec<String>, ExecError> {
         target.shard_size,
     );
     let parts = super::parts_dir(&target.output.path);
+    let mut merged = PartRecord::default();
+    let mut covered = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(&parts).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !(name.starts_with("part-") && name.ends_with(".json")) {
+            continue;
+        }
+        let Some(record) = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|t| serde_json::from_str::<PartRecord>(&t).ok())
+            .filter(|r| r.plan_hash == hash)
+        else {
+            continue; // another plan's part, or unreadable: its shards do not count
+        };
+        covered.extend(record.shards);
+        for (merge, tensors) in record.positions_won {
+            merged
+                .positions_won
+                .entry(merge)
+                .or_default()
+                .extend(tensors);
+        }
+        for (merge, tensors) in record.regmean {
+            merged.regmean.entry(merge).or_default().extend(tensors);
+        }
+    }
     let files = writer.shard_files();
     for (name, size) in &files {
         let from = parts.join(name);
         let found = std::fs::metadata(&from).map(|m| m.len()).ok();
-        if found != Some(*size) {
+        let problem = match found {
+            _ if !covered.contains(name) => Some(
+                "no part of this plan wrote it: run `obim run --part K/N` for every K first (parts of an earlier recipe do not count)".to_string(),
+            ),
+            Some(n) if n != *size => Some(format!("{n} bytes, expected {size}")),
+            None => Some("missing from the parts directory".to_string()),
+            _ => None,
+        };
+        if let Some(reason) = problem {
             return Err(TensorError::Tensor {
                 path: from,
                 tensor: name.clone(),
-                reason: match found {
-                    None => "missing: run `obim run --part K/N` for every K first".into(),
-                    Some(n) => format!("{n} bytes, expected {size}: its part did not finish"),
-                },
+                reason,
             }
             .into());
         }
@@ -222,7 +290,8 @@ fn assemble(target: &Target) -> Result<Vec<String>, ExecError> {
             .map_err(|source| TensorError::Write { path: to, source })?;
     }
     writer.write_index()?;
-    Ok(writer.shard_files().into_iter().map(|(n, _)| n).collect())
+    let names = files.into_iter().map(|(n, _)| n).collect();
+    Ok((names, merged))
 }
 
 fn specs(tensors: &[PlannedTensor], dtype: Dtype) -> Vec<TensorSpec> {
@@ -353,7 +422,7 @@ fn stream(
     } = target;
     let mut writer = CheckpointWriter::new(dir, dtype, specs(tensors, dtype), shard_size);
     let tensors = match part {
-        Some((k, n)) => &tensors[writer.part(k, n)],
+        Some((k, n)) => &tensors[writer.part(k, n).0],
         None => tensors,
     };
     progress(Event::OutputStarted {

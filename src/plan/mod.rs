@@ -549,6 +549,10 @@ impl<'a> Lowering<'a> {
             }
         }
         h.opt(merge.select.as_ref(), |h, select| {
+            h.str(select.judge.name());
+            h.opt(select.search, |h, s| {
+                h.str("coordinate").u64(s.budget as u64);
+            });
             h.u64(select.data.len() as u64);
             for d in &select.data {
                 let data = &self.recipe.data[d.0];

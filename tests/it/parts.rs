@@ -22,7 +22,7 @@ fn setup(name: &str) -> std::path::PathBuf {
     let dir = temp(name);
     let text = format!(
         "base llama = \"{0}/base\"\nmodel add = \"{0}/expert_add\"\nmodel sort = \"{0}/expert_sort\"\n\
-         merge m = ties(base: llama, density: 0.5) {{ add weight 1  sort weight 0.7 }}\n\
+         merge m = obim(base: llama) {{ add retain 0.3  sort retain 0.4  saliency magnitude }}\n\
          output m -> \"single\" {{ shard_size \"200kB\" }}\n",
         demo().display()
     );
@@ -67,7 +67,19 @@ fn parts_assembled_equal_one_process() {
                 serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
             };
             let (a, b) = (read(&a), read(&b));
-            for key in ["plan_hash", "shards", "bytes", "inputs", "recipe"] {
+            assert!(
+                a["positions_won"]["m"]
+                    .as_object()
+                    .is_some_and(|t| t.len() > 30)
+            );
+            for key in [
+                "plan_hash",
+                "shards",
+                "bytes",
+                "inputs",
+                "recipe",
+                "positions_won",
+            ] {
                 assert_eq!(a[key], b[key], "{key}");
             }
             continue;
@@ -93,10 +105,7 @@ fn a_missing_part_stops_the_assembly() {
     let out = run(&dir, &["--assemble"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("missing: run `obim run --part K/N`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no part of this plan wrote it"), "{stderr}");
     assert!(
         stderr.contains("model-00002-of-00005.safetensors"),
         "{stderr}"
@@ -113,6 +122,28 @@ fn a_missing_part_stops_the_assembly() {
     assert!(
         dir.join("single/model-00001-of-00005.safetensors")
             .is_file()
+    );
+    // Shards of parts of an earlier recipe do not count.
+    let stale = dir.join("stale");
+    let stale = stale.to_str().unwrap();
+    for k in ["1/3", "2/3", "3/3"] {
+        assert!(run(&dir, &["--part", k, "-o", stale]).status.success());
+    }
+    let recipe = std::fs::read_to_string(dir.join("p.obim")).unwrap();
+    std::fs::write(
+        dir.join("p.obim"),
+        recipe.replace("retain 0.3", "retain 0.2"),
+    )
+    .unwrap();
+    for k in ["1/3", "3/3"] {
+        assert!(run(&dir, &["--part", k, "-o", stale]).status.success());
+    }
+    let out = run(&dir, &["--assemble", "-o", stale]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("model-00002-of-00005.safetensors"),
+        "{stderr}"
     );
     let bad = run(&dir, &["--part", "4/3"]);
     assert_eq!(bad.status.code(), Some(2));
