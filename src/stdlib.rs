@@ -8,6 +8,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("mistral", include_str!("../stdlib/mistral.obim")),
     ("qwen2", include_str!("../stdlib/qwen2.obim")),
     ("stages", include_str!("../stdlib/stages.obim")),
+    ("groups", include_str!("../stdlib/groups.obim")),
 ];
 
 /// The source of `std/NAME`, if there is such a module.
