@@ -435,8 +435,27 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
             .join("merges")
             .join(&step[..step.len().min(32)]);
         if !written_by(&dir, &step) {
-            // Another run materialising the same merge holds the lock: E0111.
-            let lock = OutputLock::acquire(&dir)?;
+            // Another run materialising the same merge (or another part of
+            // this split run) holds the lock: wait for it, then use what it
+            // wrote.
+            let lock = loop {
+                match OutputLock::acquire(&dir) {
+                    Ok(lock) => break lock,
+                    Err(crate::tensors::TensorError::Busy { .. })
+                        if !self
+                            .options
+                            .cancel
+                            .load(std::sync::atomic::Ordering::Relaxed) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if written_by(&dir, &step) {
+                drop(lock);
+                return crate::checkpoint::open_dir(&dir).map_err(ExecError::Materialised);
+            }
             self.calibrate_for(merge)?;
             let output = Output {
                 merge,

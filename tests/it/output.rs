@@ -481,3 +481,49 @@ fn an_output_moved_aside_by_a_killed_run_is_put_back() {
         names(&dir.join("out"))
     );
 }
+
+/// A merge calibrated as another merge's input is written into the cache
+/// under a lock; a run that finds that lock held (another run, or another
+/// part of a split run, writing the same merge) waits for it instead of
+/// failing, then uses what the other wrote or writes it itself.
+#[test]
+fn materialising_waits_for_another_run() {
+    let dir = temp("materialise-wait");
+    let path = |p: &str| demo().join(p).display().to_string();
+    let text = format!(
+        "base llama = \"{}\"\nmodel add = \"{}\"\nmodel sort = \"{}\"\n\
+         data calib = jsonl(\"{}\") {{ samples 8 }}\n\
+         merge inner = task_arithmetic(base: llama) {{ add weight 1.0  sort weight 1.0 }}\n\
+         merge outer = obim(base: llama) {{ inner retain 0.3 using calib  add retain 0.3 using calib }}\n\
+         output outer -> \"out/o\"\n",
+        path("base"),
+        path("expert_add"),
+        path("expert_sort"),
+        path("data/add/calib.jsonl"),
+    );
+    std::fs::write(dir.join("r.obim"), text).unwrap();
+    let plan = Command::new(env!("CARGO_BIN_EXE_obim"))
+        .args(["plan", "--format", "json"])
+        .arg(dir.join("r.obim"))
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let hash = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "merge:inner")
+        .and_then(|s| s["hash"].as_str())
+        .unwrap()
+        .to_string();
+    let held = HeldLock::take(&dir.join("cache/merges").join(&hash[..32]));
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        drop(held);
+    });
+    let out = run(&dir, &[]);
+    release.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(dir.join("out/o/model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
