@@ -160,19 +160,35 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
         }
     }
 
+    /// Writes `output`, its settings chosen and its statistics computed.
+    fn write(&mut self, output: &Output, hash: &str, how: Written) -> Result<(), ExecError> {
+        let Driver {
+            c,
+            plan,
+            options,
+            stats,
+            selections,
+            progress,
+        } = self;
+        let job = writer::Job {
+            c,
+            plan,
+            output,
+            hash,
+            stats,
+            selections,
+        };
+        match how {
+            Written::Whole(lock) => writer::write_output(&job, lock, options, &mut **progress),
+            Written::Part(k, n) => writer::write_part(&job, k, n, options, &mut **progress),
+        }
+    }
+
     /// Part `k` of `n` of one output: its shards only.
     fn part(&mut self, output: &Output, hash: &str, k: usize, n: usize) -> Result<(), ExecError> {
         self.choose(output.merge)?;
         self.calibrate_for(output.merge)?;
-        let job = writer::Job {
-            c: self.c,
-            plan: &self.plan,
-            output,
-            hash,
-            stats: &self.stats,
-            selections: &self.selections,
-        };
-        writer::write_part(&job, k, n, self.options, self.progress)
+        self.write(output, hash, Written::Part(k, n))
     }
 
     /// Chooses, calibrates and writes one output, whose lock the run holds.
@@ -192,15 +208,7 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
         if self.options.part != Some(Part::Assemble) {
             self.calibrate_for(output.merge)?;
         }
-        let job = writer::Job {
-            c: self.c,
-            plan: &self.plan,
-            output,
-            hash,
-            stats: &self.stats,
-            selections: &self.selections,
-        };
-        writer::write_output(&job, lock, self.options, self.progress)
+        self.write(output, hash, Written::Whole(lock))
     }
 
     /// Chooses the settings of `merge` and of the merges it depends on,
@@ -486,6 +494,12 @@ impl<'c, 'o, 'p> Driver<'c, 'o, 'p> {
         }
         crate::checkpoint::open_dir(&dir).map_err(ExecError::Materialised)
     }
+}
+
+/// How an output is written: whole, under its lock, or one part of a split run.
+enum Written {
+    Whole(OutputLock),
+    Part(usize, usize),
 }
 
 /// What one calibration gives.

@@ -9,6 +9,31 @@ use candle_core::Device;
 use obim::checkpoint::open_dir;
 use obim::data::{self, Tokenizer};
 use obim::eval::Generator;
+use std::path::Path;
+
+/// Writes `text` as `dir/r.obim` and runs it with `--force`, caching in
+/// `dir/cache`; returns what it printed on stderr.
+fn run_forced(dir: &Path, text: &str) -> String {
+    std::fs::write(dir.join("r.obim"), text).expect("a writable temporary directory");
+    let recipe = dir.join("r.obim");
+    let cache = dir.join("cache");
+    let out = obim(&[
+        "run",
+        "--force",
+        "--cache",
+        cache.to_str().expect("a UTF-8 path"),
+        recipe.to_str().expect("a UTF-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+/// The report of the run's output, `dir/out`.
+fn report(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("out/obim-report.json")).expect("a report");
+    serde_json::from_str(&text).expect("a JSON report")
+}
 
 fn recipe(lambda: &str) -> String {
     format!(
@@ -25,19 +50,7 @@ fn recipe(lambda: &str) -> String {
 fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
     let dir = temp("select");
     let cache = dir.join("cache");
-    let run = |text: &str| {
-        std::fs::write(dir.join("r.obim"), text).unwrap();
-        let out = obim(&[
-            "run",
-            "--force",
-            "--cache",
-            cache.to_str().unwrap(),
-            dir.join("r.obim").to_str().unwrap(),
-        ]);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "{stderr}");
-        stderr
-    };
+    let run = |text: &str| run_forced(&dir, text);
     let first = run(&recipe("auto [0.2, 1.0, 0.6]"));
     assert!(first.contains("m: chose lambda=1"), "{first}");
     // `obim plan` with the same cache names the candidate the run chose.
@@ -189,19 +202,8 @@ fn the_most_accurate_candidate_is_written() {
          output m -> \"out\" {{ dtype f32 }}\n",
         demo().display()
     );
-    std::fs::write(dir.join("r.obim"), text).unwrap();
-    let cache = dir.join("cache");
-    let out = obim(&[
-        "run",
-        "--cache",
-        cache.to_str().unwrap(),
-        dir.join("r.obim").to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap())
-            .unwrap();
+    let stderr = run_forced(&dir, &text);
+    let report = report(&dir);
     let selection = &report["selection"]["m"];
     let candidates = selection["candidates"].as_array().unwrap();
     assert_eq!(candidates.len(), 3);
@@ -247,14 +249,7 @@ fn the_most_accurate_candidate_is_written() {
         );
     }
     // A second run reads every score from the cache.
-    let again = obim(&[
-        "run",
-        "--force",
-        "--cache",
-        cache.to_str().unwrap(),
-        dir.join("r.obim").to_str().unwrap(),
-    ]);
-    let again = String::from_utf8_lossy(&again.stderr);
+    let again = run_forced(&dir, &text);
     assert_eq!(again.matches("[cached]").count(), 3, "{again}");
 }
 
@@ -277,22 +272,9 @@ fn a_coordinate_search_stays_within_its_budget_and_continues() {
             demo().display()
         )
     };
-    let cache = dir.join("cache");
     let run = |budget: usize| {
-        std::fs::write(dir.join("r.obim"), recipe(budget)).unwrap();
-        let out = obim(&[
-            "run",
-            "--force",
-            "--cache",
-            cache.to_str().unwrap(),
-            dir.join("r.obim").to_str().unwrap(),
-        ]);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "{stderr}");
-        let report: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("out/obim-report.json")).unwrap(),
-        )
-        .unwrap();
+        let stderr = run_forced(&dir, &recipe(budget));
+        let report = report(&dir);
         (stderr, report["selection"]["m"].clone())
     };
     let (_, first) = run(4);
