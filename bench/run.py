@@ -29,7 +29,9 @@ Environment: OBIM_BENCH_VENV (a venv with mergekit 0.1.5; default
 bench/.venv, made with pip), OBIM_BENCH_DATA (the family; default
 bench/data, made by make_family.py), OBIM_BENCH_FAMILY_ARGS (extra
 make_family.py arguments when it is made), OBIM_BENCH_OBIM (a prebuilt obim
-binary: no cargo build), OBIM_BENCH_REPEAT, OBIM_BENCH_LOAD.
+binary: no cargo build), OBIM_BENCH_REPEAT, OBIM_BENCH_LOAD,
+OBIM_BENCH_MERGEKIT=0 (obim and the floor only: a quick check while
+working; the README's table always has both tools).
 """
 import ctypes
 import datetime
@@ -51,6 +53,7 @@ DATA = os.environ.get("OBIM_BENCH_DATA", os.path.join(HERE, "data"))
 OBIM = os.environ.get("OBIM_BENCH_OBIM") or os.path.join(ROOT, "target", "release", "obim")
 EXPERTS = ["expert_a", "expert_b", "expert_c"]
 REPEAT = int(os.environ.get("OBIM_BENCH_REPEAT", "3"))
+WITH_MERGEKIT = os.environ.get("OBIM_BENCH_MERGEKIT", "1") != "0"
 LOAD_LIMIT = float(os.environ.get("OBIM_BENCH_LOAD", "0.8"))
 LOAD_POLL_S = 5
 LOAD_GIVE_UP_S = 600
@@ -301,7 +304,7 @@ def main():
             failures.append(f"obim {name}: {e}")
             log(f"FAILED obim {name}: {e}")
         shutil.rmtree(o_dir, ignore_errors=True)
-        if m["mergekit"]:
+        if m["mergekit"] and WITH_MERGEKIT:
             cfg = os.path.join(DATA, f"{name}.yml")
             with open(cfg, "w") as f:
                 json.dump(mergekit_config(m), f)

@@ -27,6 +27,7 @@ pub mod recipe;
 pub mod source;
 pub mod staging;
 pub mod stdlib;
+pub mod stream;
 pub mod syntax;
 pub mod tensors;
 pub mod vocab;

@@ -1,8 +1,8 @@
 //! Tensor data in and out. Input shards are memory-mapped and read one tensor
 //! at a time (converted to f32, the only arithmetic type); outputs are
 //! written shard by shard as tensors arrive (into the staging directory of
-//! `staging.rs`). Pointwise merges run chunk by chunk from the mapped bytes
-//! to the output bytes. obim's `unsafe` is here (the mmap, an uninitialised
+//! `staging.rs`). Merges that run chunk by chunk from the mapped bytes are
+//! in `stream.rs`. obim's `unsafe` is here (the mmap, an uninitialised
 //! decode buffer, a writeback hint) and in `staging.rs` (the `flock`).
 
 use crate::checkpoint::{TensorDtype, TensorInfo};
@@ -191,7 +191,7 @@ pub fn to_f32_into(bytes: &[u8], dtype: TensorDtype, out: &mut Vec<f32>) -> Opti
 }
 
 /// A place a decoded value goes: an f32, or one not yet initialised.
-trait Slot {
+pub(crate) trait Slot {
     fn set(&mut self, value: f32);
 }
 
@@ -210,7 +210,7 @@ impl Slot for std::mem::MaybeUninit<f32> {
 /// `out[i]` ← element `i` of `bytes` in `dtype`, for `out.len()` elements
 /// (a non-float dtype writes nothing; callers check `float_width` first).
 /// Returns whether every value written is finite.
-fn decode_slice<S: Slot>(bytes: &[u8], dtype: TensorDtype, out: &mut [S]) -> bool {
+pub(crate) fn decode_slice<S: Slot>(bytes: &[u8], dtype: TensorDtype, out: &mut [S]) -> bool {
     fn each<const W: usize, S: Slot>(
         bytes: &[u8],
         out: &mut [S],
@@ -267,7 +267,7 @@ pub fn from_f32_into<'a>(values: &[f32], dtype: Dtype, out: &'a mut Vec<u8>) -> 
 }
 
 /// The first `n` elements of `buffer`, grown (zero-filled) if it is shorter.
-fn front<T: Clone + Default>(buffer: &mut Vec<T>, n: usize) -> &mut [T] {
+pub(crate) fn front<T: Clone + Default>(buffer: &mut Vec<T>, n: usize) -> &mut [T] {
     if buffer.len() < n {
         buffer.resize(n, T::default());
     }
@@ -275,7 +275,7 @@ fn front<T: Clone + Default>(buffer: &mut Vec<T>, n: usize) -> &mut [T] {
 }
 
 /// `out` ← `values` as little-endian bytes of `dtype`.
-fn encode_slice(values: &[f32], dtype: Dtype, out: &mut [u8]) {
+pub(crate) fn encode_slice(values: &[f32], dtype: Dtype, out: &mut [u8]) {
     match dtype {
         Dtype::Bf16 => out
             .chunks_exact_mut(2)
@@ -290,71 +290,6 @@ fn encode_slice(values: &[f32], dtype: Dtype, out: &mut [u8]) {
             .zip(values)
             .for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
     }
-}
-
-/// Merges one tensor chunk by chunk, straight from its operands' bytes
-/// (`(bytes, dtype)` each) into `out` in `dtype`: each chunk is decoded into
-/// per-thread scratch, merged by `merge(first, rest)` (which leaves the
-/// result in `first`) and encoded while it is in cache, so no whole-tensor
-/// f32 buffer exists. Returns the encoded bytes, the front of `out` (which
-/// only grows), and each operand's [`Values`]; `None` when an operand is not
-/// a float dtype or the operands' element counts differ.
-pub fn merge_streamed<'a>(
-    operands: &[(&[u8], TensorDtype)],
-    dtype: Dtype,
-    out: &'a mut Vec<u8>,
-    merge: impl Fn(&mut [f32], &[&[f32]]) + Sync,
-) -> Option<(&'a [u8], Vec<Values>)> {
-    let counts = operands
-        .iter()
-        .map(|(b, d)| Some(b.len() / d.float_width()?))
-        .collect::<Option<Vec<usize>>>()?;
-    let n = counts.first().copied().unwrap_or(0);
-    if counts.iter().any(|&c| c != n) {
-        return None;
-    }
-    let non_finite: Vec<std::sync::atomic::AtomicBool> =
-        operands.iter().map(|_| Default::default()).collect();
-    let size = dtype_bytes(dtype);
-    let bytes = front(out, n * size);
-    bytes
-        .par_chunks_mut(STREAM_CHUNK * size)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let (start, len) = (c * STREAM_CHUNK, o.len() / size);
-            STREAM_SCRATCH.with_borrow_mut(|scratch| {
-                let scratch = front(scratch, operands.len() * STREAM_CHUNK);
-                let mut slots = scratch.chunks_mut(STREAM_CHUNK);
-                let mut decoded = operands.iter().zip(&mut slots).zip(&non_finite).map(
-                    |(((b, d), slot), bad)| {
-                        let w = d.float_width().unwrap_or(1);
-                        let slot = &mut slot[..len];
-                        if !decode_slice(&b[start * w..(start + len) * w], *d, slot) {
-                            bad.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        slot
-                    },
-                );
-                let Some(first) = decoded.next() else { return };
-                let rest: Vec<&[f32]> = decoded.map(|s| &*s).collect();
-                merge(first, &rest);
-                encode_slice(first, dtype, o);
-            });
-        });
-    let values = non_finite
-        .iter()
-        .map(|bad| Values::of(!bad.load(std::sync::atomic::Ordering::Relaxed)))
-        .collect();
-    Some((bytes, values))
-}
-
-/// Positions per chunk of a streamed merge: a few operands' chunks stay in
-/// the core's cache between decoding, merging and encoding.
-const STREAM_CHUNK: usize = 1 << 14;
-
-thread_local! {
-    /// Each thread's decoded chunks of a streamed merge, kept between chunks.
-    static STREAM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 pub fn dtype_bytes(dtype: Dtype) -> usize {
@@ -697,59 +632,6 @@ fn start_writeback(file: &File, from: u64, to: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::Pointwise;
-
-    /// A streamed merge (chunk by chunk from bytes) equals decoding whole
-    /// tensors, merging them and encoding the result: across chunk borders,
-    /// a short last chunk, mixed input dtypes and an output buffer that
-    /// starts dirty and too short.
-    #[test]
-    fn streamed_merge_equals_whole_tensor_merge() {
-        let n = 3 * STREAM_CHUNK + 5;
-        let operand = |k: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * 7919 + k * 104_729) % 2003) as f32 / 1001.0 - 1.0)
-                .collect()
-        };
-        let bytes = [
-            from_f32(&operand(0), Dtype::Bf16),
-            from_f32(&operand(1), Dtype::F32),
-            from_f32(&operand(2), Dtype::F16),
-        ];
-        let operands: Vec<(&[u8], TensorDtype)> = bytes
-            .iter()
-            .zip([TensorDtype::Bf16, TensorDtype::F32, TensorDtype::F16])
-            .map(|(b, d)| (b.as_slice(), d))
-            .collect();
-        let merges = [
-            Pointwise::Linear {
-                weights: vec![0.5, 1.0, 2.0],
-                normalize: true,
-            },
-            Pointwise::TaskArithmetic {
-                weights: vec![0.3, 0.7],
-                divisor: Some(1.0),
-                lambda: 0.9,
-            },
-        ];
-        for merge in merges {
-            for dtype in [Dtype::Bf16, Dtype::F32] {
-                let mut out = vec![0xAA; 7];
-                let (streamed, values) =
-                    merge_streamed(&operands, dtype, &mut out, |f, r| merge.apply(f, r)).unwrap();
-                assert!(values.iter().all(|v| *v == Values::Finite));
-                let streamed = streamed.to_vec();
-                let decoded: Vec<Vec<f32>> = operands
-                    .iter()
-                    .map(|(b, d)| to_f32(b, *d).unwrap())
-                    .collect();
-                let mut first = decoded[0].clone();
-                let rest: Vec<&[f32]> = decoded[1..].iter().map(Vec::as_slice).collect();
-                merge.apply(&mut first, &rest);
-                assert_eq!(streamed, from_f32(&first, dtype), "{merge:?} {dtype:?}");
-            }
-        }
-    }
 
     #[test]
     fn layouts() {

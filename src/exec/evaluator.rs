@@ -11,6 +11,7 @@ use crate::checkpoint::TensorInfo;
 use crate::merge::{self, Merged, TensorContext};
 use crate::plan::{Op, Plan, PlannedTensor};
 use crate::recipe::{Dtype, InputRef, MergeId, ModelId, Saliency, TakeFrom};
+use crate::stream::{Stream, nothing};
 use crate::tensors::{self, Shards, Values};
 use crate::vocab::Vocabulary;
 use memmap2::Mmap;
@@ -266,9 +267,10 @@ impl<'a> Evaluator<'a> {
     }
 
     /// Tensor `name` of merge `id`, encoded in `dtype` into the front of
-    /// `out`. A pointwise merge of models (linear, task arithmetic) streams
-    /// from the mapped shards chunk by chunk; any other computes whole f32
-    /// tensors first.
+    /// `out`. A merge of checkpoints as they are on disk streams from the
+    /// mapped shards chunk by chunk (`stream.rs`): a pointwise one in one
+    /// pass, TIES, DARE, breadcrumbs and OBIM in a few (`merge::streamed`).
+    /// Any other computes whole f32 tensors first.
     pub(super) fn encoded<'o>(
         &mut self,
         id: MergeId,
@@ -276,67 +278,106 @@ impl<'a> Evaluator<'a> {
         dtype: Dtype,
         out: &'o mut Vec<u8>,
     ) -> Result<&'o [u8], ExecError> {
-        if let Some((pointwise, models)) = self.pointwise(id, name) {
-            let mut mapped = Vec::with_capacity(models.len());
-            for (m, source) in &models {
-                mapped.push(self.mapped(*m, source)?);
-            }
-            let operands: Vec<(&[u8], crate::checkpoint::TensorDtype)> = mapped
-                .iter()
-                .map(|(map, range, t)| (&map[range.clone()], t.dtype))
-                .collect();
-            // The preflight and the open stage checked dtypes and shapes.
-            let (encoded, values) =
-                tensors::merge_streamed(&operands, dtype, out, |first, rest| {
-                    pointwise.apply(first, rest)
-                })
-                .ok_or_else(|| ExecError::Operands {
-                    tensor: name.to_string(),
-                })?;
-            for (_, _, t) in &mapped {
-                self.shards.release(t);
-            }
-            let bad = values.iter().position(|v| *v == Values::NonFinite);
-            if let Some(k) = bad.filter(|_| !self.allow_non_finite) {
-                return Err(self.non_finite(models[k].0, &models[k].1, mapped[k].2));
-            }
+        let Some((streaming, models)) = self.streaming(id, name) else {
+            let values = self.output_tensor(id, name)?;
+            let encoded = tensors::from_f32_into(&values, dtype, out);
+            self.recycle(values);
             return Ok(encoded);
+        };
+        let merge = &self.c.recipe.merges[id.0];
+        let planned = self.planned(id, name)?;
+        let obd = match &planned.op {
+            Op::Obim(p) if p.saliency == Saliency::Obd => {
+                self.stats.obd(&self.c.recipe, merge, &p.using, name)?
+            }
+            _ => vec![None; merge.inputs.len()],
+        };
+        let mut mapped = Vec::with_capacity(models.len());
+        for (m, source) in &models {
+            mapped.push(self.mapped(*m, source)?);
         }
-        let values = self.output_tensor(id, name)?;
-        let encoded = tensors::from_f32_into(&values, dtype, out);
-        self.recycle(values);
+        let operands: Vec<(&[u8], crate::checkpoint::TensorDtype)> = mapped
+            .iter()
+            .map(|(map, range, t)| (&map[range.clone()], t.dtype))
+            .collect();
+        // The preflight and the open stage checked dtypes and shapes.
+        let stream = Stream::new(operands).ok_or_else(|| ExecError::Operands {
+            tensor: name.to_string(),
+        })?;
+        let ctx = TensorContext {
+            name,
+            shape: &planned.info.shape,
+            obd: &obd,
+            grams: &[],
+        };
+        let (encoded, non_finite, won) = match streaming {
+            Streaming::Pointwise(p) => {
+                let which: Vec<usize> = (0..models.len()).collect();
+                let (bytes, bad) =
+                    stream.write(&which, nothing(&stream), dtype, out, |_, (), chunk| {
+                        crate::stream::pointwise(&p, chunk)
+                    });
+                (bytes, bad, None)
+            }
+            Streaming::Passes => {
+                let written = merge::streamed::merge(&planned.op, &stream, &ctx, dtype, out)?;
+                (written.bytes, written.non_finite, written.won)
+            }
+        };
+        let values = stream.values();
+        drop(stream);
+        for (_, _, t) in &mapped {
+            self.shards.release(t);
+        }
+        let bad = values.iter().position(|v| *v == Values::NonFinite);
+        if let Some(k) = bad.filter(|_| !self.allow_non_finite) {
+            return Err(self.non_finite(models[k].0, &models[k].1, mapped[k].2));
+        }
+        if non_finite > 0 && !self.allow_non_finite {
+            return Err(merged_non_finite(
+                name,
+                non_finite,
+                encoded.len() / tensors::dtype_bytes(dtype),
+            ));
+        }
+        if let Some(won) = won {
+            self.won
+                .entry(id)
+                .or_default()
+                .insert(name.to_string(), won);
+        }
         Ok(encoded)
     }
 
-    /// The pointwise form of merge `id` at tensor `name` and the models it
-    /// reads with the tensor's name in each (in operand order), when every
-    /// operand is a model.
-    fn pointwise(
-        &self,
-        id: MergeId,
-        name: &str,
-    ) -> Option<(merge::Pointwise, Vec<(ModelId, String)>)> {
+    /// How merge `id` at tensor `name` streams, and the models it reads
+    /// with the tensor's name in each (in operand order: the base first
+    /// where the merge uses it), when every operand is a checkpoint as it
+    /// is on disk.
+    fn streaming(&self, id: MergeId, name: &str) -> Option<(Streaming, Vec<(ModelId, String)>)> {
         let merge = &self.c.recipe.merges[id.0];
         let planned = self.planned(id, name).ok()?;
-        let pointwise = merge::Pointwise::of(&planned.op)?;
+        let (streaming, uses_base) = match merge::Pointwise::of(&planned.op) {
+            Some(p) => {
+                let uses_base = p.uses_base();
+                (Streaming::Pointwise(p), uses_base)
+            }
+            None if merge::streamed::handles(&planned.op) => (Streaming::Passes, true),
+            None => return None,
+        };
         if self.vocabulary(id, name).is_some() {
             // Token rows are aligned first.
             return None;
         }
         let operands: Vec<(InputRef, String)> = match &planned.sources {
             None => {
-                let base = if pointwise.uses_base() {
-                    Some(merge.base?)
-                } else {
-                    None
-                };
+                let base = if uses_base { Some(merge.base?) } else { None };
                 base.into_iter()
                     .chain(merge.inputs.iter().map(|i| i.model))
                     .map(|m| (m, name.to_string()))
                     .collect()
             }
             Some(sources) => {
-                let base = match (&sources.base, pointwise.uses_base()) {
+                let base = match (&sources.base, uses_base) {
                     (Some(b), true) => Some((merge.base?, b.clone())),
                     (None, true) => return None,
                     (_, false) => None,
@@ -360,7 +401,7 @@ impl<'a> Evaluator<'a> {
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()?;
-        Some((pointwise, models))
+        Some((streaming, models))
     }
 
     /// What the plan fixed for tensor `name` of merge `id` (a selection
@@ -474,13 +515,7 @@ impl<'a> Evaluator<'a> {
             use rayon::prelude::*;
             let bad = values.par_iter().filter(|v| !v.is_finite()).count();
             if bad > 0 {
-                return Err(ExecError::Merge(merge::MergeError::Invalid {
-                    tensor: name.to_string(),
-                    reason: format!(
-                        "{bad} of {} merged values are not finite, from finite inputs (check the method's parameters; --allow-non-finite writes them anyway)",
-                        values.len()
-                    ),
-                }));
+                return Err(merged_non_finite(name, bad as u64, values.len()));
             }
         }
         for buffer in spare {
@@ -500,6 +535,25 @@ impl<'a> Evaluator<'a> {
         }
         Ok(values)
     }
+}
+
+/// How a merge of checkpoints on disk streams.
+enum Streaming {
+    /// In one pass.
+    Pointwise(merge::Pointwise),
+    /// In a few (`merge::streamed`).
+    Passes,
+}
+
+/// Finite inputs (checked as they were read) can still merge into NaN or
+/// ∞: multislerp's weights summing to 0, RAM+ with ε = 0.
+fn merged_non_finite(tensor: &str, bad: u64, of: usize) -> ExecError {
+    ExecError::Merge(merge::MergeError::Invalid {
+        tensor: tensor.to_string(),
+        reason: format!(
+            "{bad} of {of} merged values are not finite, from finite inputs (check the method's parameters; --allow-non-finite writes them anyway)"
+        ),
+    })
 }
 
 /// One tensor of a merge's base (where it has one) and inputs, in order.
@@ -565,7 +619,8 @@ mod tests {
     use std::path::Path;
 
     /// Linear (with no base) and task arithmetic over models stream from the
-    /// shards; a sparsifying merge, a `take` and a merge of a merge do not.
+    /// shards in one pass, TIES in several; a `take` and a merge of a merge
+    /// do not stream.
     #[test]
     fn which_merges_stream() {
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo");
@@ -593,14 +648,15 @@ mod tests {
             |name: &str| MergeId(c.recipe.merges.iter().position(|m| m.name == name).unwrap());
         let streams = |name: &str, tensor: &str| {
             let eval = Evaluator::new(&c, &plan, &stats, merge(name));
-            eval.pointwise(merge(name), tensor).is_some()
+            eval.streaming(merge(name), tensor)
+                .map(|(s, _)| matches!(s, Streaming::Pointwise(_)))
         };
         let weight = "model.layers.0.mlp.up_proj.weight";
         let norm = "model.layers.0.input_layernorm.weight";
-        assert!(streams("lin", weight));
-        assert!(streams("ta", weight));
-        assert!(!streams("ta", norm), "a `take` is no merge");
-        assert!(!streams("ti", weight));
-        assert!(!streams("nested", weight));
+        assert_eq!(streams("lin", weight), Some(true));
+        assert_eq!(streams("ta", weight), Some(true));
+        assert_eq!(streams("ta", norm), None, "a `take` is no merge");
+        assert_eq!(streams("ti", weight), Some(false));
+        assert_eq!(streams("nested", weight), None);
     }
 }

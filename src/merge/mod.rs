@@ -7,16 +7,18 @@
 
 pub mod kernels;
 mod regmean;
+mod select;
 mod selective;
 mod sparsify;
 mod spherical;
-
-use std::cell::RefCell;
+pub mod streamed;
 
 pub use regmean::Solve;
 
-use crate::plan::{ObimParams, Op, RamParams, Sparsify, TaskVectorParams};
-use crate::recipe::{Saliency, TakeFrom};
+use crate::checkpoint::TensorDtype;
+use crate::plan::{Op, RamParams, Sparsify, TaskVectorParams};
+use crate::recipe::{Dtype, TakeFrom};
+use crate::stream::Stream;
 
 /// One merged tensor, and for OBIM how many positions each input won.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,8 +106,10 @@ pub fn merge_tensor(
     }
     let need_base =
         |base: Option<Vec<f32>>| base.ok_or_else(|| invalid("this method needs a base"));
+    if streamed::handles(op) {
+        return streamed_in_memory(op, need_base(base)?, inputs, ctx);
+    }
     match op {
-        Op::Obim(p) => obim(p, need_base(base)?, inputs, ctx),
         Op::Regmean(p) => {
             let mut base = need_base(base)?;
             let solve = regmean::regmean(p, &mut base, &inputs, ctx.grams, ctx.shape)
@@ -122,7 +126,14 @@ pub fn merge_tensor(
             kernels::slerp(p.t, &mut base, other);
             Ok(spare(base, inputs))
         }
-        Op::TaskVectors(p) => task_arithmetic_family(p, need_base(base)?, inputs, ctx),
+        Op::TaskVectors(p) => match &p.sparsify {
+            Sparsify::MagnitudeRank { epsilons } => {
+                della(p, epsilons, need_base(base)?, inputs, ctx)
+            }
+            _ => Err(invalid("this task-vector merge streams")),
+        },
+        // Always streamed (above).
+        Op::Obim(_) => Err(invalid("OBIM streams")),
         Op::ModelStock { filter_wise } => {
             let mut base = need_base(base)?;
             spherical::model_stock(&mut base, &inputs, ctx.shape, *filter_wise);
@@ -323,6 +334,36 @@ impl Pointwise {
     }
 }
 
+/// A streamed merge (`streamed.rs`) of decoded tensors: a stage's output,
+/// aligned token rows, a LoRA model's weights. Their f32 bytes are the
+/// stream; the buffers are handed back as spares.
+fn streamed_in_memory(
+    op: &Op,
+    base: Vec<f32>,
+    mut inputs: Vec<Vec<f32>>,
+    ctx: &TensorContext,
+) -> Result<Merged, MergeError> {
+    let operands = std::iter::once(&base)
+        .chain(&inputs)
+        .map(|v| (bytemuck::cast_slice::<f32, u8>(v), TensorDtype::F32))
+        .collect();
+    let stream = Stream::new(operands).ok_or_else(|| MergeError::Invalid {
+        tensor: ctx.name.to_string(),
+        reason: "the operands differ in size".to_string(),
+    })?;
+    let mut out = Vec::new();
+    let written = streamed::merge(op, &stream, ctx, Dtype::F32, &mut out)?;
+    let values = bytemuck::pod_collect_to_vec(written.bytes);
+    let won = written.won;
+    inputs.push(base);
+    Ok(Merged {
+        values,
+        won,
+        solve: None,
+        spare: inputs,
+    })
+}
+
 fn spare(values: Vec<f32>, spare: Vec<Vec<f32>>) -> Merged {
     Merged {
         values,
@@ -332,116 +373,101 @@ fn spare(values: Vec<f32>, spare: Vec<Vec<f32>>) -> Merged {
     }
 }
 
-/// mergekit's `GeneralizedTaskArithmeticMerge`: sparsify each δ (TIES: by
-/// magnitude; DARE: at random), weight it, elect signs (TIES, DARE-TIES), sum,
-/// optionally divide by the (agreeing) weights, scale by λ, add to the base.
-/// The arithmetic is done in mergekit's order, so results agree to the bit
-/// wherever no tie in |δ| is broken differently.
-fn task_arithmetic_family(
+/// DELLA (the task-vector family with `MagnitudeRank`): each δ is ranked
+/// within its rows, so this one member works on whole tensors; the others
+/// stream (`streamed.rs`). mergekit's order: trim, rescale, weight, then
+/// [`add_task_vectors`].
+fn della(
     p: &TaskVectorParams,
+    epsilons: &[f64],
     mut base: Vec<f32>,
     mut deltas: Vec<Vec<f32>>,
     ctx: &TensorContext,
 ) -> Result<Merged, MergeError> {
     let weights = &f32s(&p.weights)[..];
-    let (normalize, rescale) = (p.normalize, p.rescale);
-    let lambda = p.lambda as f32;
-    let sparsifies = p.sparsify != Sparsify::Keep;
-    if let Sparsify::MagnitudeRank { epsilons } = &p.sparsify {
-        for (density, epsilon) in p.densities.iter().zip(epsilons) {
-            if *density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
-                return Err(MergeError::Invalid {
-                    tensor: ctx.name.to_string(),
-                    reason: format!(
-                        "della needs density ± epsilon within (0, 1); density {density}, epsilon {epsilon}"
-                    ),
-                });
-            }
+    for (density, epsilon) in p.densities.iter().zip(epsilons) {
+        if *density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
+            return Err(MergeError::Invalid {
+                tensor: ctx.name.to_string(),
+                reason: format!(
+                    "della needs density ± epsilon within (0, 1); density {density}, epsilon {epsilon}"
+                ),
+            });
         }
     }
     let cols = ctx.shape.last().copied().unwrap_or(1);
-    let consensus = p.elect_signs;
-    let divisor = divisor(weights);
     for (k, d) in deltas.iter_mut().enumerate() {
         kernels::subtract(d, &base);
-        let density = p.densities[k];
-        let w = weights[k];
-        // mergekit's order: trim, rescale, weight; the weight rides on the
-        // last of these passes (the same products as in separate ones).
+        let (density, w) = (p.densities[k], weights[k]);
         let stream = dare_stream(p.seed, ctx.name, k);
-        let trim = |d: &mut [f32], weight: f32| match &p.sparsify {
-            Sparsify::Keep => {}
-            Sparsify::Magnitude => kernels::keep_largest(d, density, weight),
-            Sparsify::Random => kernels::keep_random(d, density, stream, weight),
-            Sparsify::Outliers { gammas } => sparsify::keep_middle(d, density, gammas[k], weight),
-            Sparsify::MagnitudeRank { epsilons } => {
-                sparsify::keep_by_rank(d, cols, density, epsilons[k], stream, weight)
-            }
-        };
-        if !(sparsifies && density < 1.0) {
+        // The weight rides on the last pass (the same products as in separate ones).
+        if density >= 1.0 {
             kernels::update_chunks(d, |_, c| c.iter_mut().for_each(|v| *v *= w));
-        } else if rescale {
+        } else if p.rescale {
             let original = kernels::l1(d);
-            trim(d, 1.0);
+            sparsify::keep_by_rank(d, cols, density, epsilons[k], stream, 1.0);
             kernels::rescale_l1(d, original, w);
         } else {
-            trim(d, w);
+            sparsify::keep_by_rank(d, cols, density, epsilons[k], stream, w);
         }
     }
     kernels::update_chunks(&mut base, |start, b| {
         let len = b.len();
-        fn part(d: &[f32], start: usize, len: usize) -> &[f32] {
-            &d[start..start + len]
-        }
-        let mut mixed = vec![0f32; len];
-        if consensus {
-            // The sign of Σₖ δₖ elects; a δ of the other sign (or zero) is left out.
-            let mut sum = vec![0f32; len];
-            for d in &deltas {
-                sum.iter_mut()
-                    .zip(part(d, start, len))
-                    .for_each(|(s, d)| *s += d);
-            }
-            let mut agreeing = vec![0f32; len];
-            for (k, d) in deltas.iter().enumerate() {
-                let w = weights[k];
-                for (((m, a), d), s) in mixed
-                    .iter_mut()
-                    .zip(agreeing.iter_mut())
-                    .zip(part(d, start, len))
-                    .zip(&sum)
-                {
-                    // sign(δ) equals the elected sign (+1 when Σ ≥ 0, else −1),
-                    // as a select rather than a branch (agreement is a coin
-                    // flip). Adding +0.0 changes nothing: `m` is never −0.0.
-                    let up = *s >= 0.0;
-                    let agree = (*d > 0.0 && up) | (*d < 0.0 && !up);
-                    *m += if agree { *d } else { 0.0 };
-                    *a += if agree { w } else { 0.0 };
-                }
-            }
-            if normalize {
-                mixed
-                    .iter_mut()
-                    .zip(&agreeing)
-                    .for_each(|(m, a)| *m /= if *a == 0.0 { 1.0 } else { *a });
-            }
-        } else {
-            for d in &deltas {
-                mixed
-                    .iter_mut()
-                    .zip(part(d, start, len))
-                    .for_each(|(m, d)| *m += d);
-            }
-            if normalize {
-                mixed.iter_mut().for_each(|m| *m /= divisor);
-            }
-        }
-        for (m, b) in mixed.iter().zip(b.iter_mut()) {
-            *b += if lambda != 1.0 { m * lambda } else { *m };
-        }
+        let parts: Vec<&[f32]> = deltas.iter().map(|d| &d[start..start + len]).collect();
+        add_task_vectors(p, weights, b, &parts);
     });
     Ok(spare(base, deltas))
+}
+
+/// The end of mergekit's `GeneralizedTaskArithmeticMerge` at a run of
+/// positions: `b` += λ·(Σₖ δₖ, where TIES elects signs only the δ of the
+/// sign of Σₖ δₖ, / the (agreeing) weights when normalizing). `deltas` are
+/// trimmed and weighted. The arithmetic is mergekit's, in its order.
+pub(super) fn add_task_vectors(
+    p: &TaskVectorParams,
+    weights: &[f32],
+    b: &mut [f32],
+    deltas: &[&[f32]],
+) {
+    let len = b.len();
+    let lambda = p.lambda as f32;
+    let mut mixed = vec![0f32; len];
+    if p.elect_signs {
+        // The sign of Σₖ δₖ elects; a δ of the other sign (or zero) is left out.
+        let mut sum = vec![0f32; len];
+        for d in deltas {
+            sum.iter_mut().zip(*d).for_each(|(s, d)| *s += d);
+        }
+        let mut agreeing = vec![0f32; len];
+        for (d, w) in deltas.iter().zip(weights) {
+            for (((m, a), d), s) in mixed.iter_mut().zip(agreeing.iter_mut()).zip(*d).zip(&sum) {
+                // sign(δ) equals the elected sign (+1 when Σ ≥ 0, else −1),
+                // as a select rather than a branch (agreement is a coin
+                // flip). Adding +0.0 changes nothing: `m` is never −0.0.
+                let up = *s >= 0.0;
+                let agree = (*d > 0.0 && up) | (*d < 0.0 && !up);
+                *m += if agree { *d } else { 0.0 };
+                *a += if agree { *w } else { 0.0 };
+            }
+        }
+        if p.normalize {
+            mixed
+                .iter_mut()
+                .zip(&agreeing)
+                .for_each(|(m, a)| *m /= if *a == 0.0 { 1.0 } else { *a });
+        }
+    } else {
+        for d in deltas {
+            mixed.iter_mut().zip(*d).for_each(|(m, d)| *m += d);
+        }
+        if p.normalize {
+            let divisor = divisor(weights);
+            mixed.iter_mut().for_each(|m| *m /= divisor);
+        }
+    }
+    for (m, b) in mixed.iter().zip(b.iter_mut()) {
+        *b += if lambda != 1.0 { m * lambda } else { *m };
+    }
 }
 
 /// The seed of DARE's keep mask for input `k` of one tensor: the recipe's
@@ -453,116 +479,11 @@ pub fn dare_stream(seed: u64, tensor: &str, k: usize) -> u64 {
     seed ^ u64::from_le_bytes(bytes) ^ (k as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
-/// OBIM (DESIGN §3): in the tensor's order, input k claims round(retainₖ·N)
-/// unowned positions by saliency; merged = θ_B + Σ 1[owner = k]·δₖ.
-fn obim(
-    p: &ObimParams,
-    mut base: Vec<f32>,
-    mut deltas: Vec<Vec<f32>>,
-    ctx: &TensorContext,
-) -> Result<Merged, MergeError> {
-    let n = base.len();
-    for d in deltas.iter_mut() {
-        kernels::subtract(d, &base);
-    }
-    let mut won = vec![0u64; deltas.len()];
-    OBIM_SCRATCH.with_borrow_mut(|(owner, keys)| {
-        owner.clear();
-        owner.resize(n, kernels::UNOWNED);
-        keys.resize(n, 0);
-        obim_claims(p, &deltas, ctx, owner, &mut keys[..n], &mut won)?;
-        let scale = p.scale as f32;
-        let owner = &owner[..];
-        // Chunk by chunk, every input's winnings, the chunk kept in cache.
-        kernels::update_chunks(&mut base, |start, base| {
-            let owner = &owner[start..start + base.len()];
-            for (k, d) in deltas.iter().enumerate() {
-                let (k, d) = (k as u8, &d[start..start + base.len()]);
-                for ((b, &o), &d) in base.iter_mut().zip(owner).zip(d) {
-                    // A select on bits: the compiler keeps a branch for `if`.
-                    let won = u32::from(o == k).wrapping_neg();
-                    let sum = (*b + scale * d).to_bits();
-                    *b = f32::from_bits((sum & won) | (b.to_bits() & !won));
-                }
-            }
-        });
-        Ok(())
-    })?;
-    Ok(Merged {
-        values: base,
-        won: Some(won),
-        solve: None,
-        spare: deltas,
-    })
-}
-
-thread_local! {
-    /// OBIM's owner and key buffers, kept between tensors: fresh ones cost
-    /// a page fault per 4 KiB on every tensor.
-    static OBIM_SCRATCH: RefCell<(Vec<u8>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// OBIM's rounds: each input in `p.order` claims its quota of the positions
-/// left (`owner[i]`: the input that won position `i`).
-fn obim_claims(
-    p: &ObimParams,
-    deltas: &[Vec<f32>],
-    ctx: &TensorContext,
-    owner: &mut [u8],
-    keys: &mut [u32],
-    won: &mut [u64],
-) -> Result<(), MergeError> {
-    let n = owner.len();
-    let cols = ctx.shape.last().copied().unwrap_or(1).max(1);
-    for &k in &p.order {
-        let d = &deltas[k];
-        let round = match (p.saliency, ctx.obd.get(k).and_then(Option::as_ref)) {
-            (Saliency::Obd, Some(ObdStats::Columns(dj))) => {
-                if dj.len() != cols {
-                    return Err(MergeError::Invalid {
-                        tensor: ctx.name.to_string(),
-                        reason: format!(
-                            "calibration statistics have {} input features, the tensor has {cols}",
-                            dj.len()
-                        ),
-                    });
-                }
-                kernels::free_keys(keys, owner, |start, keys| {
-                    // Row by row, so that d_j is a slice too.
-                    let mut i = 0;
-                    while i < keys.len() {
-                        let col = (start + i) % cols;
-                        let len = (cols - col).min(keys.len() - i);
-                        let row = keys[i..i + len].iter_mut().zip(&d[start + i..]);
-                        for ((key, &d), &dj) in row.zip(&dj[col..col + len]) {
-                            *key = ((d as f64 * d as f64 * f64::from(dj)) as f32).to_bits();
-                        }
-                        i += len;
-                    }
-                })
-            }
-            (Saliency::Obd, Some(ObdStats::Tokens(t))) => {
-                kernels::free_keys(keys, owner, |start, keys| {
-                    for (key, &d) in keys.iter_mut().zip(&d[start..]) {
-                        *key = ((d as f64 * d as f64 * t) as f32).to_bits();
-                    }
-                })
-            }
-            _ => kernels::free_keys(keys, owner, |start, keys| {
-                for (key, &d) in keys.iter_mut().zip(&d[start..]) {
-                    *key = (d * d).to_bits();
-                }
-            }),
-        };
-        let quota = kernels::quota(p.retain[k], n);
-        won[k] = kernels::claim(owner, keys, round, quota, k as u8);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::ObimParams;
+    use crate::recipe::Saliency;
 
     #[test]
     fn obim_by_hand() {

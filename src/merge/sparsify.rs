@@ -1,6 +1,6 @@
-//! The sparsifiers of breadcrumbs and DELLA (mergekit 0.1.5 `sparsify.py`:
-//! `magnitude_outliers`, `della_magprune`). TIES' and DARE's are in
-//! `kernels.rs` (`keep_largest`, `keep_random`).
+//! DELLA's sparsifier (mergekit 0.1.5 `sparsify.py`: `della_magprune`),
+//! which ranks within rows and so works on whole tensors. TIES', DARE's and
+//! breadcrumbs' stream (`streamed.rs`).
 
 use rayon::prelude::*;
 
@@ -16,26 +16,6 @@ fn ascending_by_magnitude(delta: &[f32]) -> Vec<u64> {
         .collect();
     keys.par_sort_unstable();
     keys
-}
-
-/// Breadcrumbs (`magnitude_outliers`): of N entries, drops the
-/// ⌊gamma·N⌋ largest |δ| and as many of the smallest as leave ⌊density·N⌋
-/// (fewer outliers go when both do not fit); keeps the rest times `weight`.
-pub fn keep_middle(delta: &mut [f32], density: f64, gamma: f64, weight: f32) {
-    let n = delta.len();
-    if density >= 1.0 {
-        update(delta, |_, v| v * weight);
-        return;
-    }
-    let target = (density * n as f64) as usize;
-    let top = (gamma * n as f64) as usize;
-    let bottom = n.saturating_sub(target + top);
-    let order = ascending_by_magnitude(delta);
-    let mut keep = vec![false; n];
-    for key in &order[bottom..(bottom + target).min(n)] {
-        keep[(key & 0xffff_ffff) as usize] = true;
-    }
-    update(delta, |i, v| if keep[i] { v * weight } else { 0.0 });
 }
 
 /// DELLA (`della_magprune`): in each row (the last axis; a vector is one
@@ -82,26 +62,6 @@ pub fn keep_by_rank(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn breadcrumbs_drop_outliers_and_the_smallest() {
-        // |δ| ranks: 0.1 < 0.2 < 0.3 < 0.4 < 0.5 < ... < 1.0 (10 entries).
-        let mut d: Vec<f32> = (1..=10).map(|i| i as f32 / 10.0).collect();
-        d.reverse();
-        // density 0.5 keeps 5, gamma 0.2 drops the 2 largest: ranks 4..8 stay.
-        keep_middle(&mut d, 0.5, 0.2, 2.0);
-        let kept: Vec<f32> = d.iter().copied().filter(|v| *v != 0.0).collect();
-        assert_eq!(kept, vec![1.6, 1.4, 1.2, 1.0, 0.8]);
-    }
-
-    #[test]
-    fn breadcrumbs_keep_the_density_when_outliers_do_not_fit() {
-        let mut d: Vec<f32> = (1..=10).map(|i| i as f32).collect();
-        // 9 kept and 5 outliers do not fit in 10: nothing from the bottom goes.
-        keep_middle(&mut d, 0.9, 0.5, 1.0);
-        assert_eq!(d.iter().filter(|v| **v != 0.0).count(), 9);
-        assert_eq!(d[9], 0.0, "the largest is dropped");
-    }
 
     #[test]
     fn della_keep_probability_grows_with_rank() {

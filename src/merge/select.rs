@@ -1,0 +1,363 @@
+//! Top-k selection over a [`Stream`]: which positions hold the k largest
+//! keys (ties to the lower flat index), found in two counting passes over
+//! the mapped bytes with no per-position buffer. A radix select over 16-bit
+//! digits: the first pass counts the high digits of every key, which names
+//! the bucket the k-th largest is in; the second collects, per chunk, the
+//! low digits of the keys in that bucket, which give the exact threshold and
+//! how many ties at it each chunk holds. A later pass then decides each
+//! position from its chunk's [`Rule`] as it goes. Several selections (one
+//! per input, say) share the passes.
+
+use crate::stream::{CHUNK, Stream, nothing};
+use crate::tensors::front;
+
+/// Where the k largest keys end: everything above `threshold`, and of the
+/// keys equal to it the `ties_wanted` with the lowest indices; per chunk of
+/// `CHUNK` positions, the ties before it and in it.
+#[derive(Debug, Clone)]
+pub enum Cut {
+    Nothing,
+    Everything,
+    At {
+        threshold: u32,
+        ties_wanted: usize,
+        chunks: Vec<(usize, usize)>,
+    },
+}
+
+/// Which keys of one chunk are among the k largest.
+#[derive(Debug, Clone, Copy)]
+pub enum Rule {
+    Nothing,
+    /// Every key at least this.
+    From(u32),
+    /// Every key above `threshold`, and of the ties the first up to rank
+    /// `wanted`, counting from `rank` (the ties before the chunk).
+    Ranked {
+        threshold: u32,
+        rank: usize,
+        wanted: usize,
+    },
+}
+
+impl Cut {
+    /// The rule for chunk `c`: chunks before the cut take all their ties,
+    /// chunks after it none, and only the one the cut falls in ranks them.
+    pub fn rule(&self, c: usize) -> Rule {
+        match *self {
+            Cut::Nothing => Rule::Nothing,
+            Cut::Everything => Rule::From(0),
+            Cut::At {
+                threshold,
+                ties_wanted,
+                ref chunks,
+            } => {
+                let (before, ties) = chunks[c];
+                if before + ties <= ties_wanted {
+                    Rule::From(threshold)
+                } else if before >= ties_wanted {
+                    threshold.checked_add(1).map_or(Rule::Nothing, Rule::From)
+                } else {
+                    Rule::Ranked {
+                        threshold,
+                        rank: before,
+                        wanted: ties_wanted,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Rule {
+    /// Whether each key of the chunk, in order, is selected.
+    pub fn selector(self) -> impl FnMut(u32) -> bool {
+        let (threshold, mut rank, wanted, ranked) = match self {
+            Rule::Nothing => (u32::MAX, 0, 0, 2),
+            Rule::From(t) => (t, 0, 0, 0),
+            Rule::Ranked {
+                threshold,
+                rank,
+                wanted,
+            } => (threshold, rank, wanted, 1),
+        };
+        move |key| match ranked {
+            0 => key >= threshold,
+            1 => {
+                // Selects on bits: which side a tie falls is a coin flip.
+                let tie = key == threshold;
+                rank += usize::from(tie);
+                (key > threshold) | (tie & (rank <= wanted))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One top-k selection: how many of the largest keys it takes, given the
+/// histogram of the keys' high digits (so a quota can depend on how many
+/// positions are free).
+pub type Count<'a> = Box<dyn Fn(&[u64]) -> usize + Sync + 'a>;
+
+/// Key 0 is counted in spare bins past the end, spread so that the
+/// increments do not wait on each other (many keys are 0: positions another
+/// input owns, deltas that are exactly zero).
+const SPARE: usize = 8;
+
+/// Bins of one selection's histogram of high digits.
+pub const BINS: usize = (1 << 16) + SPARE;
+
+/// Adds the high digits of `keys` to `h` (`1 << 16` bins and the spares).
+pub fn count_high(h: &mut [u32], keys: &[u32]) {
+    for (j, &key) in keys.iter().enumerate() {
+        let bin = if key == 0 {
+            (1 << 16) + j % SPARE
+        } else {
+            (key >> 16) as usize
+        };
+        h[bin] += 1;
+    }
+}
+
+/// Per-thread counts summed: `selections` histograms of the 2^16 high
+/// digits (spares folded into bin 0).
+fn totals(h: &[u32], selections: usize) -> Vec<Vec<u64>> {
+    h.chunks(BINS)
+        .take(selections)
+        .map(|h| {
+            let mut total: Vec<u64> = h[..1 << 16].iter().map(|&c| u64::from(c)).collect();
+            total[0] += h[1 << 16..].iter().map(|&c| u64::from(c)).sum::<u64>();
+            total
+        })
+        .collect()
+}
+
+/// From the largest digit down: the digit holding the k-th largest, and
+/// the count above it (`None`: fewer than k keys).
+fn locate(h: &[u64], k: u64) -> Option<(usize, u64)> {
+    let mut above = 0u64;
+    for d in (0..h.len()).rev() {
+        if above + h[d] >= k {
+            return Some((d, above));
+        }
+        above += h[d];
+    }
+    None
+}
+
+thread_local! {
+    /// Each thread's keys of one chunk.
+    static KEYS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's key buffer, `len` long.
+pub fn with_keys<T>(len: usize, f: impl FnOnce(&mut [u32]) -> T) -> T {
+    KEYS.with_borrow_mut(|keys| f(front(keys, len)))
+}
+
+/// The cut of each selection `s`: the `counts[s]` largest of the keys that
+/// `key(s, c, chunk, keys)` writes for chunk `c` (operands `which` of
+/// `stream`, decoded; `keys` as long as the chunk). The key function runs
+/// twice per chunk, once per pass, and must give the same keys both times.
+pub fn cuts(
+    stream: &Stream,
+    which: &[usize],
+    counts: &[Count],
+    key: &(impl Fn(usize, usize, &[&[f32]], &mut [u32]) + Sync),
+) -> Vec<Cut> {
+    let selections = counts.len();
+    let high = stream.fold(
+        which,
+        nothing(stream),
+        || vec![0u32; selections * BINS],
+        |mut h, c, (), chunk| {
+            with_keys(chunk_len(stream, c), |keys| {
+                for (s, h) in h.chunks_mut(BINS).enumerate() {
+                    key(s, c, chunk, keys);
+                    count_high(h, keys);
+                }
+            });
+            h
+        },
+        add_counts,
+    );
+    cuts_counted(stream, which, &high, counts, key)
+}
+
+/// Per-thread histograms added up.
+pub fn add_counts(mut a: Vec<u32>, b: Vec<u32>) -> Vec<u32> {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    a
+}
+
+/// [`cuts`] after the first pass: `high` holds each selection's counts of
+/// the keys' high digits ([`BINS`] each, by [`count_high`]), made in a pass
+/// the caller had to make anyway.
+pub fn cuts_counted(
+    stream: &Stream,
+    which: &[usize],
+    high: &[u32],
+    counts: &[Count],
+    key: &(impl Fn(usize, usize, &[&[f32]], &mut [u32]) + Sync),
+) -> Vec<Cut> {
+    let selections = counts.len();
+    let high = totals(high, selections);
+    // Per selection: its k, and the digit and count above it where the cut
+    // falls inside the keys.
+    let located: Vec<Option<(usize, usize, u64)>> = counts
+        .iter()
+        .zip(&high)
+        .map(|(count, h)| {
+            let k = count(h);
+            let (hi, above) = locate(h, k as u64).filter(|_| k > 0)?;
+            Some((k, hi, above))
+        })
+        .collect();
+    let lows: Vec<Vec<Vec<u16>>> = if located.iter().any(Option::is_some) {
+        stream.map(which, |c, chunk| {
+            with_keys(chunk_len(stream, c), |keys| {
+                located
+                    .iter()
+                    .enumerate()
+                    .map(|(s, at)| {
+                        let Some((_, hi, _)) = *at else {
+                            return Vec::new();
+                        };
+                        key(s, c, chunk, keys);
+                        keys.iter()
+                            .filter(|key| (*key >> 16) as usize == hi)
+                            .map(|key| *key as u16)
+                            .collect()
+                    })
+                    .collect()
+            })
+        })
+    } else {
+        Vec::new()
+    };
+    counts
+        .iter()
+        .zip(&high)
+        .zip(&located)
+        .enumerate()
+        .map(|(s, ((count, h), at))| {
+            let Some((k, hi, above_hi)) = *at else {
+                return if count(h) == 0 {
+                    Cut::Nothing
+                } else {
+                    Cut::Everything
+                };
+            };
+            let mut low = vec![0u64; 1 << 16];
+            lows.iter()
+                .flat_map(|chunk| &chunk[s])
+                .for_each(|&l| low[usize::from(l)] += 1);
+            let Some((lo, above_lo)) = locate(&low, k as u64 - above_hi) else {
+                return Cut::Everything;
+            };
+            let threshold = ((hi as u32) << 16) | lo as u32;
+            let mut running = 0;
+            let chunks = lows
+                .iter()
+                .map(|chunk| {
+                    let ties = chunk[s].iter().filter(|&&l| usize::from(l) == lo).count();
+                    running += ties;
+                    (running - ties, ties)
+                })
+                .collect();
+            Cut::At {
+                threshold,
+                ties_wanted: k - (above_hi + above_lo) as usize,
+                chunks,
+            }
+        })
+        .collect()
+}
+
+/// Positions in chunk `c` of `stream`.
+pub fn chunk_len(stream: &Stream, c: usize) -> usize {
+    CHUNK.min(stream.len() - c * CHUNK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::TensorDtype;
+    use crate::merge::kernels::order_key;
+
+    /// Which of `values` (eligible where `eligible`) are among the `k`
+    /// largest, by [`cuts`] over an f32 stream.
+    fn top_k(values: &[f32], eligible: impl Fn(usize) -> bool + Sync, k: usize) -> Vec<bool> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let stream = Stream::new(vec![(&bytes, TensorDtype::F32)]).expect("f32");
+        let key = |start: usize, chunk: &[f32], keys: &mut [u32]| {
+            for (j, (key, v)) in keys.iter_mut().zip(chunk).enumerate() {
+                *key = if eligible(start + j) {
+                    order_key(*v).max(1)
+                } else {
+                    0
+                };
+            }
+        };
+        let counts: Vec<Count> = vec![Box::new(move |h: &[u64]| {
+            k.min(h[1..].iter().sum::<u64>() as usize)
+        })];
+        let cut = &cuts(&stream, &[0], &counts, &|_, c, chunk, keys| {
+            key(c * CHUNK, chunk[0], keys)
+        })[0];
+        let mut picked = Vec::new();
+        for c in 0..stream.chunks() {
+            let range = c * CHUNK..(c * CHUNK + chunk_len(&stream, c));
+            let mut keys = vec![0; range.len()];
+            key(range.start, &values[range], &mut keys);
+            let mut selected = cut.rule(c).selector();
+            picked.extend(keys.iter().map(|k| *k > 0 && selected(*k)));
+        }
+        picked
+    }
+
+    #[test]
+    fn top_k_breaks_ties_by_index() {
+        let values = [1.0, 3.0, 3.0, 2.0, 3.0];
+        assert_eq!(
+            top_k(&values, |_| true, 2),
+            vec![false, true, true, false, false]
+        );
+        assert_eq!(
+            top_k(&values, |i| i != 1, 2),
+            vec![false, false, true, false, true]
+        );
+        assert_eq!(
+            top_k(&values, |_| true, 4),
+            vec![false, true, true, true, true]
+        );
+        assert_eq!(top_k(&values, |_| true, 9), vec![true; 5]);
+        assert_eq!(top_k(&values, |_| true, 0), vec![false; 5]);
+    }
+
+    #[test]
+    fn top_k_ties_across_chunks() {
+        // Equal values everywhere: the lowest indices win, across chunk borders.
+        let n = CHUNK * 3 + 17;
+        let values = vec![0.5f32; n];
+        let k = CHUNK + 5;
+        let s = top_k(&values, |_| true, k);
+        assert!(s[..k].iter().all(|x| *x) && s[k..].iter().all(|x| !*x));
+    }
+
+    #[test]
+    fn radix_select_agrees_with_sorting() {
+        // Many ties and negative values, and ineligible positions.
+        let n = (1 << 20) + 333;
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 - 400.0).collect();
+        let mut order: Vec<usize> = (0..n).filter(|i| i % 3 != 0).collect();
+        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+        let m = order.len();
+        for k in [1, 5000, m / 2, m - 1, m, m + 5] {
+            let picked = top_k(&values, |i| i % 3 != 0, k);
+            let mut expected = vec![false; n];
+            order[..k.min(m)].iter().for_each(|&i| expected[i] = true);
+            assert!(picked == expected, "k = {k}");
+        }
+    }
+}
