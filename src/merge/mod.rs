@@ -431,43 +431,57 @@ pub(super) fn add_task_vectors(
 ) {
     let len = b.len();
     let lambda = p.lambda as f32;
-    let mut mixed = vec![0f32; len];
-    if p.elect_signs {
-        // The sign of Σₖ δₖ elects; a δ of the other sign (or zero) is left out.
-        let mut sum = vec![0f32; len];
-        for d in deltas {
-            sum.iter_mut().zip(*d).for_each(|(s, d)| *s += d);
-        }
-        let mut agreeing = vec![0f32; len];
-        for (d, w) in deltas.iter().zip(weights) {
-            for (((m, a), d), s) in mixed.iter_mut().zip(agreeing.iter_mut()).zip(*d).zip(&sum) {
-                // sign(δ) equals the elected sign (+1 when Σ ≥ 0, else −1),
-                // as a select rather than a branch (agreement is a coin
-                // flip). Adding +0.0 changes nothing: `m` is never −0.0.
-                let up = *s >= 0.0;
-                let agree = (*d > 0.0 && up) | (*d < 0.0 && !up);
-                *m += if agree { *d } else { 0.0 };
-                *a += if agree { *w } else { 0.0 };
+    TASK_SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        scratch.resize(3 * len, 0.0);
+        let (mixed, rest) = scratch.split_at_mut(len);
+        let (sum, agreeing) = rest.split_at_mut(len);
+        if p.elect_signs {
+            // The sign of Σₖ δₖ elects; a δ of the other sign (or zero) is left out.
+            for d in deltas {
+                for (s, d) in sum.iter_mut().zip(&d[..len]) {
+                    *s += d;
+                }
+            }
+            for (d, &w) in deltas.iter().zip(weights) {
+                let d = &d[..len];
+                for i in 0..len {
+                    // sign(δ) equals the elected sign (+1 when Σ ≥ 0, else
+                    // −1), as selects on bits rather than branches
+                    // (agreement is a coin flip). Adding +0.0 changes
+                    // nothing: `mixed` is never −0.0.
+                    let (d, up) = (d[i], sum[i] >= 0.0);
+                    let agree = ((d > 0.0) & up) | ((d < 0.0) & !up);
+                    let keep = u32::from(agree).wrapping_neg();
+                    mixed[i] += f32::from_bits(d.to_bits() & keep);
+                    agreeing[i] += f32::from_bits(w.to_bits() & keep);
+                }
+            }
+            if p.normalize {
+                for (m, a) in mixed.iter_mut().zip(agreeing.iter()) {
+                    *m /= if *a == 0.0 { 1.0 } else { *a };
+                }
+            }
+        } else {
+            for d in deltas {
+                for (m, d) in mixed.iter_mut().zip(&d[..len]) {
+                    *m += d;
+                }
+            }
+            if p.normalize {
+                let divisor = divisor(weights);
+                mixed.iter_mut().for_each(|m| *m /= divisor);
             }
         }
-        if p.normalize {
-            mixed
-                .iter_mut()
-                .zip(&agreeing)
-                .for_each(|(m, a)| *m /= if *a == 0.0 { 1.0 } else { *a });
+        for (m, b) in mixed.iter().zip(b.iter_mut()) {
+            *b += if lambda != 1.0 { m * lambda } else { *m };
         }
-    } else {
-        for d in deltas {
-            mixed.iter_mut().zip(*d).for_each(|(m, d)| *m += d);
-        }
-        if p.normalize {
-            let divisor = divisor(weights);
-            mixed.iter_mut().for_each(|m| *m /= divisor);
-        }
-    }
-    for (m, b) in mixed.iter().zip(b.iter_mut()) {
-        *b += if lambda != 1.0 { m * lambda } else { *m };
-    }
+    });
+}
+
+thread_local! {
+    /// [`add_task_vectors`]' sums, kept between chunks.
+    static TASK_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The seed of DARE's keep mask for input `k` of one tensor: the recipe's

@@ -110,11 +110,9 @@ pub const BINS: usize = (1 << 16) + SPARE;
 /// Adds the high digits of `keys` to `h` (`1 << 16` bins and the spares).
 pub fn count_high(h: &mut [u32], keys: &[u32]) {
     for (j, &key) in keys.iter().enumerate() {
-        let bin = if key == 0 {
-            (1 << 16) + j % SPARE
-        } else {
-            (key >> 16) as usize
-        };
+        // A select, not a branch: whether a key is 0 is a coin flip.
+        let zero = usize::from(key == 0).wrapping_neg();
+        let bin = (((1 << 16) + j % SPARE) & zero) | ((key >> 16) as usize & !zero);
         h[bin] += 1;
     }
 }
@@ -224,10 +222,7 @@ pub fn cuts_counted(
                             return Vec::new();
                         };
                         key(s, c, chunk, keys);
-                        keys.iter()
-                            .filter(|key| (*key >> 16) as usize == hi)
-                            .map(|key| *key as u16)
-                            .collect()
+                        in_bucket(keys, hi)
                     })
                     .collect()
             })
@@ -272,6 +267,20 @@ pub fn cuts_counted(
             }
         })
         .collect()
+}
+
+/// The low digits of the keys whose high digit is `hi`, in order; written
+/// without branches (whether a key is in the bucket is often a coin flip).
+fn in_bucket(keys: &[u32], hi: usize) -> Vec<u16> {
+    let mut lows = vec![0u16; keys.len() + 1];
+    let mut n = 0;
+    for &key in keys {
+        lows[n] = key as u16;
+        n += usize::from((key >> 16) as usize == hi);
+    }
+    lows.truncate(n);
+    lows.shrink_to_fit();
+    lows
 }
 
 /// Positions in chunk `c` of `stream`.
