@@ -117,14 +117,32 @@ impl<'a> Stream<'a> {
         reduce: impl Fn(A, A) -> A + Sync + Send,
     ) -> A {
         debug_assert_eq!(items.len(), self.chunks());
+        self.fold_over(
+            which,
+            items.into_iter().enumerate().collect(),
+            init,
+            f,
+            reduce,
+        )
+    }
+
+    /// [`Stream::fold`] over some chunks only: `items` pairs each chunk to
+    /// visit with its item.
+    pub fn fold_over<A: Send, X: Send>(
+        &self,
+        which: &[usize],
+        items: Vec<(usize, X)>,
+        init: impl Fn() -> A + Sync + Send,
+        f: impl Fn(A, usize, X, &[&[f32]]) -> A + Sync + Send,
+        reduce: impl Fn(A, A) -> A + Sync + Send,
+    ) -> A {
         // A few pieces per thread, so accumulators are few.
-        let min = self
-            .chunks()
+        let min = items
+            .len()
             .div_ceil(rayon::current_num_threads() * 4)
             .max(1);
         items
             .into_par_iter()
-            .enumerate()
             .with_min_len(min)
             .fold(&init, |acc, (c, item)| {
                 self.with_chunk(c, which, |chunk| {
@@ -141,9 +159,20 @@ impl<'a> Stream<'a> {
         which: &[usize],
         f: impl Fn(usize, &[&[f32]]) -> T + Sync,
     ) -> Vec<T> {
-        (0..self.chunks())
-            .into_par_iter()
-            .map(|c| {
+        let all: Vec<usize> = (0..self.chunks()).collect();
+        self.map_over(which, &all, f)
+    }
+
+    /// [`Stream::map`] over the chunks `chunks` only, results in their order.
+    pub fn map_over<T: Send>(
+        &self,
+        which: &[usize],
+        chunks: &[usize],
+        f: impl Fn(usize, &[&[f32]]) -> T + Sync,
+    ) -> Vec<T> {
+        chunks
+            .par_iter()
+            .map(|&c| {
                 self.with_chunk(c, which, |chunk| {
                     let chunk: Vec<&[f32]> = chunk.into_iter().map(|s| &*s).collect();
                     f(c, &chunk)

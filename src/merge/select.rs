@@ -8,7 +8,7 @@
 //! position from its chunk's [`Rule`] as it goes. Several selections (one
 //! per input, say) share the passes.
 
-use crate::stream::{CHUNK, Stream, nothing};
+use crate::stream::{CHUNK, Stream};
 use crate::tensors::front;
 
 /// Where the k largest keys end: everything above `threshold`, and of the
@@ -119,7 +119,7 @@ pub fn count_high(h: &mut [u32], keys: &[u32]) {
 
 /// Per-thread counts summed: `selections` histograms of the 2^16 high
 /// digits (spares folded into bin 0).
-fn totals(h: &[u32], selections: usize) -> Vec<Vec<u64>> {
+pub fn totals(h: &[u32], selections: usize) -> Vec<Vec<u64>> {
     h.chunks(BINS)
         .take(selections)
         .map(|h| {
@@ -153,10 +153,102 @@ pub fn with_keys<T>(len: usize, f: impl FnOnce(&mut [u32]) -> T) -> T {
     KEYS.with_borrow_mut(|keys| f(front(keys, len)))
 }
 
+/// Every `SAMPLE_EVERY`-th chunk is counted first: its histogram guesses
+/// which high digits the cut falls among, so the pass over the other chunks
+/// can keep the keys there and the second pass only revisits the sample.
+const SAMPLE_EVERY: usize = 16;
+
+/// The sampled chunks, when there are enough chunks to guess from.
+pub fn sample(stream: &Stream) -> Option<Vec<usize>> {
+    let chunks = stream.chunks();
+    (chunks >= 4 * SAMPLE_EVERY).then(|| (SAMPLE_EVERY / 2..chunks).step_by(SAMPLE_EVERY).collect())
+}
+
+fn sampled(c: usize) -> bool {
+    c % SAMPLE_EVERY == SAMPLE_EVERY / 2
+}
+
+/// A range of high digits (inclusive) expected to hold a cut.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    lo: u32,
+    hi: u32,
+}
+
+impl Window {
+    fn contains(self, digit: usize) -> bool {
+        (self.lo as usize..=self.hi as usize).contains(&digit)
+    }
+
+    /// Appends the keys of `keys` whose high digit is in the window, in
+    /// order. Most keys are outside: blocks of 8 are tested without
+    /// branches first.
+    pub fn keep(self, keys: &[u32], out: &mut Vec<u32>) {
+        let span = self.hi - self.lo;
+        let inside = |k: u32| (k >> 16).wrapping_sub(self.lo) <= span;
+        let (blocks, tail) = keys.as_chunks::<8>();
+        for block in blocks {
+            if block.iter().fold(false, |any, &k| any | inside(k)) {
+                out.extend(block.iter().copied().filter(|&k| inside(k)));
+            }
+        }
+        out.extend(tail.iter().copied().filter(|&k| inside(k)));
+    }
+}
+
+/// Where a sample's histogram `h` (totals of the 2^16 high digits) says the cut falls when
+/// `fraction` of all keys are taken, with a margin for sampling error;
+/// `None` when there is nothing to cut or the window would hold more than
+/// 4% of the keys (too many to keep).
+pub fn guess(h: &[u64], fraction: f64) -> Option<Window> {
+    let n = h.iter().sum::<u64>() as f64;
+    let k = fraction * n;
+    if k.is_nan() || k < 1.0 || k >= n {
+        return None;
+    }
+    let margin = 4.0 * k.sqrt() + n / 1000.0 + 1.0;
+    let (hi, _) = locate(h, (k - margin).max(1.0) as u64)?;
+    let lo = locate(h, (k + margin) as u64).map_or(0, |(d, _)| d);
+    let inside: u64 = h[lo..=hi].iter().sum();
+    (inside as f64 <= n / 25.0).then_some(Window {
+        lo: lo as u32,
+        hi: hi as u32,
+    })
+}
+
+/// A chunk outside the sample, with its kept keys per selection.
+pub type Slot<'a> = (usize, &'a mut Vec<Vec<u32>>);
+
+/// What the counting pass over the chunks outside the sample kept: each
+/// selection's window, and per chunk, per selection, its keys inside it.
+pub struct Kept {
+    windows: Vec<Option<Window>>,
+    keys: Vec<Vec<Vec<u32>>>,
+}
+
+impl Kept {
+    pub fn new(stream: &Stream, windows: Vec<Option<Window>>) -> Self {
+        let keys = vec![vec![Vec::new(); windows.len()]; stream.chunks()];
+        Kept { windows, keys }
+    }
+
+    /// The chunks outside the sample, each with its slot of kept keys.
+    pub fn slots(&mut self) -> (&[Option<Window>], Vec<Slot<'_>>) {
+        let slots = self
+            .keys
+            .iter_mut()
+            .enumerate()
+            .filter(|(c, _)| !sampled(*c))
+            .collect();
+        (&self.windows, slots)
+    }
+}
+
 /// The cut of each selection `s`: the `counts[s]` largest of the keys that
 /// `key(s, c, chunk, keys)` writes for chunk `c` (operands `which` of
 /// `stream`, decoded; `keys` as long as the chunk). The key function runs
-/// twice per chunk, once per pass, and must give the same keys both times.
+/// at least once per chunk and again for revisited chunks, and must give
+/// the same keys each time.
 pub fn cuts(
     stream: &Stream,
     which: &[usize],
@@ -164,22 +256,52 @@ pub fn cuts(
     key: &(impl Fn(usize, usize, &[&[f32]], &mut [u32]) + Sync),
 ) -> Vec<Cut> {
     let selections = counts.len();
-    let high = stream.fold(
-        which,
-        nothing(stream),
-        || vec![0u32; selections * BINS],
-        |mut h, c, (), chunk| {
-            with_keys(chunk_len(stream, c), |keys| {
-                for (s, h) in h.chunks_mut(BINS).enumerate() {
-                    key(s, c, chunk, keys);
-                    count_high(h, keys);
-                }
-            });
-            h
-        },
-        add_counts,
+    let count = |items: Vec<(usize, Option<&mut Vec<Vec<u32>>>)>, windows: &[Option<Window>]| {
+        stream.fold_over(
+            which,
+            items,
+            || vec![0u32; selections * BINS],
+            |mut h, c, mut slot, chunk| {
+                with_keys(chunk_len(stream, c), |keys| {
+                    for (s, h) in h.chunks_mut(BINS).enumerate() {
+                        key(s, c, chunk, keys);
+                        count_high(h, keys);
+                        if let (Some(slot), Some(Some(w))) = (slot.as_mut(), windows.get(s)) {
+                            w.keep(keys, &mut slot[s]);
+                        }
+                    }
+                });
+                h
+            },
+            add_counts,
+        )
+    };
+    let Some(sample) = sample(stream) else {
+        let high = count((0..stream.chunks()).map(|c| (c, None)).collect(), &[]);
+        return cuts_counted(stream, which, &high, counts, None, key);
+    };
+    let high = count(sample.iter().map(|&c| (c, None)).collect(), &[]);
+    let n = stream.len() as f64;
+    let windows = high
+        .chunks(BINS)
+        .zip(counts)
+        .map(|(h, count)| {
+            // The count is asked about the sample's histogram scaled up.
+            let h = totals(h, 1).pop()?;
+            let scale = n / h.iter().sum::<u64>().max(1) as f64;
+            let scaled: Vec<u64> = h.iter().map(|&c| (c as f64 * scale) as u64).collect();
+            guess(&h, count(&scaled) as f64 / n)
+        })
+        .collect();
+    let mut kept = Kept::new(stream, windows);
+    let (windows, slots) = kept.slots();
+    let windows = windows.to_vec();
+    let rest = count(
+        slots.into_iter().map(|(c, s)| (c, Some(s))).collect(),
+        &windows,
     );
-    cuts_counted(stream, which, &high, counts, key)
+    let high = add_counts(high, rest);
+    cuts_counted(stream, which, &high, counts, Some(&kept), key)
 }
 
 /// Per-thread histograms added up.
@@ -190,12 +312,15 @@ pub fn add_counts(mut a: Vec<u32>, b: Vec<u32>) -> Vec<u32> {
 
 /// [`cuts`] after the first pass: `high` holds each selection's counts of
 /// the keys' high digits ([`BINS`] each, by [`count_high`]), made in a pass
-/// the caller had to make anyway.
+/// the caller had to make anyway; `kept`, when that pass sampled first,
+/// the keys it kept outside the sample, so that only the chunks they do
+/// not answer for are visited again.
 pub fn cuts_counted(
     stream: &Stream,
     which: &[usize],
     high: &[u32],
     counts: &[Count],
+    kept: Option<&Kept>,
     key: &(impl Fn(usize, usize, &[&[f32]], &mut [u32]) + Sync),
 ) -> Vec<Cut> {
     let selections = counts.len();
@@ -211,25 +336,49 @@ pub fn cuts_counted(
             Some((k, hi, above))
         })
         .collect();
-    let lows: Vec<Vec<Vec<u16>>> = if located.iter().any(Option::is_some) {
-        stream.map(which, |c, chunk| {
-            with_keys(chunk_len(stream, c), |keys| {
-                located
-                    .iter()
-                    .enumerate()
-                    .map(|(s, at)| {
-                        let Some((_, hi, _)) = *at else {
-                            return Vec::new();
-                        };
+    // Whether selection s's bucket is among the kept keys.
+    let hit = |s: usize| {
+        let window = kept.and_then(|kept| kept.windows[s]);
+        matches!((window, located[s]), (Some(w), Some((_, hi, _))) if w.contains(hi))
+    };
+    let hits: Vec<bool> = (0..selections).map(hit).collect();
+    let revisit = |s: usize, c: usize| located[s].is_some() && (!hits[s] || sampled(c));
+    let chunks: Vec<usize> = (0..stream.chunks())
+        .filter(|&c| (0..selections).any(|s| revisit(s, c)))
+        .collect();
+    let revisited = stream.map_over(which, &chunks, |c, chunk| {
+        with_keys(chunk_len(stream, c), |keys| {
+            (0..selections)
+                .map(|s| match located[s] {
+                    Some((_, hi, _)) if revisit(s, c) => {
                         key(s, c, chunk, keys);
                         in_bucket(keys, hi)
-                    })
-                    .collect()
-            })
+                    }
+                    _ => Vec::new(),
+                })
+                .collect::<Vec<_>>()
         })
-    } else {
-        Vec::new()
-    };
+    });
+    let mut lows: Vec<Vec<Vec<u16>>> = vec![Vec::new(); stream.chunks()];
+    for (&c, l) in chunks.iter().zip(revisited) {
+        lows[c] = l;
+    }
+    if let Some(kept) = kept {
+        for (c, lows) in lows.iter_mut().enumerate() {
+            lows.resize(selections, Vec::new());
+            for (s, at) in located.iter().enumerate() {
+                if let Some((_, hi, _)) = *at
+                    && !revisit(s, c)
+                {
+                    lows[s] = kept.keys[c][s]
+                        .iter()
+                        .filter(|&&k| (k >> 16) as usize == hi)
+                        .map(|&k| k as u16)
+                        .collect();
+                }
+            }
+        }
+    }
     counts
         .iter()
         .zip(&high)
@@ -269,18 +418,12 @@ pub fn cuts_counted(
         .collect()
 }
 
-/// The low digits of the keys whose high digit is `hi`, in order; written
-/// without branches (whether a key is in the bucket is often a coin flip).
+/// The low digits of the keys whose high digit is `hi`, in order.
 fn in_bucket(keys: &[u32], hi: usize) -> Vec<u16> {
-    let mut lows = vec![0u16; keys.len() + 1];
-    let mut n = 0;
-    for &key in keys {
-        lows[n] = key as u16;
-        n += usize::from((key >> 16) as usize == hi);
-    }
-    lows.truncate(n);
-    lows.shrink_to_fit();
-    lows
+    let mut kept = Vec::new();
+    let hi = hi as u32;
+    Window { lo: hi, hi }.keep(keys, &mut kept);
+    kept.into_iter().map(|k| k as u16).collect()
 }
 
 /// Positions in chunk `c` of `stream`.
@@ -352,6 +495,57 @@ mod tests {
         let k = CHUNK + 5;
         let s = top_k(&values, |_| true, k);
         assert!(s[..k].iter().all(|x| *x) && s[k..].iter().all(|x| !*x));
+    }
+
+    /// Sampled selections (64 chunks and more) agree with sorting, both
+    /// when the sample guesses the cut's digits (only the sample is
+    /// revisited) and when it cannot (sampled chunks unlike the others:
+    /// every chunk is revisited).
+    #[test]
+    fn sampled_select_agrees_with_sorting_and_revisits_only_the_sample() {
+        let n = 64 * CHUNK + 333;
+        let chunks = n.div_ceil(CHUNK);
+        for misleading in [false, true] {
+            let values: Vec<f32> = (0..n)
+                .map(|i| {
+                    let v = ((i * 7919) % 100_003) as f32 / 1000.0 - 40.0;
+                    if misleading && sampled(i / CHUNK) {
+                        v + 1000.0
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let stream = Stream::new(vec![(&bytes, TensorDtype::F32)]).expect("f32");
+            let k = n / 3;
+            let counts: Vec<Count> = vec![Box::new(move |_: &[u64]| k)];
+            let visits = std::sync::atomic::AtomicUsize::new(0);
+            let cut = &cuts(&stream, &[0], &counts, &|_, _, chunk, keys| {
+                visits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for (key, v) in keys.iter_mut().zip(chunk[0]) {
+                    *key = order_key(*v).max(1);
+                }
+            })[0];
+            let revisited = visits.into_inner() - chunks;
+            let expected_revisits = if misleading {
+                chunks
+            } else {
+                (0..chunks).filter(|&c| sampled(c)).count()
+            };
+            assert_eq!(revisited, expected_revisits, "misleading: {misleading}");
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+            let mut expected = vec![false; n];
+            order[..k].iter().for_each(|&i| expected[i] = true);
+            let mut picked = Vec::with_capacity(n);
+            for c in 0..chunks {
+                let mut selected = cut.rule(c).selector();
+                let range = c * CHUNK..(c * CHUNK + chunk_len(&stream, c));
+                picked.extend(values[range].iter().map(|v| selected(order_key(*v).max(1))));
+            }
+            assert!(picked == expected, "misleading: {misleading}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::kernels::{UNOWNED, order_key, quota, uniform};
-use super::select::{self, BINS, Count, Cut, Rule, chunk_len, count_high, with_keys};
+use super::select::{self, BINS, Count, Cut, Kept, Rule, Window, chunk_len, count_high, with_keys};
 use super::{MergeError, ObdStats, Pointwise, TensorContext, add_task_vectors, dare_stream, f32s};
 use crate::plan::{ObimParams, Op, Sparsify, TaskVectorParams};
 use crate::recipe::{Dtype, Saliency};
@@ -360,32 +360,74 @@ fn obim<'o>(
                 .into_iter()
                 .chain(pending.as_ref().map(|(j, _)| 1 + j))
                 .collect();
-            let (high, free, taken) = stream.fold(
-                &which,
-                owner.chunks_mut(CHUNK).collect(),
-                || (vec![0u32; BINS], 0usize, 0u64),
-                |(mut high, mut free, mut taken), c, owner, chunk| {
-                    with_keys(chunk_len(stream, c), |keys| {
-                        if let Some((j, cut)) = &pending {
-                            keys_of(*j, c, chunk[0], chunk[2], owner, keys);
-                            taken += claim(owner, keys, cut.rule(c), *j);
-                        }
-                        keys_of(k, c, chunk[0], chunk[1], owner, keys);
-                        count_high(&mut high, keys);
-                        free += owner.iter().filter(|&&o| o == UNOWNED).count();
-                    });
-                    (high, free, taken)
-                },
-                |a, b| (select::add_counts(a.0, b.0), a.1 + b.1, a.2 + b.2),
-            );
+            // Counts (and claims) over `items`: chunks with their owner
+            // bytes, and where a window is given, the slot that keeps the
+            // keys in it.
+            type Items<'b> = Vec<(usize, (&'b mut [u8], Option<&'b mut Vec<Vec<u32>>>))>;
+            let count = |items: Items, window: Option<Window>| {
+                stream.fold_over(
+                    &which,
+                    items,
+                    || (vec![0u32; BINS], 0usize, 0u64),
+                    |(mut high, mut free, mut taken), c, (owner, slot), chunk| {
+                        with_keys(chunk_len(stream, c), |keys| {
+                            if let Some((j, cut)) = &pending {
+                                keys_of(*j, c, chunk[0], chunk[2], owner, keys);
+                                taken += claim(owner, keys, cut.rule(c), *j);
+                            }
+                            keys_of(k, c, chunk[0], chunk[1], owner, keys);
+                            count_high(&mut high, keys);
+                            if let (Some(slot), Some(w)) = (slot, window) {
+                                w.keep(keys, &mut slot[0]);
+                            }
+                            free += owner.iter().filter(|&&o| o == UNOWNED).count();
+                        });
+                        (high, free, taken)
+                    },
+                    |a, b| (select::add_counts(a.0, b.0), a.1 + b.1, a.2 + b.2),
+                )
+            };
+            let mut parts: Vec<Option<&mut [u8]>> = owner.chunks_mut(CHUNK).map(Some).collect();
+            let mut take = |c: usize| parts[c].take().expect("each chunk once");
+            let quota = quota(p.retain[k], n);
+            let (high, free, taken, kept) = match select::sample(stream) {
+                None => {
+                    let all = (0..stream.chunks()).map(|c| (c, (take(c), None))).collect();
+                    let (high, free, taken) = count(all, None);
+                    (high, free, taken, None)
+                }
+                Some(sample) => {
+                    // The sample first: it guesses where k's cut falls, so
+                    // the other chunks keep the keys there.
+                    let items = sample.iter().map(|&c| (c, (take(c), None))).collect();
+                    let (high, free, taken) = count(items, None);
+                    let seen: usize = sample.iter().map(|&c| chunk_len(stream, c)).sum();
+                    let fraction = (quota as f64 / n as f64).min(free as f64 / seen as f64);
+                    let window = select::guess(&select::totals(&high, 1)[0], fraction);
+                    let mut kept = Kept::new(stream, vec![window]);
+                    let (_, slots) = kept.slots();
+                    let items = slots
+                        .into_iter()
+                        .map(|(c, s)| (c, (take(c), Some(s))))
+                        .collect();
+                    let rest = count(items, window);
+                    let high = select::add_counts(high, rest.0);
+                    (high, free + rest.1, taken + rest.2, Some(kept))
+                }
+            };
             if let Some((j, _)) = pending {
                 won[j] = taken;
             }
-            let wanted = quota(p.retain[k], n).min(free);
+            let wanted = quota.min(free);
             let counts: Vec<Count> = vec![Box::new(move |_: &[u64]| wanted)];
             let owner = &owner[..];
-            let cut =
-                select::cuts_counted(stream, &[0, 1 + k], &high, &counts, &|_, c, chunk, keys| {
+            let cut = select::cuts_counted(
+                stream,
+                &[0, 1 + k],
+                &high,
+                &counts,
+                kept.as_ref(),
+                &|_, c, chunk, keys| {
                     let start = c * CHUNK;
                     keys_of(
                         k,
@@ -395,9 +437,10 @@ fn obim<'o>(
                         &owner[start..start + keys.len()],
                         keys,
                     );
-                })
-                .pop()
-                .unwrap_or(Cut::Nothing);
+                },
+            )
+            .pop()
+            .unwrap_or(Cut::Nothing);
             pending = Some((k, cut));
         }
         let all: Vec<usize> = (0..=m).collect();
@@ -590,16 +633,22 @@ mod tests {
 
     #[test]
     fn ties_equals_sorting_every_magnitude() {
-        let o = family(3 * CHUNK + 77);
-        for density in [0.001, 0.5, 0.97] {
-            let op = ties(density);
-            let Op::TaskVectors(p) = &op else {
-                unreachable!()
-            };
-            assert!(
-                streamed(&op, &o, 11).0 == ties_by_sorting(p, &o),
-                "density {density}"
-            );
+        // 64 chunks and more: the cuts are guessed from a sample first.
+        for (n, densities) in [
+            (3 * CHUNK + 77, &[0.001, 0.5, 0.97][..]),
+            (64 * CHUNK + 77, &[0.3]),
+        ] {
+            let o = family(n);
+            for &density in densities {
+                let op = ties(density);
+                let Op::TaskVectors(p) = &op else {
+                    unreachable!()
+                };
+                assert!(
+                    streamed(&op, &o, 11).0 == ties_by_sorting(p, &o),
+                    "n {n}, density {density}"
+                );
+            }
         }
     }
 
@@ -705,12 +754,17 @@ mod tests {
 
     #[test]
     fn obim_equals_claiming_by_sorting() {
-        let o = family(3 * CHUNK + 77);
-        for (order, retain) in [
+        let settings = [
             (vec![0, 1, 2], vec![0.3, 0.3, 0.3]),
             (vec![2, 0, 1], vec![0.5, 0.1, 0.6]),
             (vec![1, 2, 0], vec![0.0, 1.0, 0.2]),
-        ] {
+        ];
+        obim_equals_sorting(&family(3 * CHUNK + 77), &settings);
+        obim_equals_sorting(&family(64 * CHUNK + 77), &settings[1..2]);
+    }
+
+    fn obim_equals_sorting(o: &[Vec<f32>], settings: &[(Vec<usize>, Vec<f64>)]) {
+        for (order, retain) in settings.iter().cloned() {
             let p = ObimParams {
                 order,
                 saliency: Saliency::Magnitude,
@@ -718,8 +772,8 @@ mod tests {
                 using: vec![None; 3],
                 scale: 0.9,
             };
-            let (merged, won) = streamed(&Op::Obim(p.clone()), &o, 13);
-            let (expected, expected_won) = obim_by_sorting(&p, &o);
+            let (merged, won) = streamed(&Op::Obim(p.clone()), o, 13);
+            let (expected, expected_won) = obim_by_sorting(&p, o);
             assert_eq!(won, Some(expected_won), "{p:?}");
             assert!(merged == expected, "{p:?}");
         }
