@@ -117,6 +117,20 @@ pub fn count_high(h: &mut [u32], keys: &[u32]) {
     }
 }
 
+/// [`count_high`], and in the same loop [`Window::keep`]: keys in the
+/// window are rare, so the test is a branch that is almost never taken.
+pub fn count_high_keeping(h: &mut [u32], keys: &[u32], window: Window, out: &mut Vec<u32>) {
+    let span = window.hi - window.lo;
+    for (j, &key) in keys.iter().enumerate() {
+        let zero = usize::from(key == 0).wrapping_neg();
+        let bin = (((1 << 16) + j % SPARE) & zero) | ((key >> 16) as usize & !zero);
+        h[bin] += 1;
+        if (key >> 16).wrapping_sub(window.lo) <= span {
+            out.push(key);
+        }
+    }
+}
+
 /// Per-thread counts summed: `selections` histograms of the 2^16 high
 /// digits (spares folded into bin 0).
 pub fn totals(h: &[u32], selections: usize) -> Vec<Vec<u64>> {
@@ -265,9 +279,11 @@ pub fn cuts(
                 with_keys(chunk_len(stream, c), |keys| {
                     for (s, h) in h.chunks_mut(BINS).enumerate() {
                         key(s, c, chunk, keys);
-                        count_high(h, keys);
-                        if let (Some(slot), Some(Some(w))) = (slot.as_mut(), windows.get(s)) {
-                            w.keep(keys, &mut slot[s]);
+                        match (slot.as_mut(), windows.get(s)) {
+                            (Some(slot), Some(Some(w))) => {
+                                count_high_keeping(h, keys, *w, &mut slot[s])
+                            }
+                            _ => count_high(h, keys),
                         }
                     }
                 });

@@ -20,7 +20,10 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::kernels::{UNOWNED, order_key, quota, uniform};
-use super::select::{self, BINS, Count, Cut, Kept, Rule, Window, chunk_len, count_high, with_keys};
+use super::select::{
+    self, BINS, Count, Cut, Kept, Rule, Window, chunk_len, count_high, count_high_keeping,
+    with_keys,
+};
 use super::{MergeError, ObdStats, Pointwise, TensorContext, add_task_vectors, dare_stream, f32s};
 use crate::plan::{ObimParams, Op, Sparsify, TaskVectorParams};
 use crate::recipe::{Dtype, Saliency};
@@ -376,9 +379,11 @@ fn obim<'o>(
                                 taken += claim(owner, keys, cut.rule(c), *j);
                             }
                             keys_of(k, c, chunk[0], chunk[1], owner, keys);
-                            count_high(&mut high, keys);
-                            if let (Some(slot), Some(w)) = (slot, window) {
-                                w.keep(keys, &mut slot[0]);
+                            match (slot, window) {
+                                (Some(slot), Some(w)) => {
+                                    count_high_keeping(&mut high, keys, w, &mut slot[0])
+                                }
+                                _ => count_high(&mut high, keys),
                             }
                             free += owner.iter().filter(|&&o| o == UNOWNED).count();
                         });
