@@ -524,10 +524,7 @@ fn explain_method(method: crate::methods::Method) -> String {
         BaseUse::Optional => "optional (`base:`)",
         BaseUse::None => "none",
     };
-    let inputs = match method.input_count() {
-        (min, Some(max)) if min == max => format!("exactly {min}"),
-        (min, _) => format!("at least {min}"),
-    };
+    let inputs = method.input_count_text();
     out.push_str(&format!(
         "base: {base}\ninputs besides the base: {inputs}\n"
     ));

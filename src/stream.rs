@@ -47,6 +47,11 @@ impl<'a> Stream<'a> {
         })
     }
 
+    /// How many operands (the base first where the merge has one).
+    pub fn operands(&self) -> usize {
+        self.operands.len()
+    }
+
     /// Positions per operand.
     pub fn len(&self) -> usize {
         self.n
@@ -104,31 +109,12 @@ impl<'a> Stream<'a> {
         })
     }
 
-    /// Folds `f(acc, c, item, chunk)` over every chunk `c`, in parallel:
-    /// `items` holds one item per chunk (a slice of a per-position buffer
-    /// the pass updates, or `()`), `chunk` the operands `which` decoded.
-    /// Per-thread accumulators from `init` are combined by `reduce`.
+    /// Folds `f(acc, c, item, chunk)` over the chunks `c` of `items`, in
+    /// parallel: `items` pairs each chunk to visit with its item (a slice of
+    /// a per-position buffer the pass updates, or `()`), `chunk` holds the
+    /// operands `which` decoded. Per-thread accumulators from `init` are
+    /// combined by `reduce`.
     pub fn fold<A: Send, X: Send>(
-        &self,
-        which: &[usize],
-        items: Vec<X>,
-        init: impl Fn() -> A + Sync + Send,
-        f: impl Fn(A, usize, X, &[&[f32]]) -> A + Sync + Send,
-        reduce: impl Fn(A, A) -> A + Sync + Send,
-    ) -> A {
-        debug_assert_eq!(items.len(), self.chunks());
-        self.fold_over(
-            which,
-            items.into_iter().enumerate().collect(),
-            init,
-            f,
-            reduce,
-        )
-    }
-
-    /// [`Stream::fold`] over some chunks only: `items` pairs each chunk to
-    /// visit with its item.
-    pub fn fold_over<A: Send, X: Send>(
         &self,
         which: &[usize],
         items: Vec<(usize, X)>,
@@ -309,7 +295,7 @@ mod tests {
             .expect("float operands");
         let ones = stream.fold(
             &[1],
-            nothing(&stream),
+            (0..stream.chunks()).map(|c| (c, ())).collect(),
             || 0f64,
             |acc, _, (), chunk| acc + chunk[0].iter().map(|v| f64::from(*v)).sum::<f64>(),
             |x, y| x + y,

@@ -675,10 +675,7 @@ impl Problem {
                     .with(first, format!("{expected} layers"))
                     .help("each output layer of a slice merges one layer from every source"),
                     SliceIssue::SourceCount { method, count } => {
-                        let expected = match method.input_count() {
-                            (min, Some(max)) if max == min => format!("exactly {max}"),
-                            (min, _) => format!("at least {min}"),
-                        };
+                        let expected = method.input_count_text();
                         d(format!(
                             "this slice has {count} source{} besides the base; `{method}` needs {expected}",
                             if count == 1 { "" } else { "s" }
@@ -1007,10 +1004,7 @@ impl Problem {
                 count,
                 method,
             } => {
-                let expected = match method.input_count() {
-                    (min, Some(max)) if max == min => format!("exactly {max}"),
-                    (min, _) => format!("at least {min}"),
-                };
+                let expected = method.input_count_text();
                 let plural = if count == 1 { "" } else { "s" };
                 Diagnostic::new(
                     Code::E0020,
@@ -1355,7 +1349,7 @@ mod tests {
     }
 
     #[test]
-    fn input_count_says_exactly_or_at_least() {
+    fn input_count_says_exactly_a_range_or_at_least() {
         let message = |count, method| {
             Problem::InputCount {
                 span: at(0),
@@ -1377,6 +1371,10 @@ mod tests {
         assert_eq!(
             message(1, Method::Slerp),
             "`m` has 1 input; `slerp` needs exactly 1"
+        );
+        assert_eq!(
+            message(256, Method::Obim),
+            "`m` has 256 inputs; `obim` needs 1 to 255"
         );
     }
 

@@ -1445,6 +1445,28 @@ merge c = task_arithmetic(base: b, lambda: auto [0.5, 1.0]) {{ x weight 1.0 }}
     }
 
     #[test]
+    fn obim_takes_at_most_255_inputs() {
+        // OBIM keeps one owner byte per position, 255 meaning unclaimed.
+        let recipe = |n: usize| {
+            let models: String = (0..n)
+                .map(|i| format!("model e{i} = \"./e{i}\"\n"))
+                .collect();
+            let entries: String = (0..n)
+                .map(|i| format!("    e{i} retain 0.001 using v\n"))
+                .collect();
+            format!("{MODELS}{models}merge m = obim(base: b) {{\n{entries}}}\n")
+        };
+        let (_, diagnostics) = checked(&recipe(255));
+        assert!(
+            !codes(&diagnostics).contains(&Code::E0020),
+            "{diagnostics:?}"
+        );
+        let (_, diagnostics) = checked(&recipe(256));
+        assert_eq!(codes(&diagnostics), [Code::E0020]);
+        assert!(diagnostics[0].message.ends_with("`obim` needs 1 to 255"));
+    }
+
+    #[test]
     fn select_inside_a_rule_is_refused() {
         let text = format!(
             "{MODELS}

@@ -37,9 +37,13 @@ pub fn sce(base: &mut [f32], deltas: &mut [Vec<f32>], select_topk: f64) {
             .enumerate()
             .map(|(i, v)| (u64::from(!(v.abs().to_bits())) << 32) | i as u64)
             .collect();
-        order.par_sort_unstable();
+        // The `keep` smallest keys (largest |variance|, ties to the lower
+        // index: keys are unique), in no order: a selection, not a sort.
+        if keep > 0 && keep < order.len() {
+            order.select_nth_unstable(keep - 1);
+        }
         let mut kept = vec![false; base.len()];
-        for key in &order[..keep] {
+        for key in &order[..keep.min(order.len())] {
             kept[(key & 0xffff_ffff) as usize] = true;
         }
         for d in deltas.iter_mut() {
@@ -149,11 +153,24 @@ pub fn arcee_fusion(base: &mut [f32], x: &[f32], shape: &[usize]) {
         .into_par_iter()
         .map(|i| (x[i] - base[i]).abs() * divergence[i / cols])
         .collect();
+    // mergekit: sorted[(q · (n − 1)).long()], the product in f32. Three
+    // selections stand in for the sort: the median's splits the rest.
+    let rank = |q: f32| (q * (n - 1) as f32) as usize;
     let mut sorted = importance.clone();
-    sorted.par_sort_unstable_by(f32::total_cmp);
-    // mergekit: sorted[(q · (n − 1)).long()], the product in f32.
-    let quantile = |q: f32| sorted[(q * (n - 1) as f32) as usize];
-    let (q1, median, q3) = (quantile(0.25), quantile(0.5), quantile(0.75));
+    let (mid, q1_rank, q3_rank) = (rank(0.5), rank(0.25), rank(0.75));
+    let (below, &mut median, above) = sorted.select_nth_unstable_by(mid, f32::total_cmp);
+    let q1 = if q1_rank < mid {
+        *below.select_nth_unstable_by(q1_rank, f32::total_cmp).1
+    } else {
+        median
+    };
+    let q3 = if q3_rank > mid {
+        *above
+            .select_nth_unstable_by(q3_rank - mid - 1, f32::total_cmp)
+            .1
+    } else {
+        median
+    };
     let threshold = median + 1.5 * (q3 - q1);
     update(base, |i, b| {
         if importance[i] >= threshold {

@@ -324,7 +324,8 @@ pub fn karcher(inputs: &[Vec<f32>], max_iter: usize, tol: f64) -> Vec<f32> {
 /// mergekit's `model_stock`: per tensor (or per row with `filter_wise`),
 /// t = K·cos / (1 + (K − 1)·cos) from the mean cosine between the inputs'
 /// task vectors (0 where the denominator is ≈ 0), then
-/// t·mean(inputs) + (1 − t)·base. Written into `base`.
+/// t·mean(inputs) + (1 − t)·base. Written into `base`. Per tensor, the
+/// merge streams (`streamed.rs`) with the same three functions below.
 pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filter_wise: bool) {
     let n = base.len();
     let vectors = if filter_wise {
@@ -333,21 +334,9 @@ pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filte
         Vectors::whole(n)
     };
     let k = inputs.len();
-    // The Gram matrix of the task vectors (wₖ − w₀) of one vector.
-    let gram = |range: std::ops::Range<usize>| -> Vec<f64> {
-        let mut g = vec![0f64; k * k];
-        let mut offsets = vec![0f64; k];
-        for i in range {
-            for (x, o) in offsets.iter_mut().enumerate() {
-                *o = (inputs[x][i] - base[i]) as f64;
-            }
-            for x in 0..k {
-                for y in x..k {
-                    g[x * k + y] += offsets[x] * offsets[y];
-                }
-            }
-        }
-        g
+    let gram = |range: std::ops::Range<usize>| {
+        let at: Vec<&[f32]> = inputs.iter().map(|x| &x[range.clone()]).collect();
+        stock_gram(&base[range], &at)
     };
     let grams: Vec<Vec<f64>> = if vectors.count == 1 {
         let chunks: Vec<usize> = (0..n).step_by(CHUNK).collect();
@@ -368,32 +357,62 @@ pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filte
             .map(|v| gram(v * vectors.len..(v + 1) * vectors.len))
             .collect()
     };
-    let ratios: Vec<f32> = grams
-        .iter()
-        .map(|g| {
-            let mut cosines = Vec::new();
-            for x in 0..k {
-                for y in x + 1..k {
-                    let norms = g[x * k + x].sqrt() * g[y * k + y].sqrt();
-                    cosines.push((g[x * k + y] / norms.max(1e-6)).clamp(-1.0, 1.0));
+    let ratios: Vec<f32> = grams.iter().map(|g| stock_ratio(g, k)).collect();
+    update(base, |i, w0| {
+        stock_merge(ratios[i / vectors.len], w0, inputs.iter().map(|x| x[i]))
+    });
+}
+
+/// The Gram matrix (upper triangle of K × K, f64) of the task vectors
+/// `inputs[x] − base` at a run of positions (each difference in f32).
+/// Each entry is summed in 8 lanes, which the compiler vectorizes.
+pub(super) fn stock_gram(base: &[f32], inputs: &[&[f32]]) -> Vec<f64> {
+    let k = inputs.len();
+    let mut g = vec![0f64; k * k];
+    let (bases, base_tail) = base.as_chunks::<8>();
+    for x in 0..k {
+        for y in x..k {
+            let (xs, x_tail) = inputs[x][..base.len()].as_chunks::<8>();
+            let (ys, y_tail) = inputs[y][..base.len()].as_chunks::<8>();
+            let mut lanes = [0f64; 8];
+            for ((b, xv), yv) in bases.iter().zip(xs).zip(ys) {
+                for j in 0..8 {
+                    lanes[j] += f64::from(xv[j] - b[j]) * f64::from(yv[j] - b[j]);
                 }
             }
-            let cos = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
-            let denominator = 1.0 + (k as f64 - 1.0) * cos;
-            if denominator.abs() < 1e-6 {
-                0.0
-            } else {
-                (k as f64 * cos / denominator) as f32
+            let mut sum: f64 = lanes.iter().sum();
+            for ((b, xv), yv) in base_tail.iter().zip(x_tail).zip(y_tail) {
+                sum += f64::from(xv - b) * f64::from(yv - b);
             }
-        })
-        .collect();
-    let count = k as f32;
-    update(base, |i, w0| {
-        let t = ratios[i / vectors.len];
-        // mergekit: sum(ws) / count, then t·average + (1 − t)·w₀, in f32.
-        let sum = inputs.iter().fold(0f32, |s, x| s + x[i]);
-        t * (sum / count) + (1.0 - t) * w0
-    });
+            g[x * k + y] = sum;
+        }
+    }
+    g
+}
+
+/// model_stock's t from the Gram matrix of K task vectors.
+pub(super) fn stock_ratio(g: &[f64], k: usize) -> f32 {
+    let mut cosines = Vec::new();
+    for x in 0..k {
+        for y in x + 1..k {
+            let norms = g[x * k + x].sqrt() * g[y * k + y].sqrt();
+            cosines.push((g[x * k + y] / norms.max(1e-6)).clamp(-1.0, 1.0));
+        }
+    }
+    let cos = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
+    let denominator = 1.0 + (k as f64 - 1.0) * cos;
+    if denominator.abs() < 1e-6 {
+        0.0
+    } else {
+        (k as f64 * cos / denominator) as f32
+    }
+}
+
+/// mergekit: sum(ws) / count, then t·average + (1 − t)·w₀, in f32.
+pub(super) fn stock_merge(t: f32, w0: f32, inputs: impl ExactSizeIterator<Item = f32>) -> f32 {
+    let count = inputs.len() as f32;
+    let sum = inputs.fold(0f32, |s, x| s + x);
+    t * (sum / count) + (1.0 - t) * w0
 }
 
 #[cfg(test)]

@@ -1,13 +1,14 @@
 //! The merges that need a whole-tensor statistic before any position can be
 //! written, as passes over a [`Stream`]: TIES, DARE(-TIES), breadcrumbs and
 //! task arithmetic with sign election (the task-vector family but DELLA),
-//! and OBIM. Each pass decodes a chunk of every operand it needs from the
+//! OBIM, and model_stock per tensor. Each pass decodes a chunk of every operand it needs from the
 //! mapped bytes, uses it while it is in cache and drops it, so no
 //! whole-tensor f32 copy is made:
 //!
 //! - a magnitude threshold (TIES, breadcrumbs) takes two counting passes
 //!   (`select.rs`), for every input at once;
 //! - DARE's rescaling takes one pass for the L1 norms before and after;
+//!   model_stock one for the Gram matrix of the task vectors;
 //! - OBIM's claims take, per input, a counting pass (which also makes the
 //!   previous input's claim) and a pass for the threshold's ties, and keep
 //!   one byte per position: who owns it;
@@ -24,6 +25,7 @@ use super::select::{
     self, BINS, Count, Cut, Kept, Rule, Window, chunk_len, count_high, count_high_keeping,
     with_keys,
 };
+use super::spherical::{stock_gram, stock_merge, stock_ratio};
 use super::{MergeError, ObdStats, Pointwise, TensorContext, add_task_vectors, dare_stream, f32s};
 use crate::plan::{ObimParams, Op, Sparsify, TaskVectorParams};
 use crate::recipe::{Dtype, Saliency};
@@ -42,6 +44,7 @@ pub struct Written<'o> {
 pub fn handles(op: &Op) -> bool {
     match op {
         Op::Obim(_) => true,
+        Op::ModelStock { filter_wise } => !filter_wise,
         Op::TaskVectors(p) => {
             Pointwise::of(op).is_none() && !matches!(p.sparsify, Sparsify::MagnitudeRank { .. })
         }
@@ -61,6 +64,7 @@ pub fn merge<'o>(
     match op {
         Op::TaskVectors(p) if handles(op) => Ok(task_vectors(p, stream, ctx, dtype, out)),
         Op::Obim(p) => obim(p, stream, ctx, dtype, out),
+        Op::ModelStock { filter_wise: false } => Ok(model_stock(stream, dtype, out)),
         _ => Err(MergeError::Invalid {
             tensor: ctx.name.to_string(),
             reason: "this method does not merge in passes".to_string(),
@@ -111,21 +115,29 @@ impl Mask {
                         .for_each(|v| *v = keep(*v, selected(magnitude(*v))));
                 }
             },
-            Mask::Middle { upper, lower } => {
-                let (mut upper, mut lower) = (upper.rule(c).selector(), lower.rule(c).selector());
-                for v in d {
+            Mask::Middle { upper, lower } => match (upper.rule(c), lower.rule(c)) {
+                (Rule::Nothing, _) => d.fill(0.0),
+                // Every chunk but the (at most two) a cut falls in: no ties
+                // to rank, so a loop the compiler vectorizes.
+                (Rule::From(u), Rule::Nothing) => d
+                    .iter_mut()
+                    .for_each(|v| *v = keep(*v, !magnitude(*v) >= u)),
+                (Rule::From(u), Rule::From(l)) => d.iter_mut().for_each(|v| {
                     let key = !magnitude(*v);
-                    *v = keep(*v, upper(key) & !lower(key));
+                    *v = keep(*v, (key >= u) & (key < l));
+                }),
+                (upper, lower) => {
+                    let (mut upper, mut lower) = (upper.selector(), lower.selector());
+                    for v in d {
+                        let key = !magnitude(*v);
+                        *v = keep(*v, upper(key) & !lower(key));
+                    }
                 }
-            }
+            },
             Mask::Random { stream, density } => {
                 let start = (c * CHUNK) as u64;
                 for (j, v) in d.iter_mut().enumerate() {
-                    *v = if uniform(*stream, start + j as u64) < *density {
-                        *v * weight
-                    } else {
-                        0.0
-                    };
+                    *v = keep(*v, uniform(*stream, start + j as u64) < *density);
                 }
             }
         }
@@ -190,7 +202,15 @@ fn task_vectors<'o>(
                 Box::new(move |_: &[u64]| count)
             })
             .collect();
-        select::cuts(stream, &all, &counts, &|s, _, chunk, keys| {
+        // Breadcrumbs' two cuts of one input share its keys.
+        let same_keys: Vec<bool> = selections
+            .iter()
+            .enumerate()
+            .map(|(s, x)| {
+                s > 0 && (selections[s - 1].k, selections[s - 1].inverted) == (x.k, x.inverted)
+            })
+            .collect();
+        select::cuts(stream, &all, &counts, &same_keys, &|s, _, chunk, keys| {
             let Selection { k, inverted, .. } = selections[s];
             let pairs = keys.iter_mut().zip(chunk[1 + k].iter().zip(chunk[0]));
             if inverted {
@@ -290,6 +310,33 @@ fn l1_factors(
         .collect()
 }
 
+/// model_stock per tensor (`spherical::model_stock`): the task vectors'
+/// Gram matrix in one pass, summed chunk by chunk in order, then a pass
+/// that writes t·mean(inputs) + (1 − t)·base.
+fn model_stock<'o>(stream: &Stream, dtype: Dtype, out: &'o mut Vec<u8>) -> Written<'o> {
+    let k = stream.operands() - 1;
+    let all: Vec<usize> = (0..=k).collect();
+    let per_chunk = stream.map(&all, |_, chunk| stock_gram(chunk[0], &chunk[1..]));
+    let gram = per_chunk.into_iter().fold(vec![0f64; k * k], |mut g, c| {
+        g.iter_mut().zip(c).for_each(|(g, c)| *g += c);
+        g
+    });
+    let t = stock_ratio(&gram, k);
+    let (bytes, non_finite) = stream.write(&all, nothing(stream), dtype, out, |_, (), chunk| {
+        let Some((b, xs)) = chunk.split_first_mut() else {
+            return;
+        };
+        for (i, w0) in b.iter_mut().enumerate() {
+            *w0 = stock_merge(t, *w0, xs.iter().map(|x| x[i]));
+        }
+    });
+    Written {
+        bytes,
+        non_finite,
+        won: None,
+    }
+}
+
 thread_local! {
     /// OBIM's owner buffer, kept between tensors: a fresh one costs a page
     /// fault per 4 KiB on every tensor.
@@ -368,7 +415,7 @@ fn obim<'o>(
             // keys in it.
             type Items<'b> = Vec<(usize, (&'b mut [u8], Option<&'b mut Vec<Vec<u32>>>))>;
             let count = |items: Items, window: Option<Window>| {
-                stream.fold_over(
+                stream.fold(
                     &which,
                     items,
                     || (vec![0u32; BINS], 0usize, 0u64),
@@ -432,6 +479,7 @@ fn obim<'o>(
                 &high,
                 &counts,
                 kept.as_ref(),
+                &[],
                 &|_, c, chunk, keys| {
                     let start = c * CHUNK;
                     keys_of(
@@ -610,30 +658,43 @@ mod tests {
         })
     }
 
-    /// TIES by sorting every |δ|, as mergekit defines it.
-    fn ties_by_sorting(p: &TaskVectorParams, o: &[Vec<f32>]) -> Vec<f32> {
+    /// The merge of task vectors when `kept(k, δ)` names the positions input
+    /// `k` keeps (each then weighted), as mergekit defines it.
+    fn kept_by_sorting(
+        p: &TaskVectorParams,
+        o: &[Vec<f32>],
+        kept: impl Fn(usize, &[f32]) -> Vec<usize>,
+    ) -> Vec<f32> {
         let n = o[0].len();
         let weights = f32s(&p.weights);
         let deltas: Vec<Vec<f32>> = (1..o.len())
             .map(|k| {
                 let d: Vec<f32> = (0..n).map(|i| o[k][i] - o[0][i]).collect();
-                let density = p.densities[k - 1];
-                let keep = if density >= 1.0 {
-                    n
-                } else {
-                    ((density * n as f64) as usize).max(1)
-                };
-                let mut kept = vec![0.0; n];
-                for i in ranked(n, |i| d[i].abs()).into_iter().take(keep) {
-                    kept[i] = d[i] * weights[k - 1];
+                let mut out = vec![0.0; n];
+                for i in kept(k - 1, &d) {
+                    out[i] = d[i] * weights[k - 1];
                 }
-                kept
+                out
             })
             .collect();
         let mut b = o[0].clone();
         let parts: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
         add_task_vectors(p, &weights, &mut b, &parts);
         b
+    }
+
+    /// TIES by sorting every |δ|: the density's share with the largest.
+    fn ties_by_sorting(p: &TaskVectorParams, o: &[Vec<f32>]) -> Vec<f32> {
+        kept_by_sorting(p, o, |k, d| {
+            let n = d.len();
+            let density = p.densities[k];
+            let keep = if density >= 1.0 {
+                n
+            } else {
+                ((density * n as f64) as usize).max(1)
+            };
+            ranked(n, |i| d[i].abs()).into_iter().take(keep).collect()
+        })
     }
 
     #[test]
@@ -700,6 +761,69 @@ mod tests {
         assert!(m[..bottom].iter().all(|v| *v == 0.0));
         assert!(m[bottom..bottom + target].iter().all(|v| *v == 1.0));
         assert!(m[bottom + target..].iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn breadcrumbs_equal_sorting_every_magnitude() {
+        let op = Op::TaskVectors(TaskVectorParams {
+            sparsify: Sparsify::Outliers {
+                gammas: vec![0.01, 0.2, 0.0],
+            },
+            elect_signs: false,
+            weights: vec![1.0, 0.5, 2.0],
+            densities: vec![0.9, 0.5, 0.3],
+            normalize: false,
+            rescale: false,
+            lambda: 1.0,
+            seed: 0,
+            int8_mask: false,
+        });
+        let Op::TaskVectors(p) = &op else {
+            unreachable!()
+        };
+        let Sparsify::Outliers { gammas } = &p.sparsify else {
+            unreachable!()
+        };
+        // Ascending |δ|, ties to the lower index: the smallest go, then the
+        // density's share stays, the largest `gamma` share goes.
+        let by_sorting = |o: &[Vec<f32>]| {
+            kept_by_sorting(p, o, |k, d| {
+                let n = d.len();
+                let target = (p.densities[k] * n as f64) as usize;
+                let top = (gammas[k] * n as f64) as usize;
+                let bottom = n.saturating_sub(target + top);
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| d[a].abs().total_cmp(&d[b].abs()).then(a.cmp(&b)));
+                order[bottom..(bottom + target).min(n)].to_vec()
+            })
+        };
+        // 64 chunks and more: the cuts are guessed from a sample first.
+        for n in [3 * CHUNK + 77, 64 * CHUNK + 77] {
+            let o = family(n);
+            assert!(streamed(&op, &o, 11).0 == by_sorting(&o), "n {n}");
+        }
+    }
+
+    #[test]
+    fn model_stock_streams_as_it_merges_whole_tensors() {
+        // family(): bf16 values, so the in-memory merge sees what the stream decodes.
+        let o = family(3 * CHUNK + 77);
+        let n = o[0].len();
+        let merged = streamed(&Op::ModelStock { filter_wise: false }, &o, 1).0;
+        let mut whole = o[0].clone();
+        super::super::spherical::model_stock(&mut whole, &o[1..], &[n], false);
+        // The Gram matrix is summed in another order there: t may differ in
+        // its last bits.
+        let worst = merged
+            .iter()
+            .zip(&whole)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-6, "{worst}");
+        assert!(
+            merged != o[0],
+            "the inputs' task vectors are not orthogonal"
+        );
     }
 
     #[test]

@@ -609,7 +609,18 @@ impl Method {
             }
             Method::Nuslerp => (2, Some(2)),
             Method::ModelStock => (2, None),
+            // One owner byte per position; 255 means unclaimed.
+            Method::Obim => (1, Some(255)),
             _ => (1, None),
+        }
+    }
+
+    /// [`Method::input_count`] in words: "exactly 1", "1 to 255", "at least 2".
+    pub fn input_count_text(self) -> String {
+        match self.input_count() {
+            (min, Some(max)) if max == min => format!("exactly {max}"),
+            (min, Some(max)) => format!("{min} to {max}"),
+            (min, None) => format!("at least {min}"),
         }
     }
 
