@@ -30,7 +30,7 @@ VENV = os.environ.get("OBIM_BENCH_VENV", os.path.join(HERE, ".venv"))
 DATA = os.environ.get("OBIM_BENCH_DATA", os.path.join(HERE, "data"))
 OBIM = os.path.join(ROOT, "target", "release", "obim")
 sys.path.insert(0, HERE)
-from run import measure  # noqa: E402
+from run import measure, quiet  # noqa: E402
 
 HOOKS = r'''
 import json, sys, time, torch
@@ -91,7 +91,9 @@ def main():
     script = os.path.join(DATA, "hooks.py")
     open(script, "w").write(HOOKS)
 
-    o_wall, o_rss = measure([OBIM, "stats", model, "--data", data, "--threads", str(a.threads), "-o", os.path.join(DATA, "stats.safetensors")])
+    o_wall, o_rss = measure([OBIM, "stats", model, "--data", data, "--threads", str(a.threads), "-o", os.path.join(DATA, "stats.safetensors")],
+                           "obim stats")
+    quiet("transformers + hooks")
     start = time.monotonic()
     proc = subprocess.Popen([py, script, model, data, str(a.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -37,7 +37,7 @@ pub(super) struct Evaluator<'a> {
     /// Buffers of earlier tensors, reused so that large tensors do not
     /// fault fresh pages in every time.
     pool: Vec<Vec<f32>>,
-    /// Model tensors shared with other evaluators (a selection's candidates).
+    /// What a selection's candidates share.
     shared: Option<SharedInputs>,
     /// A selection candidate: these tensors replace the plan's for one merge.
     variant: Option<(MergeId, &'a [PlannedTensor])>,
@@ -45,9 +45,25 @@ pub(super) struct Evaluator<'a> {
     allow_non_finite: bool,
 }
 
-/// Model tensors read once for several evaluators, until cleared.
-pub(super) type SharedInputs =
-    std::rc::Rc<std::cell::RefCell<HashMap<(ModelId, String), Vec<f32>>>>;
+/// What several evaluators (a selection's candidates, advancing through the
+/// layers in lockstep) compute once, until cleared after each layer.
+pub(super) type SharedInputs = std::rc::Rc<std::cell::RefCell<Shared>>;
+
+#[derive(Default)]
+pub(super) struct Shared {
+    /// Model tensors, as f32.
+    models: HashMap<(ModelId, String), Vec<f32>>,
+    /// Per tensor: merges at factor 1 ([`Op::factored`]), for candidates
+    /// that differ only in the factor.
+    at_factor_one: HashMap<String, Vec<(Op, Vec<f32>)>>,
+}
+
+impl Shared {
+    pub(super) fn clear(&mut self) {
+        self.models.clear();
+        self.at_factor_one.clear();
+    }
+}
 
 impl<'a> Evaluator<'a> {
     fn buffer(&mut self) -> Vec<f32> {
@@ -174,13 +190,13 @@ impl<'a> Evaluator<'a> {
             return self.read(model, name);
         };
         let key = (model, name.to_string());
-        if let Some(values) = shared.borrow().get(&key) {
+        if let Some(values) = shared.borrow().models.get(&key) {
             let mut copy = self.buffer();
             copy.clone_from(values);
             return Ok(copy);
         }
         let values = self.read(model, name)?;
-        shared.borrow_mut().insert(key, values.clone());
+        shared.borrow_mut().models.insert(key, values.clone());
         Ok(values)
     }
 
@@ -423,10 +439,79 @@ impl<'a> Evaluator<'a> {
     }
 
     fn merge(&mut self, id: MergeId, name: &str) -> Result<Vec<f32>, ExecError> {
+        let planned = self.planned(id, name)?;
+        match self.scaled_from_factor_one(id, name, planned)? {
+            Some(values) => Ok(values),
+            None => self.merge_op(id, name, &planned.op),
+        }
+    }
+
+    /// A selection candidate's tensor whose merge is base + f·Δ
+    /// ([`Op::factored`]: λ, OBIM's `scale`), from the merge at f = 1 that
+    /// the candidates share: base + f·(merged₁ − base). Exact at f = 1;
+    /// otherwise within an f32 rounding of the base of computing it
+    /// directly (merged₁ − base is exact where the two are within a factor
+    /// of two). `None` where nothing is shared.
+    fn scaled_from_factor_one(
+        &mut self,
+        id: MergeId,
+        name: &str,
+        planned: &PlannedTensor,
+    ) -> Result<Option<Vec<f32>>, ExecError> {
+        let (Some(shared), Some((variant, _))) = (self.shared.clone(), self.variant) else {
+            return Ok(None);
+        };
+        let base = self.c.recipe.merges[id.0].base;
+        let (Some((factor, unit)), Some(base), None, true) = (
+            planned.op.factored(),
+            base,
+            &planned.sources,
+            variant == id && self.vocabulary(id, name).is_none(),
+        ) else {
+            return Ok(None);
+        };
+        let known = shared
+            .borrow()
+            .at_factor_one
+            .get(name)
+            .is_some_and(|merged| merged.iter().any(|(op, _)| *op == unit));
+        if !known {
+            let merged = self.merge_op(id, name, &unit)?;
+            shared
+                .borrow_mut()
+                .at_factor_one
+                .entry(name.to_string())
+                .or_default()
+                .push((unit.clone(), merged));
+        }
+        let mut values = self.tensor(base, name)?;
+        let shared = shared.borrow();
+        let Some((_, merged)) = shared
+            .at_factor_one
+            .get(name)
+            .and_then(|merged| merged.iter().find(|(op, _)| *op == unit))
+        else {
+            return Ok(None);
+        };
+        if merged.len() != values.len() {
+            return Ok(None);
+        }
+        let f = factor as f32;
+        merge::kernels::update_chunks(&mut values, |start, b| {
+            for (b, m) in b.iter_mut().zip(&merged[start..]) {
+                *b += f * (m - *b);
+            }
+        });
+        Ok(Some(values))
+    }
+
+    /// Tensor `name` of merge `id` by `op` (the plan's, or a selection's
+    /// shared merge at factor 1).
+    fn merge_op(&mut self, id: MergeId, name: &str, op: &Op) -> Result<Vec<f32>, ExecError> {
         let merge = &self.c.recipe.merges[id.0];
         let planned = self.planned(id, name)?;
-        let take = match planned.op {
-            Op::Take(from) => Some(from),
+        let take = match op {
+            Op::Take(from) => Some(*from),
             _ => None,
         };
         // An output vocabulary: every operand's token rows are aligned.
@@ -487,13 +572,13 @@ impl<'a> Evaluator<'a> {
             )?,
             None => (base, inputs),
         };
-        let obd = match &planned.op {
+        let obd = match op {
             Op::Obim(p) if p.saliency == Saliency::Obd => {
                 self.stats.obd(&self.c.recipe, merge, &p.using, name)?
             }
             _ => vec![None; merge.inputs.len()],
         };
-        let grams = match &planned.op {
+        let grams = match op {
             Op::Regmean(p) => self.stats.grams(&self.c.recipe, merge, &p.using, name)?,
             _ => Vec::new(),
         };
@@ -508,10 +593,10 @@ impl<'a> Evaluator<'a> {
             won,
             solve,
             spare,
-        } = merge::merge_tensor(&planned.op, base, inputs, &ctx)?;
+        } = merge::merge_tensor(op, base, inputs, &ctx)?;
         // Finite inputs (checked as they were read) can still merge into
         // NaN or ∞: multislerp's weights summing to 0, RAM+ with ε = 0.
-        if !self.allow_non_finite && !matches!(planned.op, Op::Take(_)) {
+        if !self.allow_non_finite && !matches!(op, Op::Take(_)) {
             use rayon::prelude::*;
             let bad = values.par_iter().filter(|v| !v.is_finite()).count();
             if bad > 0 {

@@ -9,7 +9,10 @@
 //! source (the mean over its texts of each text's mean), then the mean over
 //! sources; the lowest wins, the earlier candidate on ties. Candidates go
 //! through the layers in lockstep, so each input tensor is read once per
-//! layer for all of them. OBD statistics are shared by all candidates, and
+//! layer for all of them, and candidates that differ only in the factor on
+//! their task vectors (λ, OBIM's `scale`) share the merge itself: it is
+//! computed once at factor 1, and each candidate's tensor is
+//! base + f·(that − base). OBD statistics are shared by all candidates, and
 //! scores are cached by the candidate's plan hash and the exact token ids, so
 //! adding a candidate scores only it. Candidates are scored in f32; the
 //! written output is then rounded to its dtype.

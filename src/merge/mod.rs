@@ -550,6 +550,89 @@ mod tests {
         assert_eq!(m.values, vec![2.0, -2.0, 0.5]);
     }
 
+    /// [`Op::factored`]: every member of the task-vector family and OBIM
+    /// merge to base + f·(their merge at f = 1 − base), to within f32
+    /// rounding, so selection candidates can share the merge at f = 1.
+    #[test]
+    fn factored_merges_are_base_plus_factor_times_their_unit_delta() {
+        let n = 4096;
+        let wave = |k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * (7 + 2 * k) % 97) as f32 - 48.0) / 400.0 + 0.1)
+                .collect()
+        };
+        let base = wave(0);
+        let inputs = vec![wave(1), wave(2), wave(3)];
+        let task = |sparsify: Sparsify, elect_signs: bool, lambda: f64| {
+            Op::TaskVectors(TaskVectorParams {
+                sparsify,
+                elect_signs,
+                weights: vec![1.0, 0.5, 0.8],
+                densities: vec![0.6, 0.5, 0.7],
+                normalize: true,
+                rescale: true,
+                lambda,
+                seed: 3,
+                int8_mask: false,
+            })
+        };
+        let obim = |scale: f64| {
+            Op::Obim(ObimParams {
+                order: vec![0, 1, 2],
+                saliency: Saliency::Magnitude,
+                retain: vec![0.3, 0.3, 0.3],
+                using: vec![None; 3],
+                scale,
+            })
+        };
+        let ops = [
+            task(Sparsify::Keep, false, 0.4),
+            task(Sparsify::Magnitude, true, 0.7),
+            task(Sparsify::Random, true, 1.3),
+            task(
+                Sparsify::Outliers {
+                    gammas: vec![0.01; 3],
+                },
+                false,
+                0.5,
+            ),
+            task(
+                Sparsify::MagnitudeRank {
+                    epsilons: vec![0.1; 3],
+                },
+                true,
+                0.9,
+            ),
+            obim(0.6),
+        ];
+        let ctx = TensorContext {
+            name: "w",
+            shape: &[64, 64],
+            obd: &[None, None, None],
+            grams: &[],
+        };
+        let merged = |op: &Op| {
+            merge_tensor(op, Some(base.clone()), inputs.clone(), &ctx)
+                .unwrap()
+                .values
+        };
+        for op in &ops {
+            let (f, unit) = op.factored().unwrap();
+            assert_ne!(f, 1.0);
+            let (direct, one) = (merged(op), merged(&unit));
+            assert_ne!(direct, one, "{op:?}: the factor changed nothing");
+            for i in 0..n {
+                let shared = base[i] + f as f32 * (one[i] - base[i]);
+                assert!(
+                    (shared - direct[i]).abs() <= 1e-6 * (1.0 + base[i].abs()),
+                    "{op:?} at {i}: {shared} vs {}",
+                    direct[i]
+                );
+            }
+        }
+        assert!(Op::ArceeFusion.factored().is_none());
+    }
+
     fn della(rescale: bool, seed: u64) -> Op {
         Op::TaskVectors(TaskVectorParams {
             sparsify: Sparsify::MagnitudeRank {

@@ -153,6 +153,29 @@ pub struct RamParams {
 }
 
 impl Op {
+    /// A merge of the form base + f·Δ where Δ does not depend on f (the
+    /// task-vector family's `lambda`, OBIM's `scale`): f, and the same merge
+    /// at f = 1. Candidates that differ only in f share that merge.
+    pub fn factored(&self) -> Option<(f64, Op)> {
+        match self {
+            Op::TaskVectors(p) => Some((
+                p.lambda,
+                Op::TaskVectors(TaskVectorParams {
+                    lambda: 1.0,
+                    ..p.clone()
+                }),
+            )),
+            Op::Obim(p) => Some((
+                p.scale,
+                Op::Obim(ObimParams {
+                    scale: 1.0,
+                    ..p.clone()
+                }),
+            )),
+            _ => None,
+        }
+    }
+
     /// Resolves one tensor's settings. Parameters without a default are
     /// required, so the checker has made sure they are set (E0007); the
     /// fallbacks below are never reached on a checked recipe.

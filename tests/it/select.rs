@@ -79,23 +79,26 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
         .collect();
     assert!(means[1] < means[2] && means[2] < means[0], "{means:?}");
 
-    // The score of the winner is the loss of the written (f32) merge,
-    // computed by the whole-model forward of `obim eval`.
-    let written = open_dir(&dir.join("out")).unwrap();
-    let generator = Generator::load(&written, &Device::Cpu).unwrap();
+    // A candidate's score is the loss of its written (f32) merge, computed
+    // by the whole-model forward of `obim eval`.
     let c = obim::compile_file(&dir.join("r.obim")).unwrap();
     let tokenizer = Tokenizer::from_dir(&demo().join("base")).unwrap();
-    for (i, source) in c.recipe.data.iter().enumerate() {
-        let (_, sequences) = data::judged_sequences(source, &tokenizer).unwrap();
-        let losses = generator.losses(&sequences).unwrap();
-        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
-        let scored = candidates[1]["losses"][i][1].as_f64().unwrap();
-        assert!(
-            (mean - scored).abs() < 1e-4,
-            "{}: {mean} vs {scored}",
-            source.name
-        );
-    }
+    let scores_its_output = |candidate: usize| {
+        let written = open_dir(&dir.join("out")).unwrap();
+        let generator = Generator::load(&written, &Device::Cpu).unwrap();
+        for (i, source) in c.recipe.data.iter().enumerate() {
+            let (_, sequences) = data::judged_sequences(source, &tokenizer).unwrap();
+            let losses = generator.losses(&sequences).unwrap();
+            let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+            let scored = candidates[candidate]["losses"][i][1].as_f64().unwrap();
+            assert!(
+                (mean - scored).abs() < 1e-4,
+                "candidate {candidate}, {}: {mean} vs {scored}",
+                source.name
+            );
+        }
+    };
+    scores_its_output(1);
 
     // The same merge with λ fixed at the winner writes the same tensors.
     let chosen = std::fs::read(dir.join("out/model.safetensors")).unwrap();
@@ -105,6 +108,9 @@ fn the_lowest_loss_candidate_is_written_and_scores_are_cached() {
         chosen,
         std::fs::read(dir.join("out/model.safetensors")).unwrap()
     );
+    // The candidates share the merge at λ = 1; λ = 0.6 was scored from it.
+    run(&recipe("0.6"));
+    scores_its_output(2);
 
     // One more candidate: only it is scored.
     let again = run(&recipe("auto [0.2, 1.0, 0.6, 0.4]"));
