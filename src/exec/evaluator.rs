@@ -59,6 +59,15 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Tensor `name` merged by `unit` (an op at factor 1), once computed.
+    fn at_one(&self, name: &str, unit: &Op) -> Option<&[f32]> {
+        let merged = self.at_factor_one.get(name)?;
+        merged
+            .iter()
+            .find(|(op, _)| op == unit)
+            .map(|(_, v)| v.as_slice())
+    }
+
     pub(super) fn clear(&mut self) {
         self.models.clear();
         self.at_factor_one.clear();
@@ -470,12 +479,7 @@ impl<'a> Evaluator<'a> {
         ) else {
             return Ok(None);
         };
-        let known = shared
-            .borrow()
-            .at_factor_one
-            .get(name)
-            .is_some_and(|merged| merged.iter().any(|(op, _)| *op == unit));
-        if !known {
+        if shared.borrow().at_one(name, &unit).is_none() {
             let merged = self.merge_op(id, name, &unit)?;
             shared
                 .borrow_mut()
@@ -484,25 +488,31 @@ impl<'a> Evaluator<'a> {
                 .or_default()
                 .push((unit.clone(), merged));
         }
-        let mut values = self.tensor(base, name)?;
-        let shared = shared.borrow();
-        let Some((_, merged)) = shared
-            .at_factor_one
-            .get(name)
-            .and_then(|merged| merged.iter().find(|(op, _)| *op == unit))
-        else {
-            return Ok(None);
-        };
-        if merged.len() != values.len() {
-            return Ok(None);
-        }
         let f = factor as f32;
-        merge::kernels::update_chunks(&mut values, |start, b| {
-            for (b, m) in b.iter_mut().zip(&merged[start..]) {
-                *b += f * (m - *b);
+        let scaled = |b: &[f32], merged: &[f32]| -> Option<Vec<f32>> {
+            use rayon::prelude::*;
+            (b.len() == merged.len()).then(|| {
+                b.par_iter()
+                    .zip(merged)
+                    .map(|(b, m)| b + f * (m - b))
+                    .collect()
+            })
+        };
+        // A model base is read from what the candidates share, not copied.
+        if let InputRef::Model(m) = base {
+            let shared = shared.borrow();
+            let b = shared.models.get(&(m, name.to_string()));
+            if let (Some(b), Some(merged)) = (b, shared.at_one(name, &unit)) {
+                return Ok(scaled(b, merged));
             }
-        });
-        Ok(Some(values))
+        }
+        let b = self.tensor(base, name)?;
+        let values = shared
+            .borrow()
+            .at_one(name, &unit)
+            .and_then(|merged| scaled(&b, merged));
+        self.recycle(b);
+        Ok(values)
     }
 
     /// Tensor `name` of merge `id` by `op` (the plan's, or a selection's
