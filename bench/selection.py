@@ -24,10 +24,11 @@ ROOT = os.path.dirname(HERE)
 DATA = os.environ.get("OBIM_BENCH_DATA", os.path.join(HERE, "data"))
 OBIM = os.path.join(ROOT, "target", "release", "obim")
 VALUES = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
-# Per method: the merge's head with the scalar in {}, and each input's line.
+# Per method: the merge's head with the scalar in {}, each input's line, the
+# scalar's name, and the merge's other lines.
 METHODS = {
-    "task_arithmetic": ("task_arithmetic(base: b, lambda: {})", "weight 1.0", "lambda"),
-    "obim": ("obim(base: b, scale: {})", "retain 0.3", "scale"),
+    "task_arithmetic": ("task_arithmetic(base: b, lambda: {})", "weight 1.0", "lambda", ""),
+    "obim": ("obim(base: b, scale: {})", "retain 0.3", "scale", "    saliency magnitude\n"),
 }
 sys.path.insert(0, HERE)
 from run import measure  # noqa: E402
@@ -43,10 +44,8 @@ def family(name, method, base, experts, work):
         vals.append(path)
     head = f'base b = "{base}"\n' + "".join(f'model e{i} = "{e}"\n' for i, e in enumerate(experts))
     head += "".join(f'data v{i} = jsonl("{v}")\n' for i, v in enumerate(vals))
-    merge_head, input_line, _ = METHODS[method]
-    body = "".join(f"    e{i} {input_line}\n" for i in range(len(experts)))
-    if method == "obim":
-        body += "    saliency magnitude\n"
+    merge_head, input_line, _, extra = METHODS[method]
+    body = "".join(f"    e{i} {input_line}\n" for i in range(len(experts))) + extra
 
     def recipe(value, out, select):
         sel = "    select by loss(v0, v1)\n" if select else ""

@@ -470,15 +470,15 @@ impl<'a> Evaluator<'a> {
         let (Some(shared), Some((variant, _))) = (self.shared.clone(), self.variant) else {
             return Ok(None);
         };
-        let base = self.c.recipe.merges[id.0].base;
-        let (Some((factor, unit)), Some(base), None, true) = (
-            planned.op.factored(),
-            base,
-            &planned.sources,
-            variant == id && self.vocabulary(id, name).is_none(),
-        ) else {
+        let (Some((factor, unit)), Some(base)) =
+            (planned.op.factored(), self.c.recipe.merges[id.0].base)
+        else {
             return Ok(None);
         };
+        // Sliced or vocabulary-aligned operands take the plain path.
+        if variant != id || planned.sources.is_some() || self.vocabulary(id, name).is_some() {
+            return Ok(None);
+        }
         if shared.borrow().at_one(name, &unit).is_none() {
             let merged = self.merge_op(id, name, &unit)?;
             shared

@@ -765,9 +765,10 @@ mod tests {
 
     #[test]
     fn breadcrumbs_equal_sorting_every_magnitude() {
-        let op = Op::TaskVectors(TaskVectorParams {
+        let gammas = [0.01, 0.2, 0.0];
+        let p = TaskVectorParams {
             sparsify: Sparsify::Outliers {
-                gammas: vec![0.01, 0.2, 0.0],
+                gammas: gammas.to_vec(),
             },
             elect_signs: false,
             weights: vec![1.0, 0.5, 2.0],
@@ -777,17 +778,12 @@ mod tests {
             lambda: 1.0,
             seed: 0,
             int8_mask: false,
-        });
-        let Op::TaskVectors(p) = &op else {
-            unreachable!()
         };
-        let Sparsify::Outliers { gammas } = &p.sparsify else {
-            unreachable!()
-        };
+        let op = Op::TaskVectors(p.clone());
         // Ascending |δ|, ties to the lower index: the smallest go, then the
         // density's share stays, the largest `gamma` share goes.
         let by_sorting = |o: &[Vec<f32>]| {
-            kept_by_sorting(p, o, |k, d| {
+            kept_by_sorting(&p, o, |k, d| {
                 let n = d.len();
                 let target = (p.densities[k] * n as f64) as usize;
                 let top = (gammas[k] * n as f64) as usize;
