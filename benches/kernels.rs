@@ -1,6 +1,7 @@
 //! Merge-kernel throughput on random data, inputs in memory (no I/O): the
 //! best of three merges of one tensor of N positions (default 2^25), base
-//! and three experts. `cargo bench --bench kernels [-- N]`.
+//! and three experts. `cargo bench --bench kernels [-- N [METHOD]]`
+//! (METHOD: one of them only, by its recipe name, for a profile).
 use obim::merge::{TensorContext, merge_tensor};
 use obim::methods::Method;
 use obim::plan::Op;
@@ -9,10 +10,15 @@ use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (`cargo bench` passes `--bench`.)
-    let n: usize = match std::env::args().skip(1).find(|a| !a.starts_with('-')) {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let n: usize = match args.first() {
         Some(a) => a.parse()?,
         None => 1 << 25,
     };
+    let only = args.get(1);
     let mut state = 0x9e3779b97f4a7c15u64;
     let mut rand = move || {
         state ^= state << 13;
@@ -24,7 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let experts: Vec<Vec<f32>> = (0..3)
         .map(|_| base.iter().map(|b| b + rand() * 0.1).collect())
         .collect();
-    let shape = [n / 1024, 1024];
+    // Rows as wide as the benchmark family's hidden size (DELLA ranks within rows).
+    let shape = [n / 2048, 2048];
     let obd = [None, None, None];
     let ctx = TensorContext {
         name: "t",
@@ -55,7 +62,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..Default::default()
             },
         ),
+        (
+            Method::Della,
+            InputSettings {
+                weight: Some(1.0),
+                density: Some(0.5),
+                epsilon: Some(0.1),
+                ..Default::default()
+            },
+        ),
     ] {
+        if only.is_some_and(|m| m != method.name()) {
+            continue;
+        }
         let s = TensorSettings {
             take: None,
             order: vec![0, 1, 2],

@@ -9,6 +9,7 @@ use crate::checkpoint::TensorDtype;
 use crate::recipe::Dtype;
 use crate::tensors::{Values, decode_slice, dtype_bytes, encode_slice, front};
 use rayon::prelude::*;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Positions per chunk: a few operands' chunks stay in a core's cache
@@ -19,7 +20,10 @@ pub const CHUNK: usize = 1 << 15;
 pub struct Stream<'a> {
     operands: Vec<(&'a [u8], TensorDtype)>,
     n: usize,
-    non_finite: Vec<AtomicBool>,
+    /// Positions per chunk: [`CHUNK`], or whole rows ([`Stream::in_rows`]).
+    chunk: usize,
+    /// Shared with the views [`Stream::in_rows`] makes.
+    non_finite: Arc<[AtomicBool]>,
 }
 
 thread_local! {
@@ -43,8 +47,32 @@ impl<'a> Stream<'a> {
         Some(Stream {
             operands,
             n,
+            chunk: CHUNK,
             non_finite,
         })
+    }
+
+    /// The same operands chunked by whole rows of `cols` positions (as many
+    /// as fit in [`CHUNK`], at least one), for a merge that works row by
+    /// row. What a pass over the view finds non-finite counts for `self`.
+    pub fn in_rows(&self, cols: usize) -> Stream<'a> {
+        let cols = cols.max(1);
+        Stream {
+            operands: self.operands.clone(),
+            n: self.n,
+            chunk: cols * (CHUNK / cols).max(1),
+            non_finite: Arc::clone(&self.non_finite),
+        }
+    }
+
+    /// Positions per chunk (the last may be short).
+    pub fn chunk_size(&self) -> usize {
+        self.chunk
+    }
+
+    /// Positions in chunk `c`.
+    pub fn chunk_len(&self, c: usize) -> usize {
+        self.chunk.min(self.n - c * self.chunk)
     }
 
     /// How many operands (the base first where the merge has one).
@@ -61,9 +89,9 @@ impl<'a> Stream<'a> {
         self.n == 0
     }
 
-    /// How many chunks of [`CHUNK`] positions (the last may be short).
+    /// How many chunks (the last may be short).
     pub fn chunks(&self) -> usize {
-        self.n.div_ceil(CHUNK)
+        self.n.div_ceil(self.chunk)
     }
 
     /// Whether each operand's values were all finite, in every pass so far.
@@ -81,12 +109,12 @@ impl<'a> Stream<'a> {
     }
 
     /// Decodes chunk `c` of the operands `which` into `scratch` (one slot of
-    /// `CHUNK` each) and returns their slices.
+    /// a chunk each) and returns their slices.
     fn decode<'s>(&self, c: usize, which: &[usize], scratch: &'s mut [f32]) -> Vec<&'s mut [f32]> {
-        let start = c * CHUNK;
-        let len = CHUNK.min(self.n - start);
+        let start = c * self.chunk;
+        let len = self.chunk_len(c);
         scratch
-            .chunks_mut(CHUNK)
+            .chunks_mut(self.chunk)
             .zip(which)
             .map(|(slot, &k)| {
                 let (bytes, dtype) = self.operands[k];
@@ -104,7 +132,7 @@ impl<'a> Stream<'a> {
     /// this thread's scratch.
     fn with_chunk<T>(&self, c: usize, which: &[usize], f: impl FnOnce(Vec<&mut [f32]>) -> T) -> T {
         SCRATCH.with_borrow_mut(|scratch| {
-            let scratch = front(scratch, which.len().max(1) * CHUNK);
+            let scratch = front(scratch, which.len().max(1) * self.chunk);
             f(self.decode(c, which, scratch))
         })
     }
@@ -184,7 +212,7 @@ impl<'a> Stream<'a> {
         let size = dtype_bytes(dtype);
         let bytes = front(out, self.n * size);
         let bad = bytes
-            .par_chunks_mut(CHUNK * size)
+            .par_chunks_mut(self.chunk * size)
             .zip(items)
             .enumerate()
             .map(|(c, (o, item))| {

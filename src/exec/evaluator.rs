@@ -294,7 +294,8 @@ impl<'a> Evaluator<'a> {
     /// Tensor `name` of merge `id`, encoded in `dtype` into the front of
     /// `out`. A merge of checkpoints as they are on disk streams from the
     /// mapped shards chunk by chunk (`stream.rs`): a pointwise one in one
-    /// pass, TIES, DARE, breadcrumbs and OBIM in a few (`merge::streamed`).
+    /// pass, the task-vector family, OBIM and model_stock in a few
+    /// (`merge::streamed`).
     /// Any other computes whole f32 tensors first.
     pub(super) fn encoded<'o>(
         &mut self,

@@ -55,11 +55,24 @@ pub fn quota(ratio: f64, n: usize) -> usize {
 
 /// The i-th output of SplitMix64 started at `state`, as a uniform in [0, 1).
 pub fn uniform(state: u64, i: u64) -> f64 {
+    draw(state, i) as f64 / (1u64 << 53) as f64
+}
+
+/// The top 53 bits of the i-th output of SplitMix64 started at `state`:
+/// [`uniform`] times 2⁵³, an integer.
+pub fn draw(state: u64, i: u64) -> u64 {
     let mut z = state.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
+    z >> 11
+}
+
+/// The integer t with `draw(s, i) < t` exactly when `uniform(s, i) <
+/// probability`: the draws are integers, so the least one not below
+/// probability·2⁵³ (a product by a power of two, exact).
+pub fn draw_threshold(probability: f64) -> u64 {
+    (probability.max(0.0) * (1u64 << 53) as f64).ceil() as u64
 }
 
 /// Σ|x| in f64.

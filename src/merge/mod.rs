@@ -5,11 +5,11 @@
 //! here, their kernels in `kernels.rs` and `sparsify.rs`, the spherical
 //! methods in `spherical.rs`, the per-position selections in `selective.rs`.
 
+mod della;
 pub mod kernels;
 mod regmean;
 mod select;
 mod selective;
-mod sparsify;
 mod spherical;
 pub mod streamed;
 
@@ -126,14 +126,8 @@ pub fn merge_tensor(
             kernels::slerp(p.t, &mut base, other);
             Ok(spare(base, inputs))
         }
-        Op::TaskVectors(p) => match &p.sparsify {
-            Sparsify::MagnitudeRank { epsilons } => {
-                della(p, epsilons, need_base(base)?, inputs, ctx)
-            }
-            _ => Err(invalid("this task-vector merge streams")),
-        },
-        // Always streamed (above).
-        Op::Obim(_) => Err(invalid("OBIM streams")),
+        // Always streamed (above), but pointwise task arithmetic.
+        Op::TaskVectors(_) | Op::Obim(_) => Err(invalid("this merge streams")),
         Op::ModelStock { filter_wise } => {
             let mut base = need_base(base)?;
             spherical::model_stock(&mut base, &inputs, ctx.shape, *filter_wise);
@@ -371,52 +365,6 @@ fn spare(values: Vec<f32>, spare: Vec<Vec<f32>>) -> Merged {
         solve: None,
         spare,
     }
-}
-
-/// DELLA (the task-vector family with `MagnitudeRank`): each δ is ranked
-/// within its rows, so this one member works on whole tensors; the others
-/// stream (`streamed.rs`). mergekit's order: trim, rescale, weight, then
-/// [`add_task_vectors`].
-fn della(
-    p: &TaskVectorParams,
-    epsilons: &[f64],
-    mut base: Vec<f32>,
-    mut deltas: Vec<Vec<f32>>,
-    ctx: &TensorContext,
-) -> Result<Merged, MergeError> {
-    let weights = &f32s(&p.weights)[..];
-    for (density, epsilon) in p.densities.iter().zip(epsilons) {
-        if *density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
-            return Err(MergeError::Invalid {
-                tensor: ctx.name.to_string(),
-                reason: format!(
-                    "della needs density ± epsilon within (0, 1); density {density}, epsilon {epsilon}"
-                ),
-            });
-        }
-    }
-    let cols = ctx.shape.last().copied().unwrap_or(1);
-    for (k, d) in deltas.iter_mut().enumerate() {
-        kernels::subtract(d, &base);
-        let (density, w) = (p.densities[k], weights[k]);
-        let stream = dare_stream(p.seed, ctx.name, k);
-        // The weight rides on the last pass (the same products as in separate ones).
-        if density >= 1.0 {
-            kernels::update_chunks(d, |_, c| c.iter_mut().for_each(|v| *v *= w));
-        } else if p.rescale {
-            let original = kernels::l1(d);
-            sparsify::keep_by_rank(d, cols, density, epsilons[k], stream, 1.0);
-            kernels::rescale_l1(d, original, w);
-        } else {
-            sparsify::keep_by_rank(d, cols, density, epsilons[k], stream, w);
-        }
-    }
-    kernels::update_chunks(&mut base, |start, b| {
-        let len = b.len();
-        let parts: Vec<&[f32]> = deltas.iter().map(|d| &d[start..start + len]).collect();
-        add_task_vectors(p, weights, b, &parts);
-    });
-    Ok(spare(base, deltas))
 }
 
 /// The end of mergekit's `GeneralizedTaskArithmeticMerge` at a run of

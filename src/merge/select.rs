@@ -8,12 +8,12 @@
 //! position from its chunk's [`Rule`] as it goes. Several selections (one
 //! per input, say) share the passes.
 
-use crate::stream::{CHUNK, Stream};
+use crate::stream::Stream;
 use crate::tensors::front;
 
 /// Where the k largest keys end: everything above `threshold`, and of the
 /// keys equal to it the `ties_wanted` with the lowest indices; per chunk of
-/// `CHUNK` positions, the ties before it and in it.
+/// the stream, the ties before it and in it.
 #[derive(Debug, Clone)]
 pub enum Cut {
     Nothing,
@@ -281,7 +281,7 @@ pub fn cuts(
             items,
             || vec![0u32; selections * BINS],
             |mut h, c, mut slot, chunk| {
-                with_keys(chunk_len(stream, c), |keys| {
+                with_keys(stream.chunk_len(c), |keys| {
                     for (s, h) in h.chunks_mut(BINS).enumerate() {
                         if !shared(s) {
                             key(s, c, chunk, keys);
@@ -384,7 +384,7 @@ pub fn cuts_counted(
         s
     };
     let revisited = stream.map_over(which, &chunks, |c, chunk| {
-        with_keys(chunk_len(stream, c), |keys| {
+        with_keys(stream.chunk_len(c), |keys| {
             let mut made = None;
             (0..selections)
                 .map(|s| match located[s] {
@@ -473,16 +473,12 @@ fn in_bucket(keys: &[u32], hi: usize) -> Vec<u16> {
     kept.into_iter().map(|k| k as u16).collect()
 }
 
-/// Positions in chunk `c` of `stream`.
-pub fn chunk_len(stream: &Stream, c: usize) -> usize {
-    CHUNK.min(stream.len() - c * CHUNK)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::checkpoint::TensorDtype;
     use crate::merge::kernels::order_key;
+    use crate::stream::CHUNK;
 
     /// Which of `values` (eligible where `eligible`) are among the `k`
     /// largest, by [`cuts`] over an f32 stream.
@@ -506,7 +502,7 @@ mod tests {
         })[0];
         let mut picked = Vec::new();
         for c in 0..stream.chunks() {
-            let range = c * CHUNK..(c * CHUNK + chunk_len(&stream, c));
+            let range = c * CHUNK..(c * CHUNK + stream.chunk_len(c));
             let mut keys = vec![0; range.len()];
             key(range.start, &values[range], &mut keys);
             let mut selected = cut.rule(c).selector();
@@ -588,7 +584,7 @@ mod tests {
             let mut picked = Vec::with_capacity(n);
             for c in 0..chunks {
                 let mut selected = cut.rule(c).selector();
-                let range = c * CHUNK..(c * CHUNK + chunk_len(&stream, c));
+                let range = c * CHUNK..(c * CHUNK + stream.chunk_len(c));
                 picked.extend(values[range].iter().map(|v| selected(order_key(*v).max(1))));
             }
             assert!(picked == expected, "misleading: {misleading}");

@@ -1,6 +1,6 @@
 //! The merges that need a whole-tensor statistic before any position can be
-//! written, as passes over a [`Stream`]: TIES, DARE(-TIES), breadcrumbs and
-//! task arithmetic with sign election (the task-vector family but DELLA),
+//! written, as passes over a [`Stream`]: TIES, DARE(-TIES), breadcrumbs,
+//! task arithmetic with sign election and DELLA (by whole rows, `della.rs`),
 //! OBIM, and model_stock per tensor. Each pass decodes a chunk of every operand it needs from the
 //! mapped bytes, uses it while it is in cache and drops it, so no
 //! whole-tensor f32 copy is made:
@@ -22,14 +22,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::kernels::{UNOWNED, order_key, quota, uniform};
 use super::select::{
-    self, BINS, Count, Cut, Kept, Rule, Window, chunk_len, count_high, count_high_keeping,
-    with_keys,
+    self, BINS, Count, Cut, Kept, Rule, Window, count_high, count_high_keeping, with_keys,
 };
 use super::spherical::{stock_gram, stock_merge, stock_ratio};
-use super::{MergeError, ObdStats, Pointwise, TensorContext, add_task_vectors, dare_stream, f32s};
+use super::{
+    MergeError, ObdStats, Pointwise, TensorContext, add_task_vectors, dare_stream, della, f32s,
+};
 use crate::plan::{ObimParams, Op, Sparsify, TaskVectorParams};
 use crate::recipe::{Dtype, Saliency};
-use crate::stream::{CHUNK, Stream, nothing};
+use crate::stream::{Stream, nothing};
 
 /// A streamed merge's output: the encoded bytes, how many merged values
 /// are not finite, and for OBIM how many positions each input won.
@@ -45,9 +46,7 @@ pub fn handles(op: &Op) -> bool {
     match op {
         Op::Obim(_) => true,
         Op::ModelStock { filter_wise } => !filter_wise,
-        Op::TaskVectors(p) => {
-            Pointwise::of(op).is_none() && !matches!(p.sparsify, Sparsify::MagnitudeRank { .. })
-        }
+        Op::TaskVectors(_) => Pointwise::of(op).is_none(),
         _ => false,
     }
 }
@@ -62,7 +61,17 @@ pub fn merge<'o>(
     out: &'o mut Vec<u8>,
 ) -> Result<Written<'o>, MergeError> {
     match op {
-        Op::TaskVectors(p) if handles(op) => Ok(task_vectors(p, stream, ctx, dtype, out)),
+        Op::TaskVectors(p) if handles(op) => match &p.sparsify {
+            Sparsify::MagnitudeRank { epsilons } => {
+                let (bytes, non_finite) = della::merge(p, epsilons, stream, ctx, dtype, out)?;
+                Ok(Written {
+                    bytes,
+                    non_finite,
+                    won: None,
+                })
+            }
+            _ => Ok(task_vectors(p, stream, ctx, dtype, out)),
+        },
         Op::Obim(p) => obim(p, stream, ctx, dtype, out),
         Op::ModelStock { filter_wise: false } => Ok(model_stock(stream, dtype, out)),
         _ => Err(MergeError::Invalid {
@@ -89,10 +98,12 @@ enum Mask {
         upper: Cut,
         lower: Cut,
     },
-    /// DARE: each entry with probability `density`, from a SplitMix64 stream.
+    /// DARE: each entry with probability `density`, from a SplitMix64
+    /// stream (position i draws its i-th output; chunks of `chunk`).
     Random {
         stream: u64,
         density: f64,
+        chunk: usize,
     },
 }
 
@@ -134,8 +145,12 @@ impl Mask {
                     }
                 }
             },
-            Mask::Random { stream, density } => {
-                let start = (c * CHUNK) as u64;
+            Mask::Random {
+                stream,
+                density,
+                chunk,
+            } => {
+                let start = (c * chunk) as u64;
                 for (j, v) in d.iter_mut().enumerate() {
                     *v = keep(*v, uniform(*stream, start + j as u64) < *density);
                 }
@@ -236,6 +251,7 @@ fn task_vectors<'o>(
                 _ => Mask::Random {
                     stream: dare_stream(p.seed, ctx.name, k),
                     density: p.densities[k],
+                    chunk: stream.chunk_size(),
                 },
             }
         })
@@ -379,7 +395,7 @@ fn obim<'o>(
     // Input k's claim keys for chunk c: at least 1 where the position is
     // free, 0 where someone owns it.
     let keys_of = |k: usize, c: usize, b: &[f32], x: &[f32], owner: &[u8], keys: &mut [u32]| {
-        saliency(stats[k], cols, c * CHUNK, b, x, keys);
+        saliency(stats[k], cols, c * stream.chunk_size(), b, x, keys);
         for (key, &o) in keys.iter_mut().zip(owner) {
             let free = u32::from(o == UNOWNED).wrapping_neg();
             *key = order_key(f32::from_bits(*key)).max(1) & free;
@@ -420,7 +436,7 @@ fn obim<'o>(
                     items,
                     || (vec![0u32; BINS], 0usize, 0u64),
                     |(mut high, mut free, mut taken), c, (owner, slot), chunk| {
-                        with_keys(chunk_len(stream, c), |keys| {
+                        with_keys(stream.chunk_len(c), |keys| {
                             if let Some((j, cut)) = &pending {
                                 keys_of(*j, c, chunk[0], chunk[2], owner, keys);
                                 taken += claim(owner, keys, cut.rule(c), *j);
@@ -439,7 +455,8 @@ fn obim<'o>(
                     |a, b| (select::add_counts(a.0, b.0), a.1 + b.1, a.2 + b.2),
                 )
             };
-            let mut parts: Vec<Option<&mut [u8]>> = owner.chunks_mut(CHUNK).map(Some).collect();
+            let mut parts: Vec<Option<&mut [u8]>> =
+                owner.chunks_mut(stream.chunk_size()).map(Some).collect();
             let mut take = |c: usize| parts[c].take().expect("each chunk once");
             let quota = quota(p.retain[k], n);
             let (high, free, taken, kept) = match select::sample(stream) {
@@ -453,7 +470,7 @@ fn obim<'o>(
                     // the other chunks keep the keys there.
                     let items = sample.iter().map(|&c| (c, (take(c), None))).collect();
                     let (high, free, taken) = count(items, None);
-                    let seen: usize = sample.iter().map(|&c| chunk_len(stream, c)).sum();
+                    let seen: usize = sample.iter().map(|&c| stream.chunk_len(c)).sum();
                     let fraction = (quota as f64 / n as f64).min(free as f64 / seen as f64);
                     let window = select::guess(&select::totals(&high, 1)[0], fraction);
                     let mut kept = Kept::new(stream, vec![window]);
@@ -481,7 +498,7 @@ fn obim<'o>(
                 kept.as_ref(),
                 &[],
                 &|_, c, chunk, keys| {
-                    let start = c * CHUNK;
+                    let start = c * stream.chunk_size();
                     keys_of(
                         k,
                         c,
@@ -501,7 +518,7 @@ fn obim<'o>(
         let scale = p.scale as f32;
         let (bytes, non_finite) = stream.write(
             &all,
-            owner.chunks_mut(CHUNK).collect(),
+            owner.chunks_mut(stream.chunk_size()).collect(),
             dtype,
             out,
             |c, owner, chunk| {
@@ -585,6 +602,7 @@ fn saliency(
 mod tests {
     use super::*;
     use crate::checkpoint::TensorDtype;
+    use crate::stream::CHUNK;
     use crate::tensors::{from_f32, to_f32};
 
     /// `op` streamed from `operands` (the base, then the inputs) stored in
