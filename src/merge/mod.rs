@@ -8,6 +8,7 @@
 mod della;
 pub mod kernels;
 mod regmean;
+mod sce;
 mod select;
 mod selective;
 mod spherical;
@@ -127,7 +128,7 @@ pub fn merge_tensor(
             Ok(spare(base, inputs))
         }
         // Always streamed (above), but pointwise task arithmetic.
-        Op::TaskVectors(_) | Op::Obim(_) => Err(invalid("this merge streams")),
+        Op::TaskVectors(_) | Op::Obim(_) | Op::Sce { .. } => Err(invalid("this merge streams")),
         Op::ModelStock { filter_wise } => {
             let mut base = need_base(base)?;
             spherical::model_stock(&mut base, &inputs, ctx.shape, *filter_wise);
@@ -152,11 +153,6 @@ pub fn merge_tensor(
             let merged = spherical::karcher(&inputs, *max_iter, *tol);
             inputs.extend(base);
             Ok(spare(merged, inputs))
-        }
-        Op::Sce { select_topk } => {
-            let mut base = need_base(base)?;
-            selective::sce(&mut base, &mut inputs, *select_topk);
-            Ok(spare(base, inputs))
         }
         Op::Ram(RamParams {
             epsilon,

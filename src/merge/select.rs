@@ -95,9 +95,9 @@ impl Rule {
 }
 
 /// One top-k selection: how many of the largest keys it takes, given the
-/// histogram of the keys' high digits (so a quota can depend on how many
-/// positions are free).
-pub type Count<'a> = Box<dyn Fn(&[u64]) -> usize + Sync + 'a>;
+/// histogram of the keys' high digits and how many keys are 0 (so a quota
+/// can depend on how many positions are free, or how many keys are not 0).
+pub type Count<'a> = Box<dyn Fn(&[u64], u64) -> usize + Sync + 'a>;
 
 /// Key 0 is counted in spare bins past the end, spread so that the
 /// increments do not wait on each other (many keys are 0: positions another
@@ -142,6 +142,15 @@ pub fn totals(h: &[u32], selections: usize) -> Vec<Vec<u64>> {
             total
         })
         .collect()
+}
+
+/// How many keys of selection `s` in `h` (per-thread counts summed, as
+/// for [`totals`]) are 0.
+fn zeros(h: &[u32], s: usize) -> u64 {
+    h[s * BINS + (1 << 16)..(s + 1) * BINS]
+        .iter()
+        .map(|&c| u64::from(c))
+        .sum()
 }
 
 /// From the largest digit down: the digit holding the k-th largest, and
@@ -314,12 +323,13 @@ pub fn cuts(
     let windows = high
         .chunks(BINS)
         .zip(counts)
-        .map(|(h, count)| {
+        .map(|(raw, count)| {
             // The count is asked about the sample's histogram scaled up.
-            let h = totals(h, 1).pop()?;
+            let h = totals(raw, 1).pop()?;
             let scale = n / h.iter().sum::<u64>().max(1) as f64;
             let scaled: Vec<u64> = h.iter().map(|&c| (c as f64 * scale) as u64).collect();
-            guess(&h, count(&scaled) as f64 / n)
+            let zeros = (zeros(raw, 0) as f64 * scale) as u64;
+            guess(&h, count(&scaled, zeros) as f64 / n)
         })
         .collect();
     let mut kept = Kept::new(stream, windows);
@@ -354,14 +364,16 @@ pub fn cuts_counted(
     key: &(impl Fn(usize, usize, &[&[f32]], &mut [u32]) + Sync),
 ) -> Vec<Cut> {
     let selections = counts.len();
+    let zero: Vec<u64> = (0..selections).map(|s| zeros(high, s)).collect();
     let high = totals(high, selections);
     // Per selection: its k, and the digit and count above it where the cut
     // falls inside the keys.
     let located: Vec<Option<(usize, usize, u64)>> = counts
         .iter()
         .zip(&high)
-        .map(|(count, h)| {
-            let k = count(h);
+        .zip(&zero)
+        .map(|((count, h), &zero)| {
+            let k = count(h, zero);
             let (hi, above) = locate(h, k as u64).filter(|_| k > 0)?;
             Some((k, hi, above))
         })
@@ -427,7 +439,7 @@ pub fn cuts_counted(
         .enumerate()
         .map(|(s, ((count, h), at))| {
             let Some((k, hi, above_hi)) = *at else {
-                return if count(h) == 0 {
+                return if count(h, zero[s]) == 0 {
                     Cut::Nothing
                 } else {
                     Cut::Everything
@@ -494,8 +506,8 @@ mod tests {
                 };
             }
         };
-        let counts: Vec<Count> = vec![Box::new(move |h: &[u64]| {
-            k.min(h[1..].iter().sum::<u64>() as usize)
+        let counts: Vec<Count> = vec![Box::new(move |h: &[u64], zeros: u64| {
+            k.min((h.iter().sum::<u64>() - zeros) as usize)
         })];
         let cut = &cuts(&stream, &[0], &counts, &[], &|_, c, chunk, keys| {
             key(c * CHUNK, chunk[0], keys)
@@ -562,7 +574,7 @@ mod tests {
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             let stream = Stream::new(vec![(&bytes, TensorDtype::F32)]).expect("f32");
             let k = n / 3;
-            let counts: Vec<Count> = vec![Box::new(move |_: &[u64]| k)];
+            let counts: Vec<Count> = vec![Box::new(move |_: &[u64], _| k)];
             let visits = std::sync::atomic::AtomicUsize::new(0);
             let cut = &cuts(&stream, &[0], &counts, &[], &|_, _, chunk, keys| {
                 visits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

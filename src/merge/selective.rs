@@ -1,79 +1,11 @@
 //! Methods that decide per position which task vectors count, from
-//! statistics of the whole tensor: mergekit 0.1.5's `sce`, `ram`,
-//! `ramplus_tl` and `arcee_fusion`. Element arithmetic is f32 in
+//! statistics of the whole tensor: mergekit 0.1.5's `ram`, `ramplus_tl`
+//! and `arcee_fusion` (`sce` streams: `sce.rs`). Element arithmetic is f32 in
 //! mergekit's order; tensor-wide statistics are summed in f64.
 
 use rayon::prelude::*;
 
 use super::kernels::update;
-
-/// mergekit's `sce`: keep the `select_topk` fraction of positions with the
-/// largest variance across the task vectors (of those with any), elect
-/// signs as TIES does, weight each task vector by its mean square (over
-/// their sum), and average the agreeing ones. `base` becomes the merge;
-/// `deltas` hold the inputs and are turned into task vectors.
-pub fn sce(base: &mut [f32], deltas: &mut [Vec<f32>], select_topk: f64) {
-    for d in deltas.iter_mut() {
-        d.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
-    }
-    let k = deltas.len();
-    if select_topk < 1.0 {
-        let variance: Vec<f32> = (0..base.len())
-            .into_par_iter()
-            .map(|i| {
-                let mean = deltas.iter().map(|d| d[i]).sum::<f32>() / k as f32;
-                deltas.iter().map(|d| (d[i] - mean).powi(2)).sum::<f32>() / k as f32
-            })
-            .collect();
-        let nonzero = variance.iter().filter(|v| **v != 0.0).count();
-        // mergekit: int(count_nonzero(var) · density), a product in f32.
-        let keep = if select_topk <= 0.0 {
-            0
-        } else {
-            (nonzero as f32 * select_topk as f32) as usize
-        };
-        let mut order: Vec<u64> = variance
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (u64::from(!(v.abs().to_bits())) << 32) | i as u64)
-            .collect();
-        // The `keep` smallest keys (largest |variance|, ties to the lower
-        // index: keys are unique), in no order: a selection, not a sort.
-        if keep > 0 && keep < order.len() {
-            order.select_nth_unstable(keep - 1);
-        }
-        let mut kept = vec![false; base.len()];
-        for key in &order[..keep.min(order.len())] {
-            kept[(key & 0xffff_ffff) as usize] = true;
-        }
-        for d in deltas.iter_mut() {
-            update(d, |i, v| if kept[i] { v } else { 0.0 });
-        }
-    }
-    let squares: Vec<f64> = deltas
-        .iter()
-        .map(|d| d.par_iter().map(|x| (x * x) as f64).sum::<f64>() / d.len().max(1) as f64)
-        .collect();
-    let total: f64 = squares.iter().sum();
-    let weights: Vec<f32> = if total.abs() < 1e-6 {
-        vec![1.0 / k as f32; k]
-    } else {
-        squares.iter().map(|s| (s / total) as f32).collect()
-    };
-    update(base, |i, b| {
-        let sum: f32 = deltas.iter().map(|d| d[i]).sum();
-        let up = sum >= 0.0;
-        let (mut merged, mut weight) = (0f32, 0f32);
-        for (d, w) in deltas.iter().zip(&weights) {
-            let x = d[i];
-            if (x > 0.0 && up) || (x < 0.0 && !up) {
-                merged += x * w;
-                weight += w;
-            }
-        }
-        b + merged / weight.max(1e-6)
-    });
-}
 
 /// mergekit's `ramplus_tl` (plain `ram` is pointwise: `Pointwise::Ram`): a
 /// position changed (|δ| > ε) by one input takes that input's δ, times
@@ -194,16 +126,5 @@ mod tests {
         let mut d = vec![vec![1.0, 2.0, 0.0, 0.0], vec![3.0, 0.0, 0.0, 1e-6]];
         ram_plus(&mut base, &mut d, 1e-5, 0.5, 0.2);
         assert_eq!(base, vec![2.0, 2.2, 0.0, 0.0]);
-    }
-
-    #[test]
-    fn sce_weights_by_mean_square_and_elects_signs() {
-        let mut base = vec![0.0f32; 2];
-        // Mean squares 1 and 4: weights 0.2, 0.8; position 1 disagrees in
-        // sign and the larger sum (−2 + 1 < 0) elects −.
-        let mut d = vec![vec![1.0, 1.0], vec![2.0, -2.0]];
-        sce(&mut base, &mut d, 1.0);
-        assert!((base[0] - (0.2 + 1.6) / 1.0).abs() < 1e-6, "{base:?}");
-        assert!((base[1] - (-2.0)).abs() < 1e-6, "{base:?}");
     }
 }

@@ -1,7 +1,7 @@
 //! The merges that need a whole-tensor statistic before any position can be
 //! written, as passes over a [`Stream`]: TIES, DARE(-TIES), breadcrumbs,
 //! task arithmetic with sign election and DELLA (by whole rows, `della.rs`),
-//! OBIM, and model_stock per tensor. Each pass decodes a chunk of every operand it needs from the
+//! OBIM, SCE (`sce.rs`) and model_stock per tensor. Each pass decodes a chunk of every operand it needs from the
 //! mapped bytes, uses it while it is in cache and drops it, so no
 //! whole-tensor f32 copy is made:
 //!
@@ -26,7 +26,7 @@ use super::select::{
 };
 use super::spherical::{stock_gram, stock_merge, stock_ratio};
 use super::{
-    MergeError, ObdStats, Pointwise, TensorContext, add_task_vectors, dare_stream, della, f32s,
+    MergeError, ObdStats, Pointwise, TensorContext, add_task_vectors, dare_stream, della, f32s, sce,
 };
 use crate::plan::{ObimParams, Op, Sparsify, TaskVectorParams};
 use crate::recipe::{Dtype, Saliency};
@@ -44,7 +44,7 @@ pub struct Written<'o> {
 /// whole tensors).
 pub fn handles(op: &Op) -> bool {
     match op {
-        Op::Obim(_) => true,
+        Op::Obim(_) | Op::Sce { .. } => true,
         Op::ModelStock { filter_wise } => !filter_wise,
         Op::TaskVectors(_) => Pointwise::of(op).is_none(),
         _ => false,
@@ -74,6 +74,14 @@ pub fn merge<'o>(
         },
         Op::Obim(p) => obim(p, stream, ctx, dtype, out),
         Op::ModelStock { filter_wise: false } => Ok(model_stock(stream, dtype, out)),
+        Op::Sce { select_topk } => {
+            let (bytes, non_finite) = sce::merge(*select_topk, stream, ctx, dtype, out)?;
+            Ok(Written {
+                bytes,
+                non_finite,
+                won: None,
+            })
+        }
         _ => Err(MergeError::Invalid {
             tensor: ctx.name.to_string(),
             reason: "this method does not merge in passes".to_string(),
@@ -214,7 +222,7 @@ fn task_vectors<'o>(
             .iter()
             .map(|s| -> Count {
                 let count = s.count;
-                Box::new(move |_: &[u64]| count)
+                Box::new(move |_: &[u64], _| count)
             })
             .collect();
         // Breadcrumbs' two cuts of one input share its keys.
@@ -488,7 +496,7 @@ fn obim<'o>(
                 won[j] = taken;
             }
             let wanted = quota.min(free);
-            let counts: Vec<Count> = vec![Box::new(move |_: &[u64]| wanted)];
+            let counts: Vec<Count> = vec![Box::new(move |_: &[u64], _| wanted)];
             let owner = &owner[..];
             let cut = select::cuts_counted(
                 stream,
