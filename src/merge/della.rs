@@ -421,6 +421,45 @@ mod tests {
     }
 
     #[test]
+    fn rows_keep_what_a_full_sort_keeps() {
+        // Rows with spread magnitudes, heavy ties (a bf16 grid, zeros of
+        // both signs), one value repeated, a few large buckets; wide and
+        // narrow ε.
+        let rows: Vec<Vec<f32>> = vec![
+            (0..3000)
+                .map(|i| half::bf16::from_f32(((i * 7919 % 1021) as f32 - 510.0) / 4096.0).to_f32())
+                .collect(),
+            (0..3000)
+                .map(|i| if i % 3 == 0 { 0.0 } else { -0.0 })
+                .collect(),
+            (0..700).map(|i| [0.5, -0.5, 0.25, 1e-30][i % 4]).collect(),
+            (0..5000)
+                .map(|i| ((i * 31 % 97) as f32).exp2() * if i % 2 == 0 { 1.0 } else { -1.0 })
+                .collect(),
+            vec![3.0, -1.0],
+        ];
+        for (r, row) in rows.iter().enumerate() {
+            for (density, epsilon) in [(0.5, 0.1), (0.5, 0.45), (0.2, 0.01)] {
+                let rank = RankKeep {
+                    density,
+                    epsilon,
+                    stream: 11 + r as u64,
+                };
+                let mut keep = vec![0u32; row.len()];
+                rank.row(row, 1000, &mut keep);
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by(|&a, &b| row[a].abs().total_cmp(&row[b].abs()).then(a.cmp(&b)));
+                let (low, spread) = ((density - epsilon) as f32, (2.0 * epsilon) as f32);
+                for (position, &j) in order.iter().enumerate() {
+                    let p = low + (position as f32 / (row.len() - 1) as f32) * spread;
+                    let expected = uniform(rank.stream, (1000 + j) as u64) < f64::from(p);
+                    assert_eq!(keep[j] != 0, expected, "row {r}, ε {epsilon}, entry {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn keep_probability_grows_with_rank() {
         // 2000 rows of 5: the rank-r entry is kept with p = 0.3 + 0.1·r.
         let rows = 2000;
