@@ -2,7 +2,7 @@
 //! parallel over chunks: task vectors in place, L1 norms and rescaling,
 //! DARE's random stream, OBIM's keys and quotas, SLERP. Buffers are
 //! updated in place so a merge allocates little beyond its inputs. Top-k
-//! selection is in `select.rs`, the streamed methods in `streamed.rs`.
+//! selection is in `streamed/select.rs`, the streamed methods in `streamed/`.
 
 use rayon::prelude::*;
 

@@ -2,14 +2,13 @@
 //! values in f32 and the [`Op`] the plan resolved for it.
 //! The definitions follow mergekit 0.1.5 (`merge_methods/`, `sparsify.py`)
 //! and, for `obim`, DESIGN §3: pointwise methods and the task-vector family
-//! here, their kernels in `kernels.rs` and `sparsify.rs`, the spherical
-//! methods in `spherical.rs`, the per-position selections in `selective.rs`.
+//! here and their kernels in `kernels.rs`; the merges that stream in passes
+//! (TIES, DARE, breadcrumbs, DELLA, SCE, OBIM, model_stock) in `streamed/`,
+//! the spherical methods in `spherical.rs`, the per-position selections in
+//! `selective.rs`, RegMean in `regmean.rs`.
 
-mod della;
 pub mod kernels;
 mod regmean;
-mod sce;
-mod select;
 mod selective;
 mod spherical;
 pub mod streamed;
@@ -324,7 +323,7 @@ impl Pointwise {
     }
 }
 
-/// A streamed merge (`streamed.rs`) of decoded tensors: a stage's output,
+/// A streamed merge (`streamed/`) of decoded tensors: a stage's output,
 /// aligned token rows, a LoRA model's weights. Their f32 bytes are the
 /// stream; the buffers are handed back as spares.
 fn streamed_in_memory(

@@ -1,6 +1,6 @@
 //! Methods that decide per position which task vectors count, from
 //! statistics of the whole tensor: mergekit 0.1.5's `ram`, `ramplus_tl`
-//! and `arcee_fusion` (`sce` streams: `sce.rs`). Element arithmetic is f32 in
+//! and `arcee_fusion` (`sce` streams: `streamed/sce.rs`). Element arithmetic is f32 in
 //! mergekit's order; tensor-wide statistics are summed in f64.
 
 use rayon::prelude::*;

@@ -325,7 +325,7 @@ pub fn karcher(inputs: &[Vec<f32>], max_iter: usize, tol: f64) -> Vec<f32> {
 /// t = K·cos / (1 + (K − 1)·cos) from the mean cosine between the inputs'
 /// task vectors (0 where the denominator is ≈ 0), then
 /// t·mean(inputs) + (1 − t)·base. Written into `base`. Per tensor, the
-/// merge streams (`streamed.rs`) with the same three functions below.
+/// merge streams (`streamed/`) with the same three functions below.
 pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filter_wise: bool) {
     let n = base.len();
     let vectors = if filter_wise {

@@ -8,7 +8,7 @@
 //! copy is made.
 
 use super::select::{self, Count, Cut, Rule, with_keys};
-use super::{MergeError, TensorContext};
+use crate::merge::{MergeError, TensorContext};
 use crate::recipe::Dtype;
 use crate::stream::{Stream, nothing};
 use crate::tensors::front;

@@ -5,8 +5,8 @@
 //! notes the kept positions (one bit each) and the L1 norms before and
 //! after; the writing pass applies them. Without, one pass does all.
 
-use super::kernels::{draw, draw_threshold};
-use super::{MergeError, TensorContext, add_task_vectors, dare_stream, f32s};
+use crate::merge::kernels::{draw, draw_threshold};
+use crate::merge::{MergeError, TensorContext, add_task_vectors, dare_stream, f32s};
 use crate::plan::TaskVectorParams;
 use crate::recipe::Dtype;
 use crate::stream::Stream;

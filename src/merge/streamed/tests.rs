@@ -1,0 +1,327 @@
+//! The streamed merges against their definitions: sorting by magnitude or
+//! saliency where they select, the whole-tensor kernels elsewhere.
+
+use super::*;
+use crate::checkpoint::TensorDtype;
+use crate::merge::kernels::quota;
+use crate::plan::ObimParams;
+use crate::recipe::Saliency;
+use crate::stream::CHUNK;
+use crate::tensors::{from_f32, to_f32};
+
+/// `op` streamed from `operands` (the base, then the inputs) stored in
+/// bf16, written in f32; with the positions each input won.
+fn streamed(op: &Op, operands: &[Vec<f32>], cols: usize) -> (Vec<f32>, Option<Vec<u64>>) {
+    let bytes: Vec<Vec<u8>> = operands.iter().map(|v| from_f32(v, Dtype::Bf16)).collect();
+    let stream = Stream::new(
+        bytes
+            .iter()
+            .map(|b| (b.as_slice(), TensorDtype::Bf16))
+            .collect(),
+    )
+    .expect("bf16 operands");
+    let n = operands[0].len();
+    let obd = vec![None; operands.len() - 1];
+    let ctx = TensorContext {
+        name: "t",
+        shape: &[n / cols, cols],
+        obd: &obd,
+        grams: &[],
+    };
+    let mut out = Vec::new();
+    let written = merge(op, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
+    assert_eq!(written.non_finite, 0);
+    (
+        to_f32(written.bytes, TensorDtype::F32).expect("f32"),
+        written.won,
+    )
+}
+
+/// Values rounded to bf16, so that many |δ| tie.
+fn bf16(values: impl Iterator<Item = f32>) -> Vec<f32> {
+    let v: Vec<f32> = values.collect();
+    to_f32(&from_f32(&v, Dtype::Bf16), TensorDtype::Bf16).expect("bf16")
+}
+
+/// A base and three inputs over several chunks (and a short last one),
+/// with many equal |δ| across chunk borders.
+fn family(n: usize) -> Vec<Vec<f32>> {
+    let base = bf16((0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0));
+    let mut operands = vec![base.clone()];
+    for k in 0..3 {
+        let x = bf16(
+            base.iter()
+                .enumerate()
+                .map(|(i, b)| b + (((i * (7 + 2 * k) + k * 13) % 29) as f32 - 14.0) / 64.0),
+        );
+        operands.push(x);
+    }
+    operands
+}
+
+/// Positions by `key` descending, ties to the lower index.
+fn ranked(n: usize, key: impl Fn(usize) -> f32) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    order
+}
+
+fn ties(density: f64) -> Op {
+    Op::TaskVectors(TaskVectorParams {
+        sparsify: Sparsify::Magnitude,
+        elect_signs: true,
+        weights: vec![1.0, 0.5, 2.0],
+        densities: vec![density, 0.3, 1.0],
+        normalize: true,
+        rescale: false,
+        lambda: 0.8,
+        seed: 0,
+        int8_mask: false,
+    })
+}
+
+/// The merge of task vectors when `kept(k, δ)` names the positions input
+/// `k` keeps (each then weighted), as mergekit defines it.
+fn kept_by_sorting(
+    p: &TaskVectorParams,
+    o: &[Vec<f32>],
+    kept: impl Fn(usize, &[f32]) -> Vec<usize>,
+) -> Vec<f32> {
+    let n = o[0].len();
+    let weights = f32s(&p.weights);
+    let deltas: Vec<Vec<f32>> = (1..o.len())
+        .map(|k| {
+            let d: Vec<f32> = (0..n).map(|i| o[k][i] - o[0][i]).collect();
+            let mut out = vec![0.0; n];
+            for i in kept(k - 1, &d) {
+                out[i] = d[i] * weights[k - 1];
+            }
+            out
+        })
+        .collect();
+    let mut b = o[0].clone();
+    let parts: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+    add_task_vectors(p, &weights, &mut b, &parts);
+    b
+}
+
+/// TIES by sorting every |δ|: the density's share with the largest.
+fn ties_by_sorting(p: &TaskVectorParams, o: &[Vec<f32>]) -> Vec<f32> {
+    kept_by_sorting(p, o, |k, d| {
+        let n = d.len();
+        let density = p.densities[k];
+        let keep = if density >= 1.0 {
+            n
+        } else {
+            ((density * n as f64) as usize).max(1)
+        };
+        ranked(n, |i| d[i].abs()).into_iter().take(keep).collect()
+    })
+}
+
+#[test]
+fn ties_equals_sorting_every_magnitude() {
+    // 64 chunks and more: the cuts are guessed from a sample first.
+    for (n, densities) in [
+        (3 * CHUNK + 77, &[0.001, 0.5, 0.97][..]),
+        (64 * CHUNK + 77, &[0.3]),
+    ] {
+        let o = family(n);
+        for &density in densities {
+            let op = ties(density);
+            let Op::TaskVectors(p) = &op else {
+                unreachable!()
+            };
+            assert!(
+                streamed(&op, &o, 11).0 == ties_by_sorting(p, &o),
+                "n {n}, density {density}"
+            );
+        }
+    }
+}
+
+#[test]
+fn breadcrumbs_drop_outliers_and_the_smallest() {
+    let op = |density, gamma| {
+        Op::TaskVectors(TaskVectorParams {
+            sparsify: Sparsify::Outliers {
+                gammas: vec![gamma],
+            },
+            elect_signs: false,
+            weights: vec![2.0],
+            densities: vec![density],
+            normalize: false,
+            rescale: false,
+            lambda: 1.0,
+            seed: 0,
+            int8_mask: false,
+        })
+    };
+    // |δ| ranks: 0.1 < 0.2 < ... < 1.0 (10 entries), base 0.
+    let d: Vec<f32> = (1..=10).rev().map(|i| i as f32 / 10.0).collect();
+    let o = vec![vec![0.0; 10], d];
+    // density 0.5 keeps 5, gamma 0.2 drops the 2 largest: ranks 4..8 stay.
+    let kept: Vec<f32> = streamed(&op(0.5, 0.2), &o, 10)
+        .0
+        .into_iter()
+        .filter(|v| *v != 0.0)
+        .collect();
+    let expected: Vec<f32> = [0.8f32, 0.7, 0.6, 0.5, 0.4]
+        .iter()
+        .map(|v| bf16([*v].into_iter())[0] * 2.0)
+        .collect();
+    assert_eq!(kept, expected);
+    // 9 kept and 5 outliers do not fit in 10: nothing from the bottom goes.
+    let m = streamed(&op(0.9, 0.5), &o, 10).0;
+    assert_eq!(m.iter().filter(|v| **v != 0.0).count(), 9);
+    assert_eq!(m[0], 0.0, "the largest is dropped");
+    // Ties across chunks: ascending, the lower index first.
+    let n = 2 * CHUNK + 9;
+    let o = vec![vec![0.0; n], vec![0.5; n]];
+    let m = streamed(&op(0.5, 0.25), &o, 1).0;
+    let (bottom, target) = (n - n / 2 - n / 4, n / 2);
+    assert!(m[..bottom].iter().all(|v| *v == 0.0));
+    assert!(m[bottom..bottom + target].iter().all(|v| *v == 1.0));
+    assert!(m[bottom + target..].iter().all(|v| *v == 0.0));
+}
+
+#[test]
+fn breadcrumbs_equal_sorting_every_magnitude() {
+    let gammas = [0.01, 0.2, 0.0];
+    let p = TaskVectorParams {
+        sparsify: Sparsify::Outliers {
+            gammas: gammas.to_vec(),
+        },
+        elect_signs: false,
+        weights: vec![1.0, 0.5, 2.0],
+        densities: vec![0.9, 0.5, 0.3],
+        normalize: false,
+        rescale: false,
+        lambda: 1.0,
+        seed: 0,
+        int8_mask: false,
+    };
+    let op = Op::TaskVectors(p.clone());
+    // Ascending |δ|, ties to the lower index: the smallest go, then the
+    // density's share stays, the largest `gamma` share goes.
+    let by_sorting = |o: &[Vec<f32>]| {
+        kept_by_sorting(&p, o, |k, d| {
+            let n = d.len();
+            let target = (p.densities[k] * n as f64) as usize;
+            let top = (gammas[k] * n as f64) as usize;
+            let bottom = n.saturating_sub(target + top);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| d[a].abs().total_cmp(&d[b].abs()).then(a.cmp(&b)));
+            order[bottom..(bottom + target).min(n)].to_vec()
+        })
+    };
+    // 64 chunks and more: the cuts are guessed from a sample first.
+    for n in [3 * CHUNK + 77, 64 * CHUNK + 77] {
+        let o = family(n);
+        assert!(streamed(&op, &o, 11).0 == by_sorting(&o), "n {n}");
+    }
+}
+
+#[test]
+fn model_stock_streams_as_it_merges_whole_tensors() {
+    // family(): bf16 values, so the in-memory merge sees what the stream decodes.
+    let o = family(3 * CHUNK + 77);
+    let n = o[0].len();
+    let merged = streamed(&Op::ModelStock { filter_wise: false }, &o, 1).0;
+    let mut whole = o[0].clone();
+    crate::merge::spherical::model_stock(&mut whole, &o[1..], &[n], false);
+    // The Gram matrix is summed in another order there: t may differ in
+    // its last bits.
+    let worst = merged
+        .iter()
+        .zip(&whole)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-6, "{worst}");
+    assert!(
+        merged != o[0],
+        "the inputs' task vectors are not orthogonal"
+    );
+}
+
+#[test]
+fn dare_masks_are_reproducible_and_independent_of_threads() {
+    let op = Op::TaskVectors(TaskVectorParams {
+        sparsify: Sparsify::Random,
+        elect_signs: true,
+        weights: vec![1.0, 1.0, 1.0],
+        densities: vec![0.3, 0.3, 0.3],
+        normalize: false,
+        rescale: true,
+        lambda: 1.0,
+        seed: 42,
+        int8_mask: false,
+    });
+    let o = family(2 * CHUNK + 5);
+    let make = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a pool");
+        pool.install(|| streamed(&op, &o, 7).0)
+    };
+    let one = make(1);
+    assert!(one == make(4));
+    let changed = one.iter().zip(&o[0]).filter(|(m, b)| m != b).count();
+    // Each input keeps ~30%; some positions are kept by none.
+    let share = changed as f64 / one.len() as f64;
+    assert!((0.5..0.75).contains(&share), "{share}");
+}
+
+/// OBIM by sorting: in order, each input takes the quota of free
+/// positions with the largest δ², ties to the lower index.
+fn obim_by_sorting(p: &ObimParams, o: &[Vec<f32>]) -> (Vec<f32>, Vec<u64>) {
+    let n = o[0].len();
+    let mut owner = vec![usize::MAX; n];
+    let mut won = vec![0; p.retain.len()];
+    for &k in &p.order {
+        let d = |i: usize| o[k + 1][i] - o[0][i];
+        let free: Vec<usize> = ranked(n, |i| d(i) * d(i))
+            .into_iter()
+            .filter(|&i| owner[i] == usize::MAX)
+            .take(quota(p.retain[k], n))
+            .collect();
+        won[k] = free.len() as u64;
+        free.into_iter().for_each(|i| owner[i] = k);
+    }
+    let scale = p.scale as f32;
+    let merged = (0..n)
+        .map(|i| match owner[i] {
+            usize::MAX => o[0][i],
+            k => o[0][i] + scale * (o[k + 1][i] - o[0][i]),
+        })
+        .collect();
+    (merged, won)
+}
+
+#[test]
+fn obim_equals_claiming_by_sorting() {
+    let settings = [
+        (vec![0, 1, 2], vec![0.3, 0.3, 0.3]),
+        (vec![2, 0, 1], vec![0.5, 0.1, 0.6]),
+        (vec![1, 2, 0], vec![0.0, 1.0, 0.2]),
+    ];
+    obim_equals_sorting(&family(3 * CHUNK + 77), &settings);
+    obim_equals_sorting(&family(64 * CHUNK + 77), &settings[1..2]);
+}
+
+fn obim_equals_sorting(o: &[Vec<f32>], settings: &[(Vec<usize>, Vec<f64>)]) {
+    for (order, retain) in settings.iter().cloned() {
+        let p = ObimParams {
+            order,
+            saliency: Saliency::Magnitude,
+            retain,
+            using: vec![None; 3],
+            scale: 0.9,
+        };
+        let (merged, won) = streamed(&Op::Obim(p.clone()), o, 13);
+        let (expected, expected_won) = obim_by_sorting(&p, o);
+        assert_eq!(won, Some(expected_won), "{p:?}");
+        assert!(merged == expected, "{p:?}");
+    }
+}
