@@ -198,19 +198,19 @@ impl<'a> Stream<'a> {
     /// The writing pass: `merge(c, item, chunk)` leaves chunk `c`'s merged
     /// values in `chunk[0]` (the operands `which`, decoded, in that order,
     /// each free to be overwritten), which are encoded in `dtype` into the
-    /// front of `out` (which only grows). Returns the encoded bytes and how
-    /// many merged values are not finite.
+    /// front of `out` (at least as long as the tensor in `dtype`). Returns
+    /// the encoded bytes and how many merged values are not finite.
     pub fn write<'o, X: Send>(
         &self,
         which: &[usize],
         items: Vec<X>,
         dtype: Dtype,
-        out: &'o mut Vec<u8>,
+        out: &'o mut [u8],
         merge: impl Fn(usize, X, &mut [&mut [f32]]) + Sync,
     ) -> (&'o [u8], u64) {
         debug_assert_eq!(items.len(), self.chunks());
         let size = dtype_bytes(dtype);
-        let bytes = front(out, self.n * size);
+        let bytes = &mut out[..self.n * size];
         let bad = bytes
             .par_chunks_mut(self.chunk * size)
             .zip(items)
@@ -287,7 +287,8 @@ mod tests {
         for merge in merges {
             for dtype in [Dtype::Bf16, Dtype::F32] {
                 let stream = Stream::new(operands.clone()).expect("float operands");
-                let mut out = vec![0xAA; 7];
+                // Longer than the tensor: only its front is written.
+                let mut out = vec![0xAA; stream.len() * 4 + 7];
                 let (streamed, bad) = stream.write(
                     &[0, 1, 2],
                     nothing(&stream),

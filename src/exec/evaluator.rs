@@ -336,6 +336,7 @@ impl<'a> Evaluator<'a> {
             obd: &obd,
             grams: &[],
         };
+        let out = tensors::front(out, stream.len() * tensors::dtype_bytes(dtype));
         let (encoded, non_finite, won) = match streaming {
             Streaming::Pointwise(p) => {
                 let which: Vec<usize> = (0..models.len()).collect();

@@ -340,10 +340,16 @@ fn streamed_in_memory(
         tensor: ctx.name.to_string(),
         reason: "the operands differ in size".to_string(),
     })?;
-    let mut out = Vec::new();
-    let written = streamed::merge(op, &stream, ctx, Dtype::F32, &mut out)?;
-    let values = bytemuck::pod_collect_to_vec(written.bytes);
-    let won = written.won;
+    // The merge writes f32 straight into the returned values.
+    let mut values = vec![0f32; base.len()];
+    let won = streamed::merge(
+        op,
+        &stream,
+        ctx,
+        Dtype::F32,
+        bytemuck::cast_slice_mut(&mut values),
+    )?
+    .won;
     inputs.push(base);
     Ok(Merged {
         values,

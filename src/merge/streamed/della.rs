@@ -183,7 +183,7 @@ pub fn merge<'o>(
     stream: &Stream,
     ctx: &TensorContext,
     dtype: Dtype,
-    out: &'o mut Vec<u8>,
+    out: &'o mut [u8],
 ) -> Result<(&'o [u8], u64), MergeError> {
     for (density, epsilon) in p.densities.iter().zip(epsilons) {
         if *density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
@@ -382,7 +382,7 @@ mod tests {
                 obd: &[None, None],
                 grams: &[],
             };
-            let mut out = Vec::new();
+            let mut out = vec![0; rows * cols * 4];
             let (written, _) =
                 merge(&p, &eps, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
             let streamed = to_f32(written, TensorDtype::F32).expect("f32");

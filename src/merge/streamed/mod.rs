@@ -59,7 +59,7 @@ pub fn merge<'o>(
     stream: &Stream,
     ctx: &TensorContext,
     dtype: Dtype,
-    out: &'o mut Vec<u8>,
+    out: &'o mut [u8],
 ) -> Result<Written<'o>, MergeError> {
     match op {
         Op::TaskVectors(p) if handles(op) => match &p.sparsify {
@@ -185,7 +185,7 @@ fn task_vectors<'o>(
     stream: &Stream,
     ctx: &TensorContext,
     dtype: Dtype,
-    out: &'o mut Vec<u8>,
+    out: &'o mut [u8],
 ) -> Written<'o> {
     let n = stream.len();
     let m = p.weights.len();
@@ -338,7 +338,7 @@ fn l1_factors(
 /// model_stock per tensor (`spherical::model_stock`): the task vectors'
 /// Gram matrix in one pass, summed chunk by chunk in order, then a pass
 /// that writes t·mean(inputs) + (1 − t)·base.
-fn model_stock<'o>(stream: &Stream, dtype: Dtype, out: &'o mut Vec<u8>) -> Written<'o> {
+fn model_stock<'o>(stream: &Stream, dtype: Dtype, out: &'o mut [u8]) -> Written<'o> {
     let k = stream.operands() - 1;
     let all: Vec<usize> = (0..=k).collect();
     let per_chunk = stream.map(&all, |_, chunk| stock_gram(chunk[0], &chunk[1..]));

@@ -30,7 +30,7 @@ pub fn merge<'o>(
     stream: &Stream,
     ctx: &TensorContext,
     dtype: Dtype,
-    out: &'o mut Vec<u8>,
+    out: &'o mut [u8],
 ) -> Result<Written<'o>, MergeError> {
     let n = stream.len();
     let m = p.retain.len();

@@ -100,7 +100,7 @@ pub fn merge<'o>(
     stream: &Stream,
     ctx: &TensorContext,
     dtype: Dtype,
-    out: &'o mut Vec<u8>,
+    out: &'o mut [u8],
 ) -> Result<(&'o [u8], u64), MergeError> {
     let m = stream.operands() - 1;
     if m == 0 {
@@ -288,7 +288,7 @@ mod tests {
             obd: &[],
             grams: &[],
         };
-        let mut out = Vec::new();
+        let mut out = vec![0; n * 4];
         let (bytes, _) = merge(select_topk, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
         to_f32(bytes, TensorDtype::F32).expect("f32")
     }

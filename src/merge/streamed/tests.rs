@@ -28,7 +28,7 @@ fn streamed(op: &Op, operands: &[Vec<f32>], cols: usize) -> (Vec<f32>, Option<Ve
         obd: &obd,
         grams: &[],
     };
-    let mut out = Vec::new();
+    let mut out = vec![0; n * 4];
     let written = merge(op, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
     assert_eq!(written.non_finite, 0);
     (
