@@ -291,11 +291,12 @@ pub fn merge<'o>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{encoded, stream_of};
     use super::*;
     use crate::checkpoint::TensorDtype;
     use crate::merge::kernels::uniform;
     use crate::plan::Sparsify;
-    use crate::tensors::{from_f32, to_f32};
+    use crate::tensors::to_f32;
 
     /// DELLA as its definition reads, on whole tensors: per row a sort by
     /// (|δ|, index), a draw per entry, the L1 ratio over the tensor.
@@ -368,14 +369,8 @@ mod tests {
                 int8_mask: false,
             };
             let eps = [0.1, 0.2];
-            let bytes: Vec<Vec<u8>> = ops.iter().map(|v| from_f32(v, Dtype::F32)).collect();
-            let stream = Stream::new(
-                bytes
-                    .iter()
-                    .map(|b| (b.as_slice(), TensorDtype::F32))
-                    .collect(),
-            )
-            .expect("f32");
+            let bytes = encoded(&ops, Dtype::F32);
+            let stream = stream_of(&bytes, TensorDtype::F32);
             let ctx = TensorContext {
                 name: "t",
                 shape: &[rows, cols],

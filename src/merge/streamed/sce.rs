@@ -195,11 +195,12 @@ pub fn merge<'o>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{encoded, stream_of};
     use super::*;
     use crate::checkpoint::TensorDtype;
     use crate::merge::kernels::update;
     use crate::stream::CHUNK;
-    use crate::tensors::{from_f32, to_f32};
+    use crate::tensors::to_f32;
     use rayon::prelude::*;
 
     /// mergekit's `sce` on whole tensors (the whole-tensor kernel obim had
@@ -273,14 +274,8 @@ mod tests {
 
     /// SCE streamed from f32 `operands` (the base, then the inputs).
     fn streamed(select_topk: f64, operands: &[Vec<f32>]) -> Vec<f32> {
-        let bytes: Vec<Vec<u8>> = operands.iter().map(|v| from_f32(v, Dtype::F32)).collect();
-        let stream = Stream::new(
-            bytes
-                .iter()
-                .map(|b| (b.as_slice(), TensorDtype::F32))
-                .collect(),
-        )
-        .expect("f32 operands");
+        let bytes = encoded(operands, Dtype::F32);
+        let stream = stream_of(&bytes, TensorDtype::F32);
         let n = operands[0].len();
         let ctx = TensorContext {
             name: "t",

@@ -9,17 +9,21 @@ use crate::recipe::Saliency;
 use crate::stream::CHUNK;
 use crate::tensors::{from_f32, to_f32};
 
+/// `operands` encoded in `dtype`, one buffer each, for [`stream_of`].
+pub(super) fn encoded(operands: &[Vec<f32>], dtype: Dtype) -> Vec<Vec<u8>> {
+    operands.iter().map(|v| from_f32(v, dtype)).collect()
+}
+
+/// A stream over `bytes`, every operand stored in `dtype`.
+pub(super) fn stream_of(bytes: &[Vec<u8>], dtype: TensorDtype) -> Stream<'_> {
+    Stream::new(bytes.iter().map(|b| (b.as_slice(), dtype)).collect()).expect("same sizes")
+}
+
 /// `op` streamed from `operands` (the base, then the inputs) stored in
 /// bf16, written in f32; with the positions each input won.
 fn streamed(op: &Op, operands: &[Vec<f32>], cols: usize) -> (Vec<f32>, Option<Vec<u64>>) {
-    let bytes: Vec<Vec<u8>> = operands.iter().map(|v| from_f32(v, Dtype::Bf16)).collect();
-    let stream = Stream::new(
-        bytes
-            .iter()
-            .map(|b| (b.as_slice(), TensorDtype::Bf16))
-            .collect(),
-    )
-    .expect("bf16 operands");
+    let bytes = encoded(operands, Dtype::Bf16);
+    let stream = stream_of(&bytes, TensorDtype::Bf16);
     let n = operands[0].len();
     let obd = vec![None; operands.len() - 1];
     let ctx = TensorContext {
