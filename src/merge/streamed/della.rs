@@ -5,6 +5,7 @@
 //! notes the kept positions (one bit each) and the L1 norms before and
 //! after; the writing pass applies them. Without, one pass does all.
 
+use super::{Written, pack, rescale_factor};
 use crate::merge::kernels::{draw, draw_threshold};
 use crate::merge::{MergeError, TensorContext, add_task_vectors, dare_stream, f32s};
 use crate::plan::TaskVectorParams;
@@ -162,18 +163,6 @@ fn with_kept<T>(
     })
 }
 
-/// Keep masks as bits, 64 to a word.
-fn pack(keep: &[u32]) -> Vec<u64> {
-    keep.chunks(64)
-        .map(|masks| {
-            masks
-                .iter()
-                .enumerate()
-                .fold(0u64, |word, (i, m)| word | u64::from(m & 1) << i)
-        })
-        .collect()
-}
-
 /// DELLA's merge of one tensor: per input, δ sparsified by rank within
 /// rows (and, with `rescale`, scaled back to its L1 norm), weighted, then
 /// [`add_task_vectors`] (mergekit's order: trim, rescale, weight, sum).
@@ -184,7 +173,7 @@ pub fn merge<'o>(
     ctx: &TensorContext,
     dtype: Dtype,
     out: &'o mut [u8],
-) -> Result<(&'o [u8], u64), MergeError> {
+) -> Result<Written<'o>, MergeError> {
     for (density, epsilon) in p.densities.iter().zip(epsilons) {
         if *density < 1.0 && (density + epsilon >= 1.0 || density - epsilon <= 0.0) {
             return Err(MergeError::Invalid {
@@ -239,11 +228,7 @@ pub fn merge<'o>(
                 let (before, after) = per_chunk
                     .iter()
                     .fold((0.0, 0.0), |(b, a), c| (b + c[k].1, a + c[k].2));
-                if before < 1e-7 || after < 1e-7 {
-                    1.0
-                } else {
-                    (before / after) as f32
-                }
+                rescale_factor(before, after)
             })
             .collect();
         let kept: Vec<Vec<Vec<u64>>> = per_chunk
@@ -286,7 +271,7 @@ pub fn merge<'o>(
         let deltas: Vec<&[f32]> = xs.iter().map(|x| &**x).collect();
         add_task_vectors(p, &weights, b, &deltas);
     });
-    Ok(written)
+    Ok(Written::of(written))
 }
 
 #[cfg(test)]
@@ -378,9 +363,8 @@ mod tests {
                 grams: &[],
             };
             let mut out = vec![0; rows * cols * 4];
-            let (written, _) =
-                merge(&p, &eps, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
-            let streamed = to_f32(written, TensorDtype::F32).expect("f32");
+            let written = merge(&p, &eps, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
+            let streamed = to_f32(written.bytes, TensorDtype::F32).expect("f32");
             let expected = della_by_definition(&p, &eps, &ops, cols);
             for (i, (s, e)) in streamed.iter().zip(&expected).enumerate() {
                 assert!(

@@ -41,6 +41,17 @@ pub struct Written<'o> {
     pub won: Option<Vec<u64>>,
 }
 
+impl<'o> Written<'o> {
+    /// A writing pass's output ([`Stream::write`]): no positions won.
+    fn of((bytes, non_finite): (&'o [u8], u64)) -> Self {
+        Written {
+            bytes,
+            non_finite,
+            won: None,
+        }
+    }
+}
+
 /// Whether `op` merges in passes here (else it is pointwise, or works on
 /// whole tensors).
 pub fn handles(op: &Op) -> bool {
@@ -64,25 +75,13 @@ pub fn merge<'o>(
     match op {
         Op::TaskVectors(p) if handles(op) => match &p.sparsify {
             Sparsify::MagnitudeRank { epsilons } => {
-                let (bytes, non_finite) = della::merge(p, epsilons, stream, ctx, dtype, out)?;
-                Ok(Written {
-                    bytes,
-                    non_finite,
-                    won: None,
-                })
+                della::merge(p, epsilons, stream, ctx, dtype, out)
             }
             _ => Ok(task_vectors(p, stream, ctx, dtype, out)),
         },
         Op::Obim(p) => obim::merge(p, stream, ctx, dtype, out),
         Op::ModelStock { filter_wise: false } => Ok(model_stock(stream, dtype, out)),
-        Op::Sce { select_topk } => {
-            let (bytes, non_finite) = sce::merge(*select_topk, stream, ctx, dtype, out)?;
-            Ok(Written {
-                bytes,
-                non_finite,
-                won: None,
-            })
-        }
+        Op::Sce { select_topk } => sce::merge(*select_topk, stream, ctx, dtype, out),
         _ => Err(MergeError::Invalid {
             tensor: ctx.name.to_string(),
             reason: "this method does not merge in passes".to_string(),
@@ -272,33 +271,29 @@ fn task_vectors<'o>(
         vec![1.0; m]
     };
     let weights = f32s(&p.weights);
-    let (bytes, non_finite) = stream.write(&all, nothing(stream), dtype, out, |c, (), chunk| {
-        let Some((b, xs)) = chunk.split_first_mut() else {
-            return;
-        };
-        for (k, x) in xs.iter_mut().enumerate() {
-            x.iter_mut().zip(b.iter()).for_each(|(x, b)| *x -= b);
-            if rescaled(k) {
-                masks[k].apply(c, x, 1.0);
-                let (factor, w) = (factors[k], weights[k]);
-                x.iter_mut().for_each(|v| *v = *v * factor * w);
-            } else {
-                masks[k].apply(c, x, weights[k]);
+    Written::of(
+        stream.write(&all, nothing(stream), dtype, out, |c, (), chunk| {
+            let Some((b, xs)) = chunk.split_first_mut() else {
+                return;
+            };
+            for (k, x) in xs.iter_mut().enumerate() {
+                x.iter_mut().zip(b.iter()).for_each(|(x, b)| *x -= b);
+                if rescaled(k) {
+                    masks[k].apply(c, x, 1.0);
+                    let (factor, w) = (factors[k], weights[k]);
+                    x.iter_mut().for_each(|v| *v = *v * factor * w);
+                } else {
+                    masks[k].apply(c, x, weights[k]);
+                }
             }
-        }
-        let deltas: Vec<&[f32]> = xs.iter().map(|x| &**x).collect();
-        add_task_vectors(p, &weights, b, &deltas);
-    });
-    Written {
-        bytes,
-        non_finite,
-        won: None,
-    }
+            let deltas: Vec<&[f32]> = xs.iter().map(|x| &**x).collect();
+            add_task_vectors(p, &weights, b, &deltas);
+        }),
+    )
 }
 
-/// mergekit's `rescale`: per input, the L1 norm of δ over that of the
-/// trimmed δ (1 where either is below 1e-7), in f64, summed chunk by chunk
-/// in order.
+/// mergekit's `rescale`: per input, [`rescale_factor`] of the L1 norms of
+/// δ and of the trimmed δ, in f64, summed chunk by chunk in order.
 fn l1_factors(
     stream: &Stream,
     masks: &[Mask],
@@ -326,11 +321,30 @@ fn l1_factors(
             let (before, after) = per_chunk
                 .iter()
                 .fold((0.0, 0.0), |(b, a), c| (b + c[k].0, a + c[k].1));
-            if before < 1e-7 || after < 1e-7 {
-                1.0
-            } else {
-                (before / after) as f32
-            }
+            rescale_factor(before, after)
+        })
+        .collect()
+}
+
+/// mergekit's `rescale` factor from the L1 norms of δ `before` and `after`
+/// trimming: their ratio, 1 where either is below 1e-7.
+fn rescale_factor(before: f64, after: f64) -> f32 {
+    if before < 1e-7 || after < 1e-7 {
+        1.0
+    } else {
+        (before / after) as f32
+    }
+}
+
+/// Keep masks (all ones or 0 per position) as bits, 64 to a word: what a
+/// pass that selects hands to the writing pass.
+fn pack(keep: &[u32]) -> Vec<u64> {
+    keep.chunks(64)
+        .map(|masks| {
+            masks
+                .iter()
+                .enumerate()
+                .fold(0u64, |word, (i, m)| word | u64::from(m & 1) << i)
         })
         .collect()
 }
@@ -347,17 +361,14 @@ fn model_stock<'o>(stream: &Stream, dtype: Dtype, out: &'o mut [u8]) -> Written<
         g
     });
     let t = stock_ratio(&gram, k);
-    let (bytes, non_finite) = stream.write(&all, nothing(stream), dtype, out, |_, (), chunk| {
-        let Some((b, xs)) = chunk.split_first_mut() else {
-            return;
-        };
-        for (i, w0) in b.iter_mut().enumerate() {
-            *w0 = stock_merge(t, *w0, xs.iter().map(|x| x[i]));
-        }
-    });
-    Written {
-        bytes,
-        non_finite,
-        won: None,
-    }
+    Written::of(
+        stream.write(&all, nothing(stream), dtype, out, |_, (), chunk| {
+            let Some((b, xs)) = chunk.split_first_mut() else {
+                return;
+            };
+            for (i, w0) in b.iter_mut().enumerate() {
+                *w0 = stock_merge(t, *w0, xs.iter().map(|x| x[i]));
+            }
+        }),
+    )
 }

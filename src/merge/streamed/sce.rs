@@ -8,9 +8,10 @@
 //! copy is made.
 
 use super::select::{self, Count, Cut, Rule, with_keys};
+use super::{Written, pack};
 use crate::merge::{MergeError, TensorContext};
 use crate::recipe::Dtype;
-use crate::stream::{Stream, nothing};
+use crate::stream::Stream;
 use crate::tensors::front;
 
 /// `keys` ← the bits of each position's variance across the task vectors
@@ -101,7 +102,7 @@ pub fn merge<'o>(
     ctx: &TensorContext,
     dtype: Dtype,
     out: &'o mut [u8],
-) -> Result<(&'o [u8], u64), MergeError> {
+) -> Result<Written<'o>, MergeError> {
     let m = stream.operands() - 1;
     if m == 0 {
         return Err(MergeError::Invalid {
@@ -127,35 +128,37 @@ pub fn merge<'o>(
         .unwrap_or(Cut::Nothing)
     };
     // Each task vector's sum of squares where kept, in f64, chunk by chunk
-    // in order; its mean square over all positions weights it.
+    // in order; its mean square over all positions weights it. The kept
+    // positions go to the writing pass as bits.
     let per_chunk = stream.map(&all, |c, chunk| {
         with_keys(chunk[0].len(), |keep| {
             kept(&cut, c, chunk, keep);
             let keep = &*keep;
-            chunk[1..]
+            let squares: Vec<f64> = chunk[1..]
                 .iter()
                 .map(|x| sum_of_squares(x, chunk[0], keep))
-                .collect::<Vec<f64>>()
+                .collect();
+            (squares, pack(keep))
         })
     });
     let n = stream.len().max(1) as f64;
     let squares: Vec<f64> = (0..m)
-        .map(|k| per_chunk.iter().map(|c| c[k]).sum::<f64>() / n)
+        .map(|k| per_chunk.iter().map(|c| c.0[k]).sum::<f64>() / n)
         .collect();
+    let kept: Vec<Vec<u64>> = per_chunk.into_iter().map(|(_, bits)| bits).collect();
     let total: f64 = squares.iter().sum();
     let weights: Vec<f32> = if total.abs() < 1e-6 {
         vec![1.0 / m as f32; m]
     } else {
         squares.iter().map(|s| (s / total) as f32).collect()
     };
-    let written = stream.write(&all, nothing(stream), dtype, out, |c, (), chunk| {
+    let written = stream.write(&all, kept, dtype, out, |_, bits, chunk| {
         with_keys(chunk[0].len(), |keep| {
-            kept(
-                &cut,
-                c,
-                &chunk.iter().map(|x| &**x).collect::<Vec<_>>(),
-                keep,
-            );
+            for (keep, word) in keep.chunks_mut(64).zip(&bits) {
+                for (i, k) in keep.iter_mut().enumerate() {
+                    *k = ((word >> i) & 1).wrapping_neg() as u32;
+                }
+            }
             let Some((b, xs)) = chunk.split_first_mut() else {
                 return;
             };
@@ -190,7 +193,7 @@ pub fn merge<'o>(
             });
         });
     });
-    Ok(written)
+    Ok(Written::of(written))
 }
 
 #[cfg(test)]
@@ -284,8 +287,8 @@ mod tests {
             grams: &[],
         };
         let mut out = vec![0; n * 4];
-        let (bytes, _) = merge(select_topk, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
-        to_f32(bytes, TensorDtype::F32).expect("f32")
+        let written = merge(select_topk, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
+        to_f32(written.bytes, TensorDtype::F32).expect("f32")
     }
 
     #[test]
