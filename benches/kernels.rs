@@ -3,9 +3,9 @@
 //! and three experts. `cargo bench --bench kernels [-- N [METHOD]]`
 //! (METHOD: one of them only, by its recipe name, for a profile).
 use obim::merge::{TensorContext, merge_tensor};
-use obim::methods::Method;
+use obim::methods::{Method, ParamName};
 use obim::plan::Op;
-use obim::recipe::{InputSettings, MergeParams, Saliency, TensorSettings};
+use obim::recipe::{InputSettings, MergeParams, ParamValue, Saliency, TensorSettings};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,13 +39,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         obd: &obd,
         grams: &[],
     };
-    for (method, input) in [
+    let mut sce = MergeParams::default();
+    sce.set(ParamName::SelectTopk, Some(ParamValue::Number(0.5)));
+    for (method, input, params) in [
         (
             Method::TaskArithmetic,
             InputSettings {
                 weight: Some(1.0),
                 ..Default::default()
             },
+            MergeParams::default(),
         ),
         (
             Method::Ties,
@@ -54,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 density: Some(0.5),
                 ..Default::default()
             },
+            MergeParams::default(),
         ),
         (
             Method::Obim,
@@ -61,6 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 retain: Some(0.3),
                 ..Default::default()
             },
+            MergeParams::default(),
         ),
         (
             Method::Della,
@@ -70,7 +75,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 epsilon: Some(0.1),
                 ..Default::default()
             },
+            MergeParams::default(),
         ),
+        (Method::Sce, InputSettings::default(), sce.clone()),
     ] {
         if only.is_some_and(|m| m != method.name()) {
             continue;
@@ -80,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             order: vec![0, 1, 2],
             saliency: Saliency::Magnitude,
             inputs: vec![input; 3],
-            params: MergeParams::default(),
+            params,
             rule_lines: vec![],
         };
         let op = Op::resolve(method, &s, true);
