@@ -346,8 +346,8 @@ impl<'a> Evaluator<'a> {
                     });
                 (bytes, bad, None)
             }
-            Streaming::Passes => {
-                let written = merge::streamed::merge(&planned.op, &stream, &ctx, dtype, out)?;
+            Streaming::Passes { base } => {
+                let written = merge::streamed::merge(&planned.op, &stream, base, &ctx, dtype, out)?;
                 (written.bytes, written.non_finite, written.won)
             }
         };
@@ -388,7 +388,10 @@ impl<'a> Evaluator<'a> {
                 let uses_base = p.uses_base();
                 (Streaming::Pointwise(p), uses_base)
             }
-            None if merge::streamed::handles(&planned.op) => (Streaming::Passes, true),
+            None if merge::streamed::handles(&planned.op) => {
+                let base = merge::streamed::reads_base(&planned.op, merge.base.is_some());
+                (Streaming::Passes { base }, base)
+            }
             None => return None,
         };
         if self.vocabulary(id, name).is_some() {
@@ -638,8 +641,9 @@ impl<'a> Evaluator<'a> {
 enum Streaming {
     /// In one pass.
     Pointwise(merge::Pointwise),
-    /// In a few (`merge::streamed`).
-    Passes,
+    /// In a few (`merge::streamed`); the first operand is the base when
+    /// `base`.
+    Passes { base: bool },
 }
 
 /// Finite inputs (checked as they were read) can still merge into NaN or

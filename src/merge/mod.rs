@@ -107,7 +107,13 @@ pub fn merge_tensor(
     let need_base =
         |base: Option<Vec<f32>>| base.ok_or_else(|| invalid("this method needs a base"));
     if streamed::handles(op) {
-        return streamed_in_memory(op, need_base(base)?, inputs, ctx);
+        let base = match base {
+            None if streamed::reads_base(op, false) => {
+                return Err(invalid("this method needs a base"));
+            }
+            base => base,
+        };
+        return streamed_in_memory(op, base, inputs, ctx);
     }
     match op {
         Op::Regmean(p) => {
@@ -127,7 +133,11 @@ pub fn merge_tensor(
             Ok(spare(base, inputs))
         }
         // Always streamed (above), but pointwise task arithmetic.
-        Op::TaskVectors(_) | Op::Obim(_) | Op::Sce { .. } => Err(invalid("this merge streams")),
+        Op::TaskVectors(_)
+        | Op::Obim(_)
+        | Op::Sce { .. }
+        | Op::Multislerp(_)
+        | Op::Karcher { .. } => Err(invalid("this merge streams")),
         Op::ModelStock { filter_wise } => {
             let mut base = need_base(base)?;
             spherical::model_stock(&mut base, &inputs, ctx.shape, *filter_wise);
@@ -139,17 +149,6 @@ pub fn merge_tensor(
             };
             spherical::nuslerp(p, base.as_deref(), a, b, ctx.shape);
             let merged = inputs.swap_remove(0);
-            inputs.extend(base);
-            Ok(spare(merged, inputs))
-        }
-        Op::Multislerp(p) => {
-            let merged =
-                spherical::multislerp(p, base.as_deref(), &mut inputs).map_err(|r| invalid(&r))?;
-            inputs.extend(base);
-            Ok(spare(merged, inputs))
-        }
-        Op::Karcher { max_iter, tol } => {
-            let merged = spherical::karcher(&inputs, *max_iter, *tol);
             inputs.extend(base);
             Ok(spare(merged, inputs))
         }
@@ -325,14 +324,20 @@ impl Pointwise {
 
 /// A streamed merge (`streamed/`) of decoded tensors: a stage's output,
 /// aligned token rows, a LoRA model's weights. Their f32 bytes are the
-/// stream; the buffers are handed back as spares.
+/// stream (the base first where the merge reads it); the buffers are
+/// handed back as spares.
 fn streamed_in_memory(
     op: &Op,
-    base: Vec<f32>,
+    base: Option<Vec<f32>>,
     mut inputs: Vec<Vec<f32>>,
     ctx: &TensorContext,
 ) -> Result<Merged, MergeError> {
-    let operands = std::iter::once(&base)
+    let (read, unread) = match streamed::reads_base(op, base.is_some()) {
+        true => (base, None),
+        false => (None, base),
+    };
+    let operands = read
+        .iter()
         .chain(&inputs)
         .map(|v| (bytemuck::cast_slice::<f32, u8>(v), TensorDtype::F32))
         .collect();
@@ -341,16 +346,18 @@ fn streamed_in_memory(
         reason: "the operands differ in size".to_string(),
     })?;
     // The merge writes f32 straight into the returned values.
-    let mut values = vec![0f32; base.len()];
+    let mut values = vec![0f32; stream.len()];
     let won = streamed::merge(
         op,
         &stream,
+        read.is_some(),
         ctx,
         Dtype::F32,
         bytemuck::cast_slice_mut(&mut values),
     )?
     .won;
-    inputs.push(base);
+    drop(stream);
+    inputs.extend(read.into_iter().chain(unread));
     Ok(Merged {
         values,
         won,
@@ -470,6 +477,44 @@ mod tests {
         // a picks 2 of 4: positions 2 (9.0) and 0 (1.0); b gets 1 (4.0) and 3 (0.0).
         assert_eq!(m.values, vec![1.0, 2.0, 3.0, 0.0]);
         assert_eq!(m.won, Some(vec![2, 2]));
+    }
+
+    #[test]
+    fn in_memory_spherical_merges_read_the_base_only_where_they_use_it() {
+        let ctx = TensorContext {
+            name: "x",
+            shape: &[2],
+            obd: &[None, None],
+            grams: &[],
+        };
+        let (base, a, b) = (vec![1.0f32, 1.0], vec![3.0f32, 1.0], vec![1.0f32, 5.0]);
+        let merge = |op: &Op, base: Option<Vec<f32>>| {
+            merge_tensor(op, base, vec![a.clone(), b.clone()], &ctx).expect("merges")
+        };
+        // karcher never reads the base, but hands its buffer back.
+        let karcher = Op::Karcher {
+            max_iter: 50,
+            tol: 1e-9,
+        };
+        let with = merge(&karcher, Some(base.clone()));
+        assert_eq!(with.values, merge(&karcher, None).values);
+        assert_eq!(with.spare.len(), 3);
+        // multislerp of task vectors (2, 0) and (0, 4): their directions'
+        // bisector at the mean norm 3, plus the base.
+        let multislerp = Op::Multislerp(crate::plan::MultislerpParams {
+            weights: vec![1.0, 1.0],
+            normalize_weights: true,
+            eps: 1e-8,
+        });
+        let e = 1.0 + 3.0 * std::f32::consts::FRAC_1_SQRT_2;
+        let m = merge(&multislerp, Some(base));
+        assert!(
+            m.values.iter().all(|v| (v - e).abs() < 1e-5),
+            "{:?}",
+            m.values
+        );
+        assert_eq!(m.spare.len(), 3);
+        assert_ne!(merge(&multislerp, None).values, m.values);
     }
 
     #[test]

@@ -22,10 +22,6 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
         .sum()
 }
 
-fn norm(a: &[f32]) -> f64 {
-    dot(a, a).sqrt()
-}
-
 /// The vectors a tensor of `shape` is cut into: `count` of `len` elements,
 /// contiguous (rows, or the whole tensor) or `strided` (along the first
 /// axis: element `i` of vector `v` at `i·count + v`).
@@ -164,22 +160,44 @@ pub fn nuslerp(
     }
 }
 
+/// K × K quadratic form cᵀ·G·c: the squared norm of Σₖ cₖ·xₖ, where `g`
+/// is the Gram matrix of the xₖ (never below 0).
+fn quadratic(g: &[f64], c: &[f64]) -> f64 {
+    let k = c.len();
+    let mut sum = 0.0;
+    for x in 0..k {
+        for y in 0..k {
+            sum += c[x] * c[y] * g[x * k + y];
+        }
+    }
+    sum.max(0.0)
+}
+
+/// G·c: each xₖ's dot with Σⱼ cⱼ·xⱼ.
+fn times(g: &[f64], c: &[f64]) -> Vec<f64> {
+    let k = c.len();
+    (0..k)
+        .map(|x| (0..k).map(|y| g[x * k + y] * c[y]).sum())
+        .collect()
+}
+
 /// mergekit's `multislerp`: the inputs (task vectors with a base) as points
 /// on the unit sphere, their weighted mean taken in the tangent space at
 /// their normalised weighted Euclidean mean and mapped back, scaled by the
 /// weighted mean norm. One input is returned as it is.
-pub fn multislerp(
-    p: &MultislerpParams,
-    base: Option<&[f32]>,
-    inputs: &mut [Vec<f32>],
-) -> Result<Vec<f32>, String> {
-    if inputs.len() == 1 {
-        return Ok(std::mem::take(&mut inputs[0]));
-    }
-    if let Some(base) = base {
-        for x in inputs.iter_mut() {
-            x.iter_mut().zip(base).for_each(|(x, b)| *x -= b);
-        }
+///
+/// Every vector mergekit forms (the mean, the tangent, the result) is a
+/// linear combination of the K inputs, and every norm and dot it takes is
+/// one of the Gram matrix `g` (K × K, of the task vectors): so this returns
+/// the result's coefficients r, merged = Σₖ rₖ·xₖ (+ the base), found in K
+/// dimensions rather than over the tensor. (mergekit's tangent is 0 to
+/// rounding, since Σₖ wₖ·dotₖ = ‖Σₖ wₖ·unitₖ‖: the result is the
+/// normalised weighted mean of the directions times the weighted mean norm.
+/// The steps are kept as mergekit writes them.)
+pub(super) fn multislerp(p: &MultislerpParams, g: &[f64]) -> Result<Vec<f64>, String> {
+    let k = p.weights.len();
+    if k == 1 {
+        return Ok(vec![1.0]);
     }
     let eps = p.eps;
     let total: f64 = p.weights.iter().sum();
@@ -188,30 +206,17 @@ pub fn multislerp(
     } else {
         p.weights.clone()
     };
-    let norms: Vec<f64> = inputs.iter().map(|x| norm(x)).collect();
-    let scale: Vec<f64> = norms
+    let norms: Vec<f64> = (0..k).map(|x| g[x * k + x].max(0.0).sqrt()).collect();
+    // mean = Σₖ wₖ·xₖ / (‖xₖ‖ + ε), normalised.
+    let mut mean: Vec<f64> = weights
         .iter()
-        .zip(&weights)
-        .map(|(n, w)| w / (n + eps))
+        .zip(&norms)
+        .map(|(w, n)| w / (n + eps))
         .collect();
-    let n = inputs[0].len();
-    let mut mean: Vec<f64> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            inputs
-                .iter()
-                .zip(&scale)
-                .map(|(x, s)| x[i] as f64 * s)
-                .sum()
-        })
-        .collect();
-    let mean_norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt();
+    let mean_norm = quadratic(g, &mean).sqrt();
     if mean_norm < eps {
-        if inputs.len() == 2 {
-            let (w0, w1) = (weights[0] as f32, weights[1] as f32);
-            return Ok((0..n)
-                .map(|i| inputs[0][i] * w0 + inputs[1][i] * w1 + base.map_or(0.0, |b| b[i]))
-                .collect());
+        if k == 2 {
+            return Ok(weights);
         }
         return Err(
             "the weighted sum of the inputs is zero (antipodal inputs with \
@@ -220,105 +225,85 @@ pub fn multislerp(
         );
     }
     mean.iter_mut().for_each(|m| *m /= mean_norm);
-    // dotₖ = unitₖ · mean.
-    let dots: Vec<f64> = inputs
+    // dotₖ = xₖ / (‖xₖ‖ + ε) · mean.
+    let dots: Vec<f64> = times(g, &mean)
         .iter()
         .zip(&norms)
-        .map(|(x, nk)| {
-            x.par_iter()
-                .zip(mean.par_iter())
-                .map(|(x, m)| *x as f64 / (nk + eps) * m)
-                .sum::<f64>()
-        })
+        .map(|(d, n)| d / (n + eps))
         .collect();
-    let tangent: Vec<f64> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            inputs
-                .iter()
-                .enumerate()
-                .map(|(k, x)| (x[i] as f64 / (norms[k] + eps) - dots[k] * mean[i]) * weights[k])
-                .sum()
-        })
+    // tangent = Σₖ wₖ·(xₖ / (‖xₖ‖ + ε) − dotₖ·mean).
+    let along: f64 = weights.iter().zip(&dots).map(|(w, d)| w * d).sum();
+    let tangent: Vec<f64> = (0..k)
+        .map(|x| weights[x] / (norms[x] + eps) - along * mean[x])
         .collect();
-    let tangent_norm = tangent.iter().map(|t| t * t).sum::<f64>().sqrt() + eps;
+    let tangent_norm = quadratic(g, &tangent).sqrt() + eps;
     let average_norm: f64 = norms.iter().zip(&weights).map(|(n, w)| n * w).sum();
     let (c, s) = (tangent_norm.cos(), tangent_norm.sin() / tangent_norm);
-    Ok((0..n)
-        .into_par_iter()
-        .map(|i| {
-            let r = ((mean[i] * c + tangent[i] * s) * average_norm) as f32;
-            r + base.map_or(0.0, |b| b[i])
-        })
+    Ok((0..k)
+        .map(|x| (mean[x] * c + tangent[x] * s) * average_norm)
         .collect())
 }
 
 /// mergekit's `karcher`: the Karcher (Riemannian) mean of the inputs'
 /// directions on the unit sphere, equal weights, at most `max_iter` steps
 /// until the tangent step is below `tol`, scaled by the mean of the norms.
-pub fn karcher(inputs: &[Vec<f32>], max_iter: usize, tol: f64) -> Vec<f32> {
-    if inputs.len() == 1 {
-        return inputs[0].clone();
+///
+/// As for [`multislerp`], the mean stays a linear combination of the K
+/// inputs through every step, so this iterates on its coefficients with the
+/// inputs' Gram matrix `g` and returns r, merged = Σₖ rₖ·xₖ.
+pub(super) fn karcher(g: &[f64], k: usize, max_iter: usize, tol: f64) -> Vec<f64> {
+    if k == 1 {
+        return vec![1.0];
     }
-    let n = inputs[0].len();
-    let alpha = 1.0 / inputs.len() as f64;
-    let norms: Vec<f64> = inputs.iter().map(|x| norm(x)).collect();
-    let valid: Vec<usize> = (0..inputs.len()).filter(|k| norms[*k] > tol).collect();
-    if valid.is_empty() {
-        return vec![0.0; n];
-    }
+    let alpha = 1.0 / k as f64;
+    let norms: Vec<f64> = (0..k).map(|x| g[x * k + x].max(0.0).sqrt()).collect();
+    let valid: Vec<usize> = (0..k).filter(|x| norms[*x] > tol).collect();
+    let Some(&first) = valid.first() else {
+        return vec![0.0; k];
+    };
     let a = 1.0 / valid.len() as f64;
-    let unit = |k: usize, i: usize| inputs[k][i] as f64 / norms[k];
-    let mut mean: Vec<f64> = (0..n)
-        .into_par_iter()
-        .map(|i| valid.iter().map(|&k| a * unit(k, i)).sum())
-        .collect();
-    let length = |v: &[f64]| v.par_iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mean_norm = length(&mean);
+    // unitₖ = xₖ / ‖xₖ‖; the mean starts at their normalised average.
+    let mut mean = vec![0.0; k];
+    valid.iter().for_each(|&x| mean[x] = a / norms[x]);
+    let mean_norm = quadratic(g, &mean).sqrt();
     if mean_norm < tol {
-        mean = (0..n).map(|i| unit(valid[0], i)).collect();
+        mean = vec![0.0; k];
+        mean[first] = 1.0 / norms[first];
     } else {
         mean.iter_mut().for_each(|m| *m /= mean_norm);
     }
     for _ in 0..max_iter {
-        let mut steps = Vec::new();
-        for &k in &valid {
-            let dot = mean
-                .par_iter()
-                .enumerate()
-                .map(|(i, m)| m * unit(k, i))
-                .sum::<f64>()
-                .clamp(-1.0, 1.0);
+        let along = times(g, &mean);
+        let mut tangent = vec![0.0; k];
+        for &x in &valid {
+            let dot = (along[x] / norms[x]).clamp(-1.0, 1.0);
             let theta = dot.acos();
             if theta < tol {
                 continue;
             }
-            steps.push((k, dot, a * theta / theta.sin()));
+            // f·(unitₓ − dot·mean)
+            let f = a * theta / theta.sin();
+            tangent[x] += f / norms[x];
+            tangent
+                .iter_mut()
+                .zip(&mean)
+                .for_each(|(t, m)| *t -= f * dot * m);
         }
-        let tangent: Vec<f64> = (0..n)
-            .into_par_iter()
-            .map(|i| {
-                steps
-                    .iter()
-                    .map(|&(k, dot, f)| f * (unit(k, i) - dot * mean[i]))
-                    .sum()
-            })
-            .collect();
-        let tangent_norm = length(&tangent);
+        let tangent_norm = quadratic(g, &tangent).sqrt();
         if tangent_norm < tol {
             break;
         }
         let (c, s) = (tangent_norm.cos(), tangent_norm.sin() / tangent_norm);
-        mean.par_iter_mut()
+        mean.iter_mut()
             .zip(&tangent)
             .for_each(|(m, t)| *m = c * *m + s * t);
-        let unit_norm = length(&mean);
+        let unit_norm = quadratic(g, &mean).sqrt();
         if unit_norm > tol {
             mean.iter_mut().for_each(|m| *m /= unit_norm);
         }
     }
     let scale: f64 = norms.iter().map(|n| alpha * n).sum();
-    mean.into_par_iter().map(|m| (scale * m) as f32).collect()
+    mean.iter().map(|m| scale * m).collect()
 }
 
 /// mergekit's `model_stock`: per tensor (or per row with `filter_wise`),
@@ -336,7 +321,7 @@ pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filte
     let k = inputs.len();
     let gram = |range: std::ops::Range<usize>| {
         let at: Vec<&[f32]> = inputs.iter().map(|x| &x[range.clone()]).collect();
-        stock_gram(&base[range], &at)
+        gram(Some(&base[range]), &at)
     };
     let grams: Vec<Vec<f64>> = if vectors.count == 1 {
         let chunks: Vec<usize> = (0..n).step_by(CHUNK).collect();
@@ -363,31 +348,58 @@ pub fn model_stock(base: &mut [f32], inputs: &[Vec<f32>], shape: &[usize], filte
     });
 }
 
-/// The Gram matrix (upper triangle of K × K, f64) of the task vectors
-/// `inputs[x] − base` at a run of positions (each difference in f32).
-/// Each entry is summed in 8 lanes, which the compiler vectorizes.
-pub(super) fn stock_gram(base: &[f32], inputs: &[&[f32]]) -> Vec<f64> {
+/// The Gram matrix (K × K, f64) of `inputs` at a run of positions, or of
+/// their task vectors `inputs[x] − base` (each difference in f32).
+pub(super) fn gram(base: Option<&[f32]>, inputs: &[&[f32]]) -> Vec<f64> {
     let k = inputs.len();
     let mut g = vec![0f64; k * k];
-    let (bases, base_tail) = base.as_chunks::<8>();
     for x in 0..k {
         for y in x..k {
-            let (xs, x_tail) = inputs[x][..base.len()].as_chunks::<8>();
-            let (ys, y_tail) = inputs[y][..base.len()].as_chunks::<8>();
-            let mut lanes = [0f64; 8];
-            for ((b, xv), yv) in bases.iter().zip(xs).zip(ys) {
-                for j in 0..8 {
-                    lanes[j] += f64::from(xv[j] - b[j]) * f64::from(yv[j] - b[j]);
-                }
-            }
-            let mut sum: f64 = lanes.iter().sum();
-            for ((b, xv), yv) in base_tail.iter().zip(x_tail).zip(y_tail) {
-                sum += f64::from(xv - b) * f64::from(yv - b);
-            }
-            g[x * k + y] = sum;
+            let dot = match base {
+                Some(b) => dot_from(b, inputs[x], inputs[y]),
+                None => dot_lanes(inputs[x], inputs[y]),
+            };
+            g[x * k + y] = dot;
+            g[y * k + x] = dot;
         }
     }
     g
+}
+
+/// (x − b)·(y − b), each difference in f32, summed in 8 f64 lanes, which
+/// the compiler vectorizes.
+fn dot_from(b: &[f32], x: &[f32], y: &[f32]) -> f64 {
+    let (bs, b_tail) = b.as_chunks::<8>();
+    let (xs, x_tail) = x[..b.len()].as_chunks::<8>();
+    let (ys, y_tail) = y[..b.len()].as_chunks::<8>();
+    let mut lanes = [0f64; 8];
+    for ((b, xv), yv) in bs.iter().zip(xs).zip(ys) {
+        for j in 0..8 {
+            lanes[j] += f64::from(xv[j] - b[j]) * f64::from(yv[j] - b[j]);
+        }
+    }
+    let mut sum: f64 = lanes.iter().sum();
+    for ((b, xv), yv) in b_tail.iter().zip(x_tail).zip(y_tail) {
+        sum += f64::from(xv - b) * f64::from(yv - b);
+    }
+    sum
+}
+
+/// x·y summed in 8 f64 lanes.
+fn dot_lanes(x: &[f32], y: &[f32]) -> f64 {
+    let (xs, x_tail) = x.as_chunks::<8>();
+    let (ys, y_tail) = y[..x.len()].as_chunks::<8>();
+    let mut lanes = [0f64; 8];
+    for (xv, yv) in xs.iter().zip(ys) {
+        for j in 0..8 {
+            lanes[j] += f64::from(xv[j]) * f64::from(yv[j]);
+        }
+    }
+    let mut sum: f64 = lanes.iter().sum();
+    for (xv, yv) in x_tail.iter().zip(y_tail) {
+        sum += f64::from(*xv) * f64::from(*yv);
+    }
+    sum
 }
 
 /// model_stock's t from the Gram matrix of K task vectors.
@@ -436,6 +448,19 @@ mod tests {
         }
     }
 
+    /// Σₖ rₖ·xₖ.
+    fn combined(r: &[f64], inputs: &[&[f32]]) -> Vec<f32> {
+        (0..inputs[0].len())
+            .map(|i| {
+                inputs
+                    .iter()
+                    .zip(r)
+                    .map(|(x, r)| r * f64::from(x[i]))
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
     #[test]
     fn multislerp_of_equal_inputs_is_that_input() {
         let p = MultislerpParams {
@@ -443,22 +468,53 @@ mod tests {
             normalize_weights: true,
             eps: 1e-8,
         };
-        let x = vec![0.5f32, -1.0, 2.0];
-        let out = multislerp(&p, None, &mut [x.clone(), x.clone()]).unwrap();
+        let x = [0.5f32, -1.0, 2.0];
+        let r = multislerp(&p, &gram(None, &[&x, &x])).unwrap();
+        let out = combined(&r, &[&x, &x]);
         for (a, b) in out.iter().zip(&x) {
             assert!((a - b).abs() < 1e-5, "{out:?}");
         }
     }
 
     #[test]
+    fn multislerp_of_balancing_antipodes_is_refused_past_two() {
+        let p = MultislerpParams {
+            weights: vec![1.0, 1.0, 0.0],
+            normalize_weights: false,
+            eps: 1e-8,
+        };
+        let (a, b, c) = ([1.0f32, 2.0], [-1.0f32, -2.0], [3.0f32, 0.0]);
+        assert!(multislerp(&p, &gram(None, &[&a, &b, &c])).is_err());
+        // Two inputs fall back to their weighted sum.
+        let two = MultislerpParams {
+            weights: vec![1.0, 1.0],
+            ..p
+        };
+        assert_eq!(multislerp(&two, &gram(None, &[&a, &b])), Ok(vec![1.0, 1.0]));
+    }
+
+    #[test]
     fn karcher_of_two_directions_bisects_them() {
-        let out = karcher(&[vec![2.0, 0.0], vec![0.0, 4.0]], 50, 1e-9);
+        let (a, b) = ([2.0f32, 0.0], [0.0f32, 4.0]);
+        let r = karcher(&gram(None, &[&a, &b]), 2, 50, 1e-9);
+        let out = combined(&r, &[&a, &b]);
         // Direction (1, 1)/√2, scaled by the mean norm 3.
         let e = 3.0 * std::f32::consts::FRAC_1_SQRT_2;
         assert!(
             (out[0] - e).abs() < 1e-5 && (out[1] - e).abs() < 1e-5,
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn karcher_of_three_directions_is_their_spherical_centre() {
+        // Three unit axes: by symmetry the mean is (1, 1, 1)/√3, scaled by
+        // the mean norm (1 + 2 + 3)/3 = 2.
+        let (a, b, c) = ([1.0f32, 0.0, 0.0], [0.0f32, 2.0, 0.0], [0.0f32, 0.0, 3.0]);
+        let r = karcher(&gram(None, &[&a, &b, &c]), 3, 50, 1e-12);
+        let out = combined(&r, &[&a, &b, &c]);
+        let e = 2.0 / 3f32.sqrt();
+        assert!(out.iter().all(|x| (x - e).abs() < 1e-5), "{out:?}");
     }
 
     #[test]

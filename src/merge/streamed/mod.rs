@@ -1,33 +1,37 @@
 //! The merges that need a whole-tensor statistic before any position can be
 //! written, as passes over a [`Stream`]: TIES, DARE(-TIES), breadcrumbs,
-//! task arithmetic with sign election and model_stock here, OBIM in
-//! `obim.rs`, DELLA (by whole rows) in `della.rs`, SCE in `sce.rs`; the
-//! counting passes that find a top-k threshold in `select.rs`. Each pass
+//! task arithmetic with sign election here, OBIM in `obim.rs`, DELLA (by
+//! whole rows) in `della.rs`, SCE in `sce.rs`, model_stock, multislerp and
+//! karcher in `spherical.rs`; the counting passes that find a top-k
+//! threshold in `select.rs`. Each pass
 //! decodes a chunk of every operand it needs from the mapped bytes, uses it
 //! while it is in cache and drops it, so no whole-tensor f32 copy is made:
 //!
 //! - a magnitude threshold (TIES, breadcrumbs, SCE's variance) takes two
 //!   counting passes, for every input at once;
 //! - DARE's rescaling takes one pass for the L1 norms before and after;
-//!   model_stock one for the Gram matrix of the task vectors;
+//!   model_stock, multislerp and karcher one for the Gram matrix of their
+//!   vectors;
 //! - OBIM's claims take, per input, a counting pass (which also makes the
 //!   previous input's claim) and a pass for the threshold's ties, and keep
 //!   one byte per position: who owns it;
 //! - the last pass trims, elects, sums and encodes.
 //!
 //! The arithmetic is that of the whole-tensor definitions in mergekit's
-//! order, so a streamed merge equals one made from decoded tensors.
+//! order, so a streamed merge equals one made from decoded tensors;
+//! multislerp and karcher, which take their norms and dots from the Gram
+//! matrix, equal them to f64 rounding.
 
 mod della;
 mod obim;
 mod sce;
 mod select;
+mod spherical;
 #[cfg(test)]
 mod tests;
 
 use self::select::{Count, Cut, Rule};
 use crate::merge::kernels::uniform;
-use crate::merge::spherical::{stock_gram, stock_merge, stock_ratio};
 use crate::merge::{MergeError, Pointwise, TensorContext, add_task_vectors, dare_stream, f32s};
 use crate::plan::{Op, Sparsify, TaskVectorParams};
 use crate::recipe::Dtype;
@@ -58,16 +62,30 @@ pub fn handles(op: &Op) -> bool {
     match op {
         Op::Obim(_) | Op::Sce { .. } => true,
         Op::ModelStock { filter_wise } => !filter_wise,
+        Op::Multislerp(_) | Op::Karcher { .. } => true,
         Op::TaskVectors(_) => Pointwise::of(op).is_none(),
         _ => false,
     }
 }
 
-/// Merges one tensor whose operands are `stream`'s (the base, then the
-/// inputs), encoded in `dtype` into the front of `out`.
+/// Whether a merge by `op` (which [`handles`]) reads the base, given
+/// whether the merge has one: multislerp merges task vectors where there is
+/// a base, karcher never reads it, the rest always do.
+pub fn reads_base(op: &Op, has_base: bool) -> bool {
+    match op {
+        Op::Multislerp(_) => has_base,
+        Op::Karcher { .. } => false,
+        _ => true,
+    }
+}
+
+/// Merges one tensor whose operands are `stream`'s (the base, where
+/// [`reads_base`], then the inputs), encoded in `dtype` into the front of
+/// `out`.
 pub fn merge<'o>(
     op: &Op,
     stream: &Stream,
+    base: bool,
     ctx: &TensorContext,
     dtype: Dtype,
     out: &'o mut [u8],
@@ -80,7 +98,11 @@ pub fn merge<'o>(
             _ => Ok(task_vectors(p, stream, ctx, dtype, out)),
         },
         Op::Obim(p) => obim::merge(p, stream, ctx, dtype, out),
-        Op::ModelStock { filter_wise: false } => Ok(model_stock(stream, dtype, out)),
+        Op::ModelStock { filter_wise: false } => Ok(spherical::model_stock(stream, dtype, out)),
+        Op::Multislerp(p) => spherical::multislerp(p, stream, base, ctx, dtype, out),
+        Op::Karcher { max_iter, tol } => {
+            Ok(spherical::karcher(*max_iter, *tol, stream, dtype, out))
+        }
         Op::Sce { select_topk } => sce::merge(*select_topk, stream, ctx, dtype, out),
         _ => Err(MergeError::Invalid {
             tensor: ctx.name.to_string(),
@@ -347,28 +369,4 @@ fn pack(keep: &[u32]) -> Vec<u64> {
                 .fold(0u64, |word, (i, m)| word | u64::from(m & 1) << i)
         })
         .collect()
-}
-
-/// model_stock per tensor (`spherical::model_stock`): the task vectors'
-/// Gram matrix in one pass, summed chunk by chunk in order, then a pass
-/// that writes t·mean(inputs) + (1 − t)·base.
-fn model_stock<'o>(stream: &Stream, dtype: Dtype, out: &'o mut [u8]) -> Written<'o> {
-    let k = stream.operands() - 1;
-    let all: Vec<usize> = (0..=k).collect();
-    let per_chunk = stream.map(&all, |_, chunk| stock_gram(chunk[0], &chunk[1..]));
-    let gram = per_chunk.into_iter().fold(vec![0f64; k * k], |mut g, c| {
-        g.iter_mut().zip(c).for_each(|(g, c)| *g += c);
-        g
-    });
-    let t = stock_ratio(&gram, k);
-    Written::of(
-        stream.write(&all, nothing(stream), dtype, out, |_, (), chunk| {
-            let Some((b, xs)) = chunk.split_first_mut() else {
-                return;
-            };
-            for (i, w0) in b.iter_mut().enumerate() {
-                *w0 = stock_merge(t, *w0, xs.iter().map(|x| x[i]));
-            }
-        }),
-    )
 }

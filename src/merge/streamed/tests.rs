@@ -4,10 +4,11 @@
 use super::*;
 use crate::checkpoint::TensorDtype;
 use crate::merge::kernels::quota;
-use crate::plan::ObimParams;
+use crate::plan::{MultislerpParams, ObimParams};
 use crate::recipe::Saliency;
 use crate::stream::CHUNK;
 use crate::tensors::{from_f32, to_f32};
+use rayon::prelude::*;
 
 /// `operands` encoded in `dtype`, one buffer each, for [`stream_of`].
 pub(super) fn encoded(operands: &[Vec<f32>], dtype: Dtype) -> Vec<Vec<u8>> {
@@ -22,10 +23,20 @@ pub(super) fn stream_of(bytes: &[Vec<u8>], dtype: TensorDtype) -> Stream<'_> {
 /// `op` streamed from `operands` (the base, then the inputs) stored in
 /// bf16, written in f32; with the positions each input won.
 fn streamed(op: &Op, operands: &[Vec<f32>], cols: usize) -> (Vec<f32>, Option<Vec<u64>>) {
+    streamed_from(op, operands, true, cols)
+}
+
+/// [`streamed`] where the first operand is the base only when `base`.
+fn streamed_from(
+    op: &Op,
+    operands: &[Vec<f32>],
+    base: bool,
+    cols: usize,
+) -> (Vec<f32>, Option<Vec<u64>>) {
     let bytes = encoded(operands, Dtype::Bf16);
     let stream = stream_of(&bytes, TensorDtype::Bf16);
     let n = operands[0].len();
-    let obd = vec![None; operands.len() - 1];
+    let obd = vec![None; operands.len() - usize::from(base)];
     let ctx = TensorContext {
         name: "t",
         shape: &[n / cols, cols],
@@ -33,7 +44,7 @@ fn streamed(op: &Op, operands: &[Vec<f32>], cols: usize) -> (Vec<f32>, Option<Ve
         grams: &[],
     };
     let mut out = vec![0; n * 4];
-    let written = merge(op, &stream, &ctx, Dtype::F32, &mut out).expect("merges");
+    let written = merge(op, &stream, base, &ctx, Dtype::F32, &mut out).expect("merges");
     assert_eq!(written.non_finite, 0);
     (
         to_f32(written.bytes, TensorDtype::F32).expect("f32"),
@@ -327,5 +338,229 @@ fn obim_equals_sorting(o: &[Vec<f32>], settings: &[(Vec<usize>, Vec<f64>)]) {
         let (expected, expected_won) = obim_by_sorting(&p, o);
         assert_eq!(won, Some(expected_won), "{p:?}");
         assert!(merged == expected, "{p:?}");
+    }
+}
+
+/// mergekit's `multislerp` over whole tensors, as obim merged it before
+/// it streamed: the inputs (task vectors with a base) as points
+/// on the unit sphere, their weighted mean taken in the tangent space at
+/// their normalised weighted Euclidean mean and mapped back, scaled by the
+/// weighted mean norm. One input is returned as it is.
+fn multislerp_whole(
+    p: &MultislerpParams,
+    base: Option<&[f32]>,
+    inputs: &mut [Vec<f32>],
+) -> Result<Vec<f32>, String> {
+    if inputs.len() == 1 {
+        return Ok(std::mem::take(&mut inputs[0]));
+    }
+    if let Some(base) = base {
+        for x in inputs.iter_mut() {
+            x.iter_mut().zip(base).for_each(|(x, b)| *x -= b);
+        }
+    }
+    let eps = p.eps;
+    let total: f64 = p.weights.iter().sum();
+    let weights: Vec<f64> = if p.normalize_weights {
+        p.weights.iter().map(|w| w / total).collect()
+    } else {
+        p.weights.clone()
+    };
+    let norms: Vec<f64> = inputs.iter().map(|x| norm(x)).collect();
+    let scale: Vec<f64> = norms
+        .iter()
+        .zip(&weights)
+        .map(|(n, w)| w / (n + eps))
+        .collect();
+    let n = inputs[0].len();
+    let mut mean: Vec<f64> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            inputs
+                .iter()
+                .zip(&scale)
+                .map(|(x, s)| x[i] as f64 * s)
+                .sum()
+        })
+        .collect();
+    let mean_norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt();
+    if mean_norm < eps {
+        if inputs.len() == 2 {
+            let (w0, w1) = (weights[0] as f32, weights[1] as f32);
+            return Ok((0..n)
+                .map(|i| inputs[0][i] * w0 + inputs[1][i] * w1 + base.map_or(0.0, |b| b[i]))
+                .collect());
+        }
+        return Err(
+            "the weighted sum of the inputs is zero (antipodal inputs with \
+                    balancing weights); change the weights"
+                .to_string(),
+        );
+    }
+    mean.iter_mut().for_each(|m| *m /= mean_norm);
+    // dotₖ = unitₖ · mean.
+    let dots: Vec<f64> = inputs
+        .iter()
+        .zip(&norms)
+        .map(|(x, nk)| {
+            x.par_iter()
+                .zip(mean.par_iter())
+                .map(|(x, m)| *x as f64 / (nk + eps) * m)
+                .sum::<f64>()
+        })
+        .collect();
+    let tangent: Vec<f64> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            inputs
+                .iter()
+                .enumerate()
+                .map(|(k, x)| (x[i] as f64 / (norms[k] + eps) - dots[k] * mean[i]) * weights[k])
+                .sum()
+        })
+        .collect();
+    let tangent_norm = tangent.iter().map(|t| t * t).sum::<f64>().sqrt() + eps;
+    let average_norm: f64 = norms.iter().zip(&weights).map(|(n, w)| n * w).sum();
+    let (c, s) = (tangent_norm.cos(), tangent_norm.sin() / tangent_norm);
+    Ok((0..n)
+        .into_par_iter()
+        .map(|i| {
+            let r = ((mean[i] * c + tangent[i] * s) * average_norm) as f32;
+            r + base.map_or(0.0, |b| b[i])
+        })
+        .collect())
+}
+
+/// mergekit's `karcher` over whole tensors, as obim merged it before it
+/// streamed: the Karcher (Riemannian) mean of the inputs'
+/// directions on the unit sphere, equal weights, at most `max_iter` steps
+/// until the tangent step is below `tol`, scaled by the mean of the norms.
+fn karcher_whole(inputs: &[Vec<f32>], max_iter: usize, tol: f64) -> Vec<f32> {
+    if inputs.len() == 1 {
+        return inputs[0].clone();
+    }
+    let n = inputs[0].len();
+    let alpha = 1.0 / inputs.len() as f64;
+    let norms: Vec<f64> = inputs.iter().map(|x| norm(x)).collect();
+    let valid: Vec<usize> = (0..inputs.len()).filter(|k| norms[*k] > tol).collect();
+    if valid.is_empty() {
+        return vec![0.0; n];
+    }
+    let a = 1.0 / valid.len() as f64;
+    let unit = |k: usize, i: usize| inputs[k][i] as f64 / norms[k];
+    let mut mean: Vec<f64> = (0..n)
+        .into_par_iter()
+        .map(|i| valid.iter().map(|&k| a * unit(k, i)).sum())
+        .collect();
+    let length = |v: &[f64]| v.par_iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mean_norm = length(&mean);
+    if mean_norm < tol {
+        mean = (0..n).map(|i| unit(valid[0], i)).collect();
+    } else {
+        mean.iter_mut().for_each(|m| *m /= mean_norm);
+    }
+    for _ in 0..max_iter {
+        let mut steps = Vec::new();
+        for &k in &valid {
+            let dot = mean
+                .par_iter()
+                .enumerate()
+                .map(|(i, m)| m * unit(k, i))
+                .sum::<f64>()
+                .clamp(-1.0, 1.0);
+            let theta = dot.acos();
+            if theta < tol {
+                continue;
+            }
+            steps.push((k, dot, a * theta / theta.sin()));
+        }
+        let tangent: Vec<f64> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                steps
+                    .iter()
+                    .map(|&(k, dot, f)| f * (unit(k, i) - dot * mean[i]))
+                    .sum()
+            })
+            .collect();
+        let tangent_norm = length(&tangent);
+        if tangent_norm < tol {
+            break;
+        }
+        let (c, s) = (tangent_norm.cos(), tangent_norm.sin() / tangent_norm);
+        mean.par_iter_mut()
+            .zip(&tangent)
+            .for_each(|(m, t)| *m = c * *m + s * t);
+        let unit_norm = length(&mean);
+        if unit_norm > tol {
+            mean.iter_mut().for_each(|m| *m /= unit_norm);
+        }
+    }
+    let scale: f64 = norms.iter().map(|n| alpha * n).sum();
+    mean.into_par_iter().map(|m| (scale * m) as f32).collect()
+}
+
+fn norm(a: &[f32]) -> f64 {
+    a.iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// A base and three inputs that differ from it by a few bf16 steps: the
+/// fine-tunes' weights are nearly parallel, their task vectors are not.
+fn fine_tunes(n: usize) -> Vec<Vec<f32>> {
+    let base = bf16((0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0));
+    let mut operands = vec![base.clone()];
+    for k in 0..3 {
+        let x = bf16(
+            base.iter()
+                .enumerate()
+                .map(|(i, b)| b + (((i * (5 + 2 * k) + k * 7) % 13) as f32 - 6.0) / 1024.0),
+        );
+        operands.push(x);
+    }
+    operands
+}
+
+/// The largest |a − b| relative to the largest |b|.
+fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    worst / scale
+}
+
+#[test]
+fn multislerp_and_karcher_stream_as_they_merge_whole_tensors() {
+    // Coefficients from the Gram matrix against norms and dots over the
+    // tensor: equal to f32 rounding, including karcher of nearly parallel
+    // weights, where the Gram matrix is ill-conditioned.
+    for o in [family(3 * CHUNK + 77), fine_tunes(3 * CHUNK + 77)] {
+        let p = MultislerpParams {
+            weights: vec![1.0, 0.5, 2.0],
+            normalize_weights: true,
+            eps: 1e-8,
+        };
+        let op = Op::Multislerp(p.clone());
+        let merged = streamed_from(&op, &o, true, 1).0;
+        let whole = multislerp_whole(&p, Some(&o[0]), &mut o[1..].to_vec()).expect("merges");
+        let error = relative_error(&merged, &whole);
+        assert!(error < 1e-6, "multislerp with a base: {error}");
+        assert!(merged != o[0]);
+
+        let merged = streamed_from(&op, &o[1..], false, 1).0;
+        let whole = multislerp_whole(&p, None, &mut o[1..].to_vec()).expect("merges");
+        let error = relative_error(&merged, &whole);
+        assert!(error < 1e-6, "multislerp without a base: {error}");
+
+        let op = Op::Karcher {
+            max_iter: 10,
+            tol: 1e-5,
+        };
+        let merged = streamed_from(&op, &o[1..], false, 1).0;
+        let whole = karcher_whole(&o[1..], 10, 1e-5);
+        let error = relative_error(&merged, &whole);
+        assert!(error < 1e-6, "karcher: {error}");
+        assert!(merged != o[1]);
     }
 }
