@@ -117,18 +117,54 @@ pub fn count_high(h: &mut [u32], keys: &[u32]) {
     }
 }
 
-/// [`count_high`], and in the same loop [`Window::keep`]: keys in the
-/// window are rare, so the test is a branch that is almost never taken.
+/// Counts `keys` for a chunk outside the sample once a window is guessed:
+/// the keys in the window are kept (in order, as [`Window::keep`]) and
+/// their high digits counted, but the others only by side. Keys above the
+/// window go to the bin just above it, keys below it to the bin just below
+/// it, 0 to the spares. So the totals and the zeros stay exact while the
+/// loop over every key is compares and adds, without scattered increments;
+/// [`cuts_counted`] counts again in full when the cut falls outside the
+/// window after all.
 pub fn count_high_keeping(h: &mut [u32], keys: &[u32], window: Window, out: &mut Vec<u32>) {
     let span = window.hi - window.lo;
-    for (j, &key) in keys.iter().enumerate() {
-        let zero = usize::from(key == 0).wrapping_neg();
-        let bin = (((1 << 16) + j % SPARE) & zero) | ((key >> 16) as usize & !zero);
-        h[bin] += 1;
-        if (key >> 16).wrapping_sub(window.lo) <= span {
-            out.push(key);
+    let inside = |k: u32| (k >> 16).wrapping_sub(window.lo) <= span;
+    let (mut above, mut zeros, mut counted) = (0u32, 0u32, 0u32);
+    let mut keep = |k: u32| {
+        if inside(k) {
+            out.push(k);
+            // 0 is in the window when it starts at digit 0; it is counted
+            // with the zeros.
+            h[(k >> 16) as usize] += u32::from(k != 0);
+            counted += u32::from(k != 0);
+        }
+    };
+    let (blocks, tail) = keys.as_chunks::<8>();
+    for block in blocks {
+        let mut any = false;
+        for &k in block {
+            above += u32::from(k >> 16 > window.hi);
+            zeros += u32::from(k == 0);
+            any |= inside(k);
+        }
+        if any {
+            block.iter().for_each(|&k| keep(k));
         }
     }
+    for &k in tail {
+        above += u32::from(k >> 16 > window.hi);
+        zeros += u32::from(k == 0);
+        keep(k);
+    }
+    // Keys are below the window only where it starts above digit 0, and
+    // above it only where it ends below the last digit.
+    let below = keys.len() as u32 - above - zeros - counted;
+    if below > 0 {
+        h[window.lo as usize - 1] += below;
+    }
+    if above > 0 {
+        h[window.hi as usize + 1] += above;
+    }
+    h[1 << 16] += zeros;
 }
 
 /// Per-thread counts summed: `selections` histograms of the 2^16 high
@@ -187,7 +223,8 @@ pub fn sample(stream: &Stream) -> Option<Vec<usize>> {
     (chunks >= 4 * SAMPLE_EVERY).then(|| (SAMPLE_EVERY / 2..chunks).step_by(SAMPLE_EVERY).collect())
 }
 
-fn sampled(c: usize) -> bool {
+/// Whether chunk `c` is in the sample.
+pub(super) fn sampled(c: usize) -> bool {
     c % SAMPLE_EVERY == SAMPLE_EVERY / 2
 }
 
@@ -364,30 +401,6 @@ pub fn cuts_counted(
     key: &(impl Fn(usize, usize, &[&[f32]], &mut [u32]) + Sync),
 ) -> Vec<Cut> {
     let selections = counts.len();
-    let zero: Vec<u64> = (0..selections).map(|s| zeros(high, s)).collect();
-    let high = totals(high, selections);
-    // Per selection: its k, and the digit and count above it where the cut
-    // falls inside the keys.
-    let located: Vec<Option<(usize, usize, u64)>> = counts
-        .iter()
-        .zip(&high)
-        .zip(&zero)
-        .map(|((count, h), &zero)| {
-            let k = count(h, zero);
-            let (hi, above) = locate(h, k as u64).filter(|_| k > 0)?;
-            Some((k, hi, above))
-        })
-        .collect();
-    // Whether selection s's bucket is among the kept keys.
-    let hit = |s: usize| {
-        let window = kept.and_then(|kept| kept.windows[s]);
-        matches!((window, located[s]), (Some(w), Some((_, hi, _))) if w.contains(hi))
-    };
-    let hits: Vec<bool> = (0..selections).map(hit).collect();
-    let revisit = |s: usize, c: usize| located[s].is_some() && (!hits[s] || sampled(c));
-    let chunks: Vec<usize> = (0..stream.chunks())
-        .filter(|&c| (0..selections).any(|s| revisit(s, c)))
-        .collect();
     // The selection whose keys selection s uses.
     let owner = |mut s: usize| {
         while same_keys.get(s) == Some(&true) && s > 0 {
@@ -395,6 +408,68 @@ pub fn cuts_counted(
         }
         s
     };
+    let locate_all = |high: &[u32]| {
+        let zero: Vec<u64> = (0..selections).map(|s| zeros(high, s)).collect();
+        let totals = totals(high, selections);
+        // Per selection: its k, and the digit and count above it where the
+        // cut falls inside the keys.
+        let located: Vec<Option<(usize, usize, u64)>> = counts
+            .iter()
+            .zip(&totals)
+            .zip(&zero)
+            .map(|((count, h), &zero)| {
+                let k = count(h, zero);
+                let (hi, above) = locate(h, k as u64).filter(|_| k > 0)?;
+                Some((k, hi, above))
+            })
+            .collect();
+        (zero, totals, located)
+    };
+    let (mut zero, mut high_totals, mut located) = locate_all(high);
+    // Outside its window a selection's histogram lumps the chunks past the
+    // sample into one bin each side (`count_high_keeping`): where the cut
+    // falls there, the sample guessed wrong, and its keys are counted again
+    // in full over every chunk.
+    let window = |s: usize| kept.and_then(|kept| kept.windows[s]);
+    let lumped = |s: usize, located: &[Option<(usize, usize, u64)>]| matches!((window(owner(s)), located[s]), (Some(w), Some((_, hi, _))) if !w.contains(hi));
+    let mut again: Vec<usize> = (0..selections)
+        .filter(|&s| lumped(s, &located))
+        .map(owner)
+        .collect();
+    again.dedup();
+    if !again.is_empty() {
+        let all = (0..stream.chunks()).map(|c| (c, ())).collect();
+        let fresh = stream.fold(
+            which,
+            all,
+            || vec![0u32; selections * BINS],
+            |mut h, c, (), chunk| {
+                with_keys(stream.chunk_len(c), |keys| {
+                    for &s in &again {
+                        key(s, c, chunk, keys);
+                        count_high(&mut h[s * BINS..(s + 1) * BINS], keys);
+                    }
+                });
+                h
+            },
+            add_counts,
+        );
+        let mut high = high.to_vec();
+        for s in (0..selections).filter(|&s| again.contains(&owner(s))) {
+            let from = owner(s) * BINS;
+            high[s * BINS..(s + 1) * BINS].copy_from_slice(&fresh[from..from + BINS]);
+        }
+        (zero, high_totals, located) = locate_all(&high);
+    }
+    let high = high_totals;
+    // Whether selection s's bucket is among the kept keys.
+    let hit =
+        |s: usize| matches!((window(s), located[s]), (Some(w), Some((_, hi, _))) if w.contains(hi));
+    let hits: Vec<bool> = (0..selections).map(hit).collect();
+    let revisit = |s: usize, c: usize| located[s].is_some() && (!hits[s] || sampled(c));
+    let chunks: Vec<usize> = (0..stream.chunks())
+        .filter(|&c| (0..selections).any(|s| revisit(s, c)))
+        .collect();
     let revisited = stream.map_over(which, &chunks, |c, chunk| {
         with_keys(stream.chunk_len(c), |keys| {
             let mut made = None;
@@ -552,23 +627,22 @@ mod tests {
         assert!(s[..k].iter().all(|x| *x) && s[k..].iter().all(|x| !*x));
     }
 
-    /// Sampled selections (64 chunks and more) agree with sorting, both
-    /// when the sample guesses the cut's digits (only the sample is
-    /// revisited) and when it cannot (sampled chunks unlike the others:
-    /// every chunk is revisited).
+    /// Sampled selections (64 chunks and more) agree with sorting: when
+    /// the sample guesses the cut's digits (only the sample is revisited),
+    /// when it guesses wrong (sampled chunks a little unlike the others:
+    /// every chunk is counted again in full, then revisited), and when it
+    /// cannot guess (sampled chunks far from the others: no window, every
+    /// chunk is revisited).
     #[test]
     fn sampled_select_agrees_with_sorting_and_revisits_only_the_sample() {
         let n = 64 * CHUNK + 333;
         let chunks = n.div_ceil(CHUNK);
-        for misleading in [false, true] {
+        let sample = (0..chunks).filter(|&c| sampled(c)).count();
+        for (shift, expected_revisits) in [(0.0, sample), (3.0, 2 * chunks), (1000.0, chunks)] {
             let values: Vec<f32> = (0..n)
                 .map(|i| {
                     let v = ((i * 7919) % 100_003) as f32 / 1000.0 - 40.0;
-                    if misleading && sampled(i / CHUNK) {
-                        v + 1000.0
-                    } else {
-                        v
-                    }
+                    if sampled(i / CHUNK) { v + shift } else { v }
                 })
                 .collect();
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -583,12 +657,7 @@ mod tests {
                 }
             })[0];
             let revisited = visits.into_inner() - chunks;
-            let expected_revisits = if misleading {
-                chunks
-            } else {
-                (0..chunks).filter(|&c| sampled(c)).count()
-            };
-            assert_eq!(revisited, expected_revisits, "misleading: {misleading}");
+            assert_eq!(revisited, expected_revisits, "shift: {shift}");
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
             let mut expected = vec![false; n];
@@ -599,7 +668,7 @@ mod tests {
                 let range = c * CHUNK..(c * CHUNK + stream.chunk_len(c));
                 picked.extend(values[range].iter().map(|v| selected(order_key(*v).max(1))));
             }
-            assert!(picked == expected, "misleading: {misleading}");
+            assert!(picked == expected, "shift: {shift}");
         }
     }
 

@@ -74,6 +74,37 @@ fn family(n: usize) -> Vec<Vec<f32>> {
     operands
 }
 
+/// A base and three inputs whose task vectors take many values, so that a
+/// sample's histogram can name a narrow window for a cut.
+fn smooth_family(n: usize) -> Vec<Vec<f32>> {
+    let base = bf16((0..n).map(|i| (i as f32 * 0.37).sin()));
+    let mut operands = vec![base.clone()];
+    for k in 0..3 {
+        let step = 1.3 + k as f32;
+        operands.push(bf16(
+            base.iter()
+                .enumerate()
+                .map(|(i, b)| b + 0.1 * (i as f32 * step + k as f32).sin()),
+        ));
+    }
+    operands
+}
+
+/// `operands` with the task vectors `factor` times as large in the chunks the
+/// counting passes sample: the cut they guess from the sample is wrong.
+fn misleading_sample(mut operands: Vec<Vec<f32>>, factor: f32) -> Vec<Vec<f32>> {
+    if let Some((base, xs)) = operands.split_first_mut() {
+        for x in xs {
+            for (i, (x, b)) in x.iter_mut().zip(&*base).enumerate() {
+                if select::sampled(i / CHUNK) {
+                    *x = bf16([b + factor * (*x - b)].into_iter())[0];
+                }
+            }
+        }
+    }
+    operands
+}
+
 /// Positions by `key` descending, ties to the lower index.
 fn ranked(n: usize, key: impl Fn(usize) -> f32) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
@@ -230,10 +261,23 @@ fn breadcrumbs_equal_sorting_every_magnitude() {
             order[bottom..(bottom + target).min(n)].to_vec()
         })
     };
-    // 64 chunks and more: the cuts are guessed from a sample first.
-    for n in [3 * CHUNK + 77, 64 * CHUNK + 77] {
-        let o = family(n);
-        assert!(streamed(&op, &o, 11).0 == by_sorting(&o), "n {n}");
+    // 64 chunks and more: the cuts are guessed from a sample first; where
+    // the sample's deltas are unlike the others' the guess is wrong, and
+    // the keys are counted again.
+    for (n, misleading) in [
+        (3 * CHUNK + 77, false),
+        (64 * CHUNK + 77, false),
+        (64 * CHUNK + 77, true),
+    ] {
+        let o = if misleading {
+            misleading_sample(family(n), 8.0)
+        } else {
+            family(n)
+        };
+        assert!(
+            streamed(&op, &o, 11).0 == by_sorting(&o),
+            "n {n}, misleading {misleading}"
+        );
     }
 }
 
@@ -323,6 +367,11 @@ fn obim_equals_claiming_by_sorting() {
     ];
     obim_equals_sorting(&family(3 * CHUNK + 77), &settings);
     obim_equals_sorting(&family(64 * CHUNK + 77), &settings[1..2]);
+    // Many distinct keys: the sample names a window for each claim, right
+    // or (where the sample misleads) wrong.
+    let smooth = smooth_family(64 * CHUNK + 77);
+    obim_equals_sorting(&smooth, &settings[1..2]);
+    obim_equals_sorting(&misleading_sample(smooth, 1.25), &settings[1..2]);
 }
 
 fn obim_equals_sorting(o: &[Vec<f32>], settings: &[(Vec<usize>, Vec<f64>)]) {
