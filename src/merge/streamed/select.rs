@@ -311,7 +311,7 @@ impl Kept {
 /// at least once per chunk and again for revisited chunks, and must give
 /// the same keys each time. Where `same_keys[s]`, selection s has
 /// selection s − 1's keys (breadcrumbs' two cuts of one input): they are
-/// made and counted once.
+/// made once, and counted once in the sample.
 pub fn cuts(
     stream: &Stream,
     which: &[usize],
@@ -332,12 +332,13 @@ pub fn cuts(
                         if !shared(s) {
                             key(s, c, chunk, keys);
                         }
+                        // Past the sample each selection counts for itself:
+                        // its histogram is exact only inside its own window.
                         match (slot.as_mut(), windows.get(s)) {
-                            (Some(slot), Some(Some(w))) if shared(s) => w.keep(keys, &mut slot[s]),
                             (Some(slot), Some(Some(w))) => {
                                 count_high_keeping(h, keys, *w, &mut slot[s])
                             }
-                            _ if shared(s) => {}
+                            (None, _) if shared(s) => {}
                             _ => count_high(h, keys),
                         }
                     }
@@ -346,8 +347,10 @@ pub fn cuts(
             },
             add_counts,
         );
-        for s in (1..selections).filter(|&s| shared(s)) {
-            high.copy_within((s - 1) * BINS..s * BINS, s * BINS);
+        if windows.is_empty() {
+            for s in (1..selections).filter(|&s| shared(s)) {
+                high.copy_within((s - 1) * BINS..s * BINS, s * BINS);
+            }
         }
         high
     };
@@ -431,12 +434,8 @@ pub fn cuts_counted(
     // falls there, the sample guessed wrong, and its keys are counted again
     // in full over every chunk.
     let window = |s: usize| kept.and_then(|kept| kept.windows[s]);
-    let lumped = |s: usize, located: &[Option<(usize, usize, u64)>]| matches!((window(owner(s)), located[s]), (Some(w), Some((_, hi, _))) if !w.contains(hi));
-    let mut again: Vec<usize> = (0..selections)
-        .filter(|&s| lumped(s, &located))
-        .map(owner)
-        .collect();
-    again.dedup();
+    let lumped = |s: usize| matches!((window(s), located[s]), (Some(w), Some((_, hi, _))) if !w.contains(hi));
+    let again: Vec<usize> = (0..selections).filter(|&s| lumped(s)).collect();
     if !again.is_empty() {
         let all = (0..stream.chunks()).map(|c| (c, ())).collect();
         let fresh = stream.fold(
@@ -445,8 +444,12 @@ pub fn cuts_counted(
             || vec![0u32; selections * BINS],
             |mut h, c, (), chunk| {
                 with_keys(stream.chunk_len(c), |keys| {
+                    let mut made = None;
                     for &s in &again {
-                        key(s, c, chunk, keys);
+                        if made != Some(owner(s)) {
+                            key(s, c, chunk, keys);
+                            made = Some(owner(s));
+                        }
                         count_high(&mut h[s * BINS..(s + 1) * BINS], keys);
                     }
                 });
@@ -455,9 +458,9 @@ pub fn cuts_counted(
             add_counts,
         );
         let mut high = high.to_vec();
-        for s in (0..selections).filter(|&s| again.contains(&owner(s))) {
-            let from = owner(s) * BINS;
-            high[s * BINS..(s + 1) * BINS].copy_from_slice(&fresh[from..from + BINS]);
+        for &s in &again {
+            let bins = s * BINS..(s + 1) * BINS;
+            high[bins.clone()].copy_from_slice(&fresh[bins]);
         }
         (zero, high_totals, located) = locate_all(&high);
     }
