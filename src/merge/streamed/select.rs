@@ -675,6 +675,52 @@ mod tests {
         }
     }
 
+    /// Two cuts of the same keys (breadcrumbs'): each has its own window,
+    /// and where the sample guesses both, only the sample is revisited.
+    #[test]
+    fn shared_keys_are_counted_for_each_window() {
+        let n = 64 * CHUNK + 333;
+        let chunks = n.div_ceil(CHUNK);
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 100_003) as f32 / 1000.0 - 40.0)
+            .collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let stream = Stream::new(vec![(&bytes, TensorDtype::F32)]).expect("f32");
+        let ks = [n / 3, 2 * n / 3];
+        let counts: Vec<Count> = ks
+            .iter()
+            .map(|&k| -> Count { Box::new(move |_: &[u64], _| k) })
+            .collect();
+        let visits = std::sync::atomic::AtomicUsize::new(0);
+        let found = cuts(
+            &stream,
+            &[0],
+            &counts,
+            &[false, true],
+            &|_, _, chunk, keys| {
+                visits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for (key, v) in keys.iter_mut().zip(chunk[0]) {
+                    *key = order_key(*v).max(1);
+                }
+            },
+        );
+        let sample = (0..chunks).filter(|&c| sampled(c)).count();
+        assert_eq!(visits.into_inner(), chunks + sample);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+        for (cut, k) in found.iter().zip(ks) {
+            let mut expected = vec![false; n];
+            order[..k].iter().for_each(|&i| expected[i] = true);
+            let mut picked = Vec::with_capacity(n);
+            for c in 0..chunks {
+                let mut selected = cut.rule(c).selector();
+                let range = c * CHUNK..(c * CHUNK + stream.chunk_len(c));
+                picked.extend(values[range].iter().map(|v| selected(order_key(*v).max(1))));
+            }
+            assert!(picked == expected, "k {k}");
+        }
+    }
+
     #[test]
     fn guessed_windows_hold_the_cut_near_both_ends() {
         // 1000 keys in each of the digits 100..200.
