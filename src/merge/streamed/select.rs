@@ -390,10 +390,12 @@ pub fn add_counts(mut a: Vec<u32>, b: Vec<u32>) -> Vec<u32> {
 }
 
 /// [`cuts`] after the first pass: `high` holds each selection's counts of
-/// the keys' high digits ([`BINS`] each, by [`count_high`]), made in a pass
-/// the caller had to make anyway; `kept`, when that pass sampled first,
-/// the keys it kept outside the sample, so that only the chunks they do
-/// not answer for are visited again; `same_keys` as for [`cuts`].
+/// the keys' high digits ([`BINS`] each, by [`count_high`], or past the
+/// sample by [`count_high_keeping`]), made in a pass the caller had to make
+/// anyway; `kept`, when that pass sampled first, each selection's window
+/// and the keys it kept inside it outside the sample, so that only the
+/// chunks they do not answer for are visited again; `same_keys` as for
+/// [`cuts`].
 pub fn cuts_counted(
     stream: &Stream,
     which: &[usize],
@@ -434,7 +436,10 @@ pub fn cuts_counted(
     // falls there, the sample guessed wrong, and its keys are counted again
     // in full over every chunk.
     let window = |s: usize| kept.and_then(|kept| kept.windows[s]);
-    let lumped = |s: usize| matches!((window(s), located[s]), (Some(w), Some((_, hi, _))) if !w.contains(hi));
+    let lumped = |s: usize| {
+        let cut = located[s].map(|(_, hi, _)| hi);
+        matches!((window(s), cut), (Some(w), Some(hi)) if !w.contains(hi))
+    };
     let again: Vec<usize> = (0..selections).filter(|&s| lumped(s)).collect();
     if !again.is_empty() {
         let all = (0..stream.chunks()).map(|c| (c, ())).collect();
@@ -466,8 +471,10 @@ pub fn cuts_counted(
     }
     let high = high_totals;
     // Whether selection s's bucket is among the kept keys.
-    let hit =
-        |s: usize| matches!((window(s), located[s]), (Some(w), Some((_, hi, _))) if w.contains(hi));
+    let hit = |s: usize| {
+        let cut = located[s].map(|(_, hi, _)| hi);
+        matches!((window(s), cut), (Some(w), Some(hi)) if w.contains(hi))
+    };
     let hits: Vec<bool> = (0..selections).map(hit).collect();
     let revisit = |s: usize, c: usize| located[s].is_some() && (!hits[s] || sampled(c));
     let chunks: Vec<usize> = (0..stream.chunks())
