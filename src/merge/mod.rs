@@ -137,7 +137,8 @@ pub fn merge_tensor(
         | Op::Obim(_)
         | Op::Sce { .. }
         | Op::Multislerp(_)
-        | Op::Karcher { .. } => Err(invalid("this merge streams")),
+        | Op::Karcher { .. }
+        | Op::Ram(RamParams { plus: Some(_), .. }) => Err(invalid("this merge streams")),
         Op::ModelStock { filter_wise } => {
             let mut base = need_base(base)?;
             spherical::model_stock(&mut base, &inputs, ctx.shape, *filter_wise);
@@ -151,14 +152,6 @@ pub fn merge_tensor(
             let merged = inputs.swap_remove(0);
             inputs.extend(base);
             Ok(spare(merged, inputs))
-        }
-        Op::Ram(RamParams {
-            epsilon,
-            plus: Some((r, alpha)),
-        }) => {
-            let mut base = need_base(base)?;
-            selective::ram_plus(&mut base, &mut inputs, *epsilon, *r, *alpha);
-            Ok(spare(base, inputs))
         }
         Op::ArceeFusion => {
             let mut base = need_base(base)?;
@@ -704,6 +697,26 @@ mod tests {
                 p * row[j] as f64
             );
         }
+    }
+
+    #[test]
+    fn ram_plus_boosts_unique_changes_by_overlap() {
+        let op = Op::Ram(RamParams {
+            epsilon: 1e-5,
+            plus: Some((0.5, 0.2)),
+        });
+        let ctx = TensorContext {
+            name: "x",
+            shape: &[4],
+            obd: &[None, None],
+            grams: &[],
+        };
+        // Input 0 shares position 0 and changes position 1 alone: ρ = 1,
+        // λ = 1 + 0.5·min(0.2, 1) = 1.1. Input 1 shares 0, and changes
+        // position 3 by less than ε: ρ = 1/ε, λ = 1.1 too.
+        let inputs = vec![vec![1.0, 2.0, 0.0, 0.0], vec![3.0, 0.0, 0.0, 1e-6]];
+        let m = merge_tensor(&op, Some(vec![0.0; 4]), inputs, &ctx).unwrap();
+        assert_eq!(m.values, vec![2.0, 2.2, 0.0, 0.0]);
     }
 
     #[test]

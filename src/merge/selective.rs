@@ -1,56 +1,12 @@
-//! Methods that decide per position which task vectors count, from
-//! statistics of the whole tensor: mergekit 0.1.5's `ram`, `ramplus_tl`
-//! and `arcee_fusion` (`sce` streams: `streamed/sce.rs`). Element arithmetic is f32 in
-//! mergekit's order; tensor-wide statistics are summed in f64.
+//! mergekit 0.1.5's `arcee_fusion`, which decides per position whether an
+//! input's value counts from statistics of its whole tensor (`ram` is
+//! pointwise; `ramplus_tl` and `sce` stream: `streamed/ram.rs`,
+//! `streamed/sce.rs`). Element arithmetic is f32 in mergekit's order;
+//! tensor-wide statistics are summed in f64.
 
 use rayon::prelude::*;
 
 use super::kernels::update;
-
-/// mergekit's `ramplus_tl` (plain `ram` is pointwise: `Pointwise::Ram`): a
-/// position changed (|δ| > ε) by one input takes that input's δ, times
-/// 1 + r·min(α, shared/unique) from that input's counts over the tensor of
-/// positions it shares with others and changes alone; one changed by
-/// several takes their mean.
-pub fn ram_plus(base: &mut [f32], deltas: &mut [Vec<f32>], epsilon: f64, r: f64, alpha: f64) {
-    for d in deltas.iter_mut() {
-        d.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
-    }
-    let epsilon = epsilon as f32;
-    let changed = |d: &[f32], i: usize| d[i].abs() > epsilon;
-    // How many inputs change each position (at most 255 are counted).
-    let counts: Vec<u8> = (0..base.len())
-        .into_par_iter()
-        .map(|i| deltas.iter().filter(|d| changed(d, i)).count().min(255) as u8)
-        .collect();
-    let lambdas: Vec<f32> = deltas
-        .iter()
-        .map(|d| {
-            let (shared, unique) = counts
-                .par_iter()
-                .enumerate()
-                .filter(|(i, _)| changed(d, *i))
-                .map(|(_, c)| if *c == 1 { (0u64, 1u64) } else { (1, 0) })
-                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            let rho = shared as f32 / (unique as f32).max(epsilon);
-            // torch.clamp(min=0, max=alpha): max wins when alpha < 0.
-            1.0 + r as f32 * rho.max(0.0).min(alpha as f32)
-        })
-        .collect();
-    update(base, |i, b| {
-        let c = counts[i];
-        let mut merged = 0f32;
-        for (d, lambda) in deltas.iter().zip(&lambdas) {
-            let x = if changed(d, i) { d[i] } else { 0.0 };
-            merged += match c {
-                1 => x * lambda,
-                0 => 0.0,
-                c => x / f32::from(c),
-            };
-        }
-        b + merged
-    });
-}
 
 /// mergekit's `arcee_fusion`: importance = |x − base| · KL(softmax(x) ‖
 /// softmax(base)) per row (the last axis); the positions whose importance
@@ -111,20 +67,4 @@ pub fn arcee_fusion(base: &mut [f32], x: &[f32], shape: &[usize]) {
             b
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ram_plus_boosts_unique_changes_by_overlap() {
-        let mut base = vec![0.0f32; 4];
-        // Input 0 shares position 0 and changes position 1 alone: ρ = 1,
-        // λ = 1 + 0.5·min(0.2, 1) = 1.1. Input 1 shares 0, and changes
-        // position 3 by less than ε: ρ = 1/ε, λ = 1.1 too.
-        let mut d = vec![vec![1.0, 2.0, 0.0, 0.0], vec![3.0, 0.0, 0.0, 1e-6]];
-        ram_plus(&mut base, &mut d, 1e-5, 0.5, 0.2);
-        assert_eq!(base, vec![2.0, 2.2, 0.0, 0.0]);
-    }
 }

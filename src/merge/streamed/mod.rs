@@ -2,16 +2,17 @@
 //! written, as passes over a [`Stream`]: TIES, DARE(-TIES), breadcrumbs,
 //! task arithmetic with sign election here, OBIM in `obim.rs`, DELLA (by
 //! whole rows) in `della.rs`, SCE in `sce.rs`, model_stock, multislerp and
-//! karcher in `spherical.rs`; the counting passes that find a top-k
-//! threshold in `select.rs`. Each pass
-//! decodes a chunk of every operand it needs from the mapped bytes, uses it
-//! while it is in cache and drops it, so no whole-tensor f32 copy is made:
+//! karcher in `spherical.rs`, ramplus_tl in `ram.rs`; the counting passes
+//! that find a top-k threshold in `select.rs`. Each pass decodes a chunk
+//! of every operand it needs from the mapped bytes, uses it while it is in
+//! cache and drops it, so no whole-tensor f32 copy is made:
 //!
 //! - a magnitude threshold (TIES, breadcrumbs, SCE's variance) takes two
 //!   counting passes, for every input at once;
 //! - DARE's rescaling takes one pass for the L1 norms before and after;
 //!   model_stock, multislerp and karcher one for the Gram matrix of their
-//!   vectors;
+//!   vectors; ramplus_tl one for how many positions each input changes
+//!   with another or alone;
 //! - OBIM's claims take, per input, a counting pass (which also makes the
 //!   previous input's claim) and a pass for the threshold's ties, and keep
 //!   one byte per position: who owns it;
@@ -24,6 +25,7 @@
 
 mod della;
 mod obim;
+mod ram;
 mod sce;
 mod select;
 mod spherical;
@@ -33,7 +35,7 @@ mod tests;
 use self::select::{Count, Cut, Rule};
 use crate::merge::kernels::uniform;
 use crate::merge::{MergeError, Pointwise, TensorContext, add_task_vectors, dare_stream, f32s};
-use crate::plan::{Op, Sparsify, TaskVectorParams};
+use crate::plan::{Op, RamParams, Sparsify, TaskVectorParams};
 use crate::recipe::Dtype;
 use crate::stream::{Stream, nothing};
 
@@ -63,6 +65,7 @@ pub fn handles(op: &Op) -> bool {
         Op::Obim(_) | Op::Sce { .. } => true,
         Op::ModelStock { filter_wise } => !filter_wise,
         Op::Multislerp(_) | Op::Karcher { .. } => true,
+        Op::Ram(RamParams { plus, .. }) => plus.is_some(),
         Op::TaskVectors(_) => Pointwise::of(op).is_none(),
         _ => false,
     }
@@ -103,6 +106,10 @@ pub fn merge<'o>(
         Op::Karcher { max_iter, tol } => {
             Ok(spherical::karcher(*max_iter, *tol, stream, dtype, out))
         }
+        Op::Ram(RamParams {
+            epsilon,
+            plus: Some((r, alpha)),
+        }) => Ok(ram::merge(*epsilon, *r, *alpha, stream, dtype, out)),
         Op::Sce { select_topk } => sce::merge(*select_topk, stream, ctx, dtype, out),
         _ => Err(MergeError::Invalid {
             tensor: ctx.name.to_string(),

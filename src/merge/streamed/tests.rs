@@ -613,3 +613,67 @@ fn multislerp_and_karcher_stream_as_they_merge_whole_tensors() {
         assert!(merged != o[1]);
     }
 }
+
+/// mergekit's `ramplus_tl` over whole tensors, as obim merged it before it
+/// streamed: a
+/// position changed (|δ| > ε) by one input takes that input's δ, times
+/// 1 + r·min(α, shared/unique) from that input's counts over the tensor of
+/// positions it shares with others and changes alone; one changed by
+/// several takes their mean.
+fn ram_plus_whole(base: &mut [f32], deltas: &mut [Vec<f32>], epsilon: f64, r: f64, alpha: f64) {
+    for d in deltas.iter_mut() {
+        d.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
+    }
+    let epsilon = epsilon as f32;
+    let changed = |d: &[f32], i: usize| d[i].abs() > epsilon;
+    // How many inputs change each position (at most 255 are counted).
+    let counts: Vec<u8> = (0..base.len())
+        .into_par_iter()
+        .map(|i| deltas.iter().filter(|d| changed(d, i)).count().min(255) as u8)
+        .collect();
+    let lambdas: Vec<f32> = deltas
+        .iter()
+        .map(|d| {
+            let (shared, unique) = counts
+                .par_iter()
+                .enumerate()
+                .filter(|(i, _)| changed(d, *i))
+                .map(|(_, c)| if *c == 1 { (0u64, 1u64) } else { (1, 0) })
+                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let rho = shared as f32 / (unique as f32).max(epsilon);
+            // torch.clamp(min=0, max=alpha): max wins when alpha < 0.
+            1.0 + r as f32 * rho.max(0.0).min(alpha as f32)
+        })
+        .collect();
+    crate::merge::kernels::update(base, |i, b| {
+        let c = counts[i];
+        let mut merged = 0f32;
+        for (d, lambda) in deltas.iter().zip(&lambdas) {
+            let x = if changed(d, i) { d[i] } else { 0.0 };
+            merged += match c {
+                1 => x * lambda,
+                0 => 0.0,
+                c => x / f32::from(c),
+            };
+        }
+        b + merged
+    });
+}
+
+#[test]
+fn ramplus_tl_streams_as_it_merges_whole_tensors() {
+    // ε = 0.05 leaves some task vectors of family() unchanged, some
+    // positions changed by one input and some by several; α = 100 leaves
+    // each λ its own (no clamping), α = 0.2 clamps them all.
+    for (epsilon, alpha) in [(0.05, 100.0), (0.05, 0.2), (1e-5, 100.0), (10.0, 100.0)] {
+        let o = family(3 * CHUNK + 77);
+        let op = Op::Ram(crate::plan::RamParams {
+            epsilon,
+            plus: Some((0.5, alpha)),
+        });
+        let merged = streamed(&op, &o, 1).0;
+        let mut whole = o[0].clone();
+        ram_plus_whole(&mut whole, &mut o[1..].to_vec(), epsilon, 0.5, alpha);
+        assert!(merged == whole, "epsilon {epsilon}, alpha {alpha}");
+    }
+}
