@@ -33,16 +33,13 @@ pub(super) fn merge<'o>(
             let Some((b, xs)) = chunk.split_first() else {
                 return overlap;
             };
-            for (i, &b) in b.iter().enumerate() {
-                let count = xs.iter().filter(|x| changed(x[i], b)).count();
-                for (o, x) in overlap.iter_mut().zip(xs) {
-                    if changed(x[i], b) {
-                        if count == 1 {
-                            o.1 += 1;
-                        } else {
-                            o.0 += 1;
-                        }
-                    }
+            let counts = changers(b, xs, &changed);
+            for (o, x) in overlap.iter_mut().zip(xs) {
+                for ((&c, x), b) in counts.iter().zip(x.iter()).zip(b.iter()) {
+                    let mine = u64::from(changed(*x, *b));
+                    let alone = u64::from(c == 1);
+                    o.0 += mine & (alone ^ 1);
+                    o.1 += mine & alone;
                 }
             }
             overlap
@@ -68,20 +65,34 @@ pub(super) fn merge<'o>(
             let Some((b, xs)) = chunk.split_first_mut() else {
                 return;
             };
-            for (i, b) in b.iter_mut().enumerate() {
-                // How many inputs change the position (at most 255 counted).
-                let count = xs.iter().filter(|x| changed(x[i], *b)).count().min(255);
-                let mut merged = 0f32;
-                for (x, lambda) in xs.iter().zip(&lambdas) {
-                    let d = if changed(x[i], *b) { x[i] - *b } else { 0.0 };
-                    merged += match count {
-                        1 => d * lambda,
-                        0 => 0.0,
-                        c => d / c as f32,
+            let counts = changers(b, xs, &changed);
+            // Summed input by input, each position in input order as
+            // mergekit sums; with no changer every d is 0, and d / 1 adds 0
+            // as mergekit's 0 does.
+            let mut merged = vec![0f32; b.len()];
+            for (x, lambda) in xs.iter().zip(&lambdas) {
+                for (((m, &c), x), b) in merged.iter_mut().zip(&counts).zip(x.iter()).zip(b.iter())
+                {
+                    let d = if changed(*x, *b) { x - b } else { 0.0 };
+                    *m += if c == 1 {
+                        d * lambda
+                    } else {
+                        d / f32::from(c.max(1))
                     };
                 }
-                *b += merged;
             }
+            b.iter_mut().zip(&merged).for_each(|(b, m)| *b += m);
         }),
     )
+}
+
+/// How many of `xs` change each position of `b` (at most 255 counted).
+fn changers<X: AsRef<[f32]>>(b: &[f32], xs: &[X], changed: &impl Fn(f32, f32) -> bool) -> Vec<u8> {
+    let mut counts = vec![0u8; b.len()];
+    for x in xs {
+        for ((c, x), b) in counts.iter_mut().zip(x.as_ref()).zip(b) {
+            *c = c.saturating_add(u8::from(changed(*x, *b)));
+        }
+    }
+    counts
 }
