@@ -3,9 +3,10 @@
 //! The definitions follow mergekit 0.1.5 (`merge_methods/`, `sparsify.py`)
 //! and, for `obim`, DESIGN §3: pointwise methods and the task-vector family
 //! here and their kernels in `kernels.rs`; the merges that stream in passes
-//! (TIES, DARE, breadcrumbs, DELLA, SCE, OBIM, model_stock) in `streamed/`,
-//! the spherical methods in `spherical.rs`, the per-position selections in
-//! `selective.rs`, RegMean in `regmean.rs`.
+//! (TIES, DARE, breadcrumbs, DELLA, SCE, OBIM, model_stock, multislerp,
+//! karcher, ramplus_tl) in `streamed/`, nuslerp and the spherical methods'
+//! geometry in `spherical.rs`, arcee_fusion in `selective.rs`, RegMean in
+//! `regmean.rs`.
 
 pub mod kernels;
 mod regmean;
