@@ -668,17 +668,10 @@ mod tests {
             })[0];
             let revisited = visits.into_inner() - chunks;
             assert_eq!(revisited, expected_revisits, "shift: {shift}");
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-            let mut expected = vec![false; n];
-            order[..k].iter().for_each(|&i| expected[i] = true);
-            let mut picked = Vec::with_capacity(n);
-            for c in 0..chunks {
-                let mut selected = cut.rule(c).selector();
-                let range = c * CHUNK..(c * CHUNK + stream.chunk_len(c));
-                picked.extend(values[range].iter().map(|v| selected(order_key(*v).max(1))));
-            }
-            assert!(picked == expected, "shift: {shift}");
+            assert!(
+                picked(cut, &values, &stream) == largest(&values, k),
+                "shift: {shift}"
+            );
         }
     }
 
@@ -713,19 +706,32 @@ mod tests {
         );
         let sample = (0..chunks).filter(|&c| sampled(c)).count();
         assert_eq!(visits.into_inner(), chunks + sample);
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
         for (cut, k) in found.iter().zip(ks) {
-            let mut expected = vec![false; n];
-            order[..k].iter().for_each(|&i| expected[i] = true);
-            let mut picked = Vec::with_capacity(n);
-            for c in 0..chunks {
-                let mut selected = cut.rule(c).selector();
-                let range = c * CHUNK..(c * CHUNK + stream.chunk_len(c));
-                picked.extend(values[range].iter().map(|v| selected(order_key(*v).max(1))));
-            }
-            assert!(picked == expected, "k {k}");
+            assert!(
+                picked(cut, &values, &stream) == largest(&values, k),
+                "k {k}"
+            );
         }
+    }
+
+    /// Which of `values` (the f32 stream's) `cut` selects.
+    fn picked(cut: &Cut, values: &[f32], stream: &Stream) -> Vec<bool> {
+        let mut picked = Vec::with_capacity(values.len());
+        for c in 0..stream.chunks() {
+            let mut selected = cut.rule(c).selector();
+            let range = c * CHUNK..(c * CHUNK + stream.chunk_len(c));
+            picked.extend(values[range].iter().map(|v| selected(order_key(*v).max(1))));
+        }
+        picked
+    }
+
+    /// The `k` largest of `values` by sorting, ties to the lower index.
+    fn largest(values: &[f32], k: usize) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..values.len()).collect();
+        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+        let mut expected = vec![false; values.len()];
+        order[..k].iter().for_each(|&i| expected[i] = true);
+        expected
     }
 
     #[test]

@@ -61,15 +61,24 @@ fn bf16(values: impl Iterator<Item = f32>) -> Vec<f32> {
 /// A base and three inputs over several chunks (and a short last one),
 /// with many equal |δ| across chunk borders.
 fn family(n: usize) -> Vec<Vec<f32>> {
+    periodic_family(n, (7, 13, 29), 64.0)
+}
+
+/// A bf16 base and three inputs; input k's δ at position i is
+/// ((i·(step + 2k) + k·offset) mod period − period/2) / scale.
+fn periodic_family(
+    n: usize,
+    (step, offset, period): (usize, usize, usize),
+    scale: f32,
+) -> Vec<Vec<f32>> {
     let base = bf16((0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0));
     let mut operands = vec![base.clone()];
     for k in 0..3 {
-        let x = bf16(
-            base.iter()
-                .enumerate()
-                .map(|(i, b)| b + (((i * (7 + 2 * k) + k * 13) % 29) as f32 - 14.0) / 64.0),
-        );
-        operands.push(x);
+        let delta =
+            |i: usize| ((i * (step + 2 * k) + k * offset) % period) as f32 - (period / 2) as f32;
+        operands.push(bf16(
+            base.iter().enumerate().map(|(i, b)| b + delta(i) / scale),
+        ));
     }
     operands
 }
@@ -559,17 +568,7 @@ fn norm(a: &[f32]) -> f64 {
 /// A base and three inputs that differ from it by a few bf16 steps: the
 /// fine-tunes' weights are nearly parallel, their task vectors are not.
 fn fine_tunes(n: usize) -> Vec<Vec<f32>> {
-    let base = bf16((0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0));
-    let mut operands = vec![base.clone()];
-    for k in 0..3 {
-        let x = bf16(
-            base.iter()
-                .enumerate()
-                .map(|(i, b)| b + (((i * (5 + 2 * k) + k * 7) % 13) as f32 - 6.0) / 1024.0),
-        );
-        operands.push(x);
-    }
-    operands
+    periodic_family(n, (5, 7, 13), 1024.0)
 }
 
 /// The largest |a − b| relative to the largest |b|.
