@@ -4,13 +4,11 @@
 //! and, for `obim`, DESIGN §3: pointwise methods and the task-vector family
 //! here and their kernels in `kernels.rs`; the merges that stream in passes
 //! (TIES, DARE, breadcrumbs, DELLA, SCE, OBIM, model_stock, multislerp,
-//! karcher, ramplus_tl) in `streamed/`, nuslerp and the spherical methods'
-//! geometry in `spherical.rs`, arcee_fusion in `selective.rs`, RegMean in
-//! `regmean.rs`.
+//! karcher, ramplus_tl, arcee_fusion) in `streamed/`, nuslerp and the
+//! spherical methods' geometry in `spherical.rs`, RegMean in `regmean.rs`.
 
 pub mod kernels;
 mod regmean;
-mod selective;
 mod spherical;
 pub mod streamed;
 
@@ -139,7 +137,8 @@ pub fn merge_tensor(
         | Op::Sce { .. }
         | Op::Multislerp(_)
         | Op::Karcher { .. }
-        | Op::Ram(RamParams { plus: Some(_), .. }) => Err(invalid("this merge streams")),
+        | Op::Ram(RamParams { plus: Some(_), .. })
+        | Op::ArceeFusion => Err(invalid("this merge streams")),
         Op::ModelStock { filter_wise } => {
             let mut base = need_base(base)?;
             spherical::model_stock(&mut base, &inputs, ctx.shape, *filter_wise);
@@ -153,14 +152,6 @@ pub fn merge_tensor(
             let merged = inputs.swap_remove(0);
             inputs.extend(base);
             Ok(spare(merged, inputs))
-        }
-        Op::ArceeFusion => {
-            let mut base = need_base(base)?;
-            let x = inputs
-                .first()
-                .ok_or_else(|| invalid("arcee_fusion needs one input"))?;
-            selective::arcee_fusion(&mut base, x, ctx.shape);
-            Ok(spare(base, inputs))
         }
         // Always pointwise (merged above); a `take` returned earlier.
         Op::Linear(_)

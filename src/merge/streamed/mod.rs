@@ -2,13 +2,15 @@
 //! written, as passes over a [`Stream`]: TIES, DARE(-TIES), breadcrumbs,
 //! task arithmetic with sign election here, OBIM in `obim.rs`, DELLA (by
 //! whole rows) in `della.rs`, SCE in `sce.rs`, model_stock, multislerp and
-//! karcher in `spherical.rs`, ramplus_tl in `ram.rs`; the counting passes
-//! that find a top-k threshold in `select.rs`. Each pass decodes a chunk
+//! karcher in `spherical.rs`, ramplus_tl in `ram.rs`, arcee_fusion (by
+//! whole rows) in `fusion.rs`; the counting passes that find a top-k
+//! threshold in `select.rs`. Each pass decodes a chunk
 //! of every operand it needs from the mapped bytes, uses it while it is in
 //! cache and drops it, so no whole-tensor f32 copy is made:
 //!
-//! - a magnitude threshold (TIES, breadcrumbs, SCE's variance) takes two
-//!   counting passes, for every input at once;
+//! - a magnitude threshold (TIES, breadcrumbs, SCE's variance,
+//!   arcee_fusion's quantiles) takes two counting passes, for every input
+//!   at once; arcee_fusion first one for each row's divergence;
 //! - DARE's rescaling takes one pass for the L1 norms before and after;
 //!   model_stock, multislerp and karcher one for the Gram matrix of their
 //!   vectors; ramplus_tl one for how many positions each input changes
@@ -24,6 +26,7 @@
 //! matrix, equal them to f64 rounding.
 
 mod della;
+mod fusion;
 mod obim;
 mod ram;
 mod sce;
@@ -66,6 +69,7 @@ pub fn handles(op: &Op) -> bool {
         Op::ModelStock { filter_wise } => !filter_wise,
         Op::Multislerp(_) | Op::Karcher { .. } => true,
         Op::Ram(RamParams { plus, .. }) => plus.is_some(),
+        Op::ArceeFusion => true,
         Op::TaskVectors(_) => Pointwise::of(op).is_none(),
         _ => false,
     }
@@ -110,6 +114,7 @@ pub fn merge<'o>(
             epsilon,
             plus: Some((r, alpha)),
         }) => Ok(ram::merge(*epsilon, *r, *alpha, stream, dtype, out)),
+        Op::ArceeFusion if stream.operands() == 2 => Ok(fusion::merge(stream, ctx, dtype, out)),
         Op::Sce { select_topk } => sce::merge(*select_topk, stream, ctx, dtype, out),
         _ => Err(MergeError::Invalid {
             tensor: ctx.name.to_string(),

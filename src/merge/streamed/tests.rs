@@ -676,3 +676,86 @@ fn ramplus_tl_streams_as_it_merges_whole_tensors() {
         assert!(merged == whole, "epsilon {epsilon}, alpha {alpha}");
     }
 }
+
+/// mergekit's `arcee_fusion` over whole tensors, as obim merged it before
+/// it streamed: importance = |x − base| · KL(softmax(x) ‖
+/// softmax(base)) per row (the last axis); the positions whose importance
+/// reaches median + 1.5·IQR take x, the rest keep the base. Quantiles are
+/// exact here; mergekit estimates them from 1M random positions in tensors
+/// larger than that.
+fn arcee_fusion_whole(base: &mut [f32], x: &[f32], shape: &[usize]) {
+    let n = base.len();
+    if n == 0 {
+        return;
+    }
+    let cols = shape.last().copied().unwrap_or(n).max(1);
+    // In f64: the divergence of two nearly equal distributions is a small
+    // difference of terms, which mergekit's f32 rounds differently (by about
+    // 1e-4 relative), so positions within that of the threshold may go
+    // either way there.
+    let softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
+        let e: Vec<f64> = row.iter().map(|v| (*v as f64 - max).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s + 1e-8).collect()
+    };
+    let divergence: Vec<f32> = base
+        .par_chunks(cols)
+        .zip(x.par_chunks(cols))
+        .map(|(b, x)| {
+            let (p, q) = (softmax(x), softmax(b));
+            p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum::<f64>() as f32
+        })
+        .collect();
+    let importance: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| (x[i] - base[i]).abs() * divergence[i / cols])
+        .collect();
+    // mergekit: sorted[(q · (n − 1)).long()], the product in f32. Three
+    // selections stand in for the sort: the median's splits the rest.
+    let rank = |q: f32| (q * (n - 1) as f32) as usize;
+    let mut sorted = importance.clone();
+    let (mid, q1_rank, q3_rank) = (rank(0.5), rank(0.25), rank(0.75));
+    let (below, &mut median, above) = sorted.select_nth_unstable_by(mid, f32::total_cmp);
+    let q1 = if q1_rank < mid {
+        *below.select_nth_unstable_by(q1_rank, f32::total_cmp).1
+    } else {
+        median
+    };
+    let q3 = if q3_rank > mid {
+        *above
+            .select_nth_unstable_by(q3_rank - mid - 1, f32::total_cmp)
+            .1
+    } else {
+        median
+    };
+    let threshold = median + 1.5 * (q3 - q1);
+    crate::merge::kernels::update(base, |i, b| {
+        if importance[i] >= threshold {
+            b + (x[i] - b)
+        } else {
+            b
+        }
+    });
+}
+
+#[test]
+fn arcee_fusion_streams_as_it_merges_whole_tensors() {
+    // Rows of 11 and of a whole chunk and more (one row per chunk).
+    for (n, cols) in [(3 * CHUNK + 77, 11), (3 * CHUNK + 77, CHUNK + 77)] {
+        for o in [family(n), smooth_family(n)] {
+            // Every 97th δ 20 times as large: a tail above median + 1.5·IQR.
+            let (base, x) = (o[0].clone(), &o[2]);
+            let x = bf16(x.iter().zip(&base).enumerate().map(|(i, (x, b))| {
+                if i % 97 == 0 { b + 20.0 * (x - b) } else { *x }
+            }));
+            let o = vec![base, x];
+            let merged = streamed(&Op::ArceeFusion, &o, cols).0;
+            let mut whole = o[0].clone();
+            arcee_fusion_whole(&mut whole, &o[1], &[n / cols, cols]);
+            assert!(merged == whole, "cols {cols}");
+            let taken = merged.iter().zip(&o[0]).filter(|(m, b)| m != b).count();
+            assert!(taken > 0 && taken < n / 10, "cols {cols}: {taken} taken");
+        }
+    }
+}
