@@ -45,6 +45,18 @@ pub fn order_key(v: f32) -> u32 {
     bits ^ (((bits as i32) >> 31) as u32 | 0x8000_0000)
 }
 
+/// The f32 whose [`order_key`] is `key`.
+pub fn from_order_key(key: u32) -> f32 {
+    // Keys with the top bit set were non-negative: only the sign bit was
+    // set; the others were negative, every bit flipped.
+    let mask = if key & 0x8000_0000 != 0 {
+        0x8000_0000
+    } else {
+        u32::MAX
+    };
+    f32::from_bits(key ^ mask)
+}
+
 /// No owner.
 pub const UNOWNED: u8 = u8::MAX;
 
@@ -135,6 +147,22 @@ pub fn slerp(t: f64, a: &mut [f32], b: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn order_keys_invert() {
+        for v in [
+            0.0f32,
+            -0.0,
+            1.5,
+            -1.5,
+            f32::MIN_POSITIVE,
+            -3e-40,
+            f32::MAX,
+            f32::MIN,
+        ] {
+            assert_eq!(from_order_key(order_key(v)).to_bits(), v.to_bits());
+        }
+    }
 
     #[test]
     fn slerp_endpoints() {

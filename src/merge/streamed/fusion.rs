@@ -10,7 +10,7 @@
 use super::Written;
 use super::select::{self, Count, Cut};
 use crate::merge::TensorContext;
-use crate::merge::kernels::order_key;
+use crate::merge::kernels::{from_order_key, order_key};
 use crate::recipe::Dtype;
 use crate::stream::{Stream, nothing};
 
@@ -91,27 +91,12 @@ fn quantiles(rows: &Stream, cols: usize, divergence: &[f32]) -> [f32; 3] {
             }
         },
     );
-    cuts.iter()
-        .map(|cut| match *cut {
-            Cut::At { threshold, .. } => from_order_key(threshold),
-            // The k-th largest of n ≥ k keys is always in the keys.
-            Cut::Nothing | Cut::Everything => f32::NAN,
-        })
-        .collect::<Vec<f32>>()
-        .try_into()
-        .unwrap_or([f32::NAN; 3])
-}
-
-/// The f32 whose [`order_key`] is `key`.
-fn from_order_key(key: u32) -> f32 {
-    // Keys with the top bit set were non-negative: only the sign bit was
-    // set; the others were negative, every bit flipped.
-    let mask = if key & 0x8000_0000 != 0 {
-        0x8000_0000
-    } else {
-        u32::MAX
+    let value = |cut: &Cut| match *cut {
+        Cut::At { threshold, .. } => from_order_key(threshold),
+        // The k-th largest of n ≥ k keys is always in the keys.
+        Cut::Nothing | Cut::Everything => f32::NAN,
     };
-    f32::from_bits(key ^ mask)
+    std::array::from_fn(|s| cuts.get(s).map_or(f32::NAN, value))
 }
 
 /// KL(softmax(x) ‖ softmax(b)) of one row, each probability + 1e-8 as in
@@ -119,7 +104,7 @@ fn from_order_key(key: u32) -> f32 {
 /// small difference of terms, which mergekit's f32 rounds differently (by
 /// about 1e-4 relative), so positions within that of the threshold may go
 /// either way there.
-pub(in crate::merge) fn divergence(b: &[f32], x: &[f32]) -> f32 {
+fn divergence(b: &[f32], x: &[f32]) -> f32 {
     let softmax = |row: &[f32]| -> Vec<f64> {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
         let e: Vec<f64> = row.iter().map(|v| (*v as f64 - max).exp()).collect();
@@ -170,21 +155,5 @@ mod tests {
             quantiles(&rows, cols, &divergence),
             [at(0.5), at(0.25), at(0.75)]
         );
-    }
-
-    #[test]
-    fn order_keys_invert() {
-        for v in [
-            0.0f32,
-            -0.0,
-            1.5,
-            -1.5,
-            f32::MIN_POSITIVE,
-            -3e-40,
-            f32::MAX,
-            f32::MIN,
-        ] {
-            assert_eq!(from_order_key(order_key(v)).to_bits(), v.to_bits());
-        }
     }
 }
