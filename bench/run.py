@@ -29,7 +29,8 @@ Environment: OBIM_BENCH_VENV (a venv with mergekit 0.1.5; default
 bench/.venv, made with pip), OBIM_BENCH_DATA (the family; default
 bench/data, made by make_family.py), OBIM_BENCH_FAMILY_ARGS (extra
 make_family.py arguments when it is made), OBIM_BENCH_OBIM (a prebuilt obim
-binary: no cargo build), OBIM_BENCH_REPEAT, OBIM_BENCH_LOAD,
+binary: no cargo build), OBIM_BENCH_REPEAT, OBIM_BENCH_MERGEKIT_REPEAT
+(mergekit's runs; default OBIM_BENCH_REPEAT), OBIM_BENCH_LOAD,
 OBIM_BENCH_MERGEKIT=0 (obim and the floor only: a quick check while
 working; the README's table always has both tools).
 """
@@ -53,6 +54,9 @@ DATA = os.environ.get("OBIM_BENCH_DATA", os.path.join(HERE, "data"))
 OBIM = os.environ.get("OBIM_BENCH_OBIM") or os.path.join(ROOT, "target", "release", "obim")
 EXPERTS = ["expert_a", "expert_b", "expert_c"]
 REPEAT = int(os.environ.get("OBIM_BENCH_REPEAT", "3"))
+# mergekit takes minutes a method: the README's one run of both tools has it
+# once and obim and the floors REPEAT times.
+MERGEKIT_REPEAT = int(os.environ.get("OBIM_BENCH_MERGEKIT_REPEAT", str(REPEAT)))
 WITH_MERGEKIT = os.environ.get("OBIM_BENCH_MERGEKIT", "1") != "0"
 LOAD_LIMIT = float(os.environ.get("OBIM_BENCH_LOAD", "0.8"))
 LOAD_POLL_S = 5
@@ -140,7 +144,8 @@ def quiet(what):
 
 
 def measure(cmd, what):
-    """Wall seconds and peak RSS (MiB) of one command."""
+    """Wall seconds, peak RSS (MiB) and user and system CPU seconds of one
+    command."""
     quiet(what)
     with tempfile.TemporaryFile() as err:
         start = time.monotonic()
@@ -150,8 +155,9 @@ def measure(cmd, what):
         if status != 0:
             err.seek(0)
             raise RuntimeError(f"failed: {' '.join(cmd)}\n{err.read().decode(errors='replace')[-4000:]}")
-    log(f"  {what}: {wall:.2f} s, {usage.ru_maxrss / 1024:.0f} MiB")
-    return wall, usage.ru_maxrss / 1024
+    log(f"  {what}: {wall:.2f} s, {usage.ru_maxrss / 1024:.0f} MiB, user {usage.ru_utime:.2f} s, "
+        f"system {usage.ru_stime:.2f} s")
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime, usage.ru_stime
 
 
 def setup():
@@ -236,10 +242,13 @@ def floor(models, out):
 
 
 def median(runs):
-    """The median wall time of repeated runs, and their largest peak RSS."""
-    walls = sorted(w for w, _ in runs)
-    rss = [r for _, r in runs if r is not None]
-    return walls[len(walls) // 2], max(rss) if rss else None
+    """The median wall time of repeated runs, their largest peak RSS, and
+    their median user and system CPU seconds."""
+    def mid(xs):
+        return sorted(xs)[len(xs) // 2]
+    rss = [r for _, r, _, _ in runs if r is not None]
+    return mid([w for w, _, _, _ in runs]), max(rss) if rss else None, mid([u for _, _, u, _ in runs]), \
+        mid([s for _, _, _, s in runs])
 
 
 def floor_label(models):
@@ -267,9 +276,10 @@ def main():
     mergekit = os.path.join(VENV, "bin", "mergekit-yaml")
     out = os.path.join(DATA, "out")
     os.makedirs(out, exist_ok=True)
-    log(f"bench: {' '.join(names)}; REPEAT={REPEAT}; load limit {LOAD_LIMIT}")
+    log(f"bench: {' '.join(names)}; REPEAT={REPEAT}; MERGEKIT_REPEAT={MERGEKIT_REPEAT}; load limit {LOAD_LIMIT}")
 
     floors = {}  # tuple of models -> median wall
+    task_arithmetic = None  # obim's, for obim / task arithmetic
     rows = []
     failures = []
     wanted_floors = [("base", *EXPERTS)] + [tuple(inputs(METHODS[n])) for n in names]
@@ -278,10 +288,10 @@ def main():
         runs = []
         for i in range(REPEAT):
             quiet(f"{floor_label(list(models))} #{i + 1}")
-            runs.append((floor(list(models), os.path.join(out, "floor.bin")), None))
+            runs.append((floor(list(models), os.path.join(out, "floor.bin")), None, 0.0, 0.0))
             log(f"  floor: {runs[-1][0]:.2f} s")
-        floors[models], _ = median(runs)
-        rows.append((floor_label(list(models)), floors[models], None, None, None, None))
+        floors[models], _, _, _ = median(runs)
+        rows.append((floor_label(list(models)), floors[models], None, None, None, None, None))
 
     for name in names:
         m = METHODS[name]
@@ -291,7 +301,7 @@ def main():
             f.write(obim_recipe(m))
         o_dir = os.path.join(out, f"obim-{name}")
         m_dir = os.path.join(out, f"mergekit-{name}")
-        o_wall = o_rss = m_wall = m_rss = None
+        o_wall = o_rss = o_cpu = m_wall = m_rss = None
         try:
             runs = []
             for i in range(REPEAT):
@@ -299,7 +309,8 @@ def main():
                 # a previous output is not part of the measured time.
                 shutil.rmtree(o_dir, ignore_errors=True)
                 runs.append(measure([OBIM, "run", recipe], f"obim {name} #{i + 1}"))
-            o_wall, o_rss = median(runs)
+            o_wall, o_rss, user, system = median(runs)
+            o_cpu = (user, system)
         except RuntimeError as e:
             failures.append(f"obim {name}: {e}")
             log(f"FAILED obim {name}: {e}")
@@ -310,30 +321,36 @@ def main():
                 json.dump(mergekit_config(m), f)
             try:
                 runs = []
-                for i in range(REPEAT):
+                for i in range(MERGEKIT_REPEAT):
                     shutil.rmtree(m_dir, ignore_errors=True)
                     runs.append(measure([mergekit, cfg, m_dir, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
                                         f"mergekit {name} #{i + 1}"))
-                m_wall, m_rss = median(runs)
+                m_wall, m_rss, _, _ = median(runs)
             except RuntimeError as e:
                 failures.append(f"mergekit {name}: {e}")
                 log(f"FAILED mergekit {name}: {e}")
             shutil.rmtree(m_dir, ignore_errors=True)
-        rows.append((m["label"], o_wall, o_rss, m_wall, m_rss, floors[tuple(inputs(m))]))
+        rows.append((m["label"], o_wall, o_rss, o_cpu, m_wall, m_rss, floors[tuple(inputs(m))]))
+        if name == "task_arithmetic":
+            task_arithmetic = o_wall
 
     version = subprocess.check_output([OBIM, "--version"]).decode().strip()
-    print(f"\nbase + up to {len(EXPERTS)} experts; median of {REPEAT} run(s) each; {version}, mergekit 0.1.5; "
+    print(f"\nbase + up to {len(EXPERTS)} experts; median of {REPEAT} run(s) each ({MERGEKIT_REPEAT} for mergekit); "
+          f"{version}, mergekit 0.1.5; "
           f"{os.cpu_count()} cores; {datetime.date.today().isoformat()}\n")
-    print("| method | obim wall (s) | obim peak RSS (MiB) | mergekit wall (s) | mergekit peak RSS (MiB) | obim / mergekit | obim / floor |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| method | obim wall (s) | obim user + system CPU (s) | obim peak RSS (MiB) | mergekit wall (s) "
+          "| mergekit peak RSS (MiB) | obim / mergekit | obim / floor | obim / task arithmetic |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
     def f(x, d=1):
         return "—" if x is None else f"{x:.{d}f}"
 
-    for label, ow, orss, mw, mrss, fl in rows:
+    for label, ow, orss, cpu, mw, mrss, fl in rows:
         ratio = "—" if mw is None or ow is None else f"{ow / mw:.2f}"
         vs_floor = "—" if fl is None or ow is None else f"{ow / fl:.2f}"
-        print(f"| {label} | {f(ow)} | {f(orss, 0)} | {f(mw)} | {f(mrss, 0)} | {ratio} | {vs_floor} |")
+        vs_ta = "—" if task_arithmetic is None or ow is None or fl is None else f"{ow / task_arithmetic:.2f}"
+        cpu = "—" if cpu is None else f"{cpu[0]:.1f} + {cpu[1]:.1f}"
+        print(f"| {label} | {f(ow)} | {cpu} | {f(orss, 0)} | {f(mw)} | {f(mrss, 0)} | {ratio} | {vs_floor} | {vs_ta} |")
     for w in WARNINGS:
         print(w)
     for fail in failures:

@@ -321,6 +321,13 @@ pub fn cuts(
 ) -> Vec<Cut> {
     let selections = counts.len();
     let shared = |s: usize| same_keys.get(s) == Some(&true);
+    // A selection sharing its keys takes the selection before's histogram
+    // where both are exact: in the sample (no windows yet), and past it
+    // where neither has a window.
+    let copied = |s: usize, windows: &[Option<Window>]| {
+        let exact = |s: usize| windows.get(s).is_none_or(Option::is_none);
+        s > 0 && shared(s) && exact(s) && exact(s - 1)
+    };
     let count = |items: Vec<(usize, Option<&mut Vec<Vec<u32>>>)>, windows: &[Option<Window>]| {
         let mut high = stream.fold(
             which,
@@ -335,10 +342,10 @@ pub fn cuts(
                         // Past the sample each selection counts for itself:
                         // its histogram is exact only inside its own window.
                         match (slot.as_mut(), windows.get(s)) {
+                            _ if copied(s, windows) => {}
                             (Some(slot), Some(Some(w))) => {
                                 count_high_keeping(h, keys, *w, &mut slot[s])
                             }
-                            (None, _) if shared(s) => {}
                             _ => count_high(h, keys),
                         }
                     }
@@ -347,10 +354,8 @@ pub fn cuts(
             },
             add_counts,
         );
-        if windows.is_empty() {
-            for s in (1..selections).filter(|&s| shared(s)) {
-                high.copy_within((s - 1) * BINS..s * BINS, s * BINS);
-            }
+        for s in (1..selections).filter(|&s| copied(s, windows)) {
+            high.copy_within((s - 1) * BINS..s * BINS, s * BINS);
         }
         high
     };
