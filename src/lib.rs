@@ -24,6 +24,7 @@ pub mod pattern;
 pub mod plan;
 pub mod provenance;
 pub mod recipe;
+pub mod sink;
 pub mod source;
 pub mod staging;
 pub mod stdlib;

@@ -7,11 +7,11 @@
 
 use crate::checkpoint::{TensorDtype, TensorInfo};
 use crate::recipe::Dtype;
+use crate::sink::Sink;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -362,18 +362,11 @@ pub struct CheckpointWriter {
     current: Option<OpenShard>,
 }
 
-/// The shard being written, and how much of it the kernel was already told
-/// to write back.
+/// The shard being written.
 struct OpenShard {
     index: usize,
-    file: BufWriter<File>,
-    written: u64,
-    handed_back: u64,
+    file: Sink,
 }
-
-/// Bytes between writeback requests: the disk writes while obim computes,
-/// instead of all at the final fsync.
-const WRITEBACK_STEP: u64 = 32 << 20;
 
 impl CheckpointWriter {
     pub fn new(dir: &Path, dtype: Dtype, tensors: Vec<TensorSpec>, shard_size: u64) -> Self {
@@ -502,16 +495,11 @@ impl CheckpointWriter {
             source,
         };
         let json = self.header(shard);
-        let mut file = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(werr)?);
+        let mut file = Sink::create(&path).map_err(werr)?;
         file.write_all(&(json.len() as u64).to_le_bytes())
             .map_err(werr)?;
         file.write_all(&json).map_err(werr)?;
-        self.current = Some(OpenShard {
-            index: shard,
-            file,
-            written: 8 + json.len() as u64,
-            handed_back: 0,
-        });
+        self.current = Some(OpenShard { index: shard, file });
         Ok(())
     }
 
@@ -548,35 +536,18 @@ impl CheckpointWriter {
                 source,
             };
             open.file.write_all(data).map_err(werr)?;
-            open.written += data.len() as u64;
-            if open.written - open.handed_back >= WRITEBACK_STEP {
-                open.file.flush().map_err(werr)?;
-                start_writeback(open.file.get_ref(), open.handed_back, open.written);
-                open.handed_back = open.written;
-            }
         }
         self.next += 1;
         Ok(())
     }
 
     fn finish_shard(&mut self) -> Result<(), TensorError> {
-        if let Some(OpenShard {
-            index: shard,
-            mut file,
-            ..
-        }) = self.current.take()
-        {
+        if let Some(OpenShard { index: shard, file }) = self.current.take() {
             let path = self.staged(shard);
-            file.flush().map_err(|source| TensorError::Write {
+            file.finish().map_err(|source| TensorError::Write {
                 path: path.clone(),
                 source,
             })?;
-            file.get_ref()
-                .sync_all()
-                .map_err(|source| TensorError::Write {
-                    path: path.clone(),
-                    source,
-                })?;
             let done = self.dir.join(&self.names[shard]);
             if path != done {
                 std::fs::rename(&path, &done)
@@ -604,29 +575,6 @@ impl CheckpointWriter {
         }
         Ok(self.names)
     }
-}
-
-/// Asks the kernel to start writing bytes `from..to` of `file` to disk now,
-/// without waiting (Linux; elsewhere the final fsync does it all).
-fn start_writeback(file: &File, from: u64, to: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on an open descriptor with in-range
-        // offsets; it only schedules writeback, and an error is harmless
-        // (the final fsync still writes everything and reports failures).
-        #[expect(unsafe_code, reason = "sync_file_range has no safe wrapper in std")]
-        let _ = unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                from as libc::off64_t,
-                (to - from) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, from, to);
 }
 
 #[cfg(test)]
