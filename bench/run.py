@@ -19,11 +19,12 @@ timed run goes to DATA/bench.log.
 
 Both tools compute in float32 and write bfloat16. The floor reads every
 input byte once and writes an output of the base's size the way obim
-writes (O_DIRECT where the file system allows; no arithmetic); it is measured for each set of inputs a
-method reads (base + 3 experts for most), and obim / floor divides by the
-floor of the method's own inputs. Each tool writes into a fresh directory:
-removing an earlier output is not timed; outputs are deleted after each
-method (18 methods x 2 tools x 1.6 GB would not fit).
+writes (O_DIRECT where the file system allows; no arithmetic); it is
+measured for each set of inputs a method reads (base + 3 experts for
+most), and obim / floor divides by the floor of the method's own inputs.
+Each tool writes into a fresh directory: removing an earlier output is not
+timed; outputs are deleted after each method (18 methods x 2 tools x 1.6 GB
+would not fit).
 
 Environment: OBIM_BENCH_VENV (a venv with mergekit 0.1.5; default
 bench/.venv, made with pip), OBIM_BENCH_DATA (the family; default
