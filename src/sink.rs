@@ -91,6 +91,8 @@ impl Sink {
         matches!(self.how, How::Direct { .. })
     }
 
+    /// Appends `data`: into the aligned buffer, written out each time it
+    /// fills, or through the page cache after a fall-back.
     pub fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
         self.written += data.len() as u64;
         while !data.is_empty() {
