@@ -180,12 +180,13 @@ impl Sink {
 
     /// Writes what is left and waits until the file is on disk.
     pub fn finish(mut self) -> io::Result<()> {
-        if let How::Direct { filled, .. } = self.how {
+        if let How::Direct {
+            buf, at, filled, ..
+        } = &mut self.how
+        {
             // The last block is written whole, zero-padded, then cut back.
             let padded = filled.div_ceil(ALIGN) * ALIGN;
-            if let How::Direct { buf, at, .. } = &mut self.how {
-                buf[*at + filled..*at + padded].fill(0);
-            }
+            buf[*at + *filled..*at + padded].fill(0);
             self.write_buffer(padded)?;
         }
         match self.how {
